@@ -1,0 +1,144 @@
+"""The data the picker's layers share: a parsed request, an endpoint with its live metrics,
+and the scheduler's decision. Pure data, no I/O; both the ext_proc edge and the scheduling
+framework import only this module from each other."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+
+class Role(str, Enum):
+    """P/D role of an endpoint, from the pod label `llm-d.ai/role`."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+    BOTH = "both"
+
+
+@dataclass(slots=True)
+class EngineMetrics:
+    """What the metrics scraper last read from an endpoint's `/metrics`."""
+
+    waiting: int = 0
+    running: int = 0
+    kv_usage: float = 0.0  # 0..1
+    running_loras: frozenset[str] = frozenset()
+    waiting_loras: frozenset[str] = frozenset()
+    max_loras: int = 0
+    block_size: int | None = None
+    num_gpu_blocks: int | None = None
+    prefix_cache_queries: float = 0.0
+    prefix_cache_hits: float = 0.0
+    # time.monotonic() of the last successful scrape; 0.0 means never scraped.
+    updated_at: float = 0.0
+
+    def age(self, now: float | None = None) -> float:
+        """Seconds since the last successful scrape (infinite if never scraped)."""
+        if self.updated_at == 0.0:
+            return float("inf")
+        return (time.monotonic() if now is None else now) - self.updated_at
+
+
+@dataclass(slots=True)
+class Endpoint:
+    """One schedulable model-server port. `key` is `ip:port`, the value of the destination
+    header and the engine identity kvindex uses."""
+
+    address: str
+    port: int
+    labels: Mapping[str, str] = field(default_factory=dict)
+    role: Role = Role.BOTH
+    engine_type: str = "vllm"  # label llm-d.ai/engine-type
+    pod_name: str = ""
+    metrics: EngineMetrics = field(default_factory=EngineMetrics)
+
+    @property
+    def key(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+
+@dataclass(slots=True)
+class LLMRequest:
+    """An inference request as the scheduler sees it, parsed from the HTTP request."""
+
+    request_id: str
+    path: str
+    model: str = ""
+    # The model name the client asked for may be a LoRA adapter; `base_model` is what serves
+    # it (equal to `model` when it is not an adapter).
+    base_model: str = ""
+    lora: str | None = None
+    prompt: str | None = None  # completions prompt (or Anthropic/chat rendered text, if any)
+    messages: list[dict[str, Any]] | None = None  # chat messages (OpenAI or Anthropic shape)
+    tools: list[dict[str, Any]] | None = None
+    stream: bool = False
+    cache_salt: str | None = None
+    max_tokens: int | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    body: dict[str, Any] | None = None
+    raw_body: bytes = b""
+    # Filled lazily by whoever tokenizes first (the precise scorer), reused by the rest.
+    token_ids: list[int] | None = None
+    # Negative priority means sheddable (429 when saturated).
+    priority: int = 0
+    # Candidate subset from the proxy's subset hint (None: no hint).
+    subset_hint: frozenset[str] | None = None
+
+
+@dataclass(slots=True)
+class ProfileResult:
+    """The ordered endpoints one scheduling profile picked (first is the pick)."""
+
+    name: str
+    endpoints: list[Endpoint]
+    scores: dict[str, float] = field(default_factory=dict)  # endpoint key -> weighted score
+
+
+@dataclass(slots=True)
+class SchedulingResult:
+    """The decision: the primary profile's endpoints become the destination header (pick plus
+    fallbacks); `headers` are extra request headers (e.g. `x-prefiller-host-port`)."""
+
+    profiles: dict[str, ProfileResult]
+    primary_profile: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return self.profiles[self.primary_profile].endpoints
+
+
+class SchedulingError(Exception):
+    """The scheduler could not place the request. `status` is the HTTP status the picker
+    answers with and `reason` the `x-llm-d-request-dropped-reason` value."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class Scheduler(Protocol):
+    """What the ext_proc edge calls once per request."""
+
+    async def schedule(
+        self, request: LLMRequest, endpoints: Sequence[Endpoint]
+    ) -> SchedulingResult:
+        """Pick endpoints or raise SchedulingError (503 no endpoints, 429 saturated/shed)."""
+        ...
+
+    def on_response_headers(self, request: LLMRequest, served: str | None) -> None:
+        """The response started on `served` (from `x-gateway-destination-endpoint-served`)."""
+        ...
+
+    def on_response_complete(
+        self, request: LLMRequest, served: str | None, usage: Mapping[str, Any] | None
+    ) -> None:
+        """The response ended; `usage` is the OpenAI usage object if one was seen."""
+        ...
