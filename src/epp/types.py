@@ -113,6 +113,22 @@ class SchedulingResult:
         return self.profiles[self.primary_profile].endpoints
 
 
+@dataclass(slots=True)
+class ResponseStats:
+    """What the ext_proc edge observed of one response, for plugins that learn from it."""
+
+    served: str | None  # endpoint key that served it
+    status: int = 200
+    streamed: bool = False
+    started_at: float = 0.0  # monotonic time the request was scheduled
+    first_byte_s: float | None = None  # seconds to the first response body byte (TTFT proxy)
+    duration_s: float | None = None  # seconds to end of response
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    usage: Mapping[str, Any] | None = None
+
+
 class SchedulingError(Exception):
     """The scheduler could not place the request. `status` is the HTTP status the picker
     answers with and `reason` the `x-llm-d-request-dropped-reason` value."""
@@ -137,8 +153,6 @@ class Scheduler(Protocol):
         """The response started on `served` (from `x-gateway-destination-endpoint-served`)."""
         ...
 
-    def on_response_complete(
-        self, request: LLMRequest, served: str | None, usage: Mapping[str, Any] | None
-    ) -> None:
-        """The response ended; `usage` is the OpenAI usage object if one was seen."""
+    def on_response_complete(self, request: LLMRequest, stats: ResponseStats) -> None:
+        """The response ended; the edge measured `stats` (feeds latency models, metrics)."""
         ...
