@@ -1,4 +1,4 @@
-"""The `epp` command: serve the endpoint picker.
+"""The `epp` command: serve the endpoint picker."""
 
 from __future__ import annotations
 

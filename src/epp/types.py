@@ -7,11 +7,11 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Protocol
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     """P/D role of an endpoint, from the pod label `llm-d.ai/role`."""
 
     PREFILL = "prefill"
