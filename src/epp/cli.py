@@ -1,22 +1,33 @@
-"""The `epp` command: serve the endpoint picker."""
+"""The `epp` command: one entry point; each subcommand lives in `epp.commands.<name>`
+and exposes `register(subparsers)`, which adds its parser and sets `func` (args -> exit code)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
+# One line per subcommand module; each module owns its flags and its handler.
+COMMAND_MODULES: tuple[str, ...] = ()
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="epp", description=__doc__)
-    parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = argparse.ArgumentParser(
+        prog="epp", description="Envoy ext_proc endpoint picker for LLM serving clusters."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    parser.parse_args(argv)
-    return 0
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

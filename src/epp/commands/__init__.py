@@ -1,0 +1,1 @@
+"""Subcommands of the `epp` command (see epp.cli)."""

@@ -1,0 +1,1 @@
+"""Subcommands of the `kvindex` command (see kvindex.cli)."""
