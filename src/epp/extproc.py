@@ -55,6 +55,10 @@ class PickerContext:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Assumed when Envoy does not send protocol_config (older Envoy): the documented setup.
     default_full_duplex: bool = True
+    # The protocol puts pick + fallbacks in the header. Envoy's ORIGINAL_DST cluster parses
+    # the header as ONE address (a list gives 503), so with it the header may carry only the
+    # pick; dynamic metadata always carries the whole list.
+    header_primary_only: bool = False
 
 
 class RequestStream:
@@ -200,9 +204,11 @@ class RequestStream:
             model=request.model, target_model=request.base_model
         ).inc()
         destination = ",".join(self.destination)
-        if body_follows and self.request_body_mode == _BUFFERED:
-            return [wire.decision_response(destination, result.headers, on_body=True)]
-        responses = [wire.decision_response(destination, result.headers)]
+        header = self.destination[0] if self.ctx.header_primary_only else destination
+        on_body = body_follows and self.request_body_mode == _BUFFERED
+        responses = [wire.decision_response(destination, header, result.headers, on_body)]
+        if on_body:
+            return responses
         if body_follows:
             responses.extend(wire.request_body_chunks(body, end_of_stream=not trailers_follow))
         self.body = bytearray()  # re-emitted; drop our copy (LLMRequest keeps raw_body)

@@ -74,16 +74,19 @@ def _header_options(headers: Mapping[str, str]) -> list[base_pb2.HeaderValueOpti
 
 
 def decision_response(
-    destination: str, extra_headers: Mapping[str, str], on_body: bool = False
+    destination: str,
+    header_value: str,
+    extra_headers: Mapping[str, str],
+    on_body: bool = False,
 ) -> pb.ProcessingResponse:
-    """The one decision: destination header (overwriting anything the client sent), extra
-    headers, route cache cleared, and the same destination in dynamic metadata. It answers the
-    request headers, or (`on_body`, BUFFERED mode) the buffered body."""
+    """The one decision: destination header `header_value` (overwriting anything the client
+    sent), extra headers, route cache cleared, and `destination` (pick + fallbacks) in dynamic
+    metadata. It answers the request headers, or (`on_body`, BUFFERED mode) the body."""
     metadata = struct_pb2.Struct()
     metadata.update({LB_NAMESPACE: {DESTINATION_HEADER: destination}})
     common = pb.CommonResponse(
         header_mutation=pb.HeaderMutation(
-            set_headers=_header_options({DESTINATION_HEADER: destination, **extra_headers})
+            set_headers=_header_options({DESTINATION_HEADER: header_value, **extra_headers})
         ),
         clear_route_cache=True,
     )

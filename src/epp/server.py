@@ -53,6 +53,7 @@ class ServeConfig:
     metrics_timeout_s: float = DEFAULT_TIMEOUT_S
     max_body_bytes: int = extproc.DEFAULT_MAX_BODY_BYTES
     drain_timeout_s: float = 30.0
+    header_primary_only: bool = False  # see PickerContext.header_primary_only
     adapters: Mapping[str, str] = field(default_factory=dict)  # LoRA adapter -> base model
     objectives: Mapping[str, int] = field(default_factory=dict)  # objective -> priority
 
@@ -92,6 +93,7 @@ class PickerServer:
             parser=self.parser,
             metrics=self.metrics,
             max_body_bytes=config.max_body_bytes,
+            header_primary_only=config.header_primary_only,
         )
         self.health = health.aio.HealthServicer()
         self.ports: dict[str, int] = {}

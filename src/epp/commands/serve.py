@@ -88,6 +88,14 @@ def register(subparsers: Any) -> None:
         help="largest request body accepted, else 413 (10 MiB)",
     )
     p.add_argument(
+        "--destination-header",
+        choices=("list", "primary"),
+        default="list",
+        help="x-gateway-destination-endpoint carries pick + fallbacks (list, the protocol) "
+        "or only the pick (primary: for Envoy ORIGINAL_DST clusters, which parse one "
+        "address); dynamic metadata always carries the list",
+    )
+    p.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds to finish streams on SIGTERM"
     )
     p.add_argument(
@@ -134,6 +142,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         metrics_timeout_s=args.metrics_timeout,
         max_body_bytes=args.max_body_bytes,
         drain_timeout_s=args.drain_timeout,
+        header_primary_only=args.destination_header == "primary",
         adapters=_key_values(args.lora_adapter, "--lora-adapter"),
         objectives=_key_values(args.objective, "--objective", int),
     )
