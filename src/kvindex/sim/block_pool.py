@@ -154,15 +154,15 @@ class BlockPool:
         vLLM 0.33 does for a request that hit the prefix cache."""
         start = alloc.num_cached_blocks
         end = min(len(digests), len(alloc.blocks))
-        if end <= start:
+        first = start if announce_from is None else min(announce_from, start)
+        if end <= first:
             return []
         for i in range(start, end):
             block = alloc.blocks[i]
             if block.digest is None and digests[i] not in self._cached:
                 block.digest = digests[i]
                 self._cached[digests[i]] = block
-        alloc.num_cached_blocks = end
-        first = start if announce_from is None else min(announce_from, start)
+        alloc.num_cached_blocks = max(end, start)
         parent = digests[first - 1] if first > 0 else None
         bs = self.block_size
         extras = alloc.extras

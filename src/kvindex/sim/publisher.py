@@ -55,6 +55,20 @@ def offset_endpoint_port(endpoint: str | None, data_parallel_rank: int) -> str |
     raise ValueError(f"invalid endpoint {endpoint!r}: must be tcp:// or inproc:// for DP ranks")
 
 
+def _bind_retrying(sock: zmq.Socket[bytes], endpoint: str, retry: bool) -> None:
+    """Bind, retrying while a just-closed socket of ours still holds the address (ZMQ
+    closes asynchronously, so a restart can race its own previous socket)."""
+    deadline = time.monotonic() + (3.0 if retry else 0.0)
+    while True:
+        try:
+            sock.bind(endpoint)
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 @dataclass
 class PublisherStats:
     published: int = 0
@@ -104,6 +118,7 @@ class EventPublisher:
         self._lock = threading.Lock()
         self._queue: queue.Queue[_Batch | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._resolved: dict[str, str] = {}
         self._start()
 
     # ----------------------------------------------------------------- lifecycle
@@ -112,20 +127,30 @@ class EventPublisher:
         pub = self._ctx.socket(zmq.PUB)
         pub.set_hwm(self.hwm)
         pub.setsockopt(zmq.LINGER, 0)
-        if should_bind(self.endpoint):
-            pub.bind(self.endpoint)
-        else:
-            pub.connect(self.endpoint)
         replay: zmq.Socket[bytes] | None = None
-        if self.replay_endpoint is not None:
-            replay = self._ctx.socket(zmq.ROUTER)
-            replay.setsockopt(zmq.LINGER, 0)
-            try:
-                replay.bind(self.replay_endpoint)
-            except zmq.ZMQError:
-                pub.close()
+        try:
+            if should_bind(self.endpoint):
+                # A restart re-binds the address first resolved (a wildcard port stays put).
+                _bind_retrying(
+                    pub, self._resolved.get("pub", self.endpoint), "pub" in self._resolved
+                )
+                self._resolved["pub"] = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+            else:
+                pub.connect(self.endpoint)
+            if self.replay_endpoint is not None:
+                replay = self._ctx.socket(zmq.ROUTER)
+                replay.setsockopt(zmq.LINGER, 0)
+                _bind_retrying(
+                    replay,
+                    self._resolved.get("replay", self.replay_endpoint),
+                    "replay" in self._resolved,
+                )
+                self._resolved["replay"] = replay.getsockopt_string(zmq.LAST_ENDPOINT)
+        except zmq.ZMQError:
+            pub.close()
+            if replay is not None:
                 replay.close()
-                raise
+            raise
         self._pub = pub
         self._replay = replay
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=self.buffer_steps)
@@ -154,14 +179,13 @@ class EventPublisher:
 
     @property
     def bound_endpoint(self) -> str:
-        """The PUB address actually bound (resolves ``tcp://127.0.0.1:*`` to a port)."""
-        return str(self._pub.getsockopt_string(zmq.LAST_ENDPOINT)) or self.endpoint
+        """The PUB address actually bound (resolves ``tcp://127.0.0.1:*`` to a port), or the
+        connect address."""
+        return self._resolved.get("pub", self.endpoint)
 
     @property
     def bound_replay_endpoint(self) -> str | None:
-        if self._replay is None:
-            return None
-        return str(self._replay.getsockopt_string(zmq.LAST_ENDPOINT))
+        return self._resolved.get("replay")
 
     @property
     def next_seq(self) -> int:
