@@ -135,7 +135,8 @@ class SimServer:
                         data_parallel_rank=rank,
                     )
                 )
-            self._runner = web.AppRunner(self.build_app(), access_log=None)
+            # Short shutdown: a deliberately slow /metrics must not hold up stop().
+            self._runner = web.AppRunner(self.build_app(), access_log=None, shutdown_timeout=0.5)
             await self._runner.setup()
             await web.SockSite(self._runner, sock).start()
         except BaseException:
