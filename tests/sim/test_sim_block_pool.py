@@ -100,25 +100,64 @@ def test_reset_and_sliding_window_group_fields() -> None:
 def test_invariants_under_random_workload(ops: list[tuple[int, int]]) -> None:
     pool = BlockPool(12, KVGroupSpec(block_size=BS))
     held = []
-    stored: set[bytes] = set()
+    announced: set[bytes] = set()
     for i, (prefix, length) in enumerate(ops):
         prompt = [prefix] * 4 + list(range(length))
         d = digests(prompt)
         if pool.can_allocate(d, len(prompt), len(prompt)):
             alloc, events = pool.allocate(str(i), d, len(prompt), len(prompt), RequestExtras())
-            events += pool.cache_blocks(alloc, d, prompt, announce_from=0)
-            for e in events:
-                if isinstance(e, BlockStored):
-                    stored.update(h for h in e.block_hashes if isinstance(h, bytes))
-                elif isinstance(e, BlockRemoved):
-                    for h in e.block_hashes:
-                        assert h in stored  # only stored blocks are ever removed
-                        stored.discard(h)  # type: ignore[arg-type]
+            for e in events:  # allocation only ever evicts, one block per event
+                assert isinstance(e, BlockRemoved) and len(e.block_hashes) == 1
+                assert e.block_hashes[0] in announced  # only announced blocks are removed
+            for e in pool.cache_blocks(alloc, d, prompt, announce_from=0):
+                assert isinstance(e, BlockStored)
+                announced.update(h for h in e.block_hashes if isinstance(h, bytes))
             held.append(alloc)
         if len(held) > 2:
             pool.free(held.pop(0))
         in_use = {b.block_id for a in held for b in a.blocks}
         assert pool.num_free + len(in_use) == pool.num_blocks
-        # Every digest the events say is stored is really cached, and vice versa.
-        assert all(pool.is_cached(h) for h in stored)
-        assert pool.num_cached == len(stored)
+        assert all(b.ref_cnt == sum(b in a.blocks for a in held) for a in held for b in a.blocks)
+        # Every digest the pool holds was announced by a BlockStored.
+        assert all(pool.is_cached(h) <= (h in announced) for h in announced | set(d))
+
+
+def test_duplicate_physical_blocks_are_stored_and_removed_twice() -> None:
+    pool = BlockPool(6, KVGroupSpec(block_size=BS))
+    prompt = list(range(9))
+    d = digests(prompt)
+    a, _ = pool.allocate("a", d, 9, 9, RequestExtras())
+    b, _ = pool.allocate("b", d, 9, 9, RequestExtras())  # before a's blocks were cached
+    assert b.hit_blocks == 0
+    ev_a = pool.cache_blocks(a, d, prompt)
+    ev_b = pool.cache_blocks(b, d, prompt)
+    assert ev_a[0].block_hashes == ev_b[0].block_hashes == d  # type: ignore[union-attr]
+    pool.free(a)
+    pool.free(b)
+    _, evictions = pool.allocate("c", [], 24, 24, RequestExtras())  # needs all 6 blocks
+    removed = [e.block_hashes[0] for e in evictions if isinstance(e, BlockRemoved)]
+    assert sorted(removed) == sorted(d * 2)
+    assert pool.num_cached == 0
+
+
+def test_cpu_tier_lru_and_events() -> None:
+    from kvindex.sim.block_pool import CpuTier
+
+    spec = KVGroupSpec(block_size=BS)
+    pool = BlockPool(2, spec, offload=CpuTier(1, spec))
+    a, _ = run_request(pool, "a", list(range(8)))
+    pool.free(a)
+    _, ev = pool.allocate("b", [], 8, 8, RequestExtras())
+    kinds = [(type(e).__name__, e.medium) for e in ev]  # type: ignore[union-attr]
+    # Tail block evicted first and offloaded; then the head evicts it from the 1-block CPU tier.
+    assert kinds == [
+        ("BlockRemoved", "GPU"),
+        ("BlockStored", "CPU"),
+        ("BlockRemoved", "GPU"),
+        ("BlockRemoved", "CPU"),
+        ("BlockStored", "CPU"),
+    ]
+    head = ev[4]
+    assert isinstance(head, BlockStored) and head.parent_block_hash is None
+    assert head.token_ids == list(range(4)) and head.block_hashes == digests(list(range(8)))[:1]
+    assert pool.cpu_hits(digests(list(range(8))), 0, 9) == 1

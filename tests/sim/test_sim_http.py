@@ -381,3 +381,21 @@ async def test_fault_endpoint(start: Start) -> None:
     await post(server, "/v1/completions", {"prompt": "zyxwvutsrqponmlkj", "max_tokens": 0})
     assert pub.flush() and pub.next_seq == 1 and pub.stats.dropped == 1
     assert msgspec.msgpack.decode(replay_request(pub.bound_replay_endpoint or "")[0].payload)
+
+
+async def test_cpu_offload_tier(start: Start) -> None:
+    server = await start(block_size=4, num_gpu_blocks=4, num_cpu_blocks=16)
+    first = {"prompt": list(range(13)), "max_tokens": 0}
+    await post(server, "/v1/completions", first)
+    await post(server, "/v1/completions", {"prompt": list(range(100, 116)), "max_tokens": 0})
+    events = flat_events(server)
+    gpu_stored = next(e for e in events if e["type"] == "BlockStored")
+    cpu_stored = [e for e in events if e["type"] == "BlockStored" and e["medium"] == "CPU"]
+    gpu_removed = [h for e in events if e["type"] == "BlockRemoved" for h in e["block_hashes"]]
+    assert sorted(h for e in cpu_stored for h in e["block_hashes"]) == sorted(gpu_removed)
+    assert set(gpu_removed) == set(gpu_stored["block_hashes"])
+    # Evicted from GPU, still on CPU: the prefix is served from the offload tier.
+    _, out, _ = await post(server, "/v1/completions", first)
+    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 12
+    fams = {f.name: f for f in text_string_to_metric_families(await get_text(server, "/metrics"))}
+    assert fams["vllm:cache_config_info"].samples[0].labels["num_cpu_blocks"] == "16"

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvindex.sim.events import (
+    MEDIUM_CPU,
     MEDIUM_GPU,
     AllBlocksCleared,
     BlockHash,
@@ -32,6 +33,16 @@ class Block:
     block_id: int
     ref_cnt: int = 0
     digest: bytes | None = None
+    # What a BlockStored for this block alone needs (kept for the CPU offload tier).
+    meta: BlockMeta | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BlockMeta:
+    parent: bytes | None
+    token_ids: tuple[int, ...]
+    block_index: int
+    extras: RequestExtras
 
 
 @dataclass(slots=True)
@@ -56,15 +67,24 @@ class KVGroupSpec:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, spec: KVGroupSpec, medium: str = MEDIUM_GPU) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        spec: KVGroupSpec,
+        medium: str = MEDIUM_GPU,
+        offload: CpuTier | None = None,
+    ) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.spec = spec
         self.medium = medium
         self.num_blocks = num_blocks
+        self.offload = offload
         self._blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self._blocks)
-        self._cached: dict[bytes, Block] = {}
+        # digest -> physical blocks holding it. vLLM does not deduplicate: two requests that
+        # compute the same block concurrently both cache it (stored twice, removed twice).
+        self._cached: dict[bytes, dict[int, Block]] = {}
 
     @property
     def block_size(self) -> int:
@@ -76,7 +96,11 @@ class BlockPool:
 
     @property
     def num_cached(self) -> int:
+        """Distinct cached digests."""
         return len(self._cached)
+
+    def _lookup(self, digest: bytes) -> Block:
+        return next(iter(self._cached[digest].values()))
 
     @property
     def usage(self) -> float:
@@ -102,7 +126,7 @@ class BlockPool:
     def can_allocate(self, digests: Sequence[bytes], num_prompt_tokens: int, total: int) -> bool:
         hits = self.longest_hit(digests, num_prompt_tokens)
         # Hit blocks that sit in the free queue stop being free once touched.
-        free_hits = sum(1 for d in digests[:hits] if self._cached[d].ref_cnt == 0)
+        free_hits = sum(1 for d in digests[:hits] if self._lookup(d).ref_cnt == 0)
         return self.blocks_needed(total) - hits <= self.num_free - free_hits
 
     def allocate(
@@ -119,24 +143,27 @@ class BlockPool:
         hits = self.longest_hit(digests, num_prompt_tokens)
         blocks: list[Block] = []
         for digest in digests[:hits]:
-            block = self._cached[digest]
+            block = self._lookup(digest)
             if block.ref_cnt == 0:
                 del self._free[block.block_id]
             block.ref_cnt += 1
             blocks.append(block)
         events: list[KVEvent] = []
-        evicted: list[bytes] = []
         for _ in range(self.blocks_needed(total_tokens) - hits):
             _, block = self._free.popitem(last=False)
             if block.digest is not None:
-                if self._cached.get(block.digest) is block:
+                # Like vLLM: one BlockRemoved per evicted physical block.
+                holders = self._cached[block.digest]
+                del holders[block.block_id]
+                if not holders:
                     del self._cached[block.digest]
-                evicted.append(block.digest)
+                events.append(self._removed([block.digest]))
+                if self.offload is not None and block.meta is not None:
+                    events.extend(self.offload.store(block.digest, block.meta))
                 block.digest = None
+                block.meta = None
             block.ref_cnt = 1
             blocks.append(block)
-        if evicted:
-            events.append(self._removed(evicted))
         alloc = Allocation(request_id, blocks, hit_blocks=hits, num_cached_blocks=hits)
         alloc.extras = extras
         return alloc, events
@@ -157,29 +184,29 @@ class BlockPool:
         first = start if announce_from is None else min(announce_from, start)
         if end <= first:
             return []
+        bs = self.block_size
         for i in range(start, end):
             block = alloc.blocks[i]
-            if block.digest is None and digests[i] not in self._cached:
+            if block.digest is None:
                 block.digest = digests[i]
-                self._cached[digests[i]] = block
+                block.meta = BlockMeta(
+                    digests[i - 1] if i > 0 else None,
+                    tuple(token_ids[i * bs : (i + 1) * bs]),
+                    i,
+                    alloc.extras,
+                )
+                self._cached.setdefault(digests[i], {})[block.block_id] = block
         alloc.num_cached_blocks = max(end, start)
         parent = digests[first - 1] if first > 0 else None
-        bs = self.block_size
-        extras = alloc.extras
-        event_keys = [extras.event_keys(i, bs) for i in range(first, end)]
         return [
-            BlockStored(
-                block_hashes=list(digests[first:end]),
-                parent_block_hash=parent,
-                token_ids=list(token_ids[first * bs : end * bs]),
-                block_size=bs,
-                lora_id=None,
-                medium=self.medium,
-                lora_name=extras.lora_name,
-                extra_keys=None if all(k is None for k in event_keys) else event_keys,
-                group_idx=self.spec.group_idx,
-                kv_cache_spec_kind=self.spec.kind,
-                kv_cache_spec_sliding_window=self.spec.sliding_window,
+            stored_event(
+                self.spec,
+                self.medium,
+                list(digests[first:end]),
+                parent,
+                list(token_ids[first * bs : end * bs]),
+                alloc.extras,
+                first,
             )
         ]
 
@@ -195,10 +222,102 @@ class BlockPool:
         """Forget every cached digest (POST /reset_prefix_cache)."""
         for block in self._blocks:
             block.digest = None
+            block.meta = None
         self._cached.clear()
+        if self.offload is not None:
+            self.offload.reset()
         return [AllBlocksCleared()]
+
+    def cpu_hits(self, digests: Sequence[bytes], gpu_hits: int, num_prompt_tokens: int) -> int:
+        """Blocks after the GPU hits found in the CPU tier (0 without a tier)."""
+        if self.offload is None:
+            return 0
+        limit = max(0, (num_prompt_tokens - 1) // self.block_size)
+        return self.offload.longest_hit(digests, gpu_hits, limit)
 
     def _removed(self, digests: list[bytes]) -> BlockRemoved:
         return BlockRemoved(
             block_hashes=list[BlockHash](digests), medium=self.medium, group_idx=self.spec.group_idx
         )
+
+
+def stored_event(
+    spec: KVGroupSpec,
+    medium: str,
+    digests: list[bytes],
+    parent: bytes | None,
+    token_ids: list[int],
+    extras: RequestExtras,
+    first_block_index: int,
+) -> BlockStored:
+    """BlockStored for consecutive blocks starting at `first_block_index` of a request."""
+    keys = [extras.event_keys(first_block_index + i, spec.block_size) for i in range(len(digests))]
+    return BlockStored(
+        block_hashes=list[BlockHash](digests),
+        parent_block_hash=parent,
+        token_ids=token_ids,
+        block_size=spec.block_size,
+        lora_id=None,
+        medium=medium,
+        lora_name=extras.lora_name,
+        extra_keys=None if all(k is None for k in keys) else keys,
+        group_idx=spec.group_idx,
+        kv_cache_spec_kind=spec.kind,
+        kv_cache_spec_sliding_window=spec.sliding_window,
+    )
+
+
+class CpuTier:
+    """Optional CPU offload tier (medium "CPU"): a GPU block evicted from the prefix cache is
+    copied here (BlockStored medium CPU) instead of being lost; the CPU tier has its own LRU
+    (BlockRemoved medium CPU). A request's prefix continues from GPU hits into CPU hits."""
+
+    def __init__(self, num_blocks: int, spec: KVGroupSpec) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_cpu_blocks must be positive, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.spec = spec
+        self._lru: OrderedDict[bytes, None] = OrderedDict()
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._lru)
+
+    def is_cached(self, digest: bytes) -> bool:
+        return digest in self._lru
+
+    def store(self, digest: bytes, meta: BlockMeta) -> list[KVEvent]:
+        if digest in self._lru:
+            self._lru.move_to_end(digest)
+            return []
+        events: list[KVEvent] = []
+        if len(self._lru) >= self.num_blocks:
+            old, _ = self._lru.popitem(last=False)
+            removed = BlockRemoved([old], MEDIUM_CPU, group_idx=self.spec.group_idx)
+            events.append(removed)
+        self._lru[digest] = None
+        events.append(
+            stored_event(
+                self.spec,
+                MEDIUM_CPU,
+                [digest],
+                meta.parent,
+                list(meta.token_ids),
+                meta.extras,
+                meta.block_index,
+            )
+        )
+        return events
+
+    def longest_hit(self, digests: Sequence[bytes], start: int, limit: int) -> int:
+        """Consecutive CPU hits from block `start` (exclusive of GPU hits), touching them."""
+        hits = 0
+        for digest in digests[start:limit]:
+            if digest not in self._lru:
+                break
+            self._lru.move_to_end(digest)
+            hits += 1
+        return hits
+
+    def reset(self) -> None:
+        self._lru.clear()

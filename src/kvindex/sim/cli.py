@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--block-size", type=int, default=16)
     a("--num-gpu-blocks", type=int, default=2048)
+    a("--num-cpu-blocks", type=int, default=0, help="CPU offload tier size (0: off)")
     a("--max-num-seqs", type=int, default=256)
     a("--max-model-len", type=int, default=32768)
     a("--hash-algo", default="sha256_cbor", help=f"one of {', '.join(HASH_ALGOS)}")
@@ -91,12 +92,15 @@ def server_configs(args: argparse.Namespace) -> list[tuple[ServerConfig, int]]:
     for name in ("engines", "block_size", "num_gpu_blocks", "max_num_seqs", "data_parallel_size"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if args.num_cpu_blocks < 0:
+        raise ValueError("--num-cpu-blocks must be >= 0")
     if args.time_scale < 0:
         raise ValueError("--time-scale must be >= 0")
     engine = EngineConfig(
         model=args.model,
         block_size=args.block_size,
         num_gpu_blocks=args.num_gpu_blocks,
+        num_cpu_blocks=args.num_cpu_blocks,
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         hash_algo=algo,

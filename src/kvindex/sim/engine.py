@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kvindex.sim.block_pool import Allocation, BlockPool, KVGroupSpec
+from kvindex.sim.block_pool import Allocation, BlockPool, CpuTier, KVGroupSpec
 from kvindex.sim.events import KVEvent
 from kvindex.sim.timing import TimingModel, output_tokens
 from kvindex.vllm_hash import HashAlgo, RequestExtras, hash_block, none_hash
@@ -39,6 +39,8 @@ class EngineConfig:
     model: str = "sim-model"
     block_size: int = 16
     num_gpu_blocks: int = 2048
+    # CPU offload tier (medium "CPU"); 0 disables it.
+    num_cpu_blocks: int = 0
     max_num_seqs: int = 256
     max_model_len: int = 32_768
     hash_algo: HashAlgo = "sha256_cbor"
@@ -112,7 +114,9 @@ class EngineCore:
     def _new_process_state(self) -> None:
         cfg = self.config
         self._none_hash = none_hash(cfg.hash_algo, cfg.hash_seed)
-        self.pool = BlockPool(cfg.num_gpu_blocks, KVGroupSpec(0, cfg.block_size))
+        spec = KVGroupSpec(0, cfg.block_size)
+        offload = CpuTier(cfg.num_cpu_blocks, spec) if cfg.num_cpu_blocks > 0 else None
+        self.pool = BlockPool(cfg.num_gpu_blocks, spec, offload=offload)
         self.sw_pool: BlockPool | None = None
         if cfg.sliding_window is not None:
             sw = cfg.sliding_window
@@ -245,7 +249,8 @@ class EngineCore:
             events.extend(pool.cache_blocks(alloc, pool_digests, prompt, announce_from=0))
             allocs.append((pool, alloc, pool_digests))
             if pool is self.pool:
-                hit_tokens = alloc.hit_blocks * pool.block_size
+                cpu_hits = pool.cpu_hits(pool_digests, alloc.hit_blocks, len(prompt))
+                hit_tokens = (alloc.hit_blocks + cpu_hits) * pool.block_size
         self.stats.prefix_cache_queries += len(prompt)
         self.stats.prefix_cache_hits += hit_tokens
         self.stats.prompt_tokens += len(prompt)

@@ -116,7 +116,7 @@ class EngineCollector(Collector):
                     str(cfg.block_size),
                     "True",
                     str(core.data_parallel_rank),
-                    "None",
+                    str(cfg.num_cpu_blocks or None),
                     str(cfg.num_gpu_blocks),
                     cfg.hash_algo,
                 ],
