@@ -152,3 +152,9 @@ def test_roundtrip_map(
     assert isinstance(out, BlockStored)
     assert out.block_hashes == [wire_value(h) for h in hashes]
     assert out.token_ids == tokens and out.lora_name == lora
+
+
+def test_block_stored_helper_matches_engine_defaults() -> None:
+    from kvindex.sim.events import block_stored
+
+    assert block_stored(list(DIGESTS), list(range(32)), 16) == stored()

@@ -116,3 +116,32 @@ class EventBatch(msgspec.Struct, array_like=True):
 
 def decode_map_batch(payload: bytes) -> EventBatch:
     return msgspec.msgpack.decode(payload, type=EventBatch)
+
+
+def block_stored(
+    block_hashes: list[BlockHash],
+    token_ids: list[int],
+    block_size: int,
+    parent_block_hash: BlockHash | None = None,
+    *,
+    medium: str | None = MEDIUM_GPU,
+    lora_name: str | None = None,
+    extra_keys: list[tuple[Any, ...] | None] | None = None,
+    group_idx: int | None = 0,
+    kv_cache_spec_kind: str | None = "full_attention",
+    kv_cache_spec_sliding_window: int | None = None,
+) -> BlockStored:
+    """BlockStored with the defaults a single-group vLLM 0.33 engine sends."""
+    return BlockStored(
+        block_hashes=block_hashes,
+        parent_block_hash=parent_block_hash,
+        token_ids=token_ids,
+        block_size=block_size,
+        lora_id=None,
+        medium=medium,
+        lora_name=lora_name,
+        extra_keys=extra_keys,
+        group_idx=group_idx,
+        kv_cache_spec_kind=kv_cache_spec_kind,
+        kv_cache_spec_sliding_window=kv_cache_spec_sliding_window,
+    )
