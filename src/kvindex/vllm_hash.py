@@ -65,6 +65,25 @@ def _cbor_bignum(tag: int, magnitude: int) -> bytes:
     return _cbor_head(6, tag) + _cbor_head(2, len(raw)) + raw
 
 
+_PACK_U8 = struct.Struct(">BB").pack
+_PACK_U16 = struct.Struct(">BH").pack
+_PACK_U32 = struct.Struct(">BI").pack
+
+
+def _append_uint(out: bytearray, value: int) -> None:
+    # Inlined shortest-form heads for major type 0: the hot path of every token array.
+    if value < 24:
+        out.append(value)
+    elif value < 0x100:
+        out += _PACK_U8(24, value)
+    elif value < 0x10000:
+        out += _PACK_U16(25, value)
+    elif value < 0x100000000:
+        out += _PACK_U32(26, value)
+    else:
+        out += _cbor_head(0, value)
+
+
 def _cbor_append(out: bytearray, obj: object) -> None:
     # bool before int: bool is a subclass of int in Python.
     if obj is None:
@@ -90,7 +109,11 @@ def _cbor_append(out: bytearray, obj: object) -> None:
     elif isinstance(obj, tuple | list):
         out += _cbor_head(4, len(obj))
         for item in obj:
-            _cbor_append(out, item)
+            # Fast path for token ids (the bulk of every hash input).
+            if type(item) is int and 0 <= item < 1 << 64:
+                _append_uint(out, item)
+            else:
+                _cbor_append(out, item)
     else:
         raise TypeError(f"cannot CBOR-encode {type(obj).__name__} in a block hash input")
 
