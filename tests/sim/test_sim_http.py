@@ -345,6 +345,7 @@ async def test_models_health_and_bad_requests(start: Start) -> None:
         ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
         ({"prompt": 5}, 400, "prompt must be"),
         ({"prompt": "x", "cache_salt": 3}, 400, "cache_salt"),
+        ({"prompt": "x", "n": 2}, 400, "n must be 1"),
     ]
     for body, status, message in cases:
         got, err, _ = await post(server, "/v1/completions", body)
@@ -357,7 +358,7 @@ async def test_models_health_and_bad_requests(start: Start) -> None:
         for s in fams["kvsim_bad_requests"].samples
         if s.name.endswith("_total")
     }
-    assert sum(by_reason.values()) == 7 and by_reason["unknown_model"] == 1
+    assert sum(by_reason.values()) == 8 and by_reason["unknown_model"] == 1
 
 
 async def test_fault_endpoint(start: Start) -> None:

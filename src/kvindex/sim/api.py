@@ -118,6 +118,11 @@ def parse_generation(
     )
     names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
     max_tokens = _int_field(body, *names, default=DEFAULT_MAX_TOKENS)
+    n = body.get("n", 1)
+    if n not in (None, 1):
+        raise BadRequest(
+            "the simulator returns one choice per request (n must be 1)", "bad_field", "n"
+        )
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream must be a boolean", "bad_field", "stream")

@@ -15,7 +15,7 @@ from kvindex.sim.engine import EngineConfig, SlidingWindowGroup
 from kvindex.sim.http import KVEventsOptions, ServerConfig, SimServer
 from kvindex.sim.publisher import offset_endpoint_port, should_bind
 from kvindex.sim.timing import TimingModel
-from kvindex.sim.tokenizer import load_tokenizer
+from kvindex.sim.tokenizer import SimTokenizer, load_tokenizer
 from kvindex.vllm_hash import HASH_ALGOS, check_algo, default_seed
 
 
@@ -147,17 +147,33 @@ def server_configs(args: argparse.Namespace) -> list[tuple[ServerConfig, int]]:
     return out
 
 
+async def start_servers(
+    configs: Sequence[tuple[ServerConfig, int]], tokenizer: SimTokenizer, host: str = "127.0.0.1"
+) -> list[SimServer]:
+    """Start one SimServer per (config, port); on failure stop the ones already started."""
+    servers: list[SimServer] = []
+    try:
+        for cfg, port in configs:
+            server = SimServer(cfg, tokenizer)
+            await server.start(host, port)
+            servers.append(server)
+    except BaseException:
+        for server in servers:
+            await server.stop()
+        raise
+    return servers
+
+
 async def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer)
     servers: list[SimServer] = []
     try:
-        for cfg, port in server_configs(args):
-            server = SimServer(cfg, tokenizer)
-            await server.start(args.host, port)
+        servers = await start_servers(server_configs(args), tokenizer, args.host)
+        for server in servers:
+            cfg = server.config
             server.apply_faults(
                 drop_fraction=args.drop_fraction, metrics_delay_s=args.metrics_delay
             )
-            servers.append(server)
             for rank in server.state()["ranks"]:
                 print(
                     f"{cfg.engine_id} rank {rank['data_parallel_rank']}: http {server.url} "

@@ -5,7 +5,6 @@ with its own KV-event publisher. Routes: the OpenAI API subset routing cares abo
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import uuid
 from collections import Counter
@@ -69,6 +68,17 @@ class ServerConfig:
     engine_id: str = "engine-0"
     data_parallel_size: int = 1
     advertise_host: str = "127.0.0.1"
+
+
+def _compact(obj: Any) -> str:
+    return msgspec.json.encode(obj).decode()
+
+
+def _json_response(
+    body: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    # Compact JSON, as vLLM's pydantic responses are.
+    return web.json_response(body, status=status, headers=headers, dumps=_compact)
 
 
 class _NullSink:
@@ -184,7 +194,7 @@ class SimServer:
 
     def _error(self, exc: BadRequest) -> web.Response:
         self.bad_requests[exc.reason] += 1
-        return web.json_response(error_body(str(exc), exc.status, exc.param), status=exc.status)
+        return _json_response(error_body(str(exc), exc.status, exc.param), status=exc.status)
 
     async def _json(self, request: web.Request) -> object:
         raw = await request.read()
@@ -210,7 +220,7 @@ class SimServer:
 
     async def models(self, request: web.Request) -> web.Response:
         cfg = self.config.engine
-        return web.json_response(models_body(cfg.model, cfg.lora_adapters, cfg.max_model_len))
+        return _json_response(models_body(cfg.model, cfg.lora_adapters, cfg.max_model_len))
 
     async def tokenize(self, request: web.Request) -> web.Response:
         cfg = self.config.engine
@@ -219,7 +229,7 @@ class SimServer:
             tokens = parse_tokenize(body, cfg.model, cfg.lora_adapters, self.tokenizer)
         except BadRequest as exc:
             return self._error(exc)
-        return web.json_response(tokenize_body(tokens, cfg.max_model_len))
+        return _json_response(tokenize_body(tokens, cfg.max_model_len))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
@@ -268,7 +278,7 @@ class SimServer:
         use = usage(len(parsed.prompt_token_ids), len(tokens), first.cached_tokens)
         make = chat_body if chat else completion_body
         body_out = make(rid, parsed.model, render_tokens(tokens), "length", use)
-        return web.json_response(body_out, headers=headers)
+        return _json_response(body_out, headers=headers)
 
     async def _stream(
         self,
@@ -286,7 +296,7 @@ class SimServer:
         await response.prepare(request)
 
         async def send(obj: object) -> None:
-            await response.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+            await response.write(b"data: " + msgspec.json.encode(obj) + b"\n\n")
 
         model = parsed.model
         if chat:
@@ -324,7 +334,7 @@ class SimServer:
     # ----------------------------------------------------------------- admin / faults
 
     async def admin_state(self, request: web.Request) -> web.Response:
-        return web.json_response(self.state())
+        return _json_response(self.state())
 
     def state(self) -> dict[str, Any]:
         ranks = []
@@ -354,7 +364,7 @@ class SimServer:
         except (BadRequest, TypeError, ValueError) as exc:
             bad = exc if isinstance(exc, BadRequest) else BadRequest(str(exc), "bad_fault")
             return self._error(bad)
-        return web.json_response(self.state())
+        return _json_response(self.state())
 
     def apply_faults(
         self,
@@ -385,7 +395,7 @@ class SimServer:
     async def admin_restart(self, request: web.Request) -> web.Response:
         """Restart every rank's engine process: publisher seq back to 0, cache emptied."""
         await self.restart_engines()
-        return web.json_response(self.state())
+        return _json_response(self.state())
 
     async def restart_engines(self) -> None:
         for core, pub in zip(self.engines, self.publishers, strict=True):
