@@ -12,8 +12,10 @@ import time
 import urllib.request
 
 import pytest
+from simzmq import replay_request
 
 from kvindex.sim.cli import build_parser, main, server_configs
+from kvindex.vllm_hash import block_hashes, wire_value
 
 
 def test_server_configs_offsets_binding_endpoints_per_engine() -> None:
@@ -78,6 +80,8 @@ def test_process_serves_and_stops() -> None:
             "bytes",
             "--kv-events-endpoint",
             "tcp://127.0.0.1:*",
+            "--kv-replay-endpoint",
+            "tcp://127.0.0.1:*",
             "--time-scale",
             "0",
         ],
@@ -93,12 +97,19 @@ def test_process_serves_and_stops() -> None:
         assert all("topic kv@127.0.0.1:" in line for line in lines)
         req = urllib.request.Request(
             urls[1] + "/v1/completions",
-            data=json.dumps({"prompt": "hello", "max_tokens": 2}).encode(),
+            data=json.dumps({"prompt": "x" * 40, "max_tokens": 2}).encode(),
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert resp.headers["x-kvsim-engine"] == "engine-1"
             assert json.load(resp)["usage"]["completion_tokens"] == 2
+        replay = re.search(r"replay (\S+)", lines[1]).group(1)  # type: ignore[union-attr]
+        (frames,) = replay_request(replay, 0)
+        assert frames.seq == 0 and frames.topic == f"kv@{urls[1][7:]}@sim-model".encode()
+        (event,) = frames.batch()[1]
+        # PYTHONHASHSEED=0 in the engine's environment, so NONE_HASH is the seed-"0" one.
+        expected = block_hashes([ord("x")] * 32, 16, "sha256_cbor", "0")
+        assert event["block_hashes"] == [wire_value(d) for d in expected]
     finally:
         proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
