@@ -51,12 +51,35 @@ def test_server_configs_offsets_binding_endpoints_per_engine() -> None:
     assert {c.kv_events.endpoint for c, _ in server_configs(args)} == {"tcp://10.1.1.1:5557"}
 
 
+def test_kv_events_config_json_like_vllm() -> None:
+    cfg = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": "tcp://*:7000",
+        "replay_endpoint": "tcp://*:7100",
+        "topic": "",
+        "buffer_steps": 5,
+        "hwm": 9,
+    }
+    args = build_parser().parse_args(["--engines", "2", "--kv-events-config", json.dumps(cfg)])
+    (first, _), (second, _) = server_configs(args)
+    assert (first.kv_events.endpoint, second.kv_events.endpoint) == ("tcp://*:7000", "tcp://*:7001")
+    assert second.kv_events.replay_endpoint == "tcp://*:7101"
+    assert first.kv_events.topic == "" and first.kv_events.buffer_steps == 5
+    assert first.kv_events.hwm == 9
+    off = build_parser().parse_args(["--kv-events-config", '{"enable_kv_cache_events": false}'])
+    assert server_configs(off)[0][0].kv_events.endpoint is None
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--engines", "0"], "--engines must be positive"),
         (["--hash-algo", "md5"], "choose one of"),
         (["--lora", "nopath"], "NAME=PATH"),
+        (["--kv-events-config", "{bad"], "not valid JSON"),
+        (["--kv-events-config", '{"endpont": "x"}'], "unknown keys"),
+        (["--kv-events-config", '{"hwm": -1}'], "positive integer"),
     ],
 )
 def test_bad_flags_exit_2(

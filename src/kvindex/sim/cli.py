@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -58,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--hash-format", choices=["int", "bytes"], default="int")
     a("--legacy-replay", action="store_true", help="replay frames without the topic frame")
     a("--buffer-steps", type=int, default=10_000)
+    a("--hwm", type=int, default=100_000, help="PUB high-water mark")
+    a(
+        "--kv-events-config",
+        default=None,
+        help="vLLM's --kv-events-config JSON (endpoint, replay_endpoint, topic, buffer_steps, "
+        "hwm, enable_kv_cache_events, publisher, max_queue_size); overrides the flags above",
+    )
     a("--data-parallel-size", type=int, default=1)
     a("--prefill-ms-per-token", type=float, default=0.2)
     a("--decode-ms-per-token", type=float, default=10.0)
@@ -84,6 +92,53 @@ def _parse_loras(specs: Sequence[str]) -> dict[str, str]:
             raise ValueError(f"--lora must be NAME=PATH, got {spec!r}")
         loras[name] = path
     return loras
+
+
+KV_EVENTS_CONFIG_KEYS = frozenset(
+    {
+        "enable_kv_cache_events",
+        "publisher",
+        "endpoint",
+        "replay_endpoint",
+        "buffer_steps",
+        "hwm",
+        "max_queue_size",
+        "topic",
+    }
+)
+
+
+def apply_kv_events_config(args: argparse.Namespace) -> None:
+    """Fold vLLM's --kv-events-config JSON into the flags (idempotent)."""
+    if not args.kv_events_config:
+        return
+    try:
+        cfg = json.loads(args.kv_events_config)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--kv-events-config is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError("--kv-events-config must be a JSON object")
+    unknown = sorted(set(cfg) - KV_EVENTS_CONFIG_KEYS)
+    if unknown:
+        raise ValueError(
+            f"--kv-events-config has unknown keys {unknown}; known: {sorted(KV_EVENTS_CONFIG_KEYS)}"
+        )
+    enabled = cfg.get("enable_kv_cache_events", True) and cfg.get("publisher", "zmq") != "null"
+    if cfg.get("publisher", "zmq") not in ("zmq", "null"):
+        raise ValueError("--kv-events-config publisher must be 'zmq' or 'null'")
+    for key in ("endpoint", "replay_endpoint", "topic"):
+        if key in cfg and cfg[key] is not None and not isinstance(cfg[key], str):
+            raise ValueError(f"--kv-events-config {key} must be a string")
+    args.kv_events_endpoint = cfg.get("endpoint", "tcp://*:5557") if enabled else "none"
+    args.kv_replay_endpoint = cfg.get("replay_endpoint", args.kv_replay_endpoint)
+    if "topic" in cfg:  # vLLM's default topic is "", which we keep if asked for explicitly
+        args.kv_topic = cfg["topic"]
+    for key in ("buffer_steps", "hwm"):
+        if key in cfg:
+            if not isinstance(cfg[key], int) or cfg[key] <= 0:
+                raise ValueError(f"--kv-events-config {key} must be a positive integer")
+            setattr(args, key, cfg[key])
+    args.kv_events_config = None
 
 
 def server_configs(args: argparse.Namespace) -> list[tuple[ServerConfig, int]]:
@@ -117,6 +172,7 @@ def server_configs(args: argparse.Namespace) -> list[tuple[ServerConfig, int]]:
         if args.sliding_window_block_size > 0
         else None,
     )
+    apply_kv_events_config(args)
     out = []
     endpoint = None if args.kv_events_endpoint == "none" else args.kv_events_endpoint
     for i in range(args.engines):
@@ -134,6 +190,7 @@ def server_configs(args: argparse.Namespace) -> list[tuple[ServerConfig, int]]:
             encoding=args.event_encoding,
             hash_format=args.hash_format,
             buffer_steps=args.buffer_steps,
+            hwm=args.hwm,
             legacy_replay=args.legacy_replay,
         )
         cfg = ServerConfig(
