@@ -158,3 +158,49 @@ def test_block_stored_helper_matches_engine_defaults() -> None:
     from kvindex.sim.events import block_stored
 
     assert block_stored(list(DIGESTS), list(range(32)), 16) == stored()
+
+
+# What an array-era (vLLM <= ~0.25) consumer decodes with: tagged array_like structs that
+# know only the first 7 BlockStored fields; msgspec ignores the newer trailing fields.
+class OldStored(msgspec.Struct, tag="BlockStored", array_like=True):
+    block_hashes: list[int]
+    parent_block_hash: int | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+
+
+class OldRemoved(msgspec.Struct, tag="BlockRemoved", array_like=True):
+    block_hashes: list[int]
+    medium: str | None
+
+
+class OldCleared(msgspec.Struct, tag="AllBlocksCleared", array_like=True):
+    pass
+
+
+class OldBatch(msgspec.Struct, array_like=True):
+    ts: float
+    events: list[OldStored | OldRemoved | OldCleared]
+    data_parallel_rank: int | None
+
+
+def test_array_encoding_decodes_with_array_era_mirror() -> None:
+    payload = encode_batch(
+        3.0,
+        [
+            stored(parent_block_hash=DIGESTS[0], block_hashes=[DIGESTS[1]]),
+            BlockRemoved([DIGESTS[1]], "GPU"),
+            AllBlocksCleared(),
+        ],
+        1,
+        "array",
+    )
+    batch = msgspec.msgpack.decode(payload, type=OldBatch)
+    first, removed, cleared = batch.events
+    assert isinstance(first, OldStored) and first.parent_block_hash == wire_value(DIGESTS[0])
+    assert first.block_hashes == [wire_value(DIGESTS[1])] and first.medium == "GPU"
+    assert isinstance(removed, OldRemoved) and removed.block_hashes == [wire_value(DIGESTS[1])]
+    assert isinstance(cleared, OldCleared) and batch.data_parallel_rank == 1
