@@ -400,3 +400,15 @@ async def test_cpu_offload_tier(start: Start) -> None:
     assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 12
     fams = {f.name: f for f in text_string_to_metric_families(await get_text(server, "/metrics"))}
     assert fams["vllm:cache_config_info"].samples[0].labels["num_cpu_blocks"] == "16"
+
+
+@pytest.mark.parametrize("algo", ["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"])
+async def test_every_hash_algo_on_the_wire(start: Start, algo: str) -> None:
+    server = await start(block_size=4, hash_algo=algo, hash_seed="42")
+    prompt = list(range(9))
+    await post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 0})
+    (ev,) = flat_events(server)
+    expected = request_block_hashes(prompt, 4, RequestExtras(), algo, "42")  # type: ignore[arg-type]
+    assert ev["block_hashes"] == [wire_value(d) for d in expected]
+    fams = {f.name: f for f in text_string_to_metric_families(await get_text(server, "/metrics"))}
+    assert fams["vllm:cache_config_info"].samples[0].labels["prefix_caching_hash_algo"] == algo
