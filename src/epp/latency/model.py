@@ -133,7 +133,7 @@ class QuantileTracker:
 
     def update(self, residual: float) -> None:
         self.mad += 0.05 * (abs(residual) - self.mad)
-        step = 0.1 * (self.mad + 1e-6)
+        step = 0.02 * (self.mad + 1e-6)
         self.value += step * (self.q - (1.0 if residual < self.value else 0.0))
 
 
