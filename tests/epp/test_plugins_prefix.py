@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 
 from epp.framework import CycleState, SchedulerDeps, build_scheduler, load_config
 from epp.plugins.precise_prefix import PrecisePrefixParams
-from epp.plugins.prefix import PrefixCacheScorer, PrefixIndex, PrefixParams, block_hashes
+from epp.plugins.prefix import (
+    SWEEP_EVERY,
+    PrefixCacheScorer,
+    PrefixIndex,
+    PrefixParams,
+    block_hashes,
+)
 from epp.types import Endpoint, EngineMetrics, LLMRequest, ProfileResult, SchedulingResult
 
 NOW = 50.0
@@ -76,6 +82,18 @@ def test_per_server_lru_evicts_oldest_blocks() -> None:
     assert index.match([2, 3, 4], {"a"}) == {"a": 3}
     index.forget("a")
     assert index.match([2, 3, 4], {"a"}) == {}
+
+
+def test_endpoints_gone_from_the_pool_are_forgotten() -> None:
+    s = PrefixCacheScorer("p", PrefixParams(block_size_tokens=4))
+    gone, staying = ep(1), ep(2)
+    r = text_req("q" * 64)
+    s.pre_request(CycleState(), r, decided(gone))
+    s.pre_request(CycleState(), r, decided(staying))
+    for _ in range(SWEEP_EVERY):
+        s.score(CycleState(), r, [staying])
+    assert s.index.servers() == ["10.0.0.2:8000"] and s.forgotten == 1
+    assert s.score(CycleState(), r, [gone, staying]) == [0.0, 1.0]
 
 
 @settings(max_examples=200, deadline=None)

@@ -148,9 +148,17 @@ class PrefixIndex:
                 matched[s] = depth
         return matched
 
+    def servers(self) -> list[str]:
+        return list(self._lru)
+
     def size(self, server: str) -> int:
         lru = self._lru.get(server)
         return len(lru) if lru is not None else 0
+
+
+# Endpoints not among the candidates of this many consecutive decisions are dropped from the
+# index (they left the pool; llm-d prunes inactive pods periodically too).
+SWEEP_EVERY = 1024
 
 
 class PrefixCacheScorer(Scorer, PreRequest):
@@ -161,6 +169,21 @@ class PrefixCacheScorer(Scorer, PreRequest):
         self.params = params
         self.index = PrefixIndex(params.lru_capacity_per_server)
         self._hashes_key = _HASHES_KEY + name
+        self._recent: set[str] = set()
+        self._decisions = 0
+        self.forgotten = 0
+
+    def _sweep(self, keys: list[str]) -> None:
+        self._recent.update(keys)
+        self._decisions += 1
+        if self._decisions < SWEEP_EVERY:
+            return
+        for server in self.index.servers():
+            if server not in self._recent:
+                self.index.forget(server)
+                self.forgotten += 1
+        self._recent = set()
+        self._decisions = 0
 
     def _hashes(self, cycle: CycleState, request: LLMRequest) -> list[int]:
         cached = cycle.read(self._hashes_key, list)
@@ -173,6 +196,7 @@ class PrefixCacheScorer(Scorer, PreRequest):
     def score(self, cycle: CycleState, request: LLMRequest, endpoints: list[Endpoint]) -> Scores:
         hashes = self._hashes(cycle, request)
         keys = cycle.keys(endpoints)
+        self._sweep(keys)
         block = self.params.block_size_tokens
         total = len(hashes)
         matched = self.index.match(hashes, set(keys)) if total else {}
