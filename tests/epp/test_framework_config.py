@@ -6,7 +6,13 @@ import pathlib
 
 import pytest
 
-from epp.framework import ConfigError, SchedulerDeps, build_scheduler, load_config
+from epp.framework import (
+    ConfigError,
+    SchedulerDeps,
+    build_scheduler,
+    describe_config,
+    load_config,
+)
 from epp.framework.params import parse_duration
 from epp.plugins.pickers import MaxScorePicker
 from epp.plugins.prefix import PrefixCacheScorer, PrefixParams
@@ -300,3 +306,11 @@ def test_ignored_sections_are_reported() -> None:
 )
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
+
+
+def test_empty_text_means_defaults_and_description_lists_the_effective_config() -> None:
+    assert load_config("  \n") == load_config(None)
+    text = describe_config(load_config(GIE_DEFAULT))
+    assert "plugin kv-cache-scorer: kv-cache-utilization-scorer (as kv-cache-scorer)" in text
+    assert "profile default: queue-scorer*1, kv-cache-scorer*1, prefix-cache-scorer*3" in text
+    assert "metricsStalenessThreshold=0.2s" in text

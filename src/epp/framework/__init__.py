@@ -9,6 +9,7 @@ from epp.framework.config import (
     ProfilePluginRef,
     ProfileSpec,
     SaturationConfig,
+    describe_config,
     load_config,
 )
 from epp.framework.cycle import PREFIX_MATCH_KEY, CycleState, PrefixMatchInfo
@@ -62,5 +63,6 @@ __all__ = [
     "ScoredEndpoint",
     "Scorer",
     "build_scheduler",
+    "describe_config",
     "load_config",
 ]

@@ -119,7 +119,8 @@ def load_config(
         from epp.plugins import default_registry
 
         registry = default_registry()
-    if source is None:
+    if source is None or (isinstance(source, str) and not source.strip()):
+        # No config, or empty config text (an unset --config-text): the defaults.
         return _parse_document(yaml.safe_load(DEFAULT_CONFIG_YAML), registry, "<defaults>")
     text, origin = _read_source(source)
     try:
@@ -408,3 +409,30 @@ def _parse_feature_gates(raw: object, origin: str) -> frozenset[str]:
     ):
         return frozenset(k for k, v in raw.items() if v)
     raise _fail(origin, "featureGates must be a list of gate names")
+
+
+def describe_config(config: PickerConfig) -> str:
+    """The effective configuration after defaulting, one line per item, for start-up logs."""
+    lines = [f"EndpointPickerConfig from {config.source} ({config.api_version})"]
+    for spec in config.plugins:
+        alias = (
+            f" (as {spec.declared_type})" if spec.declared_type not in ("", spec.type_name) else ""
+        )
+        lines.append(f"  plugin {spec.name}: {spec.type_name}{alias} {spec.parameters!r}")
+    for profile in config.profiles:
+        refs = ", ".join(f"{r.plugin_ref}*{r.weight:g}" for r in profile.plugins)
+        lines.append(f"  profile {profile.name}: {refs}")
+    lines.append(f"  profile handler: {config.profile_handler}")
+    sat = config.saturation
+    lines.append(
+        f"  saturation: queueDepthThreshold={sat.queue_depth_threshold} "
+        f"kvCacheUtilThreshold={sat.kv_cache_util_threshold:g} "
+        f"metricsStalenessThreshold={sat.metrics_staleness_threshold_s:g}s"
+    )
+    if config.feature_gates:
+        lines.append(f"  feature gates: {', '.join(sorted(config.feature_gates))}")
+    if config.defaulted:
+        lines.append(f"  defaulted: {', '.join(config.defaulted)}")
+    if config.ignored_sections:
+        lines.append(f"  ignored sections: {', '.join(config.ignored_sections)}")
+    return "\n".join(lines)
