@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from epp.framework import CycleState
+from epp.framework import CycleState, SchedulerDeps, build_scheduler, load_config
 from epp.latency import LatencyModel, LatencyModelFormatError, RecursiveLeastSquares
 from epp.latency.model import QuantileTracker, features
 from epp.latency.store import load_model, save_model
@@ -169,3 +169,46 @@ def test_slo_headers_prefer_endpoints_predicted_to_meet_them() -> None:
     # Opt-out header: neutral.
     off = scorer.score(CycleState(), req(**{"x-prediction-based-scheduling": "false"}), eps)
     assert off == [1.0, 1.0, 1.0]
+
+
+async def test_slo_gate_restricts_the_pick_even_against_heavier_scorers() -> None:
+    config = load_config(
+        "kind: EndpointPickerConfig\nplugins:\n- type: kv-cache-utilization-scorer\n"
+        "- type: predicted-latency-scorer\n  parameters: {minSamples: 1}\n"
+        "schedulingProfiles:\n- name: default\n  plugins:\n"
+        "  - {pluginRef: kv-cache-utilization-scorer, weight: 100}\n"
+        "  - {pluginRef: predicted-latency-scorer, weight: 1}\n"
+    )
+    s = build_scheduler(config, SchedulerDeps(rng=random.Random(0)))
+    scorer = s.plugin("predicted-latency-scorer")
+    assert isinstance(scorer, PredictedLatencyScorer)
+    rng = random.Random(8)
+    # kv usage is what the heavy scorer prefers; waiting is what the latency model learns.
+    eps = [
+        Endpoint("10.0.0.1", 80, metrics=EngineMetrics(waiting=0, kv_usage=0.9)),
+        Endpoint("10.0.0.2", 80, metrics=EngineMetrics(waiting=9, kv_usage=0.0)),
+        Endpoint("10.0.0.3", 80, metrics=EngineMetrics(waiting=12, kv_usage=0.1)),
+    ]
+    for _ in range(300):
+        e = rng.choice(eps)
+        w = rng.randint(0, 12)
+        x = features(
+            uncached_tokens=0,
+            waiting=w,
+            running=0,
+            kv_usage=0.0,
+            prompt_tokens=0,
+            output_tokens=256,
+        )
+        scorer.model.observe(e.key, "ttft", x, 0.1 + 0.1 * w)
+
+    def req(rid: str, **headers: str) -> LLMRequest:
+        return LLMRequest(request_id=rid, path="/", prompt="", headers=headers)
+
+    assert (await s.schedule(req("a"), eps)).endpoints[0].key == "10.0.0.2:80"  # no SLO
+    met = await s.schedule(req("b", **{"x-slo-ttft-ms": "500"}), eps)
+    assert met.endpoints[0].key == "10.0.0.1:80"  # the only one predicted within 500 ms
+    # Nobody meets 10 ms: the lowest predicted latency, not the heavy scorer's favourite.
+    unmet = await s.schedule(req("c", **{"x-slo-ttft-ms": "10"}), eps)
+    assert unmet.endpoints[0].key == "10.0.0.1:80"
+    assert scorer.counters["slo_unmet"] == 1

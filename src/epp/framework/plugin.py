@@ -42,6 +42,8 @@ class Scorer(Plugin):
     # Scorers run in ascending `stage` order (stable within a stage), so a scorer that reads
     # what another writes into the cycle state (prefix match info) runs after it.
     stage: ClassVar[int] = 0
+    # A gating scorer can also narrow the candidates after scoring (see `eligible`).
+    gates: ClassVar[bool] = False
 
     @abstractmethod
     def score(
@@ -49,6 +51,12 @@ class Scorer(Plugin):
     ) -> Scores | Awaitable[Scores]:
         """One score in [0, 1] per endpoint, aligned with `endpoints` (values outside are
         clamped). May return an awaitable (a remote index); the framework awaits it."""
+
+    def eligible(self, cycle: CycleState, endpoints: list[Endpoint]) -> Sequence[bool] | None:
+        """For `gates = True` scorers, called after all scoring: which of `endpoints` (as
+        given to `score` in this cycle) the picker may choose from; None for all. An all-False
+        mask is ignored."""
+        return None
 
 
 class ScoredEndpoint:

@@ -46,6 +46,7 @@ class SchedulingProfile:
         self.filters = list(filters)
         # Stable sort: config order within a stage.
         self.scorers = sorted(scorers, key=lambda ws: ws.scorer.stage)
+        self._gates = [ws.scorer for ws in self.scorers if ws.scorer.gates]
         self.picker = picker
         self._observer = observer
         self._timer = timer
@@ -93,6 +94,17 @@ class SchedulingProfile:
                 if s > 0.0:  # NaN compares False: scores 0
                     totals[i] += w * (s if s < 1.0 else 1.0)
         scored = [ScoredEndpoint(e, t) for e, t in zip(endpoints, totals, strict=True)]
+        if self._gates:
+            # Gates narrow what the picker sees; each applies only if it leaves someone.
+            keep = [True] * n
+            for gate in self._gates:
+                mask = gate.eligible(cycle, endpoints)
+                if mask is not None and len(mask) == n:
+                    narrowed = [a and bool(b) for a, b in zip(keep, mask, strict=True)]
+                    if any(narrowed):
+                        keep = narrowed
+            if not all(keep):
+                scored = [se for se, ok in zip(scored, keep, strict=True) if ok]
         t0 = timer() if obs else 0.0
         picked = self.picker.pick(cycle, request, scored)
         if obs:

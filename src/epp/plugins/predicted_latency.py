@@ -7,8 +7,9 @@ endpoint's load (waiting, running, KV usage). The cost is
 
 SLOs: `x-slo-ttft-ms` / `x-slo-tpot-ms` request headers. An endpoint meets them when its
 prediction plus the model's upper-quantile residual, times (1 + headroom), is within the
-SLO. Endpoints that meet every SLO given score in [0.5, 1], the rest 0; when none meets
-them, scoring falls back to plain cost order (the best gets 1).
+SLO. This scorer gates: the picker chooses only among endpoints that meet every SLO given
+(they also score in [0.5, 1], the rest 0); when none does, only the lowest-cost endpoint
+remains (falling back to the best).
 
 The model learns from the edge's ResponseStats: TTFT = first_byte_s of streamed responses,
 TPOT = (duration_s - first_byte_s) / completion_tokens. Saved to `modelPath` (if set) at
@@ -89,6 +90,7 @@ class _Pending:
 class PredictedLatencyScorer(Scorer, PreRequest, ResponseComplete, Lifecycle):
     type_name = "predicted-latency-scorer"
     stage = 1  # after the prefix scorers, whose match info gives the uncached tokens
+    gates = True
 
     def __init__(
         self,
@@ -107,7 +109,13 @@ class PredictedLatencyScorer(Scorer, PreRequest, ResponseComplete, Lifecycle):
         self._last_save = clock()
         self._dirty = False
         self.load_error: str | None = None
-        self.counters = {"learned_ttft": 0, "learned_tpot": 0, "skipped": 0, "saved": 0}
+        self.counters = {
+            "learned_ttft": 0,
+            "learned_tpot": 0,
+            "skipped": 0,
+            "saved": 0,
+            "slo_unmet": 0,
+        }
 
     def _fresh_model(self) -> LatencyModel:
         p = self.params
@@ -198,10 +206,21 @@ class PredictedLatencyScorer(Scorer, PreRequest, ResponseComplete, Lifecycle):
             for _, pr in preds
         ]
         if not any(meets):
+            self.counters["slo_unmet"] += 1
+            best = min(range(len(costs)), key=costs.__getitem__)
+            cycle.write(self._gate_key, [i == best for i in range(len(costs))])
             return _inverse_min_max(costs)
+        cycle.write(self._gate_key, meets)
         feasible = _inverse_min_max([c for c, ok in zip(costs, meets, strict=True) if ok])
         it = iter(feasible)
         return [0.5 + 0.5 * next(it) if ok else 0.0 for ok in meets]
+
+    def eligible(self, cycle: CycleState, endpoints: list[Endpoint]) -> list[bool] | None:
+        return cycle.read(self._gate_key, list)
+
+    @property
+    def _gate_key(self) -> str:
+        return "predicted-latency/gate/" + self.name
 
     @property
     def _cycle_key(self) -> str:
