@@ -13,7 +13,14 @@ from epp.latency import LatencyModel, LatencyModelFormatError, RecursiveLeastSqu
 from epp.latency.model import QuantileTracker, features
 from epp.latency.store import load_model, save_model
 from epp.plugins.predicted_latency import PredictedLatencyParams, PredictedLatencyScorer
-from epp.types import Endpoint, EngineMetrics, LLMRequest
+from epp.types import (
+    Endpoint,
+    EngineMetrics,
+    LLMRequest,
+    ProfileResult,
+    ResponseStats,
+    SchedulingResult,
+)
 
 # Known cost: TTFT = 20 ms + 100 ms per 1k uncached tokens + 50 ms per waiting request
 #                    + 10 ms per running request.
@@ -212,3 +219,43 @@ async def test_slo_gate_restricts_the_pick_even_against_heavier_scorers() -> Non
     unmet = await s.schedule(req("c", **{"x-slo-ttft-ms": "10"}), eps)
     assert unmet.endpoints[0].key == "10.0.0.1:80"
     assert scorer.counters["slo_unmet"] == 1
+
+
+def test_model_is_saved_periodically_while_learning(tmp_path: pathlib.Path) -> None:
+    now = [0.0]
+    path = tmp_path / "m.json"
+    scorer = PredictedLatencyScorer(
+        "p",
+        PredictedLatencyParams(model_path=str(path), save_interval_s=10.0),
+        clock=lambda: now[0],
+        observer=None,
+    )
+    ep = Endpoint("10.0.0.1", 80, metrics=EngineMetrics())
+    result = SchedulingResult(
+        profiles={"default": ProfileResult("default", [ep])}, primary_profile="default"
+    )
+    for i in range(3):
+        now[0] = 6.0 * i
+        r = LLMRequest(request_id=str(i), path="/", prompt="x" * 40, max_tokens=10)
+        scorer.pre_request(CycleState(), r, result)
+        scorer.on_response_complete(
+            r,
+            ResponseStats(
+                served=ep.key,
+                streamed=True,
+                first_byte_s=0.2,
+                duration_s=1.2,
+                completion_tokens=10,
+            ),
+        )
+        assert path.exists() == (i == 2)  # first save once 10 s have passed
+    assert scorer.counters["learned_ttft"] == 3 and scorer.counters["learned_tpot"] == 3
+    loaded = load_model(path)
+    assert loaded is not None and loaded.samples(ep.key, "tpot") == 3
+    # A response from a fallback endpoint or an error status teaches nothing.
+    r = LLMRequest(request_id="x", path="/", prompt="")
+    scorer.pre_request(CycleState(), r, result)
+    scorer.on_response_complete(
+        r, ResponseStats(served="10.9.9.9:80", streamed=True, first_byte_s=1)
+    )
+    assert scorer.counters["skipped"] == 1

@@ -200,3 +200,24 @@ async def test_precise_scorer_delegates_to_backend_and_records_speculative_picks
     assert backend.picks == [("q1", "10.0.0.2:8000")]
     await s.stop()
     assert backend.stopped
+
+
+async def test_backend_failure_is_counted_and_the_request_still_placed() -> None:
+    class FailingBackend(InMemoryPrefixBackend):
+        async def score(
+            self, request: LLMRequest, candidates: Sequence[str]
+        ) -> Mapping[str, float]:
+            raise ConnectionError("index down")
+
+    backends: list[InMemoryPrefixBackend] = []
+
+    def factory(params: PrecisePrefixParams) -> InMemoryPrefixBackend:
+        backends.append(FailingBackend(params))
+        return backends[-1]
+
+    text = PRECISE.replace("speculativeIndexing: true", "speculativeIndexing: false")
+    s = build_scheduler(load_config(text), SchedulerDeps(prefix_backend_factory=factory))
+    result = await s.schedule(text_req("hello"), [ep(1), ep(2)])
+    assert result.endpoints
+    assert s.stats.errors == {"precise-prefix-cache-scorer": 1}
+    assert backends[0].picks == []  # speculative indexing off: no record_pick

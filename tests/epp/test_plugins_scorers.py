@@ -113,6 +113,9 @@ def test_session_affinity_by_session_id_and_token() -> None:
     # A garbled token is counted, not fatal.
     assert s.score(CycleState(), req("5", headers={"x-session-token": "%%%"}), eps) == [0.0] * 3
     assert s.invalid_tokens == 1
+    # The proxy fell back to another endpoint: the session follows where it was served.
+    s.on_response_headers(again, "10.0.0.3:8000")
+    assert s.score(CycleState(), again, eps) == [0.0, 0.0, 1.0]
     # LRU bound.
     for name in ("bob", "carol"):
         s.pre_request(CycleState(), req(name, headers={"x-session-id": name}), decided(eps[0]))

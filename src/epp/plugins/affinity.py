@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from epp.framework.cycle import CycleState
 from epp.framework.params import Params
-from epp.framework.plugin import PreRequest, Scorer, Scores
+from epp.framework.plugin import PreRequest, ResponseHeaders, Scorer, Scores
 from epp.framework.registry import BuildContext, PluginType, Registry
 from epp.plugins.common import no_parameters
 from epp.types import Endpoint, LLMRequest, SchedulingResult
@@ -64,10 +64,11 @@ def _parse_session(params: Params) -> SessionParams:
     return SessionParams(params.integer("maxSessions", 100_000, min=1))
 
 
-class SessionAffinityScorer(Scorer, PreRequest):
+class SessionAffinityScorer(Scorer, PreRequest, ResponseHeaders):
     """Sticky sessions. `x-session-token` (base64 of the endpoint key, or of the pod name,
     llm-d's encoding) names the endpoint directly; `x-session-id` is an opaque id whose last
-    endpoint this scorer remembers (LRU, `maxSessions`). That endpoint scores 1, others 0.
+    endpoint this scorer remembers (LRU, `maxSessions`; updated to the endpoint that actually
+    served, when the proxy fell back). That endpoint scores 1, others 0.
     Each decision carries `x-session-token` for the served endpoint in
     `SchedulingResult.response_headers`, for the edge to return to the client."""
 
@@ -115,6 +116,12 @@ class SessionAffinityScorer(Scorer, PreRequest):
             while len(self._sessions) > self.max_sessions:
                 self._sessions.popitem(last=False)
         result.response_headers[SESSION_TOKEN_HEADER] = encode_session_token(key)
+
+    def on_response_headers(self, request: LLMRequest, served: str | None) -> None:
+        # The proxy may have fallen back to another endpoint: the session follows it.
+        session = request.headers.get(SESSION_ID_HEADER)
+        if session and served and self._sessions.get(session) not in (None, served):
+            self._sessions[session] = served
 
     def sessions(self) -> int:
         return len(self._sessions)
