@@ -1,0 +1,360 @@
+"""KV-event wire types and decoding, for every encoding vLLM and SGLang publish.
+
+Frames: live messages are ``[topic, seq, payload]``; ``seq`` is 8 bytes big-endian unsigned.
+Payload: msgpack batch ``[ts, events, data_parallel_rank]`` (or, in one unreleased revision, a
+map with those names). Events come in two encodings, both tagged by class name:
+
+* array (vLLM up to ~0.25, SGLang): ``["BlockStored", f1, f2, ...]``, positional, 5 to 15+
+  fields (trailing fields of newer releases are optional here, extra ones ignored);
+* map (vLLM since mid-2026, 0.33): ``{"type": "BlockStored", "block_hashes": ..., ...}``,
+  defaulted fields may be absent, unknown fields are ignored.
+
+Block hashes are opaque per-engine ids: uint64 or int64 ints, or 16/32-byte digests.
+
+Both encodings are normalised into :class:`BlockStored`, :class:`BlockRemoved` and
+:class:`AllBlocksCleared` before anything else sees them. Decoding never raises: a payload
+that cannot be read yields a :class:`DecodedBatch` with ``error`` set, and unknown or
+malformed events are skipped and counted in the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import msgspec
+
+__all__ = [
+    "AllBlocksCleared",
+    "BlockRemoved",
+    "BlockStored",
+    "DecodedBatch",
+    "EngineHash",
+    "Event",
+    "Frame",
+    "FrameError",
+    "Medium",
+    "decode_batch",
+    "parse_frames",
+    "parse_replay_frames",
+]
+
+EngineHash = int | bytes
+"""An engine's own block hash, opaque: only equality within one engine is meaningful."""
+
+
+class Medium:
+    """Values of the ``medium`` field (the cache tier of a block)."""
+
+    GPU: Final = "GPU"
+    CPU: Final = "CPU"
+    STORAGE: Final = "STORAGE"
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalised events: what the rest of kvindex consumes.
+
+
+class BlockStored(msgspec.Struct, gc=False):
+    block_hashes: list[EngineHash]
+    parent_block_hash: EngineHash | None
+    token_ids: list[int]
+    block_size: int
+    lora_name: str | None = None
+    medium: str = Medium.GPU
+    # One entry per block (or None): untagged LoRA name, (mm_identifier, offset) pairs, the
+    # cache salt (first block of a chain), prompt-embedding digests, in that order.
+    extra_keys: list[Any] | None = None
+    group_idx: int = 0
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    lora_id: int | None = None
+
+
+class BlockRemoved(msgspec.Struct, gc=False):
+    block_hashes: list[EngineHash]
+    medium: str = Medium.GPU
+    group_idx: int = 0
+
+
+class AllBlocksCleared(msgspec.Struct, gc=False):
+    pass
+
+
+Event = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+class DecodedBatch(msgspec.Struct, gc=False):
+    """One decoded payload. ``error`` is set (and ``events`` empty) when the payload itself
+    could not be read; otherwise ``unknown`` counts events of unknown type and ``malformed``
+    events whose fields did not fit, both skipped."""
+
+    ts: float = 0.0
+    events: list[Event] = msgspec.field(default_factory=list)
+    data_parallel_rank: int | None = None
+    unknown: int = 0
+    malformed: int = 0
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Array encoding: positional fields in vLLM's declaration order. Optional trailing fields give
+# the older, shorter forms; msgspec ignores extra trailing elements from newer releases.
+
+_Hash = int | bytes
+
+
+class _ArrayStored(msgspec.Struct, array_like=True, tag="BlockStored", gc=False):
+    block_hashes: list[_Hash]
+    parent_block_hash: _Hash | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+
+
+class _ArrayRemoved(msgspec.Struct, array_like=True, tag="BlockRemoved", gc=False):
+    block_hashes: list[_Hash]
+    medium: str | None = None
+    group_idx: int | None = None
+
+
+class _ArrayCleared(msgspec.Struct, array_like=True, tag="AllBlocksCleared", gc=False):
+    pass
+
+
+_ArrayEvent = _ArrayStored | _ArrayRemoved | _ArrayCleared
+
+
+# Map encoding: same names; required fields may still be None, defaulted ones absent.
+class _MapStored(msgspec.Struct, tag_field="type", tag="BlockStored", gc=False):
+    block_hashes: list[_Hash]
+    parent_block_hash: _Hash | None = None
+    token_ids: list[int] = msgspec.field(default_factory=list)
+    block_size: int = 0
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+
+
+class _MapRemoved(msgspec.Struct, tag_field="type", tag="BlockRemoved", gc=False):
+    block_hashes: list[_Hash]
+    medium: str | None = None
+    group_idx: int | None = None
+
+
+class _MapCleared(msgspec.Struct, tag_field="type", tag="AllBlocksCleared", gc=False):
+    pass
+
+
+_MapEvent = _MapStored | _MapRemoved | _MapCleared
+
+
+class _ArrayBatchOfArrays(msgspec.Struct, array_like=True, gc=False):
+    ts: float
+    events: list[_ArrayEvent]
+    data_parallel_rank: int | None = None
+
+
+class _ArrayBatchOfMaps(msgspec.Struct, array_like=True, gc=False):
+    ts: float
+    events: list[_MapEvent]
+    data_parallel_rank: int | None = None
+
+
+class _ArrayBatchOfRaw(msgspec.Struct, array_like=True, gc=False):
+    ts: float
+    events: list[msgspec.Raw]
+    data_parallel_rank: int | None = None
+
+
+class _MapBatchOfRaw(msgspec.Struct, gc=False):
+    ts: float
+    events: list[msgspec.Raw]
+    data_parallel_rank: int | None = None
+
+
+_decode_array_batch = msgspec.msgpack.Decoder(_ArrayBatchOfArrays).decode
+_decode_map_event_batch = msgspec.msgpack.Decoder(_ArrayBatchOfMaps).decode
+_decode_raw_array_batch = msgspec.msgpack.Decoder(_ArrayBatchOfRaw).decode
+_decode_raw_map_batch = msgspec.msgpack.Decoder(_MapBatchOfRaw).decode
+_decode_array_event = msgspec.msgpack.Decoder(_ArrayEvent).decode
+_decode_map_event = msgspec.msgpack.Decoder(_MapEvent).decode
+_decode_any = msgspec.msgpack.Decoder().decode
+
+_KNOWN_TAGS: Final = frozenset({"BlockStored", "BlockRemoved", "AllBlocksCleared"})
+
+
+def _normalise(event: _ArrayEvent | _MapEvent) -> Event:
+    if isinstance(event, _ArrayStored | _MapStored):
+        return BlockStored(
+            block_hashes=event.block_hashes,
+            parent_block_hash=event.parent_block_hash,
+            token_ids=event.token_ids,
+            block_size=event.block_size,
+            lora_name=event.lora_name,
+            medium=event.medium or Medium.GPU,
+            extra_keys=event.extra_keys,
+            group_idx=event.group_idx or 0,
+            kv_cache_spec_kind=event.kv_cache_spec_kind,
+            kv_cache_spec_sliding_window=event.kv_cache_spec_sliding_window,
+            lora_id=event.lora_id,
+        )
+    if isinstance(event, _ArrayRemoved | _MapRemoved):
+        return BlockRemoved(
+            block_hashes=event.block_hashes,
+            medium=event.medium or Medium.GPU,
+            group_idx=event.group_idx or 0,
+        )
+    return AllBlocksCleared()
+
+
+def _valid_hashes(hashes: list[_Hash]) -> bool:
+    # Engine hashes are 64-bit ints (signed or unsigned) or 16/32-byte digests; msgpack ints
+    # already fit in 64 bits, so only digest lengths need checking.
+    return all(isinstance(h, int) or len(h) in (8, 16, 32) for h in hashes)
+
+
+def _checked(event: Event) -> bool:
+    if isinstance(event, BlockStored):
+        parent = event.parent_block_hash
+        return (
+            bool(event.block_hashes)
+            and _valid_hashes(event.block_hashes)
+            and (parent is None or _valid_hashes([parent]))
+            and event.block_size > 0
+        )
+    if isinstance(event, BlockRemoved):
+        return _valid_hashes(event.block_hashes)
+    return True
+
+
+def _finish(
+    ts: float, events: list[Event], rank: int | None, unknown: int, malformed: int
+) -> DecodedBatch:
+    good = [e for e in events if _checked(e)]
+    return DecodedBatch(
+        ts=ts,
+        events=good,
+        data_parallel_rank=rank,
+        unknown=unknown,
+        malformed=malformed + len(events) - len(good),
+    )
+
+
+def _decode_one(raw: msgspec.Raw) -> Event | str:
+    """Decode one event of either encoding; on failure return 'unknown' or 'malformed'."""
+    data = bytes(raw)
+    if not data:
+        return "malformed"
+    first = data[0]
+    is_map = 0x80 <= first <= 0x8F or first in (0xDE, 0xDF)
+    try:
+        return _normalise(_decode_map_event(data) if is_map else _decode_array_event(data))
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        pass
+    try:
+        generic = _decode_any(data)
+    except msgspec.DecodeError:
+        return "malformed"
+    tag = generic.get("type") if isinstance(generic, dict) else None
+    if isinstance(generic, list) and generic:
+        tag = generic[0]
+    # Unknown: a well-formed tag we do not know (a newer event type). Anything else is damage.
+    return "unknown" if isinstance(tag, str) and tag not in _KNOWN_TAGS else "malformed"
+
+
+def decode_batch(payload: bytes) -> DecodedBatch:
+    """Decode one msgpack batch payload of any supported encoding. Never raises."""
+    # Fast paths: a whole batch of one encoding decodes in one C call.
+    try:
+        batch = _decode_array_batch(payload)
+        return _finish(
+            batch.ts, [_normalise(e) for e in batch.events], batch.data_parallel_rank, 0, 0
+        )
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        pass
+    try:
+        mbatch = _decode_map_event_batch(payload)
+        return _finish(
+            mbatch.ts, [_normalise(e) for e in mbatch.events], mbatch.data_parallel_rank, 0, 0
+        )
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        pass
+    # Slow path: mixed encodings, unknown event types, a map batch, or damage.
+    raw_batch: _ArrayBatchOfRaw | _MapBatchOfRaw
+    try:
+        raw_batch = _decode_raw_array_batch(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        try:
+            raw_batch = _decode_raw_map_batch(payload)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return DecodedBatch(error=f"undecodable batch: {exc}")
+    events: list[Event] = []
+    unknown = malformed = 0
+    for raw in raw_batch.events:
+        result = _decode_one(raw)
+        if result == "unknown":
+            unknown += 1
+        elif result == "malformed":
+            malformed += 1
+        else:
+            assert not isinstance(result, str)
+            events.append(result)
+    return _finish(raw_batch.ts, events, raw_batch.data_parallel_rank, unknown, malformed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames.
+
+
+class FrameError(ValueError):
+    """A multipart message that is not a KV-event message."""
+
+
+class Frame(msgspec.Struct, gc=False):
+    topic: bytes
+    seq: int
+    payload: bytes
+
+
+_END_OF_REPLAY: Final = -1
+
+
+def _seq(raw: bytes, *, signed: bool = False) -> int:
+    if len(raw) != 8:
+        raise FrameError(f"sequence frame has {len(raw)} bytes, expected 8")
+    return int.from_bytes(raw, "big", signed=signed)
+
+
+def parse_frames(frames: list[bytes]) -> Frame:
+    """A live message: exactly ``[topic, seq8, payload]``."""
+    if len(frames) != 3:
+        raise FrameError(f"live message has {len(frames)} frames, expected 3")
+    topic, seq, payload = frames
+    return Frame(topic=topic, seq=_seq(seq), payload=payload)
+
+
+def parse_replay_frames(frames: list[bytes]) -> Frame | None:
+    """A replay reply as a DEALER sees it: ``[b"", topic, seq8, payload]`` (current vLLM) or
+    ``[b"", seq8, payload]`` (older vLLM, SGLang). Returns None for the end-of-replay marker
+    (seq -1, empty payload)."""
+    if frames and frames[0] == b"":
+        frames = frames[1:]
+    if len(frames) == 3:
+        topic, seq_raw, payload = frames
+    elif len(frames) == 2:
+        topic, (seq_raw, payload) = b"", frames
+    else:
+        raise FrameError(f"replay message has {len(frames)} frames, expected 2 or 3 after b''")
+    if _seq(seq_raw, signed=True) == _END_OF_REPLAY:
+        return None
+    return Frame(topic=topic, seq=_seq(seq_raw), payload=payload)
