@@ -77,6 +77,7 @@ class RequestStream:
         self.response_body_full_duplex = ctx.default_full_duplex
         self.request: LLMRequest | None = None
         self.destination: list[str] = []
+        self.client_response_headers: dict[str, str] = {}
         self.decided_at = 0.0
         self.decided = False
         # response side
@@ -199,6 +200,7 @@ class RequestStream:
         if not endpoints:
             return self._reject(503, "rejected-no-endpoints", "the scheduler picked no endpoint")
         self.destination = [e.key for e in endpoints]
+        self.client_response_headers = dict(result.response_headers)
         self.decided_at = time.monotonic()
         self.ctx.metrics.request_total.labels(
             model=request.model, target_model=request.base_model
@@ -238,7 +240,7 @@ class RequestStream:
                 log.exception("scheduler on_response_headers failed")
         if message.response_headers.end_of_stream:
             self._complete()
-        return [wire.response_headers_response()]
+        return [wire.response_headers_response(self.client_response_headers)]
 
     async def _on_response_body(self, message: pb.ProcessingRequest) -> Responses:
         body = message.response_body

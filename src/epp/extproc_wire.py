@@ -145,8 +145,13 @@ def request_trailers_response() -> pb.ProcessingResponse:
     return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
 
 
-def response_headers_response() -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse()))
+def response_headers_response(headers: Mapping[str, str]) -> pb.ProcessingResponse:
+    """Answer the response headers, adding the scheduler's client-facing headers (e.g. the
+    session-affinity `x-session-token`)."""
+    common = pb.CommonResponse()
+    if headers:
+        common.header_mutation.CopyFrom(pb.HeaderMutation(set_headers=_header_options(headers)))
+    return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common))
 
 
 def response_body_response(

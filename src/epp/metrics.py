@@ -65,8 +65,35 @@ class EppMetrics:
         self.plugin_duration = Histogram(
             PREFIX + "plugin_duration_seconds",
             "Time spent in one plugin call.",
-            ["plugin_type", "plugin_name"],
+            ["extension_point", "plugin_type", "plugin_name"],
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.plugin_errors = Counter(
+            PREFIX + "plugin_error_total",
+            "Plugin calls that raised (the framework carried on without them).",
+            ["extension_point", "plugin_type", "plugin_name"],
+            registry=r,
+        )
+        self.latency_predicted = Histogram(
+            PREFIX + "predicted_latency_seconds",
+            "Latency the latency model predicted for the picked endpoint.",
+            ["metric"],
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.latency_observed = Histogram(
+            PREFIX + "observed_latency_seconds",
+            "Latency measured for responses the latency model learns from.",
+            ["metric"],
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.latency_prediction_error = Histogram(
+            PREFIX + "latency_prediction_error_seconds",
+            "|observed - predicted| for responses that had a prediction.",
+            ["metric"],
+            buckets=_REQUEST_BUCKETS,
             registry=r,
         )
         self.request_ttft = Histogram(
@@ -167,3 +194,33 @@ class EppMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class PrometheusObserver:
+    """The scheduling framework's `SchedulerObserver`, exported as Prometheus series. Endpoint
+    keys are not used as labels (unbounded cardinality in a changing pool)."""
+
+    def __init__(self, metrics: EppMetrics) -> None:
+        self.metrics = metrics
+
+    def plugin_duration(
+        self, extension_point: str, plugin_type: str, plugin_name: str, seconds: float
+    ) -> None:
+        self.metrics.plugin_duration.labels(extension_point, plugin_type, plugin_name).observe(
+            seconds
+        )
+
+    def plugin_error(self, extension_point: str, plugin_type: str, plugin_name: str) -> None:
+        self.metrics.plugin_errors.labels(extension_point, plugin_type, plugin_name).inc()
+
+    def latency_predicted(self, endpoint_key: str, metric: str, seconds: float) -> None:
+        self.metrics.latency_predicted.labels(metric).observe(seconds)
+
+    def latency_observed(
+        self, endpoint_key: str, metric: str, predicted_s: float | None, actual_s: float
+    ) -> None:
+        self.metrics.latency_observed.labels(metric).observe(actual_s)
+        if predicted_s is not None:
+            self.metrics.latency_prediction_error.labels(metric).observe(
+                abs(actual_s - predicted_s)
+            )

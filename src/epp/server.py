@@ -59,9 +59,10 @@ class ServeConfig:
 
 
 @dataclass(slots=True)
-class SchedulerDeps:
-    """What a scheduler may need from the edge: the live endpoints, the picker's metrics
-    (plugins observe `metrics.plugin_duration`) and the model registry."""
+class PickerDeps:
+    """What the edge shares with the scheduler it builds: the live endpoints, the picker's
+    metrics (the framework's observer writes `plugin_duration` and latency series) and the
+    model registry."""
 
     datastore: Datastore
     metrics: EppMetrics
@@ -107,6 +108,7 @@ class PickerServer:
         self._kubernetes_api_client = kubernetes_api_client
         self._watcher: Any = None
         self._draining = False
+        self._scheduler_started = False
         self.scraper = EngineMetricsScraper(
             self.datastore.endpoints,
             self.metrics,
@@ -119,8 +121,9 @@ class PickerServer:
 
     @property
     def ready(self) -> bool:
-        """Every configured endpoint source has reported once (and we are not draining)."""
-        if self._draining:
+        """The scheduler started and every configured endpoint source has reported once (and
+        we are not draining)."""
+        if self._draining or not self._scheduler_started:
             return False
         if self._pool is not None and not self._pool.synced:
             return False
@@ -177,6 +180,8 @@ class PickerServer:
         sockets = getattr(server, "sockets", None) or []
         self.ports["metrics"] = sockets[0].getsockname()[1] if sockets else c.metrics_port
 
+        await _lifecycle(self.scheduler, "start")
+        self._scheduler_started = True
         await self.health.set(LIVENESS, _SERVING)
         await self.health.set("", _SERVING)
         await self._publish_health()
@@ -253,6 +258,20 @@ class PickerServer:
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
             self._metrics_runner = None
+        if self._scheduler_started:
+            self._scheduler_started = False
+            await _lifecycle(self.scheduler, "stop")
 
 
-SchedulerFactory = Callable[[str | None, SchedulerDeps], Scheduler]
+async def _lifecycle(scheduler: Scheduler, method: str) -> None:
+    """Schedulers with background work (the framework's `start`/`stop`, e.g. a KV-event
+    subscriber) get them called; the `Scheduler` protocol itself does not require them."""
+    hook = getattr(scheduler, method, None)
+    if callable(hook):
+        result = hook()
+        if asyncio.iscoroutine(result):
+            await result
+
+
+# (EndpointPickerConfig path or None, edge resources) -> the scheduler `epp serve` runs.
+SchedulerFactory = Callable[[str | None, PickerDeps], Scheduler]

@@ -62,9 +62,12 @@ class ModelServer:
     def __init__(self, name: str) -> None:
         self.name = name
         self.port = 0
+        self.waiting = 0
+        self.kv_usage = 0.0
         app = web.Application(client_max_size=64 << 20)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/metrics", self.metrics)
         self.runner = web.AppRunner(app)
 
     async def start(self) -> ModelServer:
@@ -77,6 +80,15 @@ class ModelServer:
     @property
     def key(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        labels = '{model_name="m"}'
+        page = (
+            f"vllm:num_requests_waiting{labels} {self.waiting}\n"
+            f"vllm:num_requests_running{labels} 1\n"
+            f"vllm:kv_cache_usage_perc{labels} {self.kv_usage}\n"
+        )
+        return web.Response(text=page)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"served_by": self.name, "data": []})
@@ -142,7 +154,7 @@ async def stack(model_servers: list[ModelServer]) -> AsyncIterator[Stack]:
             health_port=0,
             metrics_port=0,
             endpoints=",".join(s.key for s in model_servers),
-            metrics_interval_s=3600,  # the toy servers have no /metrics
+            metrics_interval_s=3600,  # the test double ignores engine metrics
         ),
         scheduler,
     )
@@ -352,6 +364,77 @@ async def test_buffered_request_body_mode(model_servers: list[ModelServer]) -> N
         await asyncio.to_thread(envoy.stop)
         await asyncio.to_thread(down.stop)
         await picker.close()
+
+
+async def test_epp_serve_with_the_framework_routes_to_the_least_loaded(
+    model_servers: list[ModelServer],
+) -> None:
+    """The real `epp serve` process (TLS on, default EndpointPickerConfig, engine metrics
+    scraped from the model servers) behind the deployed Envoy config."""
+    for server, (waiting, kv) in zip(model_servers, [(9, 0.9), (0, 0.1), (5, 0.5)], strict=True):
+        server.waiting, server.kv_usage = waiting, kv
+    epp = Path(sys.executable).with_name("epp")
+    process = await asyncio.create_subprocess_exec(
+        str(epp),
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        "0",
+        "--health-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--endpoints",
+        ",".join(s.key for s in model_servers),
+        "--log-level",
+        "warning",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    envoy = None
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        assert line.startswith("epp serving "), line
+        ports = dict(item.split("=") for item in line.split()[2:])
+        envoy = await start_envoy(EPP_PORT=ports["grpc"], FALLBACK_PORT=model_servers[0].port)
+        metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
+        async with aiohttp.ClientSession() as http:
+
+            async def scraped() -> bool:
+                async with http.get(metrics_url) as r:
+                    return 'llm_d_epp_engine_scrape_total{outcome="ok"}' in await r.text()
+
+            deadline = asyncio.get_running_loop().time() + 20
+            while not await scraped():
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.05)
+            # Scrapes are per endpoint: wait until the pool average reflects all three.
+            while True:
+                async with http.get(metrics_url) as r:
+                    text = await r.text()
+                if "llm_d_epp_pool_average_queue_size 4.666" in text:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, text
+                await asyncio.sleep(0.05)
+            for _ in range(3):
+                async with http.post(
+                    f"{envoy.url}/v1/chat/completions", json=chat(stream=True)
+                ) as response:
+                    assert response.status == 200, await response.text()
+                    first = await response.content.readline()
+                    assert json.loads(first[5:])["served_by"] == model_servers[1].name
+                    await response.read()
+            async with http.get(metrics_url) as r:
+                text = await r.text()
+        assert 'llm_d_epp_request_total{model="m",target_model="m"} 3.0' in text
+        assert 'llm_d_epp_output_tokens_total{model="m",target_model="m"} 9.0' in text
+    finally:
+        if envoy is not None:
+            await asyncio.to_thread(envoy.stop)
+        if process.returncode is None:
+            process.terminate()
+        assert await asyncio.wait_for(process.wait(), 20) == 0
 
 
 def test_checked_in_envoy_yaml_is_the_rendered_default() -> None:

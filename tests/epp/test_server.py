@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epp.cli import build_parser
 from epp.commands import serve
-from epp.server import EXTPROC_SERVICE, PickerServer, SchedulerDeps, ServeConfig
+from epp.server import EXTPROC_SERVICE, PickerDeps, PickerServer, ServeConfig
 
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -193,19 +193,53 @@ def test_cli_errors_name_the_fix() -> None:
     assert (cfg.grpc_port, cfg.health_port, cfg.metrics_port) == (9002, 9003, 9090)
 
 
-def test_default_factory_explains_a_missing_framework() -> None:
+def picker_deps() -> PickerDeps:
     from epp.endpoints import Datastore
     from epp.metrics import EppMetrics
     from epp.requests import ModelRegistry
 
-    deps = SchedulerDeps(Datastore(), EppMetrics(), ModelRegistry())
+    return PickerDeps(Datastore(), EppMetrics(), ModelRegistry())
+
+
+def test_default_factory_builds_the_framework_and_reports_config_errors(tmp_path: Path) -> None:
+    from epp.framework import FrameworkScheduler
+
+    assert isinstance(serve.framework_scheduler(None, picker_deps()), FrameworkScheduler)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n"
+        "- type: no-such-scorer\n"
+    )
+    with pytest.raises(SystemExit, match="no-such-scorer"):
+        serve.framework_scheduler(str(bad), picker_deps())
+
+
+async def test_framework_scheduler_runs_behind_the_server_and_reports_plugins() -> None:
+    deps = picker_deps()
+    scheduler = serve.framework_scheduler(None, deps)
+    server = PickerServer(
+        config(
+            endpoints="10.0.0.1:8000,10.0.0.2:8000", secure_serving=False, metrics_interval_s=3600
+        ),
+        scheduler,
+        datastore=deps.datastore,
+        metrics=deps.metrics,
+        registry=deps.registry,
+    )
+    await server.start()
     try:
-        import epp.framework  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError:
-        with pytest.raises(SystemExit, match=r"epp\.framework"):
-            serve.framework_scheduler(None, deps)
-    else:
-        pytest.skip("the scheduling framework is installed; covered by its own tests")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.ports['grpc']}") as channel:
+            call = pb_grpc.ExternalProcessorStub(channel).Process()
+            await call.write(request_headers())
+            await call.write(request_body(CHAT, True))
+            decision = await asyncio.wait_for(call.read(), 10)
+            picked = header_mutation(decision)["x-gateway-destination-endpoint"]
+            assert picked in {"10.0.0.1:8000", "10.0.0.2:8000"}
+            await call.done_writing()
+        text = deps.metrics.render().decode()
+        assert 'llm_d_epp_plugin_duration_seconds_count{extension_point="Scorer"' in text
+    finally:
+        await server.close()
 
 
 async def test_serve_process_drains_on_sigterm() -> None:

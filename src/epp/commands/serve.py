@@ -10,23 +10,33 @@ import signal
 import sys
 from typing import Any
 
-from epp.server import PickerServer, SchedulerDeps, SchedulerFactory, ServeConfig
+from epp import framework
+from epp.metrics import PrometheusObserver
+from epp.server import PickerDeps, PickerServer, SchedulerFactory, ServeConfig
 from epp.types import Scheduler
 
 log = logging.getLogger("epp.serve")
 
+# Builds the precise-prefix-cache-scorer's index backend (kvindex, in-process or sidecar).
+# None: configuring that scorer fails at start with the framework's message saying so.
+PREFIX_BACKEND_FACTORY: Any = None
 
-def framework_scheduler(config_path: str | None, deps: SchedulerDeps) -> Scheduler:
-    """The scheduling framework's builder (`epp.framework`), from an EndpointPickerConfig
-    file or its defaults when no file is given."""
+
+def framework_scheduler(config_path: str | None, deps: PickerDeps) -> Scheduler:
+    """The scheduling framework from an EndpointPickerConfig file (its defaults without one),
+    reporting plugin timings and latency predictions to the picker's metrics."""
     try:
-        from epp import framework  # type: ignore[attr-defined]
-    except ImportError as exc:
-        raise SystemExit(
-            f"epp serve: the scheduling framework (epp.framework) is not available: {exc}"
-        ) from None
-    config: Any = framework.load_config(config_path)
-    return framework.build_scheduler(config, deps)  # type: ignore[no-any-return]
+        config = framework.load_config(config_path)
+        log.info("scheduler config: %s", framework.describe_config(config).replace(chr(10), "; "))
+        return framework.build_scheduler(
+            config,
+            framework.SchedulerDeps(
+                observer=PrometheusObserver(deps.metrics),
+                prefix_backend_factory=PREFIX_BACKEND_FACTORY,
+            ),
+        )
+    except framework.ConfigError as exc:
+        raise SystemExit(f"epp serve: --config: {exc}") from None
 
 
 # The one place `epp serve` gets its scheduler; tests and embedders pass their own.
@@ -159,7 +169,7 @@ async def serve(
     from epp.metrics import EppMetrics
     from epp.requests import ModelRegistry
 
-    deps = SchedulerDeps(Datastore(), EppMetrics(), ModelRegistry(config.adapters))
+    deps = PickerDeps(Datastore(), EppMetrics(), ModelRegistry(config.adapters))
     scheduler = factory(config_path, deps)
     server = PickerServer(
         config, scheduler, datastore=deps.datastore, metrics=deps.metrics, registry=deps.registry
