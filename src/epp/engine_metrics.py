@@ -239,7 +239,10 @@ class EngineMetricsScraper:
     def tick(self, session: aiohttp.ClientSession) -> int:
         """Start a scrape for each endpoint that has none in flight; returns how many."""
         started = 0
-        for endpoint in self.endpoints():
+        current = self.endpoints()
+        if self._failing:
+            self._failing.intersection_update(e.key for e in current)  # forget departed ones
+        for endpoint in current:
             if endpoint.key in self._inflight:
                 continue
             self._inflight[endpoint.key] = asyncio.create_task(

@@ -42,6 +42,7 @@ DEFAULT_MAX_BODY_BYTES = 10 << 20
 CLIENT_CLOSED_STATUS = 499
 
 Responses = list[pb.ProcessingResponse]
+_REQUEST_KINDS = frozenset({"request_headers", "request_body", "request_trailers"})
 
 
 @dataclass(slots=True)
@@ -68,6 +69,7 @@ class RequestStream:
     def __init__(self, ctx: PickerContext) -> None:
         self.ctx = ctx
         self.done = False
+        self.saw_request_headers = False
         self.started_at = time.monotonic()
         self.headers: dict[str, str] = {}
         self.body = bytearray()
@@ -110,6 +112,13 @@ class RequestStream:
         if handler is None:
             self.ctx.metrics.skipped.labels(what=f"extproc_message_{kind}").inc()
             return []
+        if (kind == "request_headers") == self.saw_request_headers and kind in _REQUEST_KINDS:
+            # Request headers twice, or request body/trailers before them: not a stream
+            # Envoy sends; ignoring it keeps one decision per stream.
+            self.ctx.metrics.skipped.labels(what=f"extproc_out_of_order_{kind}").inc()
+            return []
+        if kind == "request_headers":
+            self.saw_request_headers = True
         return await handler(message)
 
     # -- request path -----------------------------------------------------------------

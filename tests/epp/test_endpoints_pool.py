@@ -123,6 +123,8 @@ def test_reconciler_counts_only_ready_matching_live_pods_per_port() -> None:
     )
     assert keys(store) == ["10.0.0.2:8000"]  # invalid role label: skipped and counted
     assert metrics.endpoint_source_errors.labels(source="pool")._value.get() == 2
+    rec.apply(PodEvent("MODIFIED", pod_info_from_object(pod("b", "10.0.0.2"))))
+    assert metrics.endpoint_source_errors.labels(source="pool")._value.get() == 2  # once
     rec.apply(PoolChanged(None))  # pool deleted
     assert keys(store) == []
 

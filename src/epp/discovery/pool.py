@@ -114,6 +114,8 @@ class PoolReconciler:
         self.pods: dict[str, PodInfo] = {}
         self.synced_pool = False
         self.synced_pods = False
+        # (pod, its labels) already counted as unusable: counted once, not at every reconcile
+        self._rejected: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
 
     def apply(self, event: DiscoveryEvent) -> None:
         if isinstance(event, PoolChanged):
@@ -155,6 +157,10 @@ class PoolReconciler:
                     make_endpoint(pod.ip, port, pod.labels, pod.name) for port in spec.target_ports
                 )
             except EndpointSpecError as exc:
-                log.warning("skipping pod %s: %s", pod.name, exc)
-                self.metrics.endpoint_source_errors.labels(source=self.SOURCE).inc()
+                identity = (pod.name, tuple(sorted(pod.labels.items())))
+                if identity not in self._rejected:
+                    self._rejected.add(identity)
+                    log.warning("skipping pod %s: %s", pod.name, exc)
+                    self.metrics.endpoint_source_errors.labels(source=self.SOURCE).inc()
+        self._rejected = {r for r in self._rejected if r[0] in self.pods}
         return out
