@@ -261,3 +261,13 @@ async def test_real_client_lists_and_watches(pools: dict, expected_gv: tuple) ->
         await api.stop()
         await asyncio.to_thread(watcher.join, 5.0)
         api_client.close()
+
+
+def test_missing_credentials_name_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from epp.discovery.kubernetes import load_kube_config
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ValueError, match="--endpoints or --endpoints-file"):
+        load_kube_config()

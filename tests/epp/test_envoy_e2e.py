@@ -7,6 +7,7 @@ own package)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import sys
@@ -66,6 +67,7 @@ class ModelServer:
         self.kv_usage = 0.0
         app = web.Application(client_max_size=64 << 20)
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/slow", self.slow)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/metrics", self.metrics)
         self.runner = web.AppRunner(app)
@@ -89,6 +91,17 @@ class ModelServer:
             f"vllm:kv_cache_usage_perc{labels} {self.kv_usage}\n"
         )
         return web.Response(text=page)
+
+    async def slow(self, request: web.Request) -> web.StreamResponse:
+        """An SSE stream that never ends on its own (the client walks away)."""
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+            while True:
+                await response.write(b'data: {"choices": []}\n\n')
+                await asyncio.sleep(0.05)
+        return response
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"served_by": self.name, "data": []})
@@ -245,6 +258,29 @@ async def test_sse_streams_through_and_usage_is_read(stack: Stack) -> None:
     stats = stack.scheduler.completed[0]
     assert stats.streamed and stats.completion_tokens == 3 and stats.served == target.key
     assert stats.first_byte_s is not None
+
+
+async def test_client_walking_away_mid_stream_releases_the_request(stack: Stack) -> None:
+    target = stack.servers[0]
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(
+            f"{stack.envoy.url}/slow",
+            data=b"{}",
+            headers={"x-test-pick": target.key},
+        )
+        assert response.status == 200
+        assert (await response.content.readline()).startswith(b"data:")
+        response.close()  # drop the connection mid-stream
+    await wait_for(lambda: len(stack.scheduler.completed) == 1)
+    assert stack.scheduler.completed[0].status == 499
+    inflight = stack.picker.metrics.inflight_streams
+    await wait_for(lambda: inflight._value.get() == 0)
+    assert stack.picker.metrics.client_disconnects._value.get() == 1
+    # and the picker keeps serving
+    async with stack.http.get(
+        f"{stack.envoy.url}/v1/models", headers={"x-test-pick": target.key}
+    ) as response:
+        assert response.status == 200
 
 
 async def test_rejections_come_back_through_envoy(stack: Stack) -> None:

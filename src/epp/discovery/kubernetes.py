@@ -73,7 +73,13 @@ def load_kube_config() -> Any:
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()
+        try:
+            config.load_kube_config()
+        except (config.ConfigException, OSError) as exc:
+            raise ValueError(
+                f"--pool-name needs Kubernetes credentials (in-cluster service account or "
+                f"a kubeconfig): {exc}; outside Kubernetes use --endpoints or --endpoints-file"
+            ) from None
     return _k8s("client").ApiClient()
 
 
