@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 _FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 _BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
+_BUFFERED_PARTIAL = processing_mode_pb2.ProcessingMode.BUFFERED_PARTIAL
+# Modes where Envoy holds the request headers and sends the body as ONE message.
+_HELD_HEADER_MODES = frozenset({_BUFFERED, _BUFFERED_PARTIAL})
 _UNSET_MODE = processing_mode_pb2.ProcessingMode.NONE
 DEFAULT_MAX_BODY_BYTES = 10 << 20
 # Status recorded for a response the client abandoned (nginx's "client closed request").
@@ -130,7 +133,7 @@ class RequestStream:
             return await self._decide(body_follows=False, trailers_follow=False)
         if self.request_body_mode == _FULL_DUPLEX:
             return []  # Envoy streams the body without waiting for us
-        if self.request_body_mode == _BUFFERED:
+        if self.request_body_mode in _HELD_HEADER_MODES:
             return [wire.request_headers_continue()]  # the decision rides on the body answer
         return await self._decide(body_follows=False, trailers_follow=False, body_parsed=False)
 
@@ -146,10 +149,13 @@ class RequestStream:
                 f"request body exceeds the limit of {self.ctx.max_body_bytes} bytes",
             )
         self.body += chunk
-        if message.request_body.end_of_stream:
-            return await self._decide(body_follows=True, trailers_follow=False)
+        eos = message.request_body.end_of_stream
+        if eos or self.request_body_mode in _HELD_HEADER_MODES:
+            # Buffered modes send the whole body (or all Envoy would buffer) at once, also
+            # when trailers follow; the headers are still held, so decide now.
+            return await self._decide(body_follows=True, trailers_follow=not eos)
         if self.request_body_mode != _FULL_DUPLEX:
-            return [wire.continue_request_body()]  # BUFFERED_PARTIAL-style partial chunks
+            return [wire.continue_request_body()]  # STREAMED/NONE: decided on the headers
         return []
 
     async def _on_request_trailers(self, message: pb.ProcessingRequest) -> Responses:
@@ -216,7 +222,7 @@ class RequestStream:
         ).inc()
         destination = ",".join(self.destination)
         header = self.destination[0] if self.ctx.header_primary_only else destination
-        on_body = body_follows and self.request_body_mode == _BUFFERED
+        on_body = body_follows and self.request_body_mode in _HELD_HEADER_MODES
         responses = [wire.decision_response(destination, header, result.headers, on_body)]
         if on_body:
             return responses

@@ -232,6 +232,28 @@ async def test_buffered_mode_decision_rides_on_the_body_answer() -> None:
     assert scheduler.completed[0].prompt_tokens == 3
 
 
+async def test_buffered_mode_with_trailers_decides_on_the_body_message() -> None:
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    buffered = processing_mode_pb2.ProcessingMode.BUFFERED
+    async with ExtProcHarness(three_endpoints(), LeastWaitingScheduler()) as h:
+        out = await h.exchange(
+            [
+                request_headers(body_mode=buffered),
+                request_body(CHAT, False),  # the whole body; trailers follow
+                pb.ProcessingRequest(request_trailers=pb.HttpTrailers()),
+            ],
+            expect=3,
+        )
+    assert [r.WhichOneof("response") for r in out] == [
+        "request_headers",
+        "request_body",
+        "request_trailers",
+    ]
+    common = out[1].request_body.response
+    assert common.clear_route_cache and common.header_mutation.set_headers
+
+
 async def test_streamed_mode_decides_on_headers_and_continues_bodies() -> None:
     streamed = processing_mode_pb2.ProcessingMode.STREAMED
     scheduler = LeastWaitingScheduler()
