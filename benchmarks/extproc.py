@@ -1,5 +1,6 @@
 """ext_proc edge overhead.
 
+0. The state machine alone (RequestStream.handle in this process, no gRPC), for scale.
 1. Decision latency over a direct gRPC stream (TLS, as deployed): request headers + body
    (16 KiB chunks, as Envoy forwards them) -> the decision and the re-emitted body, with a
    trivial scheduler (first endpoint), so the edge itself is measured: gRPC, buffering,
@@ -131,22 +132,7 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
 
 async def direct(port: int, cert: bytes, body: bytes, n: int) -> tuple[list[float], list[float]]:
     credentials = grpc.ssl_channel_credentials(root_certificates=cert)
-    headers = pb.ProcessingRequest(
-        request_headers=pb.HttpHeaders(
-            headers=base_pb2.HeaderMap(
-                headers=[
-                    base_pb2.HeaderValue(key=":path", raw_value=b"/v1/chat/completions"),
-                    base_pb2.HeaderValue(key=":method", raw_value=b"POST"),
-                    base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
-                ]
-            )
-        )
-    )
-    chunks = [body[i : i + CHUNK] for i in range(0, len(body), CHUNK)]
-    messages = [headers] + [
-        pb.ProcessingRequest(request_body=pb.HttpBody(body=c, end_of_stream=i == len(chunks) - 1))
-        for i, c in enumerate(chunks)
-    ]
+    messages = request_messages(body)
     expected_body_responses = -(-len(body) // 62_000)
     decisions, full = [], []
     async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
@@ -167,6 +153,44 @@ async def direct(port: int, cert: bytes, body: bytes, n: int) -> tuple[list[floa
                 decisions.append(t_decision - t0)
                 full.append(t_body - t0)
     return decisions, full
+
+
+def request_messages(body: bytes) -> list[pb.ProcessingRequest]:
+    headers = pb.ProcessingRequest(
+        request_headers=pb.HttpHeaders(
+            headers=base_pb2.HeaderMap(
+                headers=[
+                    base_pb2.HeaderValue(key=":path", raw_value=b"/v1/chat/completions"),
+                    base_pb2.HeaderValue(key=":method", raw_value=b"POST"),
+                ]
+            )
+        )
+    )
+    chunks = [body[i : i + CHUNK] for i in range(0, len(body), CHUNK)]
+    return [headers] + [
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=c, end_of_stream=i == len(chunks) - 1))
+        for i, c in enumerate(chunks)
+    ]
+
+
+async def state_machine(body: bytes, n: int) -> list[float]:
+    from epp.extproc import PickerContext, RequestStream
+    from epp.metrics import EppMetrics
+    from epp.requests import RequestParser
+
+    eps = [Endpoint("10.0.0.1", 8000)]
+    ctx = PickerContext(FirstEndpointScheduler(), lambda: eps, RequestParser(), EppMetrics())
+    messages = request_messages(body)
+    out = []
+    for i in range(n + 20):
+        t0 = time.perf_counter()
+        stream = RequestStream(ctx)
+        for m in messages:
+            await stream.handle(m)
+        stream.close()
+        if i >= 20:
+            out.append(time.perf_counter() - t0)
+    return out
 
 
 def envoy_alone(rendered: str) -> str:
@@ -229,6 +253,9 @@ async def bench(args: argparse.Namespace) -> None:
             f"direct={args.direct} envoy={args.envoy} per size; chunk {CHUNK} B; "
             f"cores={os.cpu_count()}"
         )
+        for label, tokens in SIZES.items():
+            p50, p99 = percentiles(await state_machine(chat_body(tokens), args.direct))
+            print(f"state machine only {label}: p50 {ms(p50)} p99 {ms(p99)}")
         for label, tokens in SIZES.items():
             body = chat_body(tokens)
             decisions, full = await direct(ports["grpc"], cert, body, args.direct)
