@@ -47,7 +47,12 @@ class HeaderPickScheduler:
         wanted = request.headers.get("x-test-pick")
         ordered = sorted(endpoints, key=lambda e: (e.key != wanted, e.key))
         count = 1 + int(request.headers.get("x-test-fallbacks", "0"))
-        return SchedulingResult({"p": ProfileResult("p", ordered[:count])}, "p")
+        return SchedulingResult(
+            {"p": ProfileResult("p", ordered[:count])},
+            "p",
+            headers={"x-test-scheduled": "yes"},
+            response_headers={"x-session-token": f"token-{ordered[0].port}"},
+        )
 
     def on_response_headers(self, request: LLMRequest, served: str | None) -> None:
         self.served.append(served)
@@ -114,6 +119,7 @@ class ModelServer:
             "received_bytes": len(raw),
             "sha256": hashlib.sha256(raw).hexdigest(),
             "destination_header": request.headers.get("x-gateway-destination-endpoint"),
+            "scheduled_header": request.headers.get("x-test-scheduled"),
         }
         usage = {
             "prompt_tokens": 21,
@@ -207,7 +213,10 @@ async def test_requests_go_where_the_scheduler_picks(stack: Stack) -> None:
             doc = await response.json()
             assert doc["served_by"] == server.name
             assert doc["destination_header"] == server.key
+            assert doc["scheduled_header"] == "yes"  # SchedulingResult.headers reach upstream
             assert response.headers["x-gateway-destination-endpoint-served"] == server.key
+            # SchedulingResult.response_headers reach the client
+            assert response.headers["x-session-token"] == f"token-{server.port}"
     await wait_for(lambda: len(stack.scheduler.completed) == 4)
     assert stack.scheduler.served == [s.key for s in stack.servers] + [stack.servers[0].key]
     first = stack.scheduler.completed[0]
