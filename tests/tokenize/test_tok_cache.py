@@ -136,3 +136,31 @@ def test_disabled_cache_reports_itself(tokenizer_dirs: dict[str, Path]) -> None:
     assert not tok.cache_exact and tok.cache_fallback_reason == "cache disabled"
     with pytest.raises(ValueError, match="max_bytes"):
         TokenizationCacheConfig(max_bytes=0)
+
+
+def _brute_leftmost_longest(words: set[str], text: str) -> list[tuple[int, str]]:
+    out: list[tuple[int, str]] = []
+    pos = 0
+    while pos < len(text):
+        hits = [w for w in words if text.startswith(w, pos)]
+        if hits:
+            best = max(hits, key=len)
+            out.append((pos, best))
+            pos += len(best)
+        else:
+            pos += 1
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    words=st.sets(st.text("ab<>|", min_size=1, max_size=5), min_size=1, max_size=8),
+    text=st.text("ab<>|x", max_size=40),
+)
+def test_trie_matcher_is_leftmost_longest(words: set[str], text: str) -> None:
+    from kvindex.tokenize.segments import _alternation
+
+    pattern = _alternation(words)
+    assert pattern is not None
+    got = [(m.start(), m.group()) for m in pattern.finditer(text)]
+    assert got == _brute_leftmost_longest(words, text)

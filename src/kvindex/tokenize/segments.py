@@ -109,11 +109,32 @@ def _processor_types(node: Any) -> list[str]:
 
 
 def _alternation(contents: Iterator[str] | Any) -> re.Pattern[str] | None:
-    """Leftmost-longest matcher: Python's alternation is leftmost-first, so longest first."""
-    alternatives = sorted({c for c in contents if c}, key=len, reverse=True)
-    if not alternatives:
+    """A leftmost-longest matcher for a set of literal strings, as a trie-shaped regex: at
+    each node the (distinct-first-character) extensions are tried before ending there, so
+    the match found at a position is the longest token starting there, and finditer scans
+    positions left to right. The trie shares prefixes, so a failed position costs one
+    character test instead of one test per token (DeepSeek has ~1,300 added tokens)."""
+    words = sorted({c for c in contents if c})
+    if not words:
         return None
-    return re.compile("|".join(re.escape(a) for a in alternatives))
+    trie: dict[str, Any] = {}
+    for word in words:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}  # end of a token
+    return re.compile(_trie_regex(trie))
+
+
+def _trie_regex(node: dict[str, Any]) -> str:
+    branches = [re.escape(char) + _trie_regex(child) for char, child in node.items() if char]
+    ends_here = "" in node
+    if not branches:
+        return ""
+    if len(branches) == 1 and not ends_here:
+        return branches[0]
+    body = "|".join(branches)
+    return f"(?:{body})?" if ends_here else f"(?:{body})"
 
 
 def _is_identity_normalizer(node: Any) -> bool:
