@@ -157,10 +157,19 @@ def test_tool_call_arguments_json_string_is_parsed_like_vllm(
             as_string, add_generation_prompt=False, tools=TOOLS
         ) == (expected)
     assert as_string[1]["tool_calls"][0]["function"]["arguments"] == json.dumps({"q": "é"})
-    bad = copy.deepcopy(as_string)
-    bad[1]["tool_calls"][0]["function"]["arguments"] = "{not json"
-    with pytest.raises(ChatTemplateError, match="not valid JSON"):
-        ours["chatml"].apply_chat_template(bad, tools=TOOLS)
+    # Malformed or non-object arguments become {} (vLLM keeps such history usable).
+    for bad_args in ("{not json", "[1, 2]", "", None):
+        bad = copy.deepcopy(as_string)
+        bad[1]["tool_calls"][0]["function"]["arguments"] = bad_args
+        empty = copy.deepcopy(as_dict)
+        empty[1]["tool_calls"][0]["function"]["arguments"] = {}
+        assert ours["chatml"].apply_chat_template(bad, tools=TOOLS) == _ref_ids(
+            reference_tokenizers["chatml"], empty, tools=TOOLS, add_generation_prompt=True
+        )
+    with pytest.raises(ChatTemplateError, match="type 'function'"):
+        ours["chatml"].apply_chat_template(
+            [{"role": "assistant", "content": "", "tool_calls": [{"type": "code"}]}]
+        )
 
 
 def test_continue_final_message(
@@ -188,8 +197,25 @@ def test_unknown_message_fields_are_dropped_like_vllm(ours: dict[str, LocalToken
     source = "{% for m in messages %}{{ m | tojson }}{% endfor %}"
     msgs = [
         {"role": "user", "content": "x", "name": "ann", "extra": 1},
-        {"role": "assistant", "content": "y", "reasoning_content": "r", "tool_call_id": "z"},
+        {"role": "assistant", "content": "y", "reasoning": "r", "tool_call_id": "z"},
+        {"role": "assistant", "content": "w", "tool_calls": []},
     ]
     out = ours["chatml"].render_chat(msgs, chat_template=source)
-    assert '"extra"' not in out and '"tool_call_id"' not in out
+    assert '"extra"' not in out and '"tool_call_id"' not in out and '"tool_calls"' not in out
     assert '"name": "ann"' in out and '"reasoning_content": "r"' in out and '"thinking": "r"' in out
+
+
+def test_system_billing_header_and_tool_parts(ours: dict[str, LocalTokenizer]) -> None:
+    source = "{% for m in messages %}{{ m.content | tojson }};{% endfor %}"
+    header = "x-anthropic-billing-header: cch=123\nBe brief."
+    msgs = [
+        {"role": "system", "content": [{"type": "text", "text": header}]},
+        {"role": "tool", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+    ]
+    # A loop over content makes this an "openai"-format template: parts stay lists, except
+    # a tool message's all-text parts, which vLLM joins.
+    looping = "{% for m in messages %}{% for p in m.content %}{% endfor %}{% endfor %}" + source
+    assert ours["chatml"].render_chat(msgs, chat_template=looping) == (
+        '[{"type": "text", "text": "Be brief."}];"a\\nb";'
+    )
+    assert ours["chatml"].render_chat(msgs, chat_template=source) == '"Be brief.";"a\\nb";'

@@ -1,16 +1,17 @@
 """Chat messages normalised the way vLLM's OpenAI server does before it renders a template
-(vllm/entrypoints/chat_utils.py, text-only models):
+(vllm/entrypoints/chat_utils, text-only models):
 
 - `content` may be a string, None, or a list of parts; text parts are `{"type": "text",
-  "text": ...}` (also `input_text`, and bare strings). For templates that take content as a
-  string, the texts are joined with "\\n" (None -> ""); for templates that loop over content
-  ("openai" format), content becomes a list of `{"type": "text", "text": ...}` parts (a string
-  becomes one part). Image/audio/video parts need the engine's multimodal processor and are
-  refused here.
-- Only the fields vLLM forwards are kept: role, content, name; tool_calls (assistant);
-  tool_call_id (tool); reasoning / reasoning_content (assistant).
-- Assistant tool calls whose `function.arguments` is a JSON string get it parsed into an object,
-  as vLLM does for Hugging Face templates (they render arguments with tojson).
+  "text": ...}` (also `input_text`, refusals, and bare strings). For templates that take
+  content as a string, the texts are joined with "\n" (None -> ""); for templates that loop
+  over content ("openai" format), content is a list of `{"type": "text", "text": ...}` parts
+  (a string becomes one part), except tool messages, whose all-text parts are joined into a
+  string. Image/audio/video parts need the engine's multimodal processor and are refused.
+- System text parts that start with Claude Code's `x-anthropic-billing-header` lose that line.
+- Only the fields vLLM forwards are kept: role, content, name, task; assistant tool_calls and
+  `reasoning` (also exposed as `reasoning_content`); tool tool_call_id; developer tools.
+- Assistant tool calls: an empty list is dropped; `function.arguments` given as a JSON string
+  is parsed into an object; missing, empty, malformed or non-object arguments become {}.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from kvindex.tokenize.errors import ChatTemplateError
 
 ContentFormat = Literal["string", "openai"]
 _TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text"})
-_ASSISTANT_FIELDS = ("tool_calls", "reasoning", "reasoning_content")
+_BILLING_HEADER = "x-anthropic-billing-header"
 
 
 def _part_text(part: Any, index: int, role: str) -> str:
@@ -42,6 +43,18 @@ def _part_text(part: Any, index: int, role: str) -> str:
     raise ChatTemplateError(f"{role} message content part {index} is not an object: {part!r}")
 
 
+def _strip_billing_header(texts: list[str]) -> list[str]:
+    out: list[str] = []
+    for text in texts:
+        if text.startswith(_BILLING_HEADER):
+            rest = text.partition("\n")[2]
+            if rest:
+                out.append(rest)
+        else:
+            out.append(text)
+    return out
+
+
 def _content(value: Any, role: str, fmt: ContentFormat) -> Any:
     if value is None:
         texts: list[str] = []
@@ -51,28 +64,34 @@ def _content(value: Any, role: str, fmt: ContentFormat) -> Any:
         texts = [_part_text(p, i, role) for i, p in enumerate(value)]
     else:
         raise ChatTemplateError(f"{role} message content must be a string or a list of parts")
-    if fmt == "openai":
+    if role == "system":
+        texts = _strip_billing_header(texts)
+    if fmt == "openai" and role != "tool":
         return [{"type": "text", "text": t} for t in texts]
     return "\n".join(texts)
 
 
-def _tool_calls(value: Any) -> Any:
-    if not isinstance(value, list):
-        return value
-    out: list[Any] = []
+def _arguments(value: Any) -> dict[str, Any]:
+    if not value:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return {}  # vLLM coerces malformed history so the conversation can go on
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _tool_calls(value: Any) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
     for call in value:
-        if isinstance(call, Mapping) and isinstance(call.get("function"), Mapping):
-            function = dict(call["function"])
-            arguments = function.get("arguments")
-            if isinstance(arguments, str):
-                try:
-                    function["arguments"] = json.loads(arguments)
-                except json.JSONDecodeError as exc:
-                    raise ChatTemplateError(
-                        f"tool call arguments are not valid JSON: {arguments[:80]!r}"
-                    ) from exc
-            call = {**call, "function": function}
-        out.append(call)
+        if not isinstance(call, Mapping):
+            raise ChatTemplateError("assistant tool_calls entries must be objects")
+        function = call.get("function")
+        if call.get("type", "function") != "function" or not isinstance(function, Mapping):
+            raise ChatTemplateError("assistant tool_calls must be of type 'function'")
+        function = {**function, "arguments": _arguments(function.get("arguments"))}
+        out.append({**call, "function": function})
     return out
 
 
@@ -91,14 +110,20 @@ def normalize_messages(
             "content": _content(message.get("content"), role, fmt),
         }
         if role == "assistant":
-            for key in _ASSISTANT_FIELDS:
-                if message.get(key) is not None:
-                    item[key] = message[key]
-            if "tool_calls" in item:
-                item["tool_calls"] = _tool_calls(item["tool_calls"])
-        elif role == "tool" and message.get("tool_call_id") is not None:
+            calls = message.get("tool_calls")
+            if isinstance(calls, list) and calls:
+                item["tool_calls"] = _tool_calls(calls)
+            elif calls is not None and not isinstance(calls, list):
+                item["tool_calls"] = calls
+            if message.get("reasoning") is not None:
+                item["reasoning"] = message["reasoning"]
+                item["reasoning_content"] = message["reasoning"]
+        elif role == "tool" and "tool_call_id" in message:
             item["tool_call_id"] = message["tool_call_id"]
-        if isinstance(message.get("name"), str):
-            item["name"] = message["name"]
+        for key in ("name", "task"):
+            if isinstance(message.get(key), str):
+                item[key] = message[key]
+        if role == "developer":
+            item["tools"] = message.get("tools")
         out.append(item)
     return out
