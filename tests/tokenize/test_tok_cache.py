@@ -1,3 +1,4 @@
+# ruff: noqa: RUF001  (DeepSeek token strings use fullwidth bars)
 """The segment cache gives exactly the uncached ids, and stays within its byte bound."""
 
 from __future__ import annotations
@@ -16,15 +17,12 @@ NAMES = ["deepseek", "llama3", "chatml", "mistral", "unigram", "wordpiece"]
 
 
 @pytest.fixture(scope="module")
-def pairs(tokenizer_dirs: dict[str, Path]) -> dict[str, tuple[LocalTokenizer, LocalTokenizer]]:
+def pairs(load_cached: Any) -> dict[str, tuple[LocalTokenizer, LocalTokenizer]]:
     # One cached tokenizer per model lives across all examples, so later examples hit entries
     # that earlier ones stored (shared prefixes across requests, as in production).
     off = TokenizationCacheConfig(enabled=False)
     small = TokenizationCacheConfig(max_bytes=256 * 1024)
-    return {
-        name: (load_tokenizer(d, cache=small), load_tokenizer(d, cache=off))
-        for name, d in tokenizer_dirs.items()
-    }
+    return {name: (load_cached(name, small), load_cached(name, off)) for name in NAMES}
 
 
 _text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
@@ -85,8 +83,8 @@ def test_cached_equals_uncached_for_shared_prefix_conversations(
             assert cached.encode(text, add_special) == uncached.encode(text, add_special)
 
 
-def test_repeated_prefix_hits_the_cache(tokenizer_dirs: dict[str, Path]) -> None:
-    tok = load_tokenizer(tokenizer_dirs["deepseek"])
+def test_repeated_prefix_hits_the_cache(load_cached: Any) -> None:
+    tok = load_cached("deepseek", TokenizationCacheConfig(max_bytes=1 << 20))
     system = {"role": "system", "content": "Long shared system prompt. " * 200}
     first = tok.apply_chat_template([system, {"role": "user", "content": "one"}])
     before = tok.cache_stats()
@@ -164,3 +162,77 @@ def test_trie_matcher_is_leftmost_longest(words: set[str], text: str) -> None:
     assert pattern is not None
     got = [(m.start(), m.group()) for m in pattern.finditer(text)]
     assert got == _brute_leftmost_longest(words, text)
+
+
+_CUT_FRAGMENTS = [
+    "\n", "\nA", "\nz", " \n", "  \nword", "\n\nHello", "x\n", ".\n", "!\n\n", "\r\n", "12\n",
+    "123456", "东京\n", "e\u0301\n", "\t\n", "'s\n", "'ll", "naïve\n", " ", "  ", "abc", "(x)",
+    "\u200b\n", "\nÉ", "<tool_call>\n", "<|im_start|>", "<｜User｜>\n",
+]  # fmt: skip
+cut_text = st.lists(
+    st.one_of(st.sampled_from(_CUT_FRAGMENTS), st.text(max_size=6)), max_size=40
+).map("".join)
+
+
+@pytest.fixture(scope="module")
+def chunking(load_cached: Any) -> dict[str, tuple[LocalTokenizer, LocalTokenizer]]:
+    # Tiny chunks, so that nearly every cut point is used.
+    tiny = TokenizationCacheConfig(chunk_chars=1)
+    off = TokenizationCacheConfig(enabled=False)
+    return {
+        name: (load_cached(name, tiny), load_cached(name, off))
+        for name in ("deepseek", "llama3", "chatml")
+    }
+
+
+@pytest.mark.parametrize("name", ["deepseek", "llama3", "chatml"])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(text=cut_text, add_special_tokens=st.booleans())
+def test_plain_text_cuts_are_exact(
+    name: str,
+    text: str,
+    add_special_tokens: bool,
+    chunking: dict[str, tuple[LocalTokenizer, LocalTokenizer]],
+    reference_tokenizers: dict[str, Any],
+) -> None:
+    cached, uncached = chunking[name]
+    assert cached._segments is not None and cached._segments.plain_cuts_reason is None
+    expected = uncached.encode(text, add_special_tokens)
+    assert cached.encode(text, add_special_tokens) == expected
+    assert expected == reference_tokenizers[name].encode(
+        text, add_special_tokens=add_special_tokens
+    )
+
+
+def test_shared_completion_prefix_hits_chunks(load_cached: Any) -> None:
+    tok = load_cached("deepseek", TokenizationCacheConfig(chunk_chars=64))
+    ref = load_cached("deepseek", TokenizationCacheConfig(enabled=False))
+    prefix = "".join(f"Line {i}: the router keeps a block index.\n" for i in range(100))
+    assert tok.encode(prefix + "Question one?") == ref.encode(prefix + "Question one?")
+    before = tok.cache_stats()
+    assert tok.encode(prefix + "Question two?") == ref.encode(prefix + "Question two?")
+    after = tok.cache_stats()
+    assert after.hits - before.hits >= 50  # all chunks but the last came from the cache
+    assert after.misses - before.misses == 1
+
+
+def test_gpt2_regex_is_not_approved_because_the_cut_would_be_wrong() -> None:
+    # With GPT-2's regex, "  \n" before a letter splits differently when the text ends there.
+    from tokenizers import pre_tokenizers
+
+    from kvindex.tokenize.plain_cuts import plain_cuts_reason
+
+    gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    whole = [p for p, _ in gpt2.pre_tokenize_str("a  \nb")]
+    halves = [p for p, _ in gpt2.pre_tokenize_str("a  \n")] + [
+        p for p, _ in gpt2.pre_tokenize_str("b")
+    ]
+    assert whole != halves
+    spec = {
+        "model": {"type": "BPE", "dropout": None},
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+    }
+    assert plain_cuts_reason(spec, []) is not None

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvindex.tokenize import ChatTemplateError, TokenizationCacheConfig, load_tokenizer
+from kvindex.tokenize import ChatTemplateError, TokenizationCacheConfig
 from kvindex.tokenize.local import LocalTokenizer
 
 NAMES = ["deepseek", "llama3", "chatml", "mistral", "unigram", "wordpiece"]
@@ -76,14 +75,13 @@ def _our_chat(ours: LocalTokenizer, messages: Any, **kwargs: Any) -> list[int] |
 
 
 @pytest.fixture(scope="module")
-def ours_uncached(tokenizer_dirs: dict[str, Path]) -> dict[str, LocalTokenizer]:
-    off = TokenizationCacheConfig(enabled=False)
-    return {name: load_tokenizer(d, cache=off) for name, d in tokenizer_dirs.items()}
+def ours_uncached(load_cached: Any) -> dict[str, LocalTokenizer]:
+    return {name: load_cached(name, TokenizationCacheConfig(enabled=False)) for name in NAMES}
 
 
 @pytest.fixture(scope="module")
-def ours_cached(tokenizer_dirs: dict[str, Path]) -> dict[str, LocalTokenizer]:
-    return {name: load_tokenizer(d) for name, d in tokenizer_dirs.items()}
+def ours_cached(load_cached: Any) -> dict[str, LocalTokenizer]:
+    return {name: load_cached(name) for name in NAMES}
 
 
 @pytest.mark.parametrize("name", NAMES)

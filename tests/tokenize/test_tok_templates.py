@@ -25,8 +25,8 @@ TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"typ
 
 
 @pytest.fixture(scope="module")
-def ours(tokenizer_dirs: dict[str, Path]) -> dict[str, LocalTokenizer]:
-    return {name: load_tokenizer(d) for name, d in tokenizer_dirs.items()}
+def ours(load_cached: Any, tokenizer_dirs: dict[str, Path]) -> dict[str, LocalTokenizer]:
+    return {name: load_cached(name) for name in tokenizer_dirs}
 
 
 def _ref_ids(ref: Any, messages: Any, **kwargs: Any) -> list[int]:

@@ -457,3 +457,20 @@ def reference_tokenizers(tokenizer_dirs: dict[str, Path]) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     return {name: AutoTokenizer.from_pretrained(str(d)) for name, d in tokenizer_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def load_cached(tokenizer_dirs: dict[str, Path]) -> Callable[..., Any]:
+    """Session-wide loads keyed by (name, cache config): the DeepSeek tokenizer takes ~0.6 s
+    to load, so tests share instances (each test still starts from its own cache config)."""
+    from kvindex.tokenize import TokenizationCacheConfig, load_tokenizer
+
+    loaded: dict[tuple[str, TokenizationCacheConfig], Any] = {}
+
+    def load(name: str, cache: TokenizationCacheConfig | None = None) -> Any:
+        key = (name, cache or TokenizationCacheConfig())
+        if key not in loaded:
+            loaded[key] = load_tokenizer(tokenizer_dirs[name], cache=key[1])
+        return loaded[key]
+
+    return load

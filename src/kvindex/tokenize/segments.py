@@ -34,6 +34,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 
 from kvindex.tokenize.cache_config import TokenizationCacheConfig
+from kvindex.tokenize.plain_cuts import chunks, plain_cuts_reason
 
 _WRAPPING_POST_PROCESSORS = frozenset(
     {"TemplateProcessing", "BertProcessing", "RobertaProcessing", "ByteLevel"}
@@ -108,6 +109,22 @@ def _processor_types(node: Any) -> list[str]:
     return [str(node.get("type"))]
 
 
+def _component(component: Any) -> Any:
+    return None if component is None else json.loads(component.__getstate__())
+
+
+def pipeline_spec(tokenizer: HFTokenizer) -> dict[str, Any]:
+    """The pipeline parts of tokenizer.json that the cache's preconditions read, without
+    serialising the vocabulary (to_str() of a 128k-token BPE takes half a second)."""
+    model = tokenizer.model
+    return {
+        "normalizer": _component(tokenizer.normalizer),
+        "pre_tokenizer": _component(tokenizer.pre_tokenizer),
+        "post_processor": _component(tokenizer.post_processor),
+        "model": {"type": type(model).__name__, "dropout": getattr(model, "dropout", None)},
+    }
+
+
 def _alternation(contents: Iterator[str] | Any) -> re.Pattern[str] | None:
     """A leftmost-longest matcher for a set of literal strings, as a trie-shaped regex: at
     each node the (distinct-first-character) extensions are tried before ending there, so
@@ -137,6 +154,16 @@ def _trie_regex(node: dict[str, Any]) -> str:
     return f"(?:{body})?" if ends_here else f"(?:{body})"
 
 
+_BRACKETED = re.compile(r"<[^<>]*>")
+
+
+def _never_overlap(contents: Any) -> bool:
+    """True when every token is `<...>` with no other `<`/`>` inside: then two occurrences
+    in a text never overlap or nest (an overlap would need a suffix of one, ending in `>`,
+    to be a prefix of another, starting with `<`; each holds those only at its ends)."""
+    return all(_BRACKETED.fullmatch(c) for c in contents)
+
+
 def _is_identity_normalizer(node: Any) -> bool:
     if node is None:
         return True
@@ -151,7 +178,7 @@ class SegmentedEncoder:
     def __init__(self, tokenizer: HFTokenizer, config: TokenizationCacheConfig) -> None:
         self._tok = tokenizer
         self.lru = SegmentLRU(config.max_bytes)
-        spec = json.loads(tokenizer.to_str())
+        spec = pipeline_spec(tokenizer)
         added = tokenizer.get_added_tokens_decoder()
         self.unsafe_reason = self._check_preconditions(spec, added)
         self._ids: dict[str, int] = {t.content: i for i, t in added.items() if t.content}
@@ -166,7 +193,14 @@ class SegmentedEncoder:
                 t.lstrip or t.rstrip or t.single_word for t in normalized
             ):
                 self._step2 = _alternation(t.content for t in normalized)
+                if self._step2 is not None and _never_overlap(self._ids):
+                    # No two token occurrences can overlap, so the two passes find exactly
+                    # the matches of one pass over all tokens: scan once.
+                    self._step1 = _alternation(self._ids)
+                    self._step2 = None
         self._wrap = self._measure_wrap(spec)
+        self._chunk_chars = config.chunk_chars
+        self.plain_cuts_reason = plain_cuts_reason(spec, [t.content for t in added.values()])
 
     @property
     def exact(self) -> bool:
@@ -174,6 +208,9 @@ class SegmentedEncoder:
 
     @staticmethod
     def _check_preconditions(spec: dict[str, Any], added: dict[int, Any]) -> str | None:
+        model = spec.get("model") or {}
+        if model.get("dropout") not in (None, 0, 0.0):
+            return "BPE dropout makes tokenization random"
         for tok in added.values():
             if not tok.normalized and (tok.lstrip or tok.rstrip or tok.single_word):
                 return f"added token {tok.content!r} strips or matches whole words"
@@ -223,6 +260,14 @@ class SegmentedEncoder:
                 pieces.extend(self._cut(self._step2, part))
             else:
                 pieces.append(part)
+        if self.plain_cuts_reason is None:
+            pieces = [
+                chunk
+                for piece in pieces
+                for chunk in (
+                    chunks(piece, self._chunk_chars) if isinstance(piece, str) else (piece,)
+                )
+            ]
         missing: list[str] = []
         found: dict[str, tuple[int, ...]] = {}
         for piece in pieces:
