@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import statistics
@@ -165,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run("completion (8k shared prefix, no special tokens)", completion, cached, uncached),
     ]
     stats = cached.cache_stats()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = [
         HEADING,
         "",
@@ -185,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines += [
         "",
         f"Cache after the run: {stats.entries} entries, {stats.bytes / 1e6:.1f} MB, "
-        f"{stats.hits} hits, {stats.misses} misses, {stats.evictions} evictions.",
+        f"{stats.hits} hits, {stats.misses} misses, {stats.evictions} evictions. "
+        f"Load average after the run: {load} (2-core machine shared with other work).",
         "The completion prompts have no added tokens; they are cut at newline + letter "
         "(docs/tokenization.md, 'Cuts inside plain text') into chunks of >= 2048 characters; "
         "the prose has a paragraph break every ~85 words, and the chunk holding the varying "
