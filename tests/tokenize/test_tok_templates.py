@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tok_fixtures import (
     CHATML_DEFAULT_TEMPLATE,
     CHATML_TOOL_TEMPLATE,
@@ -17,7 +19,7 @@ from tok_fixtures import (
     PARTS_TEMPLATE,
 )
 
-from kvindex.tokenize import ChatTemplateError, load_tokenizer
+from kvindex.tokenize import ChatTemplateError, TokenizationError, load_tokenizer
 from kvindex.tokenize.chat_template import template_iterates_content
 from kvindex.tokenize.local import LocalTokenizer
 
@@ -219,3 +221,39 @@ def test_system_billing_header_and_tool_parts(ours: dict[str, LocalTokenizer]) -
         '[{"type": "text", "text": "Be brief."}];"a\\nb";'
     )
     assert ours["chatml"].render_chat(msgs, chat_template=source) == '"Be brief.";"a\\nb";'
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_message = st.one_of(
+    st.dictionaries(st.sampled_from(["role", "content", "tool_calls", "name", "x"]), _json),
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "system", "tool"]), "content": _json}
+    ),
+    _json,
+)
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3", "wordpiece"])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(messages=st.lists(_message, max_size=4), tools=st.none() | st.lists(_json, max_size=2))
+def test_malformed_messages_raise_only_chat_template_errors(
+    name: str, messages: list[Any], tools: Any, ours: dict[str, LocalTokenizer]
+) -> None:
+    try:
+        ids = ours[name].apply_chat_template(messages, tools=tools)
+    except ChatTemplateError:
+        return
+    assert all(isinstance(i, int) for i in ids)
+
+
+def test_non_string_prompt_is_a_tokenization_error(ours: dict[str, LocalTokenizer]) -> None:
+    with pytest.raises(TokenizationError, match="must be a string"):
+        ours["chatml"].encode(b"bytes")  # type: ignore[arg-type]

@@ -258,7 +258,7 @@ def render_template(
         )
     except jinja2.TemplateError as exc:
         raise ChatTemplateError(f"chat template raised: {exc}") from exc
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+    except Exception as exc:  # templates are untrusted code: any failure is the template's
         raise ChatTemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
 
     if final_text is not None:

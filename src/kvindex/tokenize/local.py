@@ -15,7 +15,7 @@ from kvindex.tokenize.chat_template import (
     select_template,
     template_iterates_content,
 )
-from kvindex.tokenize.errors import TokenizerLoadError
+from kvindex.tokenize.errors import TokenizationError, TokenizerLoadError
 from kvindex.tokenize.locate import TokenizerFiles, locate_tokenizer_files
 from kvindex.tokenize.messages import ContentFormat, normalize_messages
 from kvindex.tokenize.segments import CacheStats, SegmentedEncoder
@@ -136,6 +136,8 @@ class LocalTokenizer:
 
     # --- Tokenizer protocol ----------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TokenizationError(f"a prompt must be a string, got {type(text).__name__}")
         if self._segments is not None:
             return self._segments.encode(text, add_special_tokens)
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
