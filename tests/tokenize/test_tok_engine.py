@@ -60,6 +60,8 @@ class FakeVllm:
         kwargs = dict(body.get("chat_template_kwargs") or {})
         if body.get("continue_final_message"):
             kwargs["continue_final_message"] = True
+        if body.get("add_special_tokens"):
+            kwargs["add_special_tokens"] = True
         ids = self.tok.apply_chat_template(
             body["messages"], body.get("add_generation_prompt", True), body.get("tools"), **kwargs
         )
@@ -134,7 +136,10 @@ async def test_engine_ids_equal_local_ids(
             assert got == local.apply_chat_template(MESSAGES, add_generation_prompt=agp)
         got = await remote.apply_chat_template(MESSAGES, tools=TOOLS, date_string="2 Feb")
         assert got == local.apply_chat_template(MESSAGES, tools=TOOLS, date_string="2 Feb")
-    last = fake.bodies[-1]
+        doubled = await remote.apply_chat_template(MESSAGES, add_special_tokens=True)
+        assert fake.bodies[-1]["add_special_tokens"] is True
+        assert doubled == local.apply_chat_template(MESSAGES, add_special_tokens=True)
+    last = fake.bodies[-2]
     assert last["tools"] == TOOLS and last["chat_template_kwargs"] == {"date_string": "2 Feb"}
     assert last["add_generation_prompt"] is True and last["model"] == MODEL
 

@@ -139,6 +139,22 @@ def test_chat_matches_transformers(
     assert any(outcomes), "every conversation errored: the comparison would be empty"
 
 
+def test_chat_with_add_special_tokens_like_vllm(
+    reference_tokenizers: dict[str, Any], ours_cached: dict[str, LocalTokenizer]
+) -> None:
+    # vLLM's chat request may set add_special_tokens: the rendered text is then encoded with
+    # the post-processor too (a second BOS for Llama-3-style templates).
+    for name in ("llama3", "unigram", "deepseek"):
+        ref = reference_tokenizers[name]
+        text = ref.apply_chat_template(CONVERSATIONS[2], tokenize=False, add_generation_prompt=True)
+        expected = ref.encode(text, add_special_tokens=True)
+        assert ours_cached[name].apply_chat_template(CONVERSATIONS[2], add_special_tokens=True) == (
+            expected
+        )
+    llama = ours_cached["llama3"].apply_chat_template(CONVERSATIONS[2], add_special_tokens=True)
+    assert llama[0] == llama[1]  # BOS from the post-processor, then the template's own
+
+
 def test_rendered_text_matches_transformers(
     reference_tokenizers: dict[str, Any], ours_uncached: dict[str, LocalTokenizer]
 ) -> None:

@@ -21,7 +21,7 @@ import aiohttp
 from kvindex.tokenize.errors import ChatTemplateError, TokenizationError
 
 EndpointStyle = Literal["tokenize", "render"]
-_CHAT_TOP_LEVEL = ("chat_template", "continue_final_message", "documents")
+_CHAT_TOP_LEVEL = ("chat_template", "continue_final_message", "documents", "add_special_tokens")
 
 
 class EngineTokenizer:

@@ -152,7 +152,8 @@ class LocalTokenizer:
         """The prompt text vLLM renders for a chat request. Extra keywords are template
         variables (vLLM's chat_template_kwargs), except `chat_template` (a template name or
         source), `documents` and `continue_final_message`, which mean what they mean in
-        transformers' apply_chat_template."""
+        transformers' apply_chat_template (and, for apply_chat_template, vLLM's
+        `add_special_tokens`)."""
         kwargs = dict(template_kwargs)
         name_or_source = kwargs.pop("chat_template", None)
         documents = kwargs.pop("documents", None)
@@ -180,8 +181,12 @@ class LocalTokenizer:
         tools: Sequence[Mapping[str, Any]] | None = None,
         **template_kwargs: Any,
     ) -> list[int]:
-        text = self.render_chat(messages, add_generation_prompt, tools, **template_kwargs)
-        return self.encode(text, add_special_tokens=False)
+        kwargs = dict(template_kwargs)
+        # vLLM's chat request field: the rendered text is tokenized with it (default False,
+        # since templates write their own BOS).
+        add_special_tokens = bool(kwargs.pop("add_special_tokens", False))
+        text = self.render_chat(messages, add_generation_prompt, tools, **kwargs)
+        return self.encode(text, add_special_tokens=add_special_tokens)
 
 
 def load_tokenizer(
