@@ -167,7 +167,7 @@ def test_trie_matcher_is_leftmost_longest(words: set[str], text: str) -> None:
 _CUT_FRAGMENTS = [
     "\n", "\nA", "\nz", " \n", "  \nword", "\n\nHello", "x\n", ".\n", "!\n\n", "\r\n", "12\n",
     "123456", "东京\n", "e\u0301\n", "\t\n", "'s\n", "'ll", "naïve\n", " ", "  ", "abc", "(x)",
-    "\u200b\n", "\nÉ", "<tool_call>\n", "<|im_start|>", "<｜User｜>\n",
+    "\u200b\n", "\nÉ", "<tool_call>\n", "<|im_start|>", "<｜User｜>\n", "<tool>", "<|eot_id|>",
 ]  # fmt: skip
 cut_text = st.lists(
     st.one_of(st.sampled_from(_CUT_FRAGMENTS), st.text(max_size=6)), max_size=40
@@ -236,3 +236,13 @@ def test_gpt2_regex_is_not_approved_because_the_cut_would_be_wrong() -> None:
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
     }
     assert plain_cuts_reason(spec, []) is not None
+
+
+def test_single_pass_scan_when_tokens_cannot_overlap(load_cached: Any) -> None:
+    # llama3-style: special and non-special tokens, all <...>: one scan finds both kinds.
+    llama = load_cached("llama3")._segments
+    assert llama is not None and llama._step2 is None and llama._step1 is not None
+    assert llama._step1.fullmatch("<tool>") and llama._step1.fullmatch("<|eot_id|>")
+    # DeepSeek has tokens like "<dsml:" that could overlap others: two passes stay.
+    deepseek = load_cached("deepseek")._segments
+    assert deepseek is not None and deepseek._step2 is not None

@@ -226,7 +226,7 @@ _ALPHABET = st.characters(codec="utf-8", exclude_categories=("Cs",))
 _FRAGMENTS = [
     "<｜User｜>", "<｜Assistant｜>", "<｜begin▁of▁sentence｜>", "<think>", "</think>",
     "<|im_start|>", "<|im_end|>", "<tool_call>", "<|eot_id|>", "<|start_header_id|>",
-    "<s>", "</s>", "[INST]", "[/INST]", "[CLS]", "[SEP]", "<|user|>",
+    "<s>", "</s>", "[INST]", "[/INST]", "[CLS]", "[SEP]", "<|user|>", "<tool>", "</tool>x",
     "'s", "'ll", " ", "  ", "\n", "\n\n", "\r\n", "\t", "123", "4567", "é", "東京", "🙂",
     "Hello", " world", "!!", "...", "e\u0301",
 ]  # fmt: skip

@@ -280,6 +280,9 @@ def build_llama3_style(root: Path) -> Path:
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    # Non-special added tokens are matched on normalized text (step 2); all tokens here are
+    # <...> shaped, so the cache scans for both kinds in one pass.
+    tok.add_tokens(["<tool>", "</tool>"])
     bos = tok.token_to_id("<|begin_of_text|>")
     tok.post_processor = processors.Sequence(
         [
