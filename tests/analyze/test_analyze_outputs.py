@@ -172,3 +172,15 @@ def test_config_file_warnings_and_bad_flags(
     assert main(["analyze", "--trace", "mooncake-synthetic", "--sweep", "x=1"]) == 2
     assert main(["analyze", "--trace", "mooncake-synthetic", "--weights", "prefix"]) == 2
     assert "NAME=WEIGHT" in capsys.readouterr().out
+
+
+def test_progress_counts_every_request() -> None:
+    from kvindex.analyze.readers import read_mooncake
+    from kvindex.analyze.runner import run_point
+    from kvindex.analyze.simulation import SimSettings
+    from kvindex.analyze.traces import resolve_trace
+
+    trace = read_mooncake(resolve_trace("mooncake-synthetic"), limit=700)
+    steps: list[int] = []
+    run_point(trace, ["random", "oracle"], SimSettings(engines=2), 1, steps.append)
+    assert sum(steps) == 2 * 700 and all(n >= 0 for n in steps) and len(steps) > 2

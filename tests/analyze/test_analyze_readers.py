@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 from analyze_helpers import write_mooncake
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kvindex.analyze.readers import (
     TraceError,
@@ -123,3 +125,46 @@ def test_request_log_token_ids_and_prompts(tmp_path: Path) -> None:
 def test_join_messages_format() -> None:
     text = join_messages([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
     assert text == "<|user|>\nhi\n<|assistant|>\n"
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+line_strategy = st.one_of(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "timestamp": json_values,
+            "input_length": json_values,
+            "output_length": json_values,
+            "hash_ids": json_values | st.lists(st.integers(-5, 2**33), max_size=5),
+        },
+    ).map(json.dumps),
+    st.text(max_size=30).filter(lambda t: "\n" not in t and "\r" not in t),
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(line_strategy, min_size=1, max_size=8))
+def test_reader_never_crashes_on_garbage(tmp_path: Path, lines: list[str]) -> None:
+    path = tmp_path / "fuzz.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    trace = read_mooncake(path, skip_bad_lines=True)
+    non_empty = sum(1 for line in lines if line.strip())
+    assert len(trace.requests) + trace.bad_lines == non_empty
+    try:
+        strict = read_mooncake(path)
+    except TraceError as e:
+        assert e.line >= 1 and e.field
+    else:
+        assert trace.bad_lines == 0 and len(strict.requests) == len(trace.requests)

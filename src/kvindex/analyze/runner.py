@@ -9,7 +9,7 @@ import multiprocessing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from kvindex.analyze.config import ProfileWeights, apply_weight_override, weight_name
+from kvindex.analyze.config import apply_weight_override, weight_name
 from kvindex.analyze.metrics import PolicyResult
 from kvindex.analyze.model import Trace
 from kvindex.analyze.simulation import SimSettings, simulate
@@ -87,18 +87,30 @@ def _run_one(args: tuple[Trace, str, SimSettings]) -> PolicyResult:
     return simulate(trace, policy, settings)
 
 
+Advance = Callable[[int], None]
+"""Progress callback: called with a number of requests simulated since the last call."""
+
+
 def _run_all(
     trace: Trace,
     tasks: Sequence[tuple[str, SimSettings]],
     jobs: int,
-    on_done: Callable[[], None] | None,
+    advance: Advance | None,
 ) -> list[PolicyResult]:
+    """Progress is in requests: per request in one process, per finished run otherwise."""
+    n_requests = len(trace.requests)
     if jobs <= 1 or len(tasks) <= 1:
         out = []
         for policy, settings in tasks:
-            out.append(simulate(trace, policy, settings))
-            if on_done is not None:
-                on_done()
+            done = 0
+
+            def step(n: int) -> None:
+                nonlocal done
+                if advance is not None:
+                    advance(n - done)
+                done = n
+
+            out.append(simulate(trace, policy, settings, step))
         return out
     # fork shares the already-read trace with the workers for free where available.
     methods = multiprocessing.get_all_start_methods()
@@ -111,8 +123,8 @@ def _run_all(
         }
         for future in cf.as_completed(futures):
             results[futures[future]] = future.result()
-            if on_done is not None:
-                on_done()
+            if advance is not None:
+                advance(n_requests)
     return [r for r in results if r is not None]
 
 
@@ -121,9 +133,9 @@ def run_point(
     policies: Sequence[str],
     settings: SimSettings,
     jobs: int = 1,
-    on_done: Callable[[], None] | None = None,
+    advance: Advance | None = None,
 ) -> list[PolicyResult]:
-    return _run_all(trace, [(p, settings) for p in policies], jobs, on_done)
+    return _run_all(trace, [(p, settings) for p in policies], jobs, advance)
 
 
 def run_sweep(
@@ -132,7 +144,7 @@ def run_sweep(
     base: SimSettings,
     sweep: SweepSpec | None,
     jobs: int = 1,
-    on_done: Callable[[], None] | None = None,
+    advance: Advance | None = None,
 ) -> list[SweepPoint]:
     """One point per sweep value (or the base settings alone); all (point, policy) runs
     share one process pool."""
@@ -141,13 +153,9 @@ def run_sweep(
     else:
         points = [(sweep.label(v), sweep.apply(base, v)) for v in sweep.values]
     tasks = [(p, s) for _, s in points for p in policies]
-    flat = _run_all(trace, tasks, jobs, on_done)
+    flat = _run_all(trace, tasks, jobs, advance)
     n = len(policies)
     return [
         SweepPoint(label, settings, flat[k * n : (k + 1) * n])
         for k, (label, settings) in enumerate(points)
     ]
-
-
-def default_weights() -> ProfileWeights:
-    return ProfileWeights()

@@ -249,8 +249,11 @@ def run(args: argparse.Namespace) -> int:
     jobs = args.jobs if args.jobs > 0 else (os.cpu_count() or 1)
     show_progress = not args.quiet and console.is_terminal
     with Progress(console=console, disable=not show_progress, transient=True) as progress:
-        task = progress.add_task("simulating", total=n_points * len(policies))
-        points = run_sweep(trace, policies, settings, sweep, jobs, lambda: progress.advance(task))
+        total = n_points * len(policies) * len(trace.requests)
+        task = progress.add_task("simulating", total=total)
+        points = run_sweep(
+            trace, policies, settings, sweep, jobs, lambda n: progress.advance(task, n)
+        )
     warnings = list(weights.warnings)
     document = build_document(trace, points, sweep, reuse_ceiling(trace), warnings)
     if args.json:
