@@ -117,7 +117,11 @@ def test_counts_per_engine_over_time_and_duplicates() -> None:
     assert doc["bad_frames"] == {"bad_topic": 1, "bad_payload": 1}
     assert doc["frames"] == len(FRAMES)
     # Blocks 0 and 1 of T are held by both engines.
-    assert doc["duplicated"] == {"keys_on_multiple_engines": 2, "by_engine_count": {"2": 2}}
+    assert doc["duplicated"] == {
+        "keys_on_multiple_engines": 2,
+        "by_engine_count": {"2": 2},
+        "by_engine_pair": [{"engines": ["10.0.0.1:8000", "10.0.0.2:8000"], "keys": 2}],
+    }
     windows = doc["timeline"]
     assert [w["t_s"] for w in windows] == [0.0, 10.0, 20.0]
     assert windows[0]["engines"]["10.0.0.1:8000"] == {"stored": 3, "removed": 0, "reused": 1}

@@ -118,6 +118,32 @@ def test_sweep_points_and_json_to_stdout(capsys: pytest.CaptureFixture[str]) -> 
     assert zero["hit_rate_blocks"] < five["hit_rate_blocks"]
 
 
+def test_sweep_summary_table_and_chart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "analyze",
+        "--trace",
+        "mooncake-synthetic",
+        "--limit",
+        "200",
+        "--policies",
+        "random,oracle",
+        "--sweep",
+        "engines=2,4",
+        "--plot",
+        str(tmp_path / "png"),
+        "--html",
+        str(tmp_path / "r.html"),
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "sweep: hit rate" in out and "engines=2" in out and "engines=4" in out
+    names = sorted(p.name for p in (tmp_path / "png").glob("*.png"))
+    assert "sweep-hit-rate.png" in names and "ttft-cdf-engines-2.png" in names
+    assert len(names) == 1 + 2 * 3
+    html = (tmp_path / "r.html").read_text()
+    assert "Sweep: hit rate" in html and html.count("data:image/png;base64,") == 7
+
+
 def test_parallel_jobs_give_the_same_results(tmp_path: Path) -> None:
     docs = []
     for jobs in ("1", "2"):

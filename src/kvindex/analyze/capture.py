@@ -156,18 +156,30 @@ class RecordingIndex:
     def stats(self) -> IndexStats:
         return self.inner.stats()
 
+    def _holders(self) -> dict[ContentKey, list[str]]:
+        holders: dict[ContentKey, list[str]] = {}
+        for engine in sorted(self.held):
+            keys = {key for block_keys in self.held[engine].values() for key in block_keys}
+            for key in keys:
+                holders.setdefault(key, []).append(engine)
+        return holders
+
     def duplicated(self) -> dict[int, int]:
         """Number of engines holding a key -> how many keys (only counts >= 2)."""
-        holders: dict[ContentKey, int] = {}
-        for held in self.held.values():
-            keys = {key for block_keys in held.values() for key in block_keys}
-            for key in keys:
-                holders[key] = holders.get(key, 0) + 1
         out: dict[int, int] = {}
-        for n in holders.values():
-            if n > 1:
-                out[n] = out.get(n, 0) + 1
+        for engines in self._holders().values():
+            if len(engines) > 1:
+                out[len(engines)] = out.get(len(engines), 0) + 1
         return dict(sorted(out.items()))
+
+    def duplicated_pairs(self) -> dict[tuple[str, str], int]:
+        """(engine, engine) -> keys both hold: where the same prefixes are cached twice."""
+        out: dict[tuple[str, str], int] = {}
+        for engines in self._holders().values():
+            for i, a in enumerate(engines):
+                for b in engines[i + 1 :]:
+                    out[(a, b)] = out.get((a, b), 0) + 1
+        return dict(sorted(out.items(), key=lambda item: (-item[1], item[0])))
 
 
 @dataclass(slots=True)
@@ -208,6 +220,10 @@ class CaptureAnalysis:
             "duplicated": {
                 "keys_on_multiple_engines": sum(duplicated.values()),
                 "by_engine_count": {str(k): v for k, v in duplicated.items()},
+                "by_engine_pair": [
+                    {"engines": list(pair), "keys": n}
+                    for pair, n in self.index.duplicated_pairs().items()
+                ],
             },
             "timeline": self.timeline,
         }

@@ -11,7 +11,7 @@ from typing import Any
 
 from kvindex.analyze.metrics import PolicyResult
 
-__all__ = ["PlotError", "render_charts", "write_charts"]
+__all__ = ["PlotError", "render_charts", "render_sweep_chart", "write_charts"]
 
 
 class PlotError(RuntimeError):
@@ -89,6 +89,31 @@ def render_charts(
     charts.append((f"engine-load{stem}", "Per-engine load" + suffix, _png(fig)))
     plt.close(fig)
     return charts
+
+
+def render_sweep_chart(
+    labels: Sequence[str],
+    values: Sequence[float],
+    parameter: str,
+    results: Sequence[Sequence[PolicyResult]],
+) -> tuple[str, str, bytes]:
+    """Hit rate per policy against the swept value (one line per policy)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    policies = [r.policy for r in results[0]]
+    for k, policy in enumerate(policies):
+        ax.plot(values, [point[k].hit_rate_blocks for point in results], marker="o", label=policy)
+    ax.set_xticks(list(values), list(labels), fontsize="small")
+    ax.set_xlabel(parameter)
+    ax.set_ylabel("prefix-cache hit rate (blocks)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    title = f"Hit rate by {parameter}"
+    ax.set_title(title)
+    png = _png(fig)
+    plt.close(fig)
+    return ("sweep-hit-rate", title, png)
 
 
 def write_charts(charts: Sequence[tuple[str, str, bytes]], directory: Path) -> list[Path]:

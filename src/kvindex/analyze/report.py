@@ -24,6 +24,7 @@ __all__ = [
     "SCHEMA",
     "build_document",
     "print_tables",
+    "sweep_summary",
     "write_csv",
     "write_html",
 ]
@@ -178,6 +179,29 @@ def print_tables(document: dict[str, Any], console: Console) -> None:
     ceiling = document["reuse_ceiling"]["hit_rate_blocks"]
     for point in document["points"]:
         console.print(_point_table(point, ceiling))
+    summary = sweep_summary(document)
+    if summary is not None:
+        header, rows = summary
+        table = Table(title="sweep: hit rate (blocks) / TTFT p90 ms", title_justify="left")
+        for i, column in enumerate(header):
+            table.add_column(column, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+
+
+def sweep_summary(document: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """One row per sweep point, one column per policy: where the knee is, at a glance."""
+    points = document["points"]
+    if document["sweep"] is None or len(points) < 2:
+        return None
+    policies = [p["policy"] for p in points[0]["policies"]]
+    rows = [
+        [point["label"]]
+        + [f"{p['hit_rate_blocks']:.1%} / {p['ttft_ms']['p90']:.0f}" for p in point["policies"]]
+        for point in points
+    ]
+    return ["point", *policies], rows
 
 
 def write_html(document: dict[str, Any], charts: Sequence[tuple[str, bytes]], path: Path) -> None:
@@ -229,6 +253,14 @@ def write_html(document: dict[str, Any], charts: Sequence[tuple[str, bytes]], pa
                 f"{p['load']['cv']:.3f}",
             ]
             parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        parts.append("</table>")
+    summary = sweep_summary(document)
+    if summary is not None:
+        header, rows = summary
+        parts.append("<h2>Sweep: hit rate (blocks) / TTFT p90 ms</h2><table><tr>")
+        parts.append("".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
+        for row in rows:
+            parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
         parts.append("</table>")
     for title, png in charts:
         data = base64.b64encode(png).decode()

@@ -261,10 +261,26 @@ def run(args: argparse.Namespace) -> int:
     if args.csv:
         write_csv(document, args.csv)
     if args.plot or args.html:
-        from kvindex.analyze.plots import PlotError, render_charts, write_charts
+        from kvindex.analyze.plots import (
+            PlotError,
+            render_charts,
+            render_sweep_chart,
+            write_charts,
+        )
 
         try:
             charts = [c for point in points for c in render_charts(point.results, point.label)]
+            if sweep is not None and len(points) > 1:
+                name = sweep.weight if sweep.parameter == "weights" else sweep.parameter
+                charts.insert(
+                    0,
+                    render_sweep_chart(
+                        [p.label for p in points],
+                        list(sweep.values),
+                        str(name),
+                        [p.results for p in points],
+                    ),
+                )
         except PlotError as e:
             return _fail(console, str(e))
         if args.plot:
