@@ -39,14 +39,16 @@ def main() -> None:
     t0 = time.perf_counter()
     read_mooncake(resolve_trace(args.trace))
     print(f"read + key {time.perf_counter() - t0:.3f} s")
-    for policy in POLICY_NAMES:
+    runs = [(p, "wire") for p in POLICY_NAMES] + [("precise-prefix", "ops")]
+    for policy, ingest in runs:
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            result = simulate(trace, policy, SimSettings(engines=8))
+            result = simulate(trace, policy, SimSettings(engines=8, precise_ingest=ingest))
             times.append(time.perf_counter() - t0)
+        label = f"{policy} ({ingest} ingest)" if policy == "precise-prefix" else policy
         print(
-            f"  {policy:20s} median {statistics.median(times):.3f} s  "
+            f"  {label:32s} median {statistics.median(times):.3f} s  "
             f"hit {result.hit_rate_blocks:.1%}"
         )
     medians = {}

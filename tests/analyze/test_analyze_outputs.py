@@ -29,6 +29,7 @@ POLICY_KEYS = {
     "load",
     "timeline",
     "index_keys",
+    "ingest_skipped",
 }
 
 
@@ -74,6 +75,7 @@ def test_all_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         assert len(p["timeline"]["hit_rate_blocks"]) == 60
     precise = point["policies"][list(POLICY_NAMES).index("precise-prefix")]
     assert precise["index_keys"] > 0
+    assert precise["ingest_skipped"] == {}  # every simulated event ingested
 
     rows = list(csv.reader((tmp_path / "r.csv").open()))
     assert tuple(rows[0]) == CSV_COLUMNS

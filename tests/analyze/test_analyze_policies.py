@@ -11,21 +11,27 @@ from hypothesis import strategies as st
 from kvindex.analyze.config import ProfileWeights
 from kvindex.analyze.model import Trace, TraceRequest
 from kvindex.analyze.policies import POLICY_NAMES
+from kvindex.analyze.readers import mooncake_keys
 from kvindex.analyze.simulation import SimSettings, simulate
 
 BT = 4  # tokens per block in the hand-made traces
 GAP_MS = 100_000.0  # far apart: every request has finished before the next arrives
 
 
-def trace_of(key_lists: list[list[int]], gap_ms: float = GAP_MS, output: int = 2) -> Trace:
+def request(arrival_ms: float, ids: list[int], output: int, input_tokens: int = 0) -> TraceRequest:
+    """A Mooncake-style request over block ids (keys chained as the reader does)."""
+    keys = tuple(mooncake_keys(ids))
+    return TraceRequest(
+        arrival_ms, input_tokens or len(ids) * BT, output, keys, tuple(ids), "mooncake"
+    )
+
+
+def trace_of(id_lists: list[list[int]], gap_ms: float = GAP_MS, output: int = 2) -> Trace:
     return Trace(
         "hand-made",
         "mooncake",
         BT,
-        [
-            TraceRequest(i * gap_ms, len(keys) * BT, output, tuple(keys))
-            for i, keys in enumerate(key_lists)
-        ],
+        requests=[request(i * gap_ms, ids, output) for i, ids in enumerate(id_lists)],
     )
 
 
@@ -89,7 +95,7 @@ def test_least_loaded_avoids_the_busy_engine() -> None:
         "hand-made",
         "mooncake",
         BT,
-        [TraceRequest(0.0, 8, 100_000, (1, 2)), TraceRequest(1000.0, 8, 1, (1, 2))],
+        requests=[request(0.0, [1, 2], 100_000), request(1000.0, [1, 2], 1)],
     )
     assert run(trace, "least-loaded", engines=2, capacity_blocks=100) == [0, 4]
     assert run(trace, "precise-prefix", engines=2, capacity_blocks=100, event_delay_ms=0) == [
@@ -165,7 +171,7 @@ def test_ttft_and_queueing_follow_the_cost_model() -> None:
         "hand-made",
         "mooncake",
         BT,
-        [TraceRequest(0.0, 8, 0, (1, 2)), TraceRequest(0.0, 8, 0, (3, 4))],
+        requests=[request(0.0, [1, 2], 0), request(0.0, [3, 4], 0)],
     )
     result = simulate(trace, "round-robin", SimSettings(engines=1, capacity_blocks=100))
     prefill = 15.0 + 8 * 0.05
@@ -198,8 +204,8 @@ def test_no_policy_beats_the_oracle_per_trace(
         t += gap
         keys = [family * 100 + d for d in range(depth)] + list(range(unique, unique + tail))
         unique += tail
-        reqs.append(TraceRequest(t, len(keys) * BT, output, tuple(keys)))
-    trace = Trace("generated", "mooncake", BT, reqs)
+        reqs.append(request(t, keys, output))
+    trace = Trace("generated", "mooncake", BT, requests=reqs)
     base = SimSettings(engines=engines, capacity_blocks=capacity, seed=seed)
     oracle = simulate(trace, "oracle", base)
     for policy in POLICY_NAMES:
@@ -208,3 +214,37 @@ def test_no_policy_beats_the_oracle_per_trace(
         assert sum(e.requests for e in result.engines) == len(reqs)
         assert len(result.ttft_samples) == len(reqs)
         assert all(x >= 0 for x in result.ttft_samples)
+
+
+@settings(max_examples=25, deadline=None)
+@given(requests_strategy, st.integers(1, 4), st.integers(2, 30), st.sampled_from([0.0, 30.0]))
+def test_wire_ingest_decides_exactly_like_direct_ops(
+    rows: list[tuple[int, int, int, int, int]], engines: int, capacity: int, delay: float
+) -> None:
+    # vLLM-encoded events through decode_batch + EventApplier must leave the index exactly
+    # as Store/Remove ops would: same routing, same hits, nothing skipped.
+    t = 0.0
+    reqs = []
+    unique = 10_000
+    for gap, family, depth, tail, output in rows:
+        t += gap
+        ids = [family * 100 + d for d in range(depth)] + list(range(unique, unique + tail))
+        unique += tail
+        reqs.append(request(t, ids, output))
+    trace = Trace("generated", "mooncake", BT, requests=reqs)
+    results = [
+        simulate(
+            trace,
+            "precise-prefix",
+            SimSettings(
+                engines=engines, capacity_blocks=capacity, event_delay_ms=delay, precise_ingest=mode
+            ),
+        )
+        for mode in ("wire", "ops")
+    ]
+    wire, ops = results
+    assert wire.hit_blocks == ops.hit_blocks
+    assert [e.requests for e in wire.engines] == [e.requests for e in ops.engines]
+    assert wire.ttft_samples == ops.ttft_samples
+    assert wire.index_keys == ops.index_keys
+    assert wire.ingest_skipped == {}

@@ -70,16 +70,17 @@ class EngineKV:
         self.reserved += len(keys) - hits + extra
         return self._evict_to(self.capacity)
 
-    def commit(self, keys: Sequence[ContentKey], hits: int) -> list[ContentKey]:
-        """The prefill finished: its blocks are cached (pinned). Returns the keys newly
-        stored."""
+    def commit(self, keys: Sequence[ContentKey], hits: int) -> list[int]:
+        """The prefill finished: its blocks are cached (pinned). Returns the positions (in
+        ``keys``) of the blocks newly stored."""
         refs, lru = self._refs, self._lru
-        stored: list[ContentKey] = []
-        for key in keys[hits:]:
+        stored: list[int] = []
+        for position in range(hits, len(keys)):
+            key = keys[position]
             count = refs.get(key)
             if count is None:
                 refs[key] = 1
-                stored.append(key)
+                stored.append(position)
             else:  # cached meanwhile by another request
                 if count == 0:
                     del lru[key]

@@ -68,6 +68,7 @@ class PolicyResult:
     window_s: float
     timeline_hit_rate: list[float | None]  # block hit rate of requests arriving per window
     index_keys: int | None = None  # precise policy: keys in the MemoryIndex at the end
+    ingest_skipped: dict[str, int] | None = None  # precise policy: events ingest skipped
     ttft_samples: list[float] = field(default_factory=list)  # sorted; for plots, not JSON
 
     @property
@@ -109,6 +110,7 @@ class PolicyResult:
             },
             "timeline": {"window_s": self.window_s, "hit_rate_blocks": self.timeline_hit_rate},
             "index_keys": self.index_keys,
+            "ingest_skipped": self.ingest_skipped,
         }
 
 
@@ -146,6 +148,7 @@ def summarise(
     first_token: Sequence[float],
     per_engine: Sequence[tuple[int, float, int, int]],
     index_keys: int | None,
+    ingest_skipped: dict[str, int] | None = None,
 ) -> PolicyResult:
     reqs = trace.requests
     bt = trace.block_tokens
@@ -175,5 +178,6 @@ def summarise(
         window_s=width_ms / 1000.0,
         timeline_hit_rate=[h / b if b else None for h, b in zip(w_hits, w_blocks, strict=True)],
         index_keys=index_keys,
+        ingest_skipped=ingest_skipped,
         ttft_samples=ttft,
     )

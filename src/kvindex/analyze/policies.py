@@ -11,16 +11,23 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+import msgspec
 
 from kvindex.analyze.config import ProfileWeights
+from kvindex.analyze.model import TraceRequest
 from kvindex.index import MemoryIndex, Remove, Store, StoredBlock, Tier
+from kvindex.ingest import EventApplier, IngestConfig
 from kvindex.keys import ContentKey
+from kvindex.wire import decode_batch
 
 __all__ = [
+    "INGEST_MODES",
     "POLICY_NAMES",
     "EngineView",
     "Policy",
+    "PolicyContext",
     "make_policy",
     "score_engines",
 ]
@@ -46,9 +53,13 @@ class Policy(Protocol):
 
     def routed(self, engine: int, keys: Sequence[ContentKey]) -> None: ...
 
-    def stored(self, engine: int, keys: Sequence[ContentKey]) -> None: ...
+    def stored(
+        self, now_ms: float, engine: int, request: TraceRequest, positions: Sequence[int]
+    ) -> None:
+        """The engine cached ``request``'s blocks at ``positions`` (ascending)."""
+        ...
 
-    def removed(self, engine: int, keys: Sequence[ContentKey]) -> None: ...
+    def removed(self, now_ms: float, engine: int, keys: Sequence[ContentKey]) -> None: ...
 
 
 # -- scorers ---------------------------------------------------------------------------------
@@ -111,10 +122,12 @@ class _Base:
     def routed(self, engine: int, keys: Sequence[ContentKey]) -> None:
         return None
 
-    def stored(self, engine: int, keys: Sequence[ContentKey]) -> None:
+    def stored(
+        self, now_ms: float, engine: int, request: TraceRequest, positions: Sequence[int]
+    ) -> None:
         return None
 
-    def removed(self, engine: int, keys: Sequence[ContentKey]) -> None:
+    def removed(self, now_ms: float, engine: int, keys: Sequence[ContentKey]) -> None:
         return None
 
 
@@ -195,18 +208,110 @@ class ApproximatePrefixPolicy(_Base):
                 del lru[key]
 
 
+def _runs(positions: Sequence[int]) -> list[tuple[int, int]]:
+    """Contiguous runs [start, end) of ascending positions."""
+    runs: list[tuple[int, int]] = []
+    for p in positions:
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
+
+
+class OpsEventSink:
+    """Engine events straight into ``BlockIndex.apply`` as ``Store``/``Remove`` ops."""
+
+    def __init__(self, index: MemoryIndex) -> None:
+        self.index = index
+        self.skipped: dict[str, int] = {}
+
+    def stored(
+        self, now_ms: float, engine: str, request: TraceRequest, positions: Sequence[int]
+    ) -> None:
+        keys = request.keys
+        blocks = [StoredBlock(keys[p], (keys[p],)) for p in positions]
+        self.index.apply(engine, [Store(Tier.GPU, blocks)])
+
+    def removed(self, now_ms: float, engine: str, keys: Sequence[ContentKey]) -> None:
+        self.index.apply(engine, [Remove(Tier.GPU, list(keys))])
+
+
+class WireEventSink:
+    """Engine events as vLLM 0.33 publishes them (msgpack batch, map-encoded events), through
+    ``decode_batch`` and the real ``EventApplier``: the index learns exactly what a live
+    subscriber would, including the key chaining from parent hashes."""
+
+    def __init__(self, index: MemoryIndex, chain_block: int) -> None:
+        self.index = index
+        self.chain_block = chain_block
+        self.applier = EventApplier(index, IngestConfig(block_size=chain_block))
+        self.skipped: dict[str, int] = {}
+        self._encode = msgspec.msgpack.Encoder().encode
+
+    def _apply(self, engine: str, ts: float, events: list[dict[str, Any]], model: str) -> None:
+        batch = decode_batch(self._encode([ts, events, None]))
+        counts = self.applier.apply_batch(engine, batch, model)
+        for reason, n in counts.skipped.items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
+        if batch.error is not None or batch.malformed or batch.unknown:
+            self.skipped["undecodable"] = self.skipped.get("undecodable", 0) + 1
+
+    def stored(
+        self, now_ms: float, engine: str, request: TraceRequest, positions: Sequence[int]
+    ) -> None:
+        keys, tokens, cb = request.keys, request.tokens, self.chain_block
+        events: list[dict[str, Any]] = []
+        for start, end in _runs(positions):
+            events.append(
+                {
+                    "type": "BlockStored",
+                    # The simulated engine's block hash is the content key itself (engine
+                    # hashes are opaque per-engine ids; any injective choice behaves alike).
+                    "block_hashes": list(keys[start:end]),
+                    "parent_block_hash": keys[start - 1] if start else None,
+                    "token_ids": list(tokens[start * cb : end * cb]),
+                    "block_size": cb,
+                    "lora_id": None,
+                    "medium": "GPU",
+                    "lora_name": request.lora,
+                }
+            )
+        self._apply(engine, now_ms / 1000.0, events, request.model)
+
+    def removed(self, now_ms: float, engine: str, keys: Sequence[ContentKey]) -> None:
+        event = {"type": "BlockRemoved", "block_hashes": list(keys), "medium": "GPU"}
+        self._apply(engine, now_ms / 1000.0, [event], "")
+
+
+INGEST_MODES = ("wire", "ops")
+
+
 class PrecisePrefixPolicy(_Base):
     """The real :class:`MemoryIndex`, fed by the simulated engines' store/evict events
-    (``Store``/``Remove`` through ``BlockIndex.apply``, the path the event ingest uses),
-    scored with the profile weights."""
+    (``wire``: encoded as vLLM sends them, decoded and ingested by ``EventApplier``;
+    ``ops``: ``Store``/``Remove`` ops straight into ``BlockIndex.apply``), scored with the
+    profile weights."""
 
     name = "precise-prefix"
     wants_events = True
 
-    def __init__(self, n_engines: int, rng: random.Random, weights: ProfileWeights) -> None:
+    def __init__(
+        self,
+        n_engines: int,
+        rng: random.Random,
+        weights: ProfileWeights,
+        chain_block: int,
+        ingest: str = "wire",
+    ) -> None:
         super().__init__(n_engines, rng)
         self.weights = weights
         self.index = MemoryIndex()
+        if ingest not in INGEST_MODES:
+            raise ValueError(f"unknown ingest mode {ingest!r} (one of {', '.join(INGEST_MODES)})")
+        self.sink: OpsEventSink | WireEventSink = (
+            WireEventSink(self.index, chain_block) if ingest == "wire" else OpsEventSink(self.index)
+        )
         self._names = [f"engine-{i}" for i in range(n_engines)]
         self._slot = {name: i for i, name in enumerate(self._names)}
 
@@ -218,33 +323,44 @@ class PrecisePrefixPolicy(_Base):
                 prefix[self._slot[name]] = match.blocks / total
         return _pick_max(score_engines(self.weights, engines, prefix), self.rng)
 
-    def stored(self, engine: int, keys: Sequence[ContentKey]) -> None:
-        # The simulated engine's block hash is the content key itself (engine hashes are
-        # opaque per-engine identities; any injective choice behaves the same).
-        blocks = [StoredBlock(key, (key,)) for key in keys]
-        self.index.apply(self._names[engine], [Store(Tier.GPU, blocks)])
+    def stored(
+        self, now_ms: float, engine: int, request: TraceRequest, positions: Sequence[int]
+    ) -> None:
+        self.sink.stored(now_ms, self._names[engine], request, positions)
 
-    def removed(self, engine: int, keys: Sequence[ContentKey]) -> None:
-        self.index.apply(self._names[engine], [Remove(Tier.GPU, list(keys))])
+    def removed(self, now_ms: float, engine: int, keys: Sequence[ContentKey]) -> None:
+        self.sink.removed(now_ms, self._names[engine], keys)
 
 
-PolicyFactory = Callable[[int, random.Random, ProfileWeights, int], Policy]
+@dataclass(frozen=True, slots=True)
+class PolicyContext:
+    n_engines: int
+    rng: random.Random
+    weights: ProfileWeights
+    block_tokens: int  # tokens per key (cost model, approximate LRU size)
+    chain_block: int  # TraceRequest.tokens entries per key (wire events)
+    ingest: str = "wire"
+
+
+PolicyFactory = Callable[[PolicyContext], Policy]
 
 _FACTORIES: dict[str, PolicyFactory] = {
-    "random": lambda n, rng, w, bt: RandomPolicy(n, rng),
-    "round-robin": lambda n, rng, w, bt: RoundRobinPolicy(n, rng),
-    "least-loaded": lambda n, rng, w, bt: LeastLoadedPolicy(n, rng),
-    "approximate-prefix": lambda n, rng, w, bt: ApproximatePrefixPolicy(n, rng, w, bt),
-    "precise-prefix": lambda n, rng, w, bt: PrecisePrefixPolicy(n, rng, w),
-    "oracle": lambda n, rng, w, bt: OraclePolicy(n, rng),
+    "random": lambda c: RandomPolicy(c.n_engines, c.rng),
+    "round-robin": lambda c: RoundRobinPolicy(c.n_engines, c.rng),
+    "least-loaded": lambda c: LeastLoadedPolicy(c.n_engines, c.rng),
+    "approximate-prefix": lambda c: ApproximatePrefixPolicy(
+        c.n_engines, c.rng, c.weights, c.block_tokens
+    ),
+    "precise-prefix": lambda c: PrecisePrefixPolicy(
+        c.n_engines, c.rng, c.weights, c.chain_block, c.ingest
+    ),
+    "oracle": lambda c: OraclePolicy(c.n_engines, c.rng),
 }
 POLICY_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
 
-def make_policy(
-    name: str, n_engines: int, rng: random.Random, weights: ProfileWeights, block_tokens: int
-) -> Policy:
+def make_policy(name: str, context: PolicyContext) -> Policy:
     factory = _FACTORIES.get(name)
     if factory is None:
         raise ValueError(f"unknown policy {name!r} (one of {', '.join(POLICY_NAMES)})")
-    return factory(n_engines, rng, weights, block_tokens)
+    return factory(context)

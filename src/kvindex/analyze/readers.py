@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,10 +126,7 @@ def _finish(trace: Trace) -> Trace:
     trace.requests.sort(key=lambda r: r.arrival_ms)
     if trace.requests and trace.requests[0].arrival_ms:
         t0 = trace.requests[0].arrival_ms
-        trace.requests = [
-            TraceRequest(r.arrival_ms - t0, r.input_tokens, r.output_tokens, r.keys)
-            for r in trace.requests
-        ]
+        trace.requests = [replace(r, arrival_ms=r.arrival_ms - t0) for r in trace.requests]
     return trace
 
 
@@ -165,7 +162,14 @@ def read_mooncake(
             reader.bad(number, "hash_ids", "ids must be integers in [0, 2**32)")
             continue
         reader.trace.requests.append(
-            TraceRequest(row.timestamp, row.input_length, row.output_length, tuple(keys))
+            TraceRequest(
+                row.timestamp,
+                row.input_length,
+                row.output_length,
+                tuple(keys),
+                tuple(row.hash_ids),
+                DEFAULT_MODEL,
+            )
         )
     return _finish(reader.trace)
 
@@ -223,7 +227,9 @@ def read_request_log(
     """Read a JSONL request log: ``timestamp`` (ms, or ISO-8601), ``model``, one of
     ``token_ids`` / ``prompt`` / ``messages``, optional ``output_length`` (or ``max_tokens``)
     and ``lora``. Prompts are blocked with our block keys (``chain_keys``)."""
-    reader = _Reader(path, skip_bad_lines, limit, Trace(str(path), "requests", block_tokens))
+    reader = _Reader(
+        path, skip_bad_lines, limit, Trace(str(path), "requests", block_tokens, block_tokens)
+    )
     for number, line in _lines(path):
         if reader.full():
             break
@@ -254,12 +260,16 @@ def read_request_log(
             reader.bad(number, "output_length", "expected a non-negative integer")
             continue
         lora = row.get("lora")
+        lora_name = lora if isinstance(lora, str) and lora else None
         try:
-            keys = chain_keys(
-                root_key(model, lora if isinstance(lora, str) else None), tokens, block_tokens
-            )
+            keys = chain_keys(root_key(model, lora_name), tokens, block_tokens)
         except OverflowError:
             reader.bad(number, "token_ids", "token ids must be integers in [0, 2**32)")
             continue
-        reader.trace.requests.append(TraceRequest(ts, len(tokens), output, tuple(keys)))
+        n_full = len(keys) * block_tokens
+        reader.trace.requests.append(
+            TraceRequest(
+                ts, len(tokens), output, tuple(keys), tuple(tokens[:n_full]), model, lora_name
+            )
+        )
     return _finish(reader.trace)

@@ -59,6 +59,7 @@ def settings_dict(settings: SimSettings, block_tokens: int) -> dict[str, Any]:
         "event_delay_ms": settings.event_delay_ms,
         "speed": settings.speed,
         "seed": settings.seed,
+        "precise_ingest": settings.precise_ingest,
         "weights": weights.as_dict(),
         "lru_capacity_per_server": weights.lru_capacity_per_server,
         "prefix_block_size_tokens": weights.block_size_tokens,

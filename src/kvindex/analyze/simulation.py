@@ -21,12 +21,18 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvindex.analyze.cache import EngineKV
 from kvindex.analyze.config import ProfileWeights
 from kvindex.analyze.metrics import PolicyResult, summarise
 from kvindex.analyze.model import Trace
-from kvindex.analyze.policies import EngineView, make_policy
+from kvindex.analyze.policies import (
+    EngineView,
+    PolicyContext,
+    PrecisePrefixPolicy,
+    make_policy,
+)
 from kvindex.keys import ContentKey
 
 __all__ = ["CostModel", "SimSettings", "simulate"]
@@ -56,6 +62,7 @@ class SimSettings:
     seed: int = 0
     weights: ProfileWeights = field(default_factory=ProfileWeights)
     windows: int = 60  # buckets of the hit-rate-over-time series
+    precise_ingest: str = "wire"  # "wire" (vLLM msgpack -> EventApplier) or "ops"
 
     def capacity_for(self, block_tokens: int) -> int:
         if self.capacity_blocks is not None:
@@ -90,7 +97,16 @@ def simulate(
     bt = trace.block_tokens
     cost = settings.cost
     rng = random.Random(settings.seed)
-    policy = make_policy(policy_name, settings.engines, rng, settings.weights, bt)
+    if (
+        policy_name == "precise-prefix"
+        and settings.precise_ingest == "wire"
+        and any(len(r.tokens) != len(r.keys) * trace.chain_block for r in reqs)
+    ):
+        raise ValueError("wire ingest needs every request's tokens; use precise_ingest='ops'")
+    context = PolicyContext(
+        settings.engines, rng, settings.weights, bt, trace.chain_block, settings.precise_ingest
+    )
+    policy = make_policy(policy_name, context)
     capacity = settings.capacity_for(bt)
     engines = [
         _Engine(EngineView(f"engine-{i}"), None if policy.oracle else EngineKV(capacity))
@@ -106,7 +122,9 @@ def simulate(
     finish = [0.0] * n_req
     out_blocks = [-(-r.output_tokens // bt) for r in reqs]
 
-    heap: list[tuple[float, int, int, int, list[ContentKey] | None]] = []
+    # (time, seq, kind, request or engine, payload): payload is the stored positions of
+    # request a (_STORED, with the engine as payload[0]) or the evicted keys (_REMOVED).
+    heap: list[tuple[float, int, int, int, Any]] = []
     seq = 0
     scale = 1.0 / settings.speed
     for i, r in enumerate(reqs):
@@ -116,14 +134,31 @@ def simulate(
     delay = settings.event_delay_ms
     wants_events = policy.wants_events
 
-    def announce(now: float, kind: int, engine: int, keys: list[ContentKey]) -> None:
+    def deliver(now: float, kind: int, a: int, payload: Any) -> None:
+        if kind == _STORED:
+            engine, positions = payload
+            policy.stored(now, engine, reqs[a], positions)
+        else:
+            policy.removed(now, a, payload)
+
+    def announce_stored(now: float, engine: int, i: int, positions: list[int]) -> None:
+        nonlocal seq
+        if not positions or not wants_events:
+            return
+        if delay <= 0:
+            policy.stored(now, engine, reqs[i], positions)
+            return
+        heapq.heappush(heap, (now + delay, seq, _STORED, i, (engine, positions)))
+        seq += 1
+
+    def announce_removed(now: float, engine: int, keys: list[ContentKey]) -> None:
         nonlocal seq
         if not keys or not wants_events:
             return
         if delay <= 0:
-            (policy.stored if kind == _STORED else policy.removed)(engine, keys)
+            policy.removed(now, engine, keys)
             return
-        heapq.heappush(heap, (now + delay, seq, kind, engine, keys))
+        heapq.heappush(heap, (now + delay, seq, _REMOVED, engine, keys))
         seq += 1
 
     def try_start(now: float, e: int) -> None:
@@ -138,7 +173,7 @@ def simulate(
             h = kv.cached_prefix(keys)
             if eng.view.running and not kv.fits(keys, h, out_blocks[i]):
                 return  # head-of-line waits for memory (an oversized request runs alone)
-            announce(now, _REMOVED, e, kv.admit(keys, h, out_blocks[i]))
+            announce_removed(now, e, kv.admit(keys, h, out_blocks[i]))
             hits[i] = h
             eng.view.kv_usage = kv.usage()
         eng.waiting.popleft()
@@ -185,7 +220,7 @@ def simulate(
             first_token[a] = now
             eng.prefilling = False
             if eng.kv is not None:
-                announce(now, _STORED, e, eng.kv.commit(reqs[a].keys, hits[a]))
+                announce_stored(now, e, a, eng.kv.commit(reqs[a].keys, hits[a]))
                 eng.view.kv_usage = eng.kv.usage()
             per_token = cost.decode_ms_per_token + cost.decode_ms_per_running * eng.view.running
             heapq.heappush(
@@ -200,18 +235,19 @@ def simulate(
             eng.view.running -= 1
             eng.view.in_flight -= 1
             if eng.kv is not None:
-                announce(now, _REMOVED, e, eng.kv.release(reqs[a].keys, out_blocks[a]))
+                announce_removed(now, e, eng.kv.release(reqs[a].keys, out_blocks[a]))
                 eng.view.kv_usage = eng.kv.usage()
             try_start(now, e)
-        elif payload is not None:
-            (policy.stored if kind == _STORED else policy.removed)(a, payload)
+        else:
+            deliver(now, kind, a, payload)
     if progress is not None:
         progress(n_req)
 
     index_keys = None
-    index = getattr(policy, "index", None)
-    if index is not None:
-        index_keys = index.stats().keys
+    ingest_skipped = None
+    if isinstance(policy, PrecisePrefixPolicy):
+        index_keys = policy.index.stats().keys
+        ingest_skipped = dict(policy.sink.skipped)
     return summarise(
         policy=policy_name,
         trace=trace,
@@ -226,4 +262,5 @@ def simulate(
             for e in engines
         ],
         index_keys=index_keys,
+        ingest_skipped=ingest_skipped,
     )

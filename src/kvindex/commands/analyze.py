@@ -104,6 +104,13 @@ def register(subparsers: Any) -> None:
     sim.add_argument("--speed", type=float, default=1.0, help=">1 compresses arrival times")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument(
+        "--precise-ingest",
+        choices=("wire", "ops"),
+        default="wire",
+        help="precise index fed by vLLM-encoded events through EventApplier "
+        "(wire) or by Store/Remove ops directly (ops, faster)",
+    )
+    sim.add_argument(
         "--config",
         type=Path,
         default=None,
@@ -244,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         weights=weights,
         windows=args.windows,
+        precise_ingest=args.precise_ingest,
     )
     n_points = 1 if sweep is None else len(sweep.values)
     jobs = args.jobs if args.jobs > 0 else (os.cpu_count() or 1)
