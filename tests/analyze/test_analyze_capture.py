@@ -4,6 +4,7 @@ batches live, and the per-engine counts are what the events say."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import msgspec
 import pytest
 
 from kvindex.analyze.capture import analyze_capture, default_capture_reader
+from kvindex.analyze.readers import detect_format
 from kvindex.cli import main
 from kvindex.engines import parse_topic
 from kvindex.index import MemoryIndex
@@ -156,8 +158,48 @@ def test_cli_capture_format(
     capture.write_bytes(b"\x00binary")
     monkeypatch.setattr(command, "default_capture_reader", lambda: lambda path: iter(FRAMES))
     out = tmp_path / "capture.json"
-    assert main(["analyze", "--trace", str(capture), "--json", str(out), "--window", "10"]) == 0
+    args = [
+        "analyze",
+        "--trace",
+        str(capture),
+        "--json",
+        str(out),
+        "--window",
+        "10",
+        "--csv",
+        str(tmp_path / "c.csv"),
+        "--plot",
+        str(tmp_path / "png"),
+        "--html",
+        str(tmp_path / "c.html"),
+    ]
+    assert main(args) == 0
     doc = json.loads(out.read_text())
     assert doc["schema"] == "kvindex.analyze.capture/v1"
     assert doc["engines"]["10.0.0.1:8000"]["stored"] == 3
-    assert "keys_on_multiple_engines" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "keys held by more than one engine: 2" in printed
+    assert "10.0.0.1:8000 + 10.0.0.2:8000" in printed
+    rows = list(csv.reader((tmp_path / "c.csv").open()))
+    assert rows[0] == [
+        "t_s",
+        "engine",
+        "stored",
+        "removed",
+        "reused",
+        "index_keys",
+        "duplicated_keys",
+    ]
+    assert rows[1][:5] == ["0.0", "10.0.0.1:8000", "3", "0", "1"]
+    pngs = sorted(p.name for p in (tmp_path / "png").glob("*.png"))
+    assert pngs == ["capture-engine-events.png", "capture-index-size.png"]
+    for name in pngs:
+        assert (tmp_path / "png" / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    page = (tmp_path / "c.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "10.0.0.2:8000" in page
+
+
+def test_json_line_captures_are_detected(tmp_path: Path) -> None:
+    path = tmp_path / "capture.jsonl"
+    path.write_text('{"received_at": 1.0, "topic": "kv@a:1@m", "seq": 0, "payload": ""}\n')
+    assert detect_format(path) == "capture"

@@ -18,7 +18,8 @@ class PlotError(RuntimeError):
     pass
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend."""
     try:
         import matplotlib
 
@@ -29,7 +30,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def _png(fig: Any) -> bytes:
+def png_of(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     return buf.getvalue()
@@ -39,7 +40,7 @@ def render_charts(
     results: Sequence[PolicyResult], label: str = "", max_cdf_points: int = 2000
 ) -> list[tuple[str, str, bytes]]:
     """(file stem, title, PNG bytes) for one settings point."""
-    plt = _pyplot()
+    plt = pyplot()
     suffix = f" ({label})" if label and label != "base" else ""
     stem = "" if not suffix else "-" + label.replace("=", "-").replace(":", "-")
     charts: list[tuple[str, str, bytes]] = []
@@ -55,7 +56,7 @@ def render_charts(
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     ax.set_title("Hit rate over time" + suffix)
-    charts.append((f"hit-rate-over-time{stem}", "Hit rate over time" + suffix, _png(fig)))
+    charts.append((f"hit-rate-over-time{stem}", "Hit rate over time" + suffix, png_of(fig)))
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -73,7 +74,7 @@ def render_charts(
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     ax.set_title("TTFT CDF" + suffix)
-    charts.append((f"ttft-cdf{stem}", "TTFT CDF" + suffix, _png(fig)))
+    charts.append((f"ttft-cdf{stem}", "TTFT CDF" + suffix, png_of(fig)))
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -86,7 +87,7 @@ def render_charts(
     ax.set_ylabel("requests routed")
     ax.legend(fontsize="small")
     ax.set_title("Per-engine load" + suffix)
-    charts.append((f"engine-load{stem}", "Per-engine load" + suffix, _png(fig)))
+    charts.append((f"engine-load{stem}", "Per-engine load" + suffix, png_of(fig)))
     plt.close(fig)
     return charts
 
@@ -98,7 +99,7 @@ def render_sweep_chart(
     results: Sequence[Sequence[PolicyResult]],
 ) -> tuple[str, str, bytes]:
     """Hit rate per policy against the swept value (one line per policy)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     policies = [r.policy for r in results[0]]
     for k, policy in enumerate(policies):
@@ -111,7 +112,7 @@ def render_sweep_chart(
     ax.legend(fontsize="small")
     title = f"Hit rate by {parameter}"
     ax.set_title(title)
-    png = _png(fig)
+    png = png_of(fig)
     plt.close(fig)
     return ("sweep-hit-rate", title, png)
 

@@ -90,6 +90,8 @@ def detect_format(path: Path) -> str:
             return "mooncake"
         if isinstance(first, dict) and ({"prompt", "messages", "token_ids"} & first.keys()):
             return "requests"
+        if isinstance(first, dict) and ({"payload", "received_at"} & first.keys()):
+            return "capture"  # a capture written as JSON lines
         raise TraceError(
             str(path),
             1,

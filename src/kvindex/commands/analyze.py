@@ -14,6 +14,12 @@ from rich.console import Console
 from rich.progress import Progress
 
 from kvindex.analyze.capture import analyze_capture, default_capture_reader
+from kvindex.analyze.capture_report import (
+    print_capture_tables,
+    render_capture_charts,
+    write_capture_csv,
+    write_capture_html,
+)
 from kvindex.analyze.config import (
     ConfigError,
     ProfileWeights,
@@ -203,8 +209,21 @@ def _run_capture(args: argparse.Namespace, path: Path, console: Console) -> int:
     document = analysis.document()
     if args.json:
         _write_json(document, args.json)
+    if args.csv:
+        write_capture_csv(document, args.csv)
+    if args.plot or args.html:
+        from kvindex.analyze.plots import PlotError, write_charts
+
+        try:
+            charts = render_capture_charts(document)
+        except PlotError as e:
+            return _fail(console, str(e))
+        if args.plot:
+            write_charts(charts, args.plot)
+        if args.html:
+            write_capture_html(document, [(title, png) for _, title, png in charts], args.html)
     if not args.quiet and args.json != "-":
-        console.print_json(json.dumps({k: v for k, v in document.items() if k != "timeline"}))
+        print_capture_tables(document, console)
     return 0
 
 
