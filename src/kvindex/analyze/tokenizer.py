@@ -1,8 +1,7 @@
-"""The tokenizer the request-log reader needs, behind the same protocol as
-``kvindex.tokenize.Tokenizer`` (a teammate's package, not merged yet). Until it is, a
-tokenizer.json loaded with ``tokenizers.Tokenizer.from_file`` serves, and chat messages are
-joined in one simple documented format; at merge, :func:`load_tokenizer` becomes a call into
-``kvindex.tokenize`` (one line)."""
+"""The tokenizer the request-log reader needs: ``kvindex.tokenize`` (the router's exact ids,
+chat rendered with the model's template). A tokenizer without a chat template (a bare
+tokenizer.json) renders chat messages in one simple documented format instead, which is
+enough for prefix analysis: equal conversations give equal prefixes."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["FileTokenizer", "TextTokenizer", "join_messages", "load_tokenizer"]
+__all__ = ["JoinedChatTokenizer", "TextTokenizer", "join_messages", "load_tokenizer"]
 
 
 class TextTokenizer(Protocol):
@@ -42,17 +41,14 @@ def join_messages(messages: Sequence[dict[str, Any]], add_generation_prompt: boo
     return "".join(out)
 
 
-class FileTokenizer:
-    """A Hugging Face tokenizer.json, with :func:`join_messages` as its chat template."""
+class JoinedChatTokenizer:
+    """A tokenizer without a chat template, with :func:`join_messages` standing in for it."""
 
-    def __init__(self, path: Path) -> None:
-        from tokenizers import Tokenizer
-
-        self._tokenizer = Tokenizer.from_file(str(path))
+    def __init__(self, inner: TextTokenizer) -> None:
+        self._inner = inner
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-        return ids
+        return self._inner.encode(text, add_special_tokens=add_special_tokens)
 
     def apply_chat_template(
         self,
@@ -60,15 +56,20 @@ class FileTokenizer:
         add_generation_prompt: bool = True,
         tools: Sequence[dict[str, Any]] | None = None,
     ) -> list[int]:
-        return self.encode(join_messages(messages, add_generation_prompt))
+        return self._inner.encode(join_messages(messages, add_generation_prompt))
 
 
 def load_tokenizer(path: str | Path) -> TextTokenizer:
-    """The tokenizer for ``--tokenizer PATH`` (a tokenizer.json file, or a directory with
-    one)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"--tokenizer {path}: no tokenizer.json there")
-    return FileTokenizer(p)
+    """The tokenizer for ``--tokenizer SPEC`` (a tokenizer.json file, a model directory, or a
+    model in the Hugging Face cache, as ``kvindex.tokenize`` loads them). Without a chat
+    template, chat messages fall back to :func:`join_messages`."""
+    from kvindex.tokenize import TokenizationError
+    from kvindex.tokenize import load_tokenizer as load_model_tokenizer
+
+    try:
+        tokenizer = load_model_tokenizer(path)
+    except TokenizationError as exc:
+        raise FileNotFoundError(f"--tokenizer {path}: {exc}") from exc
+    if not tokenizer.settings.chat_template:
+        return JoinedChatTokenizer(tokenizer)
+    return tokenizer
