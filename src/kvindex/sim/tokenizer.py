@@ -106,7 +106,15 @@ class ByteTokenizer:
 
 
 def load_tokenizer(spec: str | None) -> SimTokenizer:
-    """None -> DeepSeek tokenizer.json; "bytes" -> ByteTokenizer; else a tokenizer.json path."""
+    """None -> DeepSeek tokenizer.json with the simple rendering above; "bytes" ->
+    ByteTokenizer; anything else is a tokenizer spec for `kvindex.tokenize` (a tokenizer.json,
+    a model directory with its chat template, or a model in the Hugging Face cache), so the
+    engine computes exactly the ids vLLM (and the router) compute: completions with special
+    tokens, chat through the model's template."""
+    if spec is None:
+        return FileTokenizer()
     if spec == "bytes":
         return ByteTokenizer()
-    return FileTokenizer(spec)
+    from kvindex.tokenize import load_tokenizer as load_model_tokenizer
+
+    return load_model_tokenizer(spec)
