@@ -13,6 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
+from deploy.envoy.render import render as render_envoy
+from epp.discovery.kubernetes import REQUIRED_RBAC
+from epp.framework import load_config
 from tests.deploy.k8s_schema import SchemaError, validate
 from tests.deploy.kustomize_lite import render, strategic_merge
 
@@ -165,8 +168,7 @@ def test_picker_rbac_is_exactly_what_it_watches(rendered: tuple[str, list[Obj]])
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
-    watched = {("", "pods"), ("inference.networking.k8s.io", "inferencepools")}
-    assert granted == {(g, r, v) for g, r in watched for v in ("get", "list", "watch")}
+    assert granted == {(g, r, v) for (g, r), verbs in REQUIRED_RBAC.items() for v in verbs}
     (binding,) = _by_kind(objects, "RoleBinding")
     (picker,) = [w for w in _workloads(objects) if w["metadata"]["name"] == "epp"]
     account = picker["spec"]["template"]["spec"]["serviceAccountName"]
@@ -230,6 +232,8 @@ def test_picker_config_is_an_endpoint_picker_config(rendered: tuple[str, list[Ob
             assert ref["pluginRef"] in names
     types = {p["type"] for p in config["plugins"]}
     assert "precise-prefix-cache-scorer" in types
+    # The picker's own loader accepts it (types, parameters, references).
+    load_config(_one(objects, "ConfigMap", "epp-config")["data"]["config.yaml"])
     picker = _one(objects, "Deployment", "epp")
     mounts = {
         m["name"]: m["mountPath"] for c in _containers(picker) for m in c.get("volumeMounts", [])
@@ -317,3 +321,19 @@ def test_dockerfile_is_multi_stage_and_non_root() -> None:
     assert uid.isdigit() and int(uid) != 0
     picker_uid = 65532  # the Deployment's runAsUser
     assert int(uid) == picker_uid
+
+
+def test_standalone_envoy_config_is_the_tested_one() -> None:
+    objects = render(DEPLOY / "overlays" / "standalone-envoy")
+    shipped = _one(objects, "ConfigMap", "envoy-config")["data"]["envoy.yaml"]
+    # The same template the end-to-end tests render (tools/envoy_process.py), at its defaults.
+    assert shipped == (DEPLOY / "envoy" / "envoy.yaml").read_text() == render_envoy()
+    picker = _one(objects, "Deployment", "epp")
+    ports = _container_ports(picker)
+    envoy = yaml.safe_load(shipped)
+    listener = envoy["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert ports["http-gateway"] == listener["port_value"]
+    epp_args = next(c for c in _containers(picker) if c["name"] == "epp")["args"]
+    clusters = {c["name"]: c for c in envoy["static_resources"]["clusters"]}
+    epp_cluster = json.dumps(clusters)
+    assert f"--grpc-port={ports['grpc']}" in epp_args and str(ports["grpc"]) in epp_cluster

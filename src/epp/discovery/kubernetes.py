@@ -31,6 +31,12 @@ POOL_GROUP_VERSIONS: tuple[tuple[str, str], ...] = (
     ("inference.networking.k8s.io", "v1"),
     ("inference.networking.x-k8s.io", "v1alpha2"),
 )
+# What this module reads, as (API group, resource) -> verbs: the picker's Role must grant
+# exactly this (deploy/base/rbac.yaml; tests/deploy checks it).
+REQUIRED_RBAC: dict[tuple[str, str], tuple[str, ...]] = {
+    ("", "pods"): ("get", "list", "watch"),
+    **{(group, POOL_PLURAL): ("get", "list", "watch") for group, _ in POOL_GROUP_VERSIONS},
+}
 WATCH_TIMEOUT_S = 300
 RETRY_DELAY_S = 1.0
 
