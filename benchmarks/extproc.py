@@ -37,7 +37,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from epp.types import Endpoint, LLMRequest, ProfileResult, ResponseStats, SchedulingResult
-from tools.envoy_process import EnvoyProcess
+from kvindex.demo.envoy import EnvoyProcess
 
 CHUNK = 16 << 10
 SIZES = {"1k": 1024, "8k": 8192}

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 # One line per subcommand module; each module owns its flags and its handler.
 COMMAND_MODULES: tuple[str, ...] = (
     "kvindex.commands.analyze",
+    "kvindex.commands.demo",
     "kvindex.commands.hash",
 )
 

@@ -28,7 +28,7 @@ from epp.types import (
     ResponseStats,
     SchedulingResult,
 )
-from tools.envoy_process import EnvoyProcess, find_envoy
+from kvindex.demo.envoy import EnvoyProcess, find_envoy
 
 pytestmark = pytest.mark.skipif(find_envoy() is None, reason="envoy binary not installed")
 
@@ -483,6 +483,6 @@ async def test_epp_serve_with_the_framework_routes_to_the_least_loaded(
 
 
 def test_checked_in_envoy_yaml_is_the_rendered_default() -> None:
-    from tools.envoy_process import RENDER_PY, load_renderer
+    from kvindex.demo.envoy import RENDER_PY, load_renderer
 
     assert (RENDER_PY.parent / "envoy.yaml").read_text() == load_renderer().render()

@@ -19,7 +19,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+# The demo runs from a checkout (`make demo`): the Envoy template lives in deploy/.
+REPO = Path(__file__).resolve().parents[3]
 RENDER_PY = REPO / "deploy" / "envoy" / "render.py"
 
 

@@ -1,0 +1,195 @@
+"""The demo's processes: simulated engines (`kvindex-sim`) and the picker (`epp serve`),
+each in its own process group with a log file, started with readiness checks and stopped as
+a whole. (Envoy: kvindex.demo.envoy.) The demo launches the picker as a program; kvindex
+never imports epp."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Engine", "ManagedProcess", "PortInUse", "free_port", "start_picker", "start_sim"]
+
+
+class PortInUse(RuntimeError):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def check_port_free(port: int, flag: str, host: str = "127.0.0.1") -> None:
+    """Raise PortInUse naming the port and the flag that changes it."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise PortInUse(
+                f"port {port} on {host} is already in use ({exc.strerror}); "
+                f"choose another with {flag} PORT (0 picks a free one)"
+            ) from exc
+
+
+def _script(name: str) -> str:
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"`{name}` not found: install the project (make demo does)")
+    return found
+
+
+class ManagedProcess:
+    def __init__(self, name: str, argv: Sequence[str], workdir: Path) -> None:
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            list(argv),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+        )
+
+    def log(self, tail: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-tail:]
+        except OSError:
+            return ""
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(
+                f"{self.name} exited with code {self.process.returncode}:\n{self.log()}"
+            )
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=5)
+            except ProcessLookupError:
+                pass
+        self._log.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    name: str  # engine-<i>, the simulator's x-kvsim-engine value
+    url: str
+    endpoint: str  # ip:port, the picker's endpoint key
+
+
+_ENGINE_LINE = re.compile(r"^(engine-\d+) rank 0: http (http://([\d.]+):(\d+)) ")
+
+
+def start_sim(
+    workdir: Path,
+    *,
+    engines: int,
+    model_dir: Path,
+    model: str,
+    events_endpoint: str,
+    num_gpu_blocks: int,
+    max_num_seqs: int,
+    time_scale: float,
+    prefill_ms_per_token: float,
+    decode_ms_per_token: float,
+    timeout_s: float = 30.0,
+) -> tuple[ManagedProcess, list[Engine]]:
+    argv = [
+        _script("kvindex-sim"),
+        f"--engines={engines}",
+        "--base-port=0",
+        f"--model={model}",
+        f"--tokenizer={model_dir}",
+        f"--kv-events-endpoint={events_endpoint}",
+        f"--num-gpu-blocks={num_gpu_blocks}",
+        f"--max-num-seqs={max_num_seqs}",
+        f"--time-scale={time_scale}",
+        f"--prefill-ms-per-token={prefill_ms_per_token}",
+        f"--decode-ms-per-token={decode_ms_per_token}",
+    ]
+    process = ManagedProcess("engines", argv, workdir)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = [_ENGINE_LINE.match(line) for line in process.log(100_000).splitlines()]
+        matches = [m for m in found if m]
+        if len(matches) >= engines:
+            return process, [
+                Engine(m.group(1), m.group(2), f"{m.group(3)}:{m.group(4)}") for m in matches
+            ]
+        process.check_alive()
+        if time.monotonic() > deadline:
+            process.stop()
+            raise RuntimeError(f"simulated engines not up in {timeout_s:.0f}s:\n{process.log()}")
+        time.sleep(0.05)
+
+
+def start_picker(
+    workdir: Path,
+    *,
+    config: str,
+    endpoints: Sequence[str],
+    grpc_port: int,
+    health_port: int,
+    metrics_port: int,
+    timeout_s: float = 60.0,
+) -> ManagedProcess:
+    config_path = workdir / "picker.yaml"
+    config_path.write_text(config)
+    argv = [
+        _script("epp"),
+        "serve",
+        f"--config={config_path}",
+        "--host=127.0.0.1",
+        f"--grpc-port={grpc_port}",
+        f"--health-port={health_port}",
+        f"--metrics-port={metrics_port}",
+        f"--endpoints={','.join(endpoints)}",
+        "--log-level=warning",
+    ]
+    process = ManagedProcess("picker", argv, workdir)
+    _wait_serving(process, health_port, timeout_s)
+    return process
+
+
+def _wait_serving(process: ManagedProcess, health_port: int, timeout_s: float) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            process.check_alive()
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                process.stop()
+                raise RuntimeError(f"picker not ready in {timeout_s:.0f}s:\n{process.log()}")
+            time.sleep(0.1)

