@@ -106,6 +106,7 @@ class ScoreResult:
     total_blocks: int
     scores: tuple[EngineScore, ...]  # best first
     keys: tuple[ContentKey, ...] = ()
+    prompt_tokens: int = 0
 
     def best(self) -> EngineScore | None:
         return self.scores[0] if self.scores and self.scores[0].matched_blocks else None
@@ -180,6 +181,7 @@ class Scorer:
             total_blocks=len(keys),
             scores=scores,
             keys=tuple(keys),
+            prompt_tokens=len(token_ids),
         )
 
     def score_keys(

