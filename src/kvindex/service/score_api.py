@@ -273,6 +273,12 @@ class ScoreService:
 
     def score(self, query: ScoreQuery, api: str, method: str = "score") -> ScoreResult:
         """Score one request; every outcome is counted under ``api`` / ``method``."""
+        return self.score_detailed(query, api, method)[1]
+
+    def score_detailed(
+        self, query: ScoreQuery, api: str, method: str = "score"
+    ) -> tuple[Tokenized, ScoreResult]:
+        """As :meth:`score`, also returning the resolved model and the prompt's token ids."""
         started = time.perf_counter()
         try:
             tokens = self.tokenize(query)
@@ -286,7 +292,7 @@ class ScoreService:
             raise
         self.metrics.duration.labels(query.input_kind).observe(time.perf_counter() - started)
         self.metrics.ok(api, method)
-        return result
+        return tokens, result
 
     def record_speculative(self, engine: str, query: ScoreQuery, api: str) -> int:
         """Record that ``engine`` was just sent this prompt; returns the blocks recorded."""
