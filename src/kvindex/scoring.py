@@ -201,7 +201,7 @@ class Scorer:
                 n = spec.extend(engine, keys, start)
                 if n:
                     extra[engine] = n
-                if start:
+                if start and spec.holds(engine, keys[start - 1]):
                     # The engine really holds these now; their speculative twins are moot.
                     spec.forget(engine, keys[:start])
         total = len(keys)

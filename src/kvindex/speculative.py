@@ -2,14 +2,16 @@
 router right after it sends a request to an engine, so that a burst of requests sharing a new
 prefix sticks to that engine before its KV events arrive (llm-d's ``speculativeIndexing``).
 
-Pure and synchronous; the clock is injected. Entries live ``ttl_s`` seconds; expired entries
-are purged lazily (on every record and lookup, oldest first), and the total is bounded by
-``max_entries`` (oldest dropped first). Real index entries take precedence in scoring (see
-:mod:`kvindex.scoring`): a speculative entry only ever extends an engine's real match.
+Pure (no I/O), synchronous and thread-safe (one lock); the clock is injected. Entries live
+``ttl_s`` seconds; expired entries are purged lazily (on every record and lookup, oldest
+first), and the total is bounded by ``max_entries`` (oldest dropped first). Real index
+entries take precedence in scoring (see :mod:`kvindex.scoring`): a speculative entry only
+ever extends an engine's real match.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -63,71 +65,83 @@ class SpeculativeIndex:
         self._recorded = 0
         self._expired = 0
         self._dropped = 0
+        # Edges call scoring from worker threads; one lock keeps the structures consistent.
+        self._lock = threading.Lock()
 
     def record(self, engine: str, keys: Sequence[ContentKey]) -> int:
         """The engine was just sent a request whose prompt has these keys (from the first
         block on): it will hold them shortly. Returns the number of entries recorded."""
-        now = self._clock()
-        self._purge(now)
-        expiry = now + self.config.ttl_s
-        mine = self._by_engine.setdefault(engine, {})
-        queue = self._queue
-        number = self._recorded
-        for key in keys:
-            if key not in mine:
-                self._live += 1
-            number += 1
-            mine[key] = (expiry, number)
-            queue.append((expiry, number, engine, key))
-        self._recorded = number
-        while self._live > self.config.max_entries:
-            self._pop_front(dropping=True)
-        return len(keys)
+        with self._lock:
+            now = self._clock()
+            self._purge(now)
+            expiry = now + self.config.ttl_s
+            mine = self._by_engine.setdefault(engine, {})
+            queue = self._queue
+            number = self._recorded
+            for key in keys:
+                if key not in mine:
+                    self._live += 1
+                number += 1
+                mine[key] = (expiry, number)
+                queue.append((expiry, number, engine, key))
+            self._recorded = number
+            while self._live > self.config.max_entries:
+                self._pop_front(dropping=True)
+            return len(keys)
 
     def extend(self, engine: str, keys: Sequence[ContentKey], start: int = 0) -> int:
         """How many consecutive keys from ``keys[start]`` on the engine holds speculatively."""
         if not self._live:
             return 0
-        now = self._clock()
-        self._purge(now)
-        mine = self._by_engine.get(engine)
-        if not mine:
-            return 0
-        n = 0
-        for position in range(start, len(keys)):
-            entry = mine.get(keys[position])
-            if entry is None or entry[0] <= now:
-                break
-            n += 1
-        return n
+        with self._lock:
+            now = self._clock()
+            self._purge(now)
+            mine = self._by_engine.get(engine)
+            if not mine:
+                return 0
+            n = 0
+            for position in range(start, len(keys)):
+                entry = mine.get(keys[position])
+                if entry is None or entry[0] <= now:
+                    break
+                n += 1
+            return n
+
+    def holds(self, engine: str, key: ContentKey) -> bool:
+        """Whether the engine has a live speculative entry for ``key``."""
+        return self.extend(engine, (key,)) == 1
 
     def engines(self) -> list[str]:
         """Engines with at least one live speculative entry."""
-        self._purge(self._clock())
-        return [engine for engine, mine in self._by_engine.items() if mine]
+        with self._lock:
+            self._purge(self._clock())
+            return [engine for engine, mine in self._by_engine.items() if mine]
 
     def forget(self, engine: str, keys: Sequence[ContentKey]) -> None:
         """Drop entries the real index now confirms (they are irrelevant from here on); their
         queue items are skipped when they reach the front."""
-        mine = self._by_engine.get(engine)
-        if not mine:
-            return
-        for key in keys:
-            if mine.pop(key, None) is not None:
-                self._live -= 1
+        with self._lock:
+            mine = self._by_engine.get(engine)
+            if not mine:
+                return
+            for key in keys:
+                if mine.pop(key, None) is not None:
+                    self._live -= 1
 
     def purge_engine(self, engine: str) -> None:
         """Forget an engine entirely (it left discovery)."""
-        mine = self._by_engine.pop(engine, None)
-        if mine:
-            self._live -= len(mine)
+        with self._lock:
+            mine = self._by_engine.pop(engine, None)
+            if mine:
+                self._live -= len(mine)
 
     def __len__(self) -> int:
         return self._live
 
     def stats(self) -> SpeculativeStats:
-        self._purge(self._clock())
-        return SpeculativeStats(self._live, self._recorded, self._expired, self._dropped)
+        with self._lock:
+            self._purge(self._clock())
+            return SpeculativeStats(self._live, self._recorded, self._expired, self._dropped)
 
     def _purge(self, now: float) -> None:
         queue = self._queue

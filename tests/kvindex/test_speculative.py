@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import threading
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -109,3 +111,35 @@ def test_matches_a_naive_model(ops: list[tuple[str, list[int], float]], bound: i
             for key in range(21):
                 held = (engine_name, key) in order
                 assert spec.extend(engine_name, [key]) == int(held)
+
+
+def test_concurrent_record_and_extend_keep_counts_consistent() -> None:
+    """The edges call scoring from worker threads: records, lookups and forgets interleave."""
+    spec = SpeculativeIndex(SpeculativeConfig(ttl_s=60.0, max_entries=500))
+    errors: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        try:
+            for round_ in range(300):
+                keys = [worker * 10_000 + round_ * 7 + i for i in range(8)]
+                spec.record(f"e:{worker}", keys)
+                spec.extend(f"e:{worker}", keys)
+                spec.engines()
+                if round_ % 5 == 0:
+                    spec.forget(f"e:{worker}", keys[:2])
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    assert len(spec) <= 500
+    live = sum(spec.extend(engine, [k]) for engine in spec.engines() for k in _all_keys())
+    assert live == len(spec)
+
+
+def _all_keys() -> set[int]:
+    return {w * 10_000 + r * 7 + i for w in range(4) for r in range(300) for i in range(8)}
