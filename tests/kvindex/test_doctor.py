@@ -248,3 +248,21 @@ async def test_cli_errors_name_the_fix(setup: Setup, capsys: pytest.CaptureFixtu
     )
     assert code == 2
     assert "--token-ids takes" in capsys.readouterr().err
+
+
+async def test_cli_chat_messages_from_file(
+    setup: Setup, capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
+    messages = [{"role": "user", "content": TEXT}]
+    ids = deepseek().apply_chat_template(messages, add_generation_prompt=False)
+    store_prompt(setup.index, "10.0.0.1:8000", MODEL, ids)
+    path = tmp_path / "messages.json"
+    path.write_text(json.dumps(messages))
+    argv = ["doctor", "--index-url", setup.base_url, "--model", MODEL]
+    await asyncio.to_thread(
+        cli.main, [*argv, "--messages-file", str(path), "--no-generation-prompt", "--json"]
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["prompt_tokens"] == len(ids)
+    assert report["engines"][0]["matched_blocks"] == len(ids) // 16
+    assert report["engines"][0]["stops_at"] is None
