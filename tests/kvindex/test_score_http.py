@@ -4,6 +4,7 @@ DeepSeek tokenizer."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -198,3 +199,23 @@ async def test_without_tokenizers_text_needs_a_tokenizer_and_models_are_checked(
         status, body = await api.post("/v1/score", {"model": "other", "token_ids": [1]})
         assert status == 404
         assert MODEL in body["error"]["message"]
+
+
+async def test_chunked_bodies_are_read_whole_and_bounded(api: Api) -> None:
+    ids = deepseek().encode(TEXT)
+    store_prompt(api.index, "10.0.0.1:8000", MODEL, ids)
+    body = json.dumps({"model": MODEL, "token_ids": ids}).encode()
+
+    async def chunks(data: bytes) -> AsyncIterator[bytes]:
+        for start in range(0, len(data), 1000):
+            yield data[start : start + 1000]
+
+    response = await api.client.post(
+        "/v1/score", data=chunks(body), headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 200
+    assert pairs(await response.json()) == [("10.0.0.1:8000", len(ids) // 16)]
+    big = json.dumps({"model": MODEL, "prompt": "y" * 250_000}).encode()
+    response = await api.client.post("/v1/score", data=chunks(big))
+    assert response.status == 413
+    assert (await response.json())["error"]["reason"] == "body_too_large"

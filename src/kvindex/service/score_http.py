@@ -139,9 +139,7 @@ class _Routes:
         try:
             if request.content_length is not None and request.content_length > self.max_body_bytes:
                 raise self._too_large(request.content_length)
-            raw = await request.content.read(self.max_body_bytes + 1)
-            if len(raw) > self.max_body_bytes:
-                raise self._too_large(len(raw))
+            raw = await self._read_bounded(request)
             try:
                 return _decoder.decode(raw)
             except msgspec.ValidationError as exc:
@@ -155,6 +153,17 @@ class _Routes:
         except ScoreRequestError as exc:
             self.service.metrics.error(API, method, exc.reason)
             raise
+
+    async def _read_bounded(self, request: web.Request) -> bytes:
+        """The whole body (chunked or not), refused as soon as it passes the limit."""
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await request.content.read(1 << 16):
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise self._too_large(size)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _too_large(self, size: int) -> ScoreRequestError:
         return ScoreRequestError(
