@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -183,3 +185,19 @@ def test_prompt_keys_match_chain_from_events() -> None:
     store_prompt(index, "e:1", MODEL, PROMPT, salt="s")
     keys = prompt_keys(MODEL, PROMPT, cache_salt="s")
     assert index.lookup(keys)["e:1"].blocks == 10
+
+
+def test_scoring_over_every_backend(index_factory: Any) -> None:
+    """The scorer needs only the BlockIndex contract: same answers on every backend."""
+    index = index_factory()
+    store_prompt(index, "10.0.0.1:8000", MODEL, PROMPT[:64], medium="CPU")
+    store_prompt(index, "10.0.0.2:8000", MODEL, PROMPT, lora="sql-adapter", salt="s")
+    store_prompt(index, "10.0.0.3:8000", MODEL, PROMPT)
+    scorer = Scorer(index)
+    result = scorer.score_tokens(MODEL, PROMPT, engines=["10.0.0.1:8000", "10.0.0.3:8000"])
+    assert [(s.engine, s.matched_blocks, s.by_tier) for s in result.scores] == [
+        ("10.0.0.3:8000", 10, (10, 0, 0)),
+        ("10.0.0.1:8000", 4, (0, 4, 0)),
+    ]
+    salted = scorer.score_tokens(MODEL, PROMPT, lora="sql-adapter", cache_salt="s")
+    assert [(s.engine, s.matched_blocks) for s in salted.scores] == [("10.0.0.2:8000", 10)]
