@@ -9,7 +9,11 @@ import sys
 from collections.abc import Sequence
 
 # One line per subcommand module; each module owns its flags and its handler.
-COMMAND_MODULES: tuple[str, ...] = ("kvindex.commands.doctor",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "kvindex.commands.analyze",
+    "kvindex.commands.doctor",
+    "kvindex.commands.hash",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
