@@ -272,3 +272,28 @@ async def test_health_check_and_watch(served: Served) -> None:
     second = await asyncio.wait_for(stream.read(), 5)
     assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
     stream.cancel()
+
+
+async def test_backend_failure_is_internal() -> None:
+    class FailingIndex(MemoryIndex):
+        """Failure injection: lookups fail as a Redis backend's do when Redis goes away."""
+
+        def lookup(self, keys: object, engines: object = None) -> dict[str, object]:
+            raise ConnectionError("backend unavailable")
+
+    registry = CollectorRegistry()
+    service = ScoreService(Scorer(FailingIndex()), metrics=ScoreMetrics(registry))
+    server = build_grpc_server(service)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = kvindex_pb2_grpc.KVIndexStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.ScoreTokens(
+                    kvindex_pb2.ScoreTokensRequest(model=MODEL, token_ids=list(range(32)))
+                )
+        assert caught.value.code() == grpc.StatusCode.INTERNAL
+        assert errors(registry, "grpc", "internal_error") == 1.0
+    finally:
+        await server.stop(None)

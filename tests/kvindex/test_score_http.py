@@ -219,3 +219,22 @@ async def test_chunked_bodies_are_read_whole_and_bounded(api: Api) -> None:
     response = await api.client.post("/v1/score", data=chunks(big))
     assert response.status == 413
     assert (await response.json())["error"]["reason"] == "body_too_large"
+
+
+class FailingIndex(MemoryIndex):
+    """Failure injection: a backend whose lookups fail (as a Redis backend does when Redis
+    goes away mid-request)."""
+
+    def lookup(self, keys: Any, engines: Any = None) -> Any:
+        raise ConnectionError("backend unavailable")
+
+
+async def test_backend_failure_is_a_counted_500() -> None:
+    index = FailingIndex()
+    service = ScoreService(Scorer(index), metrics=ScoreMetrics(CollectorRegistry()))
+    async for api in start(service, index):
+        status, body = await api.post("/v1/score", {"model": MODEL, "token_ids": list(range(32))})
+        assert status == 500
+        assert body["error"]["reason"] == "internal_error"
+        assert "ConnectionError" in body["error"]["message"]
+        assert api.errors("internal_error") == 1.0

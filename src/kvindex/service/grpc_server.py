@@ -44,7 +44,7 @@ GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.NO_TOKENIZER: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorKind.UNTOKENIZABLE: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorKind.ENGINE_UNREACHABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
 # grpc ships no type information (mypy sees Any); the alias documents what is passed.

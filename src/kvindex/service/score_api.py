@@ -14,6 +14,7 @@ classified by class name (``UnknownModelError``, ``TokenizerLoadError``, ``ChatT
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from kvindex.scoring import Scorer, ScoreResult, ScoringError
 
 _T = TypeVar("_T")
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "HTTP_STATUS",
@@ -67,7 +69,7 @@ class ErrorKind(Enum):
     NO_TOKENIZER = "no_tokenizer"
     UNTOKENIZABLE = "untokenizable"
     TOO_LARGE = "prompt_too_large"
-    ENGINE_UNREACHABLE = "engine_unreachable"
+    INTERNAL = "internal_error"
 
 
 HTTP_STATUS: dict[ErrorKind, int] = {
@@ -76,7 +78,7 @@ HTTP_STATUS: dict[ErrorKind, int] = {
     ErrorKind.NO_TOKENIZER: 424,
     ErrorKind.UNTOKENIZABLE: 422,
     ErrorKind.TOO_LARGE: 413,
-    ErrorKind.ENGINE_UNREACHABLE: 502,
+    ErrorKind.INTERNAL: 500,
 }
 
 
@@ -290,6 +292,8 @@ class ScoreService:
         except ScoreRequestError as exc:
             self.metrics.error(api, method, exc.reason)
             raise
+        except Exception as exc:
+            raise self._internal(exc, api, method) from exc
         self.metrics.duration.labels(query.input_kind).observe(time.perf_counter() - started)
         self.metrics.ok(api, method)
         return tokens, result
@@ -308,11 +312,20 @@ class ScoreService:
         except ScoreRequestError as exc:
             self.metrics.error(api, "speculative", exc.reason)
             raise
+        except Exception as exc:
+            raise self._internal(exc, api, "speculative") from exc
         self.metrics.speculative_blocks.inc(n)
         self.metrics.ok(api, "speculative")
         return n
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _internal(self, exc: Exception, api: str, method: str) -> ScoreRequestError:
+        """A bug or a backend failure (e.g. Redis down): logged with its traceback, counted,
+        answered as 500 / INTERNAL instead of an unhandled exception."""
+        _log.exception("%s %s failed", api, method)
+        self.metrics.error(api, method, ErrorKind.INTERNAL.value)
+        return ScoreRequestError(ErrorKind.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
     def _check_size(self, query: ScoreQuery) -> None:
         limit = self.config.max_prompt_chars
