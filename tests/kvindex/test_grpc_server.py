@@ -7,18 +7,19 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from score_fixtures import Registry, deepseek, store_prompt
 
 from kvindex._proto.indexer.v1 import indexer_pb2, indexer_pb2_grpc
-from kvindex._proto.kvindex.health.v1 import health_pb2
 from kvindex._proto.kvindex.v1 import kvindex_pb2, kvindex_pb2_grpc
 from kvindex.index import MemoryIndex
 from kvindex.scoring import Scorer, ScoringConfig
-from kvindex.service.grpc_server import HealthServicer, build_grpc_server
+from kvindex.service.grpc_server import HealthServicer, build_grpc_server, mark_serving
 from kvindex.service.score_api import ScoreMetrics, ScoreService
 from kvindex.speculative import SpeculativeIndex
 
@@ -32,7 +33,7 @@ class Served:
     index: MemoryIndex
     service: ScoreService
     registry: CollectorRegistry
-    health: HealthServicer
+    health: Any
     channel: grpc.aio.Channel
     kv: kvindex_pb2_grpc.KVIndexStub
     llmd: indexer_pb2_grpc.IndexerServiceStub
@@ -45,10 +46,11 @@ async def served() -> AsyncIterator[Served]:
     tokenizers = Registry({MODEL: deepseek(), "broken/model": None}, {ADAPTER: MODEL})
     scorer = Scorer(index, ScoringConfig(max_prompt_tokens=4096), SpeculativeIndex())
     service = ScoreService(scorer, tokenizers, metrics=ScoreMetrics(registry))
-    health = HealthServicer(("kvindex.v1.KVIndex",))
+    health = HealthServicer()
     server = build_grpc_server(service, health)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    await mark_serving(health)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
         yield Served(
@@ -247,28 +249,19 @@ async def test_llmd_unknown_model_is_not_found(served: Served) -> None:
 
 
 async def test_health_check_and_watch(served: Served) -> None:
-    check = served.channel.unary_unary(
-        "/grpc.health.v1.Health/Check",
-        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-        response_deserializer=health_pb2.HealthCheckResponse.FromString,
-    )
-    ok = await check(health_pb2.HealthCheckRequest(service=""))
-    assert ok.status == health_pb2.HealthCheckResponse.SERVING
-    ok = await check(health_pb2.HealthCheckRequest(service="kvindex.v1.KVIndex"))
-    assert ok.status == health_pb2.HealthCheckResponse.SERVING
+    """With the standard health client (grpcio-health-checking's stubs)."""
+    stub = health_pb2_grpc.HealthStub(served.channel)
+    for name in ("", "kvindex.v1.KVIndex", "indexer.v1.IndexerService"):
+        ok = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+        assert ok.status == health_pb2.HealthCheckResponse.SERVING
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await check(health_pb2.HealthCheckRequest(service="no.such.Service"))
+        await stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
-    watch = served.channel.unary_stream(
-        "/grpc.health.v1.Health/Watch",
-        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-        response_deserializer=health_pb2.HealthCheckResponse.FromString,
-    )
-    stream = watch(health_pb2.HealthCheckRequest(service=""))
+    stream = stub.Watch(health_pb2.HealthCheckRequest(service=""))
     first = await asyncio.wait_for(stream.read(), 5)
     assert first.status == health_pb2.HealthCheckResponse.SERVING
-    served.health.set("", HealthServicer.NOT_SERVING)
+    await served.health.enter_graceful_shutdown()
     second = await asyncio.wait_for(stream.read(), 5)
     assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
     stream.cancel()

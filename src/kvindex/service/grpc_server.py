@@ -1,41 +1,42 @@
 """gRPC edge of the read API (grpc.aio): ``kvindex.v1.KVIndex``, llm-d's
 ``indexer.v1.IndexerService`` (wire-compatible ``GetPodScores``) and the standard health service
-``grpc.health.v1.Health``.
+``grpc.health.v1.Health`` (grpcio-health-checking's asyncio servicer, as the epp server uses).
 
 Mount: ``server = build_grpc_server(service)``, then ``port = server.add_insecure_port(addr)``
 and ``await server.start()``. Errors are gRPC statuses (see :data:`GRPC_STATUS`) with the
 reason also in the trailing metadata key ``kvindex-error-reason``; they are counted in the
 service's metrics (api label ``grpc`` for kvindex.v1, ``llmd`` for indexer.v1).
 
-The health service is registered by hand (generic handlers over messages generated from our
-copy of health.proto) so that grpcio-health-checking is not needed.
+Health: the server (``""``) is SERVING from the start; ``await mark_serving(health)`` also
+marks the two named services, and ``await health.enter_graceful_shutdown()`` flips all of
+them to NOT_SERVING while draining.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvindex._proto.indexer.v1 import indexer_pb2, indexer_pb2_grpc
-from kvindex._proto.kvindex.health.v1 import health_pb2
 from kvindex._proto.kvindex.v1 import kvindex_pb2, kvindex_pb2_grpc
 from kvindex.scoring import ScoreResult
 from kvindex.service.score_api import ErrorKind, ScoreQuery, ScoreRequestError, ScoreService
 
 __all__ = [
     "GRPC_STATUS",
-    "HEALTH_SERVICE",
-    "HealthServicer",
+    "INDEXER_SERVICE",
+    "KVINDEX_SERVICE",
     "IndexerServicer",
     "KVIndexServicer",
     "build_grpc_server",
+    "mark_serving",
 ]
 
-HEALTH_SERVICE = "grpc.health.v1.Health"
 REASON_KEY = "kvindex-error-reason"
 
 GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
@@ -222,72 +223,27 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServiceServicer):  # type: ignore[
         )
 
 
-class HealthServicer:
-    """``grpc.health.v1.Health``: Check and Watch over a settable status per service name
-    ("" is the whole server)."""
-
-    SERVING = health_pb2.HealthCheckResponse.SERVING
-    NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-    SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-
-    def __init__(self, services: Sequence[str] = ()) -> None:
-        self._status: dict[str, Any] = {name: self.SERVING for name in ("", *services)}
-        self._changed = asyncio.Event()
-
-    def set(self, service: str, status: Any) -> None:
-        """Set a service's status (``HealthServicer.SERVING`` / ``NOT_SERVING``)."""
-        self._status[service] = status
-        # Wake every watcher, then re-arm.
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def check(self, request: Any, context: Context) -> Any:
-        status = self._status.get(request.service)
-        if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
-        return health_pb2.HealthCheckResponse(status=status)
-
-    async def watch(self, request: Any, context: Context) -> AsyncIterator[Any]:
-        last = None
-        while True:
-            status = self._status.get(request.service, self.SERVICE_UNKNOWN)
-            if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)
-                last = status
-            await self._changed.wait()
-
-    def handler(self) -> grpc.GenericRpcHandler:
-        request_type = health_pb2.HealthCheckRequest
-        response_type = health_pb2.HealthCheckResponse
-        return grpc.method_handlers_generic_handler(
-            HEALTH_SERVICE,
-            {
-                "Check": grpc.unary_unary_rpc_method_handler(
-                    self.check,
-                    request_deserializer=request_type.FromString,
-                    response_serializer=response_type.SerializeToString,
-                ),
-                "Watch": grpc.unary_stream_rpc_method_handler(
-                    self.watch,
-                    request_deserializer=request_type.FromString,
-                    response_serializer=response_type.SerializeToString,
-                ),
-            },
-        )
-
-
 KVINDEX_SERVICE = "kvindex.v1.KVIndex"
 INDEXER_SERVICE = "indexer.v1.IndexerService"
+
+HealthServicer = health.aio.HealthServicer
+
+
+async def mark_serving(servicer: Any, status: Any = health_pb2.HealthCheckResponse.SERVING) -> None:
+    """Set the health of the server and both named services (e.g. NOT_SERVING on drain)."""
+    for name in ("", KVINDEX_SERVICE, INDEXER_SERVICE):
+        await servicer.set(name, status)
 
 
 def build_grpc_server(
     service: ScoreService,
-    health: HealthServicer | None = None,
+    health_servicer: Any | None = None,
     options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Server:
-    """A grpc.aio server with kvindex.v1.KVIndex, indexer.v1.IndexerService and health
-    registered (no port yet: ``server.add_insecure_port(address)`` returns the bound port).
-    Pass ``health`` to flip serving status (e.g. NOT_SERVING while draining)."""
+    """A grpc.aio server with kvindex.v1.KVIndex, indexer.v1.IndexerService and
+    grpc.health.v1.Health registered (no port yet: ``server.add_insecure_port(address)``
+    returns the bound port). Pass ``health_servicer`` (a ``HealthServicer()``) to change
+    statuses later."""
     server = grpc.aio.server(options=list(options))
     # Generated registration helpers are untyped.
     kvindex_pb2_grpc.add_KVIndexServicer_to_server(  # type: ignore[no-untyped-call]
@@ -296,6 +252,5 @@ def build_grpc_server(
     indexer_pb2_grpc.add_IndexerServiceServicer_to_server(  # type: ignore[no-untyped-call]
         IndexerServicer(service), server
     )
-    health = health or HealthServicer((KVINDEX_SERVICE, INDEXER_SERVICE))
-    server.add_generic_rpc_handlers((health.handler(),))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer or HealthServicer(), server)
     return server
