@@ -19,7 +19,12 @@ from kvindex._proto.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from kvindex._proto.kvindex.v1 import kvindex_pb2, kvindex_pb2_grpc
 from kvindex.index import MemoryIndex
 from kvindex.scoring import Scorer, ScoringConfig
-from kvindex.service.grpc_server import HealthServicer, build_grpc_server, mark_serving
+from kvindex.service.grpc_server import (
+    HealthServicer,
+    add_grpc_services,
+    build_grpc_server,
+    mark_serving,
+)
 from kvindex.service.score_api import ScoreMetrics, ScoreService
 from kvindex.speculative import SpeculativeIndex
 
@@ -288,5 +293,27 @@ async def test_backend_failure_is_internal() -> None:
                 )
         assert caught.value.code() == grpc.StatusCode.INTERNAL
         assert errors(registry, "grpc", "internal_error") == 1.0
+    finally:
+        await server.stop(None)
+
+
+async def test_add_grpc_services_to_an_existing_server() -> None:
+    """The service assembly creates the server and calls installers on it."""
+    index = MemoryIndex()
+    store_prompt(index, "10.0.0.1:8000", MODEL, list(range(48)))
+    server = grpc.aio.server()
+    add_grpc_services(server, ScoreService(Scorer(index)))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            response = await kvindex_pb2_grpc.KVIndexStub(channel).ScoreTokens(
+                kvindex_pb2.ScoreTokensRequest(model=MODEL, token_ids=list(range(48)))
+            )
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest()
+            )
+        assert [(s.engine, s.matched_blocks) for s in response.scores] == [("10.0.0.1:8000", 3)]
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await server.stop(None)

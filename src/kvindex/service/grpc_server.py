@@ -3,9 +3,10 @@
 ``grpc.health.v1.Health`` (grpcio-health-checking's asyncio servicer, as the epp server uses).
 
 Mount: ``server = build_grpc_server(service)``, then ``port = server.add_insecure_port(addr)``
-and ``await server.start()``. Errors are gRPC statuses (see :data:`GRPC_STATUS`) with the
-reason also in the trailing metadata key ``kvindex-error-reason``; they are counted in the
-service's metrics (api label ``grpc`` for kvindex.v1, ``llmd`` for indexer.v1).
+and ``await server.start()``; or ``add_grpc_services(existing_server, service)``. Errors are
+gRPC statuses (see :data:`GRPC_STATUS`) with the reason also in the trailing metadata key
+``kvindex-error-reason``; they are counted in the service's metrics (api label ``grpc`` for
+kvindex.v1, ``llmd`` for indexer.v1).
 
 Health: the server (``""``) is SERVING from the start; ``await mark_serving(health)`` also
 marks the two named services, and ``await health.enter_graceful_shutdown()`` flips all of
@@ -33,6 +34,7 @@ __all__ = [
     "KVINDEX_SERVICE",
     "IndexerServicer",
     "KVIndexServicer",
+    "add_grpc_services",
     "build_grpc_server",
     "mark_serving",
 ]
@@ -235,16 +237,11 @@ async def mark_serving(servicer: Any, status: Any = health_pb2.HealthCheckRespon
         await servicer.set(name, status)
 
 
-def build_grpc_server(
-    service: ScoreService,
-    health_servicer: Any | None = None,
-    options: Sequence[tuple[str, Any]] = (),
-) -> grpc.aio.Server:
-    """A grpc.aio server with kvindex.v1.KVIndex, indexer.v1.IndexerService and
-    grpc.health.v1.Health registered (no port yet: ``server.add_insecure_port(address)``
-    returns the bound port). Pass ``health_servicer`` (a ``HealthServicer()``) to change
-    statuses later."""
-    server = grpc.aio.server(options=list(options))
+def add_grpc_services(
+    server: Any, service: ScoreService, health_servicer: Any | None = None
+) -> None:
+    """Register kvindex.v1.KVIndex, indexer.v1.IndexerService and grpc.health.v1.Health on an
+    existing grpc.aio server (the service assembly's ``grpc_servicers`` hook)."""
     # Generated registration helpers are untyped.
     kvindex_pb2_grpc.add_KVIndexServicer_to_server(  # type: ignore[no-untyped-call]
         KVIndexServicer(service), server
@@ -253,4 +250,16 @@ def build_grpc_server(
         IndexerServicer(service), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer or HealthServicer(), server)
+
+
+def build_grpc_server(
+    service: ScoreService,
+    health_servicer: Any | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.aio.Server:
+    """A grpc.aio server with the services of :func:`add_grpc_services` (no port yet:
+    ``server.add_insecure_port(address)`` returns the bound port). Pass ``health_servicer``
+    (a ``HealthServicer()``) to change statuses later."""
+    server = grpc.aio.server(options=list(options))
+    add_grpc_services(server, service, health_servicer)
     return server
