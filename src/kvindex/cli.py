@@ -12,6 +12,7 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "kvindex.commands.analyze",
     "kvindex.commands.demo",
+    "kvindex.commands.doctor",
     "kvindex.commands.hash",
 )
 

@@ -1,0 +1,245 @@
+"""Prefix scoring: which engines already hold how much of a prompt's KV cache. Pure, no I/O.
+
+A prompt's content keys are computed with the same function the event side uses
+(:func:`kvindex.keys.chain_keys`, rooted at ``root_key(model, lora)``, the cache salt in the
+first block's :class:`~kvindex.keys.BlockExtra`), looked up in a :class:`BlockIndex`, and
+optionally extended with speculative entries. Per engine:
+
+* ``matched_blocks``: consecutive blocks from the first one the engine holds, in any tier
+  (real blocks first, then speculative ones continuing the real match);
+* ``weighted``: ``gpu * w_gpu + cpu * w_cpu + storage * w_storage + speculative * w_spec``
+  over those matched blocks (each block counted once, in its best tier);
+* ``score``: ``weighted / total_blocks`` where ``total_blocks`` is the number of full
+  canonical blocks of the prompt (0 when the prompt has no full block), in [0, 1] as long as
+  every weight is in [0, 1].
+
+Results are sorted by score, then matched blocks (both descending), then engine name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+from kvindex.index.base import BlockIndex, PrefixMatch
+from kvindex.keys import DEFAULT_BLOCK_SIZE, BlockExtra, ContentKey, chain_keys, root_key
+from kvindex.speculative import SpeculativeIndex
+
+__all__ = [
+    "EngineScore",
+    "InvalidPromptError",
+    "PromptTooLongError",
+    "ScoreResult",
+    "Scorer",
+    "ScoringConfig",
+    "ScoringError",
+    "TierWeights",
+    "prompt_keys",
+]
+
+
+class ScoringError(ValueError):
+    """A prompt that cannot be scored; ``reason`` is a short machine-readable label."""
+
+    reason = "invalid_prompt"
+
+
+class InvalidPromptError(ScoringError):
+    reason = "invalid_token_id"
+
+
+class PromptTooLongError(ScoringError):
+    reason = "prompt_too_long"
+
+    def __init__(self, tokens: int, limit: int) -> None:
+        super().__init__(f"prompt has {tokens} tokens, more than the limit of {limit}")
+        self.tokens = tokens
+        self.limit = limit
+
+
+@dataclass(frozen=True, slots=True)
+class TierWeights:
+    """Weight of one matched block by the tier it is held in (llm-d: gpu 1.0, cpu 0.8)."""
+
+    gpu: float = 1.0
+    cpu: float = 0.8
+    storage: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("gpu", "cpu", "storage"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"tier weight {name} must be in [0, 1], got {value}")
+
+    def as_tuple(self) -> tuple[float, float, float]:
+        return (self.gpu, self.cpu, self.storage)
+
+
+@dataclass(frozen=True, slots=True)
+class ScoringConfig:
+    block_size: int = DEFAULT_BLOCK_SIZE  # canonical block size; must equal IngestConfig's
+    weights: TierWeights = field(default_factory=TierWeights)
+    max_prompt_tokens: int = 1 << 20  # larger prompts are refused (PromptTooLongError)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineScore:
+    engine: str
+    matched_blocks: int  # real + speculative, consecutive from the first block
+    score: float  # weighted / total_blocks
+    weighted: float  # tier-weighted matched blocks
+    by_tier: tuple[int, int, int] = (0, 0, 0)  # real matched blocks by best tier
+    speculative_blocks: int = 0  # blocks past the real match counted from speculative entries
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreResult:
+    model: str  # base model
+    lora: str | None
+    block_size: int
+    total_blocks: int
+    scores: tuple[EngineScore, ...]  # best first
+    keys: tuple[ContentKey, ...] = ()
+    prompt_tokens: int = 0
+
+    def best(self) -> EngineScore | None:
+        return self.scores[0] if self.scores and self.scores[0].matched_blocks else None
+
+
+def prompt_keys(
+    model: str,
+    token_ids: Sequence[int],
+    lora: str | None = None,
+    cache_salt: str | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> list[ContentKey]:
+    """Content keys of a prompt's full blocks, exactly as the event side computes them for the
+    blocks an engine stores for this prompt. Raises InvalidPromptError for token ids outside
+    [0, 2**32)."""
+    extras = [BlockExtra(cache_salt=cache_salt)] if cache_salt is not None else None
+    try:
+        return chain_keys(root_key(model, lora), token_ids, block_size, extras)
+    except (OverflowError, TypeError) as exc:
+        raise InvalidPromptError(f"token ids must be integers in [0, 2**32): {exc}") from exc
+
+
+def _sort_key(score: EngineScore) -> tuple[float, int, str]:
+    return (-score.score, -score.matched_blocks, score.engine)
+
+
+class Scorer:
+    """Scores engines for prompts against one index (and optional speculative entries)."""
+
+    def __init__(
+        self,
+        index: BlockIndex,
+        config: ScoringConfig | None = None,
+        speculative: SpeculativeIndex | None = None,
+    ) -> None:
+        self.index = index
+        self.config = config or ScoringConfig()
+        self.speculative = speculative
+        self._weights = self.config.weights.as_tuple()
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    def keys(
+        self,
+        model: str,
+        token_ids: Sequence[int],
+        lora: str | None = None,
+        cache_salt: str | None = None,
+    ) -> list[ContentKey]:
+        limit = self.config.max_prompt_tokens
+        if len(token_ids) > limit:
+            raise PromptTooLongError(len(token_ids), limit)
+        return prompt_keys(model, token_ids, lora, cache_salt, self.config.block_size)
+
+    def score_tokens(
+        self,
+        model: str,
+        token_ids: Sequence[int],
+        lora: str | None = None,
+        cache_salt: str | None = None,
+        engines: Collection[str] | None = None,
+    ) -> ScoreResult:
+        """Score every engine (or only ``engines``, each listed even with no match)."""
+        keys = self.keys(model, token_ids, lora, cache_salt)
+        scores = self.score_keys(keys, engines)
+        return ScoreResult(
+            model=model,
+            lora=lora,
+            block_size=self.config.block_size,
+            total_blocks=len(keys),
+            scores=scores,
+            keys=tuple(keys),
+            prompt_tokens=len(token_ids),
+        )
+
+    def score_keys(
+        self, keys: Sequence[ContentKey], engines: Collection[str] | None = None
+    ) -> tuple[EngineScore, ...]:
+        candidates = None if engines is None else set(engines)
+        matches: dict[str, PrefixMatch] = self.index.lookup(keys, candidates) if keys else {}
+        spec = self.speculative
+        extra: dict[str, int] = {}
+        if spec is not None and keys and len(spec):
+            others = spec.engines() if candidates is None else candidates
+            for engine in others:
+                match = matches.get(engine)
+                start = match.blocks if match is not None else 0
+                if start >= len(keys):
+                    continue
+                n = spec.extend(engine, keys, start)
+                if n:
+                    extra[engine] = n
+                if start and spec.holds(engine, keys[start - 1]):
+                    # The engine really holds these now; their speculative twins are moot.
+                    spec.forget(engine, keys[:start])
+        total = len(keys)
+        w_gpu, w_cpu, w_storage = self._weights
+        w_spec = spec.config.weight if spec is not None else 0.0
+        out: list[EngineScore] = []
+        names = set(matches) | set(extra)
+        if candidates is not None:
+            names |= candidates
+        for engine in names:
+            match = matches.get(engine)
+            gpu, cpu, storage = match.by_tier if match is not None else (0, 0, 0)
+            n_spec = extra.get(engine, 0)
+            blocks = gpu + cpu + storage + n_spec
+            weighted = gpu * w_gpu + cpu * w_cpu + storage * w_storage + n_spec * w_spec
+            out.append(
+                EngineScore(
+                    engine=engine,
+                    matched_blocks=blocks,
+                    score=weighted / total if total else 0.0,
+                    weighted=weighted,
+                    by_tier=(gpu, cpu, storage),
+                    speculative_blocks=n_spec,
+                )
+            )
+        out.sort(key=_sort_key)
+        return tuple(out)
+
+    def record_speculative(
+        self,
+        engine: str,
+        model: str,
+        token_ids: Sequence[int],
+        lora: str | None = None,
+        cache_salt: str | None = None,
+    ) -> int:
+        """Record that ``engine`` was just sent this prompt; returns the blocks recorded (0
+        when speculative entries are disabled)."""
+        if self.speculative is None:
+            return 0
+        return self.speculative.record(engine, self.keys(model, token_ids, lora, cache_salt))

@@ -1,0 +1,203 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from score_fixtures import store_prompt
+
+from kvindex.index import MemoryIndex, Remove, Tier
+from kvindex.scoring import (
+    InvalidPromptError,
+    PromptTooLongError,
+    Scorer,
+    ScoringConfig,
+    TierWeights,
+    prompt_keys,
+)
+from kvindex.speculative import SpeculativeConfig, SpeculativeIndex
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+PROMPT = list(range(1000, 1000 + 160))  # 10 blocks
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_prefix_match_per_engine_sorted_best_first() -> None:
+    index = MemoryIndex()
+    store_prompt(index, "10.0.0.1:8000", MODEL, PROMPT[:64])  # 4 blocks
+    store_prompt(index, "10.0.0.2:8000", MODEL, PROMPT)  # 10 blocks
+    store_prompt(index, "10.0.0.3:8000", MODEL, [7] * 64)  # another prompt
+    result = Scorer(index).score_tokens(MODEL, [*PROMPT, 1, 2, 3])  # trailing partial block
+    assert result.total_blocks == 10
+    assert result.block_size == 16
+    assert [(s.engine, s.matched_blocks) for s in result.scores] == [
+        ("10.0.0.2:8000", 10),
+        ("10.0.0.1:8000", 4),
+    ]
+    assert result.scores[0].score == 1.0
+    assert result.scores[1].score == pytest.approx(0.4)
+    assert result.best() is result.scores[0]
+
+
+def test_candidates_listed_with_zero_and_deterministic_ties() -> None:
+    index = MemoryIndex()
+    for engine in ("b:1", "a:1"):
+        store_prompt(index, engine, MODEL, PROMPT[:32])
+    result = Scorer(index).score_tokens(MODEL, PROMPT, engines=["z:1", "b:1", "a:1", "c:1"])
+    assert [(s.engine, s.matched_blocks) for s in result.scores] == [
+        ("a:1", 2),
+        ("b:1", 2),
+        ("c:1", 0),
+        ("z:1", 0),
+    ]
+    assert result.scores[-1].score == 0.0
+
+
+def test_tier_weights() -> None:
+    index = MemoryIndex()
+    store_prompt(index, "gpu:1", MODEL, PROMPT)
+    store_prompt(index, "cpu:1", MODEL, PROMPT, medium="CPU")
+    store_prompt(index, "disk:1", MODEL, PROMPT, medium="STORAGE")
+    scorer = Scorer(index, ScoringConfig(weights=TierWeights(gpu=1.0, cpu=0.8, storage=0.25)))
+    by_engine = {s.engine: s for s in scorer.score_tokens(MODEL, PROMPT).scores}
+    assert by_engine["gpu:1"].score == 1.0
+    assert by_engine["cpu:1"].score == pytest.approx(0.8)
+    assert by_engine["disk:1"].score == pytest.approx(0.25)
+    assert by_engine["cpu:1"].by_tier == (0, 10, 0)
+    assert all(s.matched_blocks == 10 for s in by_engine.values())
+
+
+def test_lora_and_salt_root_the_chain() -> None:
+    index = MemoryIndex()
+    store_prompt(index, "lora:1", MODEL, PROMPT, lora="sql-adapter")
+    store_prompt(index, "salt:1", MODEL, PROMPT, salt="tenant-a")
+    store_prompt(index, "both:1", MODEL, PROMPT, lora="sql-adapter", salt="tenant-a")
+    scorer = Scorer(index)
+
+    def engines(**kw: str) -> list[str]:
+        return [s.engine for s in scorer.score_tokens(MODEL, PROMPT, **kw).scores]
+
+    assert engines() == []
+    assert engines(lora="sql-adapter") == ["lora:1"]
+    assert engines(cache_salt="tenant-a") == ["salt:1"]
+    assert engines(cache_salt="tenant-b") == []
+    assert engines(lora="sql-adapter", cache_salt="tenant-a") == ["both:1"]
+
+
+def test_removed_block_cuts_the_match() -> None:
+    index = MemoryIndex()
+    hashes = store_prompt(index, "e:1", MODEL, PROMPT)
+    index.apply("e:1", [Remove(Tier.GPU, [hashes[3]])])
+    assert Scorer(index).score_tokens(MODEL, PROMPT).scores[0].matched_blocks == 3
+
+
+def test_empty_and_short_prompts() -> None:
+    index = MemoryIndex()
+    store_prompt(index, "e:1", MODEL, PROMPT)
+    scorer = Scorer(index)
+    assert scorer.score_tokens(MODEL, []).scores == ()
+    result = scorer.score_tokens(MODEL, PROMPT[:15], engines=["e:1"])
+    assert result.total_blocks == 0
+    assert [(s.engine, s.score) for s in result.scores] == [("e:1", 0.0)]
+
+
+def test_errors() -> None:
+    scorer = Scorer(MemoryIndex(), ScoringConfig(max_prompt_tokens=100))
+    with pytest.raises(PromptTooLongError, match="101 tokens"):
+        scorer.score_tokens(MODEL, [1] * 101)
+    with pytest.raises(InvalidPromptError):
+        scorer.score_tokens(MODEL, [-1] * 16)
+    with pytest.raises(InvalidPromptError):
+        scorer.score_tokens(MODEL, [1 << 32] * 16)
+    with pytest.raises(ValueError, match="tier weight"):
+        TierWeights(cpu=2.0)
+
+
+def test_speculative_extends_real_match_and_expires() -> None:
+    index = MemoryIndex()
+    clock = FakeClock()
+    spec = SpeculativeIndex(SpeculativeConfig(ttl_s=2.0, weight=0.5), clock)
+    scorer = Scorer(index, speculative=spec)
+    store_prompt(index, "real:1", MODEL, PROMPT[:48])  # 3 real blocks
+    assert scorer.record_speculative("real:1", MODEL, PROMPT) == 10
+    assert scorer.record_speculative("new:1", MODEL, PROMPT[:80]) == 5
+    by_engine = {s.engine: s for s in scorer.score_tokens(MODEL, PROMPT).scores}
+    assert by_engine["real:1"].matched_blocks == 10
+    assert by_engine["real:1"].speculative_blocks == 7
+    assert by_engine["real:1"].weighted == pytest.approx(3 + 7 * 0.5)
+    assert by_engine["new:1"].matched_blocks == 5
+    assert by_engine["new:1"].by_tier == (0, 0, 0)
+    # The real blocks replaced their speculative twins.
+    assert len(spec) == 7 + 5
+    clock.now += 2.0
+    by_engine = {s.engine: s for s in scorer.score_tokens(MODEL, PROMPT).scores}
+    assert set(by_engine) == {"real:1"}
+    assert by_engine["real:1"].matched_blocks == 3
+
+
+def test_speculative_respects_candidates() -> None:
+    spec = SpeculativeIndex(clock=FakeClock())
+    scorer = Scorer(MemoryIndex(), speculative=spec)
+    scorer.record_speculative("a:1", MODEL, PROMPT)
+    result = scorer.score_tokens(MODEL, PROMPT, engines=["b:1"])
+    assert [(s.engine, s.matched_blocks) for s in result.scores] == [("b:1", 0)]
+
+
+def test_record_without_speculative_index_is_zero() -> None:
+    assert Scorer(MemoryIndex()).record_speculative("a:1", MODEL, PROMPT) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(0, 12), min_size=1, max_size=6),
+    st.integers(0, 200),
+)
+def test_scores_bounded_and_prefix_consistent(stored_blocks: list[int], extra: int) -> None:
+    """Each engine stores a prefix of the prompt; its match is exactly that prefix (capped at
+    the prompt) and scores stay in [0, 1], sorted."""
+    index = MemoryIndex()
+    tokens = list(range(12 * 16 + extra))
+    for i, n in enumerate(stored_blocks):
+        if n:
+            store_prompt(index, f"10.0.0.{i}:80", MODEL, tokens[: n * 16])
+    result = Scorer(index).score_tokens(MODEL, tokens)
+    total = len(tokens) // 16
+    assert result.total_blocks == total
+    got = {s.engine: s.matched_blocks for s in result.scores}
+    want = {f"10.0.0.{i}:80": min(n, total) for i, n in enumerate(stored_blocks) if n}
+    assert got == want
+    assert all(0.0 <= s.score <= 1.0 for s in result.scores)
+    assert [s.score for s in result.scores] == sorted(
+        (s.score for s in result.scores), reverse=True
+    )
+
+
+def test_prompt_keys_match_chain_from_events() -> None:
+    index = MemoryIndex()
+    store_prompt(index, "e:1", MODEL, PROMPT, salt="s")
+    keys = prompt_keys(MODEL, PROMPT, cache_salt="s")
+    assert index.lookup(keys)["e:1"].blocks == 10
+
+
+def test_scoring_over_every_backend(index_factory: Any) -> None:
+    """The scorer needs only the BlockIndex contract: same answers on every backend."""
+    index = index_factory()
+    store_prompt(index, "10.0.0.1:8000", MODEL, PROMPT[:64], medium="CPU")
+    store_prompt(index, "10.0.0.2:8000", MODEL, PROMPT, lora="sql-adapter", salt="s")
+    store_prompt(index, "10.0.0.3:8000", MODEL, PROMPT)
+    scorer = Scorer(index)
+    result = scorer.score_tokens(MODEL, PROMPT, engines=["10.0.0.1:8000", "10.0.0.3:8000"])
+    assert [(s.engine, s.matched_blocks, s.by_tier) for s in result.scores] == [
+        ("10.0.0.3:8000", 10, (10, 0, 0)),
+        ("10.0.0.1:8000", 4, (0, 4, 0)),
+    ]
+    salted = scorer.score_tokens(MODEL, PROMPT, lora="sql-adapter", cache_salt="s")
+    assert [(s.engine, s.matched_blocks) for s in salted.scores] == [("10.0.0.2:8000", 10)]
