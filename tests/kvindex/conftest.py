@@ -41,6 +41,7 @@ class RedisServerProcess:
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.extra_args: list[str] = []
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -60,6 +61,7 @@ class RedisServerProcess:
                 "no",
                 "--protected-mode",
                 "no",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -185,6 +185,7 @@ class RedisIndex:
         connect_timeout: float = 1.0,
         max_connections: int = 32,
         fencing_owner: str | None = None,
+        backoff_max_s: float = 5.0,
         **client_kwargs: Any,
     ) -> RedisIndex:
         """One call from ``--redis-url`` to an index (see :func:`redis_client_from_url`).
@@ -197,8 +198,15 @@ class RedisIndex:
             max_connections=max_connections,
             **client_kwargs,
         )
-        config = RedisIndexConfig(prefix=prefix, ttl_seconds=ttl_seconds)
+        config = RedisIndexConfig(
+            prefix=prefix, ttl_seconds=ttl_seconds, backoff_max_s=backoff_max_s
+        )
         return cls(client, config, fencing_owner=fencing_owner)
+
+    @property
+    def client(self) -> RedisClient:
+        """The redis-py client (for the writer lease, which shares the connection pool)."""
+        return self._client
 
     # -- health and epoch --------------------------------------------------------------------
 
