@@ -7,6 +7,7 @@ import atexit
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ import pytest
 import redis
 
 from kvindex.index import BlockIndex, MemoryIndex
-from kvindex.index.redis import RedisIndex, RedisIndexConfig
+from kvindex.index.redis import RedisIndex, RedisIndexConfig, redis_client_from_url
 
 IndexFactory = Callable[[], BlockIndex]
 
@@ -66,17 +67,7 @@ class RedisServerProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if client.ping():
-                    break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-        client.close()
+        _wait_ping(self.port)
 
     def stop(self) -> None:
         if self._proc is not None:
@@ -85,7 +76,125 @@ class RedisServerProcess:
             self._proc = None
 
 
+class RedisClusterProcess:
+    """Three private cluster-enabled redis-servers joined by ``redis-cli --cluster create``
+    (no replicas): the smallest real Redis Cluster, so slots really live on several nodes."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="kvindex-cluster-")
+        self.ports = self._ports(3)
+        self.url = f"redis+cluster://127.0.0.1:{self.ports[0]}"
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    @staticmethod
+    def _ports(n: int) -> list[int]:
+        ports: list[int] = []
+        while len(ports) < n:  # the cluster bus listens on port + 10000
+            port = free_port()
+            if port + 10000 < 65536 and port not in ports:
+                with socket.socket() as sock:
+                    try:
+                        sock.bind(("127.0.0.1", port + 10000))
+                    except OSError:
+                        continue
+                ports.append(port)
+        return ports
+
+    def start(self) -> None:
+        server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+        if server is None or cli is None:
+            pytest.skip("redis-server / redis-cli are not installed")
+        for port in self.ports:
+            self._procs.append(
+                subprocess.Popen(
+                    [
+                        server,
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        f"nodes-{port}.conf",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        self.dir,
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        for port in self.ports:
+            _wait_ping(port)
+        subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{p}" for p in self.ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 20
+        for port in self.ports:
+            node = redis.Redis(port=port, decode_responses=True)
+            while node.cluster("info").get("cluster_state") != "ok":
+                assert time.monotonic() < deadline, "cluster did not converge"
+                time.sleep(0.05)
+            node.close()
+
+    def stop(self) -> None:
+        for proc in self._procs:
+            proc.kill()
+            proc.wait(timeout=10)
+        self._procs = []
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _wait_ping(port: int) -> None:
+    client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if client.ping():
+                break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+    client.close()
+
+
 _shared_url: str | None = None
+_cluster: RedisClusterProcess | None = None
+_cluster_error: Exception | None = None
+
+
+def shared_cluster() -> RedisClusterProcess:
+    """A private 3-node cluster, started once per session on first use."""
+    global _cluster, _cluster_error
+    if _cluster_error is not None:
+        raise RuntimeError("the test cluster failed to start") from _cluster_error
+    if _cluster is None:
+        cluster = RedisClusterProcess()
+        atexit.register(cluster.stop)
+        try:
+            cluster.start()
+        except Exception as exc:  # not retried by every later test
+            _cluster_error = exc
+            cluster.stop()
+            raise
+        _cluster = cluster
+    return _cluster
 
 
 def shared_redis_url() -> str:
@@ -127,6 +236,24 @@ def _redis_real() -> Iterator[IndexFactory]:
     client.close()
 
 
+def _redis_cluster() -> Iterator[IndexFactory]:
+    client = redis_client_from_url(shared_cluster().url)
+    assert isinstance(client, redis.RedisCluster)
+    indexes: list[RedisIndex] = []
+
+    def make() -> BlockIndex:
+        indexes.append(RedisIndex(client, RedisIndexConfig(prefix=unique_prefix())))
+        return indexes[-1]
+
+    yield make
+    for index in indexes:
+        node = client.get_node_from_key(index.schema.epoch)
+        keys = list(client.scan_iter(match=index.schema.all_patterns, target_nodes=node))
+        if keys:
+            client.delete(*keys)
+    client.close()
+
+
 def _redis_fake() -> Iterator[IndexFactory]:
     # fakeredis runs the same Lua (via lupa, Lua 5.1, without Redis' `bit` library: the
     # scripts fall back to arithmetic) in-process: fast, and a second implementation to
@@ -140,6 +267,7 @@ def _redis_fake() -> Iterator[IndexFactory]:
 BACKENDS: dict[str, Callable[[], Iterator[IndexFactory]]] = {
     "memory": _memory,
     "redis": _redis_real,
+    "redis-cluster": _redis_cluster,
     "fakeredis": _redis_fake,
 }
 
