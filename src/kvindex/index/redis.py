@@ -65,9 +65,9 @@ RedisClient = redis.Redis | RedisCluster
 ResetCallback = Callable[[str | None, str], None]  # (old epoch, new epoch)
 
 # Estimated Redis memory per structure, measured by benchmarks/redis_index.py (Redis 7.0,
-# jemalloc, 64 engines): a holder bitmap key with its TTL, and one engine-map hash field.
-BYTES_PER_HOLDER_KEY = 120
-BYTES_PER_MAP_ENTRY = 48
+# jemalloc, MEMORY USAGE): a holder bitmap key of a few bytes, one engine-map hash field.
+BYTES_PER_HOLDER_KEY = 96
+BYTES_PER_MAP_ENTRY = 68
 
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 

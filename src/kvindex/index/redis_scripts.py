@@ -201,6 +201,7 @@ else
 end
 local alive = false
 for j = 1, width do if active[j] ~= 0 then alive = true end end
+local active_str = string.char(unpack(active))  -- compared with GPU bitmaps as a whole
 local matched, n_cpu, n_storage = {}, {}, {}
 local pos = 0
 local first = 4 + math.max(nf, 0)
@@ -209,36 +210,40 @@ if alive then
     local ck = ARGV[i]
     local v = redis.call('MGET', P .. 'h:0:' .. ck, P .. 'h:1:' .. ck, P .. 'h:2:' .. ck)
     local g, c, s = v[1] or '', v[2] or '', v[3] or ''
-    alive = false
-    for j = 1, width do
-      local a = active[j]
-      if a ~= 0 then
-        local gb = string.byte(g, j) or 0
-        local cb = string.byte(c, j) or 0
-        local held = band(bor(bor(gb, cb), string.byte(s, j) or 0), a)
-        local dropped = a - held
-        if dropped ~= 0 and pos > 0 then
-          for b = 1, 8 do
-            if band(dropped, MASK[b]) ~= 0 then matched[(j - 1) * 8 + b - 1] = pos end
+    if not (c == '' and s == '' and g == active_str) then
+      -- (else: exactly the alive engines hold this key, all in GPU: nothing changes)
+      alive = false
+      for j = 1, width do
+        local a = active[j]
+        if a ~= 0 then
+          local gb = string.byte(g, j) or 0
+          local cb = string.byte(c, j) or 0
+          local held = band(bor(bor(gb, cb), string.byte(s, j) or 0), a)
+          local dropped = a - held
+          if dropped ~= 0 and pos > 0 then
+            for b = 1, 8 do
+              if band(dropped, MASK[b]) ~= 0 then matched[(j - 1) * 8 + b - 1] = pos end
+            end
           end
-        end
-        local below = held - band(held, gb)
-        if below ~= 0 then
-          for b = 1, 8 do
-            local m = MASK[b]
-            if band(below, m) ~= 0 then
-              local sl = (j - 1) * 8 + b - 1
-              if band(cb, m) ~= 0 then
-                n_cpu[sl] = (n_cpu[sl] or 0) + 1
-              else
-                n_storage[sl] = (n_storage[sl] or 0) + 1
+          local below = held - band(held, gb)
+          if below ~= 0 then
+            for b = 1, 8 do
+              local m = MASK[b]
+              if band(below, m) ~= 0 then
+                local sl = (j - 1) * 8 + b - 1
+                if band(cb, m) ~= 0 then
+                  n_cpu[sl] = (n_cpu[sl] or 0) + 1
+                else
+                  n_storage[sl] = (n_storage[sl] or 0) + 1
+                end
               end
             end
           end
+          active[j] = held
+          if held ~= 0 then alive = true end
         end
-        active[j] = held
-        if held ~= 0 then alive = true end
       end
+      active_str = string.char(unpack(active))
     end
     pos = pos + 1
     if not alive then break end
