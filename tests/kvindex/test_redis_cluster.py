@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from conftest import RedisClusterProcess, shared_cluster, unique_prefix
 from redis.crc import key_slot
+from redis_servers import RedisClusterProcess, shared_cluster, unique_prefix
 
 from kvindex.index import PrefixMatch, Store, StoredBlock
 from kvindex.index import Tier as T

@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import time
 
-from conftest import RedisServerProcess
+from redis_servers import RedisServerProcess
 
 from kvindex.index import IndexStats, MemoryIndex, PrefixMatch, Store, StoredBlock
 from kvindex.index import Tier as T

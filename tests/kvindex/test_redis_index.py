@@ -14,8 +14,8 @@ from pathlib import Path
 import fakeredis
 import pytest
 import redis
-from conftest import RedisServerProcess, free_port
 from redis.crc import key_slot
+from redis_servers import RedisServerProcess, free_port
 
 from kvindex.index import BlockIndex, Clear, MemoryIndex, PrefixMatch, Remove, Store, StoredBlock
 from kvindex.index import Tier as T
