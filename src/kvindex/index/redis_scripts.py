@@ -210,8 +210,9 @@ if alive then
     local ck = ARGV[i]
     local v = redis.call('MGET', P .. 'h:0:' .. ck, P .. 'h:1:' .. ck, P .. 'h:2:' .. ck)
     local g, c, s = v[1] or '', v[2] or '', v[3] or ''
-    if not (c == '' and s == '' and g == active_str) then
-      -- (else: exactly the alive engines hold this key, all in GPU: nothing changes)
+    -- When exactly the alive engines hold the key in GPU nothing changes (held = alive,
+    -- none below GPU), whatever the other tiers say: one string comparison.
+    if g ~= active_str then
       alive = false
       for j = 1, width do
         local a = active[j]
