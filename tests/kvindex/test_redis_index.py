@@ -71,7 +71,7 @@ def test_replicas_writing_the_same_stream_do_not_double_count(
     a, b = replicas
     reference = MemoryIndex()
     rng = random.Random(7)
-    batches = []
+    batches: list[tuple[str, list[Store | Remove | Clear]]] = []
     for _ in range(60):
         engine = rng.choice(["x:1", "y:1", "z:1"])
         tier = rng.choice(list(T))
@@ -337,7 +337,8 @@ def consistent(client: redis.Redis, index: RedisIndex, slot: int) -> bool:
     """The engine map and the holder bits of one engine slot say the same thing."""
     for tier in T:
         values = client.hvals(index.schema.engine_map(slot, tier))
-        mapped = {int(k) for v in values for k in v.decode().split(",")}
+        texts = [v.decode() if isinstance(v, bytes) else v for v in values]
+        mapped = {int(k) for text in texts for k in text.split(",")}
         pattern = f"{index.schema.base}h:{int(tier)}:*"
         bits = {
             int(key.decode().rsplit(":", 1)[1])
