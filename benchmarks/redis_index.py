@@ -8,6 +8,7 @@
   walk in Python) -- both one round trip;
 * ingest block-ops/s: batches of 32 stored blocks (+ a remove of 8) per apply, as a vLLM
   event batch;
+* resolve/s (one round trip; the applier resolves parents outside the batch);
 * Redis memory per holder key and per engine-map entry (MEMORY USAGE), to check the
   estimates in kvindex/index/redis.py.
 
@@ -148,11 +149,28 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"  redis {med['redis']:.0f}  ratio {med['memory'] / med['redis']:.1f}x"
             f"  ({med['redis'] / 40:.0f} applies/s)"
         )
+        # resolve: the applier's one extra round trip per event whose parent is not in the
+        # same batch.
+        memory, red = MemoryIndex(), redis_index()
+        fill(memory, prompt, "mixed")
+        fill(red, prompt, "mixed")
+        name = engine_name(ENGINES - 1)
+        target = ((ENGINES - 1) << 20) + 100
+        assert red.resolve(name, target) == memory.resolve(name, target) is not None
+        resolves: dict[str, list[float]] = {"memory": [], "redis": []}
+        for _ in range(args.repeats):
+            resolves["memory"].append(rate(lambda: memory.resolve(name, target), 0.2))
+            resolves["redis"].append(rate(lambda: red.resolve(name, target), 0.2))
+        med = {name_: statistics.median(v) for name_, v in resolves.items()}
+        print(
+            f"resolve/s: memory {med['memory']:.0f}  redis {med['redis']:.0f}"
+            f"  ({1e6 / med['redis']:.0f} us per round trip)"
+        )
         red = redis_index()
         blocks = [StoredBlock(j, (5_000_000 + j,)) for j in range(20_000)]
         red.apply(engine_name(0), [Store(Tier.GPU, blocks)])
         holder = client.memory_usage(red.schema.holders(Tier.GPU, 5_000_123))
-        map_bytes = client.memory_usage(red.schema.engine_map(0, Tier.GPU), samples=0)
+        map_bytes = client.memory_usage(red.schema.engine_map(0, Tier.GPU), samples=0) or 0
         print(
             f"memory: holder key {holder} B, engine-map entry {map_bytes / len(blocks):.0f} B"
             f" (estimates used by stats(): see BYTES_PER_* in kvindex/index/redis.py)"
