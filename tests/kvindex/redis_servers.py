@@ -57,6 +57,11 @@ class RedisServerProcess:
         )
         _wait_ping(self.port)
 
+    def signal(self, signum: int) -> None:
+        """Send a signal (SIGSTOP / SIGCONT: a server that hangs, then resumes)."""
+        assert self._proc is not None
+        self._proc.send_signal(signum)
+
     def stop(self) -> None:
         if self._proc is not None:
             self._proc.kill()

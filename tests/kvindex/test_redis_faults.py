@@ -5,6 +5,7 @@ empty while degraded; health says why; after the restart the epoch change is rep
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -109,3 +110,29 @@ def test_lookups_from_threads_while_ingesting(private_redis: RedisServerProcess)
         thread.join()
     assert not errors
     assert index.lookup(keys) == reference.lookup(keys)
+
+
+def test_hung_server_times_out_then_resumes(private_redis: RedisServerProcess) -> None:
+    """SIGSTOP: calls time out (bounded by socket_timeout) instead of hanging the caller;
+    after SIGCONT the same data is back (no reset) and a replay is harmless."""
+    index = RedisIndex.from_url(
+        private_redis.url, prefix="hang", socket_timeout=0.2, connect_timeout=0.2,
+        backoff_max_s=0.05,
+    )  # fmt: skip
+    index.apply("e:1", batch(1))
+    private_redis.signal(signal.SIGSTOP)
+    try:
+        assert index.lookup([1001]) == {}
+        try:
+            index.apply("e:1", batch(2))  # may still be applied once the server resumes
+        except IndexUnavailable as exc:
+            assert "Timeout" in exc.reason or "degraded" in exc.reason
+        else:
+            raise AssertionError("apply to a hung server must raise IndexUnavailable")
+        assert not index.health().ok
+    finally:
+        private_redis.signal(signal.SIGCONT)
+    wait_healthy(index)
+    assert index.health().resets == 0
+    index.apply("e:1", batch(2))  # the replay rule 1 asks for: idempotent
+    assert index.lookup([1001, 1002]) == {"e:1": PrefixMatch(2, [2, 0, 0])}

@@ -74,8 +74,9 @@ _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 class IndexUnavailable(Exception):
     """Redis could not apply the batch (unreachable, timed out, out of memory, read-only
-    replica, or degraded and backing off). Nothing of the batch may be assumed applied: the
-    caller should request a replay of this engine once :meth:`RedisIndex.health` is ok."""
+    replica, or degraded and backing off). The batch is all-or-nothing, and nothing unless
+    the call timed out (Redis may run it when it resumes): the caller should request a
+    replay of this engine once :meth:`RedisIndex.health` is ok (replays are idempotent)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -303,7 +304,7 @@ class RedisIndex:
 
     def apply(self, engine: str, ops: Sequence[IndexOp]) -> None:
         """Apply one batch atomically in one round trip. Raises IndexUnavailable (NotWriter
-        when fenced out); on that error nothing of the batch is applied."""
+        when fenced out; then nothing was written)."""
         if not ops:
             return
         args: list[Any] = []
