@@ -20,7 +20,16 @@ from hypothesis import strategies as st
 from redis.crc import key_slot
 from redis_servers import RedisServerProcess, free_port
 
-from kvindex.index import BlockIndex, Clear, MemoryIndex, PrefixMatch, Remove, Store, StoredBlock
+from kvindex.index import (
+    BlockIndex,
+    Clear,
+    MemoryIndex,
+    PrefixMatch,
+    Remove,
+    Store,
+    StoredBlock,
+    redis_scripts,
+)
 from kvindex.index import Tier as T
 from kvindex.index.redis import (
     IndexUnavailable,
@@ -382,3 +391,49 @@ def test_racing_replicas_never_tear_a_batch(
     client = redis.Redis.from_url(redis_url)
     assert consistent(client, a, 0)
     client.close()
+
+
+class HeldReplies:
+    """A fakeredis client whose script calls can be held after Redis answered (a slow
+    thread), to replay replies out of order."""
+
+    def __init__(self) -> None:
+        self.client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        self.hold = threading.Event()
+        self.answered = threading.Event()
+        self.release = threading.Event()
+
+    def register_script(self, source: str) -> object:
+        script = self.client.register_script(source)
+
+        def call(**kwargs: object) -> object:
+            reply = script(**kwargs)
+            if self.hold.is_set() and threading.current_thread().name == "slow":
+                self.answered.set()
+                self.release.wait(10)
+            return reply
+
+        return call
+
+
+def test_late_reply_from_before_a_reset_is_not_a_second_reset() -> None:
+    held = HeldReplies()
+    index = RedisIndex(held.client)
+    index._scripts = {  # route the scripts through the holding wrapper
+        name: held.register_script(getattr(redis_scripts, name))  # type: ignore[misc]
+        for name in ("APPLY", "RESOLVE", "ENGINES", "LOOKUP", "PING")
+    }
+    resets: list[tuple[str | None, str]] = []
+    index.on_reset(lambda old, new: resets.append((old, new)))
+    index.on_reset(lambda old, new: 1 / 0)  # a failing subscriber callback is contained
+    index.apply("e:1", [store(T.GPU, [(1, 11)])])
+    first = index.generation()
+    held.hold.set()
+    slow = threading.Thread(target=index.lookup, args=([11],), name="slow")
+    slow.start()
+    assert held.answered.wait(10)  # its reply carries the old epoch
+    held.client.flushall()  # data lost
+    assert index.lookup([11]) == {}  # noticed: one reset
+    held.release.set()
+    slow.join()
+    assert resets == [(first, index.generation())] and index.health().resets == 1

@@ -173,6 +173,8 @@ class RedisIndex:
         self._backoff = 0.0
         self._failed_applies = 0
         self._failed_reads = 0
+        self._sent = 0  # calls sent, and the newest whose reply set the epoch
+        self._observed_seq = 0
 
     @classmethod
     def from_url(
@@ -257,6 +259,8 @@ class RedisIndex:
             if self._down_reason is not None and now < self._retry_at:
                 raise IndexUnavailable(f"degraded (backing off): {self._down_reason}")
             candidate = self._candidate
+            self._sent += 1
+            seq = self._sent
         script: Script = self._scripts[name]
         try:
             reply = script(keys=[self.schema.epoch], args=[self.schema.base, candidate, *args])
@@ -274,10 +278,10 @@ class RedisIndex:
                 self._retry_at = now + self._backoff
             raise IndexUnavailable(reason) from exc
         result = cast(list[Any], reply)
-        self._observe(_text(result[0]))
+        self._observe(_text(result[0]), seq)
         return result
 
-    def _observe(self, epoch: str) -> None:
+    def _observe(self, epoch: str, seq: int) -> None:
         fire: list[ResetCallback] = []
         with self._lock:
             if self._down_reason is not None:
@@ -287,14 +291,23 @@ class RedisIndex:
             self._backoff = 0.0
             if epoch == self._candidate:
                 self._candidate = uuid.uuid4().hex  # ours was installed; next reset needs a new one
+            # Replies of concurrent calls may be processed out of order; an epoch older than
+            # what a later-sent call already reported must not count as a (second) reset.
+            if seq < self._observed_seq:
+                return
+            self._observed_seq = seq
             old = self._epoch
             self._epoch = epoch
             if old is not None and old != epoch:
                 self._resets += 1
                 fire = list(self._reset_callbacks)
-        for callback in fire:
+        if fire:
             log.warning("redis index epoch changed %s -> %s: data lost, replay needed", old, epoch)
-            callback(old, epoch)
+        for callback in fire:
+            try:
+                callback(old, epoch)
+            except Exception:  # a subscriber's bug must not fail the lookup that noticed
+                log.exception("redis index on_reset callback failed")
 
     def _read_failed(self) -> None:
         with self._lock:
