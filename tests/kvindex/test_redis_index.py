@@ -9,6 +9,7 @@ import random
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -437,3 +438,37 @@ def test_late_reply_from_before_a_reset_is_not_a_second_reset() -> None:
     held.release.set()
     slow.join()
     assert resets == [(first, index.generation())] and index.health().resets == 1
+
+
+def test_tls_url_against_a_tls_server(tmp_path: Path) -> None:
+    """rediss:// to a private redis-server listening on TLS only (self-signed cert made
+    here with openssl)."""
+    if shutil.which("openssl") is None or shutil.which("redis-server") is None:
+        pytest.skip("openssl / redis-server not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file",
+         str(cert), "--tls-auth-clients", "no", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        index = RedisIndex.from_url(f"rediss://127.0.0.1:{port}/0", ssl_ca_certs=str(cert))
+        deadline = time.monotonic() + 10
+        while not index.health().ok:
+            assert time.monotonic() < deadline, index.health()
+            time.sleep(0.02)
+        index.apply("e:1", [store(T.GPU, [(1, 11)])])
+        assert index.lookup([11]) == {"e:1": PrefixMatch(1, [1, 0, 0])}
+        plain = RedisIndex.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=0.3)
+        assert plain.lookup([11]) == {} and not plain.health().ok
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
