@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -37,6 +37,7 @@ from redis.retry import Retry
 
 from kvindex.index import redis_scripts
 from kvindex.index.base import (
+    BlockIndex,
     Clear,
     IndexOp,
     IndexStats,
@@ -463,3 +464,9 @@ class RedisIndex:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+if TYPE_CHECKING:  # mypy proves RedisIndex satisfies the BlockIndex protocol
+
+    def _is_block_index(index: RedisIndex) -> BlockIndex:
+        return index
