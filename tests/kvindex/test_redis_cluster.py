@@ -4,6 +4,7 @@ prefixes spread over the nodes. (The behaviour suite runs on the cluster as well
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -53,3 +54,28 @@ def test_indexes_spread_over_nodes_each_in_one_slot(cluster: RedisClusterProcess
             if keys:
                 client.delete(*keys)
         client.close()
+
+
+def test_cluster_down_at_start_up_then_up() -> None:
+    """RedisCluster connects in its constructor; the index must still come up degraded and
+    connect once the cluster exists."""
+    cluster = RedisClusterProcess()  # ports chosen, nothing running yet
+    index = RedisIndex.from_url(cluster.url, prefix="late", connect_timeout=0.2)
+    lease = redis_writer_lease(index, ttl_s=5)
+    try:
+        assert index.lookup([11]) == {}
+        health = index.health()
+        assert not health.ok and health.reason and "RedisClusterException" in health.reason
+        assert not lease.tick() and lease.errors == 1
+        cluster.start()
+        deadline = time.monotonic() + 10
+        while not index.health().ok:
+            assert time.monotonic() < deadline, index.health()
+            time.sleep(0.02)
+        assert lease.tick()
+        index.set_fencing_owner(lease.owner)
+        index.apply("e:1", [Store(T.GPU, [StoredBlock(1, (11,))])])
+        assert index.lookup([11]) == {"e:1": PrefixMatch(1, [1, 0, 0])}
+    finally:
+        index.close()
+        cluster.stop()

@@ -33,6 +33,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from kvindex.index import redis_scripts
@@ -51,6 +52,8 @@ from kvindex.keys import ContentKey
 from kvindex.wire import EngineHash
 
 __all__ = [
+    "REDIS_ERRORS",
+    "ClientSource",
     "IndexHealth",
     "IndexUnavailable",
     "NotWriter",
@@ -63,6 +66,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RedisClient = redis.Redis | RedisCluster
+# A client, or a factory called (again after each failure) until it returns one: RedisCluster
+# connects in its constructor, so a cluster that is down at start-up needs the factory.
+ClientSource = RedisClient | Callable[[], RedisClient]
+# What a Redis call may raise: RedisClusterException is no RedisError.
+REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
 ResetCallback = Callable[[str | None, str], None]  # (old epoch, new epoch)
 
 # Estimated Redis memory per structure, measured by benchmarks/redis_index.py (Redis 7.0,
@@ -147,7 +155,7 @@ class RedisIndex:
 
     def __init__(
         self,
-        client: RedisClient,
+        client: ClientSource,
         config: RedisIndexConfig | None = None,
         *,
         fencing_owner: str | None = None,
@@ -155,14 +163,17 @@ class RedisIndex:
     ) -> None:
         self.config = config or RedisIndexConfig()
         self.schema = RedisKeySchema(self.config.prefix)
-        self._client = client
+        self._factory: Callable[[], RedisClient] | None = None
+        self._client: RedisClient | None = None
+        if isinstance(client, redis.Redis | RedisCluster):
+            self._client = client
+        else:
+            self._factory = client
+        self._connect_lock = threading.Lock()
+        self._scripts: dict[str, Script] = {}
         self._clock = clock
         self._fencing_owner = fencing_owner
         self._ttl = max(0, int(self.config.ttl_seconds or 0))
-        self._scripts = {
-            name: client.register_script(getattr(redis_scripts, name))
-            for name in ("APPLY", "RESOLVE", "ENGINES", "LOOKUP", "PING")
-        }
         self._lock = threading.Lock()
         self._candidate = uuid.uuid4().hex
         self._epoch: str | None = None
@@ -194,23 +205,37 @@ class RedisIndex:
     ) -> RedisIndex:
         """One call from ``--redis-url`` to an index (see :func:`redis_client_from_url`).
         Connects lazily: a Redis that is down at start-up yields a degraded index."""
-        client = redis_client_from_url(
-            url,
-            cluster=cluster,
-            socket_timeout=socket_timeout,
-            connect_timeout=connect_timeout,
-            max_connections=max_connections,
-            **client_kwargs,
-        )
+
+        def connect() -> RedisClient:
+            return redis_client_from_url(
+                url,
+                cluster=cluster,
+                socket_timeout=socket_timeout,
+                connect_timeout=connect_timeout,
+                max_connections=max_connections,
+                **client_kwargs,
+            )
+
+        is_cluster = cluster or url.partition("://")[0] in _CLUSTER_SCHEMES
+        client: ClientSource = connect if is_cluster else connect()
         config = RedisIndexConfig(
             prefix=prefix, ttl_seconds=ttl_seconds, backoff_max_s=backoff_max_s
         )
         return cls(client, config, fencing_owner=fencing_owner)
 
-    @property
-    def client(self) -> RedisClient:
-        """The redis-py client (for the writer lease, which shares the connection pool)."""
-        return self._client
+    def connected_client(self) -> RedisClient:
+        """The redis-py client, created on first use when built from a factory (raises one
+        of REDIS_ERRORS if that fails). The writer lease shares it."""
+        with self._connect_lock:
+            if self._client is None:
+                assert self._factory is not None
+                self._client = self._factory()
+            if not self._scripts:
+                self._scripts = {
+                    name: self._client.register_script(getattr(redis_scripts, name))
+                    for name in ("APPLY", "RESOLVE", "ENGINES", "LOOKUP", "PING")
+                }
+            return self._client
 
     # -- health and epoch --------------------------------------------------------------------
 
@@ -250,7 +275,8 @@ class RedisIndex:
             )
 
     def close(self) -> None:
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
 
     # -- the round trip ----------------------------------------------------------------------
 
@@ -262,10 +288,11 @@ class RedisIndex:
             candidate = self._candidate
             self._sent += 1
             seq = self._sent
-        script: Script = self._scripts[name]
         try:
+            self.connected_client()
+            script = self._scripts[name]
             reply = script(keys=[self.schema.epoch], args=[self.schema.base, candidate, *args])
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             reason = f"{type(exc).__name__}: {exc}"
             with self._lock:
                 if self._down_reason is None:
@@ -403,13 +430,16 @@ class RedisIndex:
         server's ``evicted_keys`` (server-wide: Redis does not count per prefix)."""
         try:
             return self._stats()
-        except (redis.RedisError, IndexUnavailable) as exc:
+        except Exception as exc:
+            if not isinstance(exc, (*REDIS_ERRORS, IndexUnavailable)):
+                raise
             log.debug("redis index stats unavailable: %s", exc)
             self._read_failed()
             return IndexStats(keys=0, entries=0, engines=0, evictions=0, approx_bytes=0)
 
     def _stats(self) -> IndexStats:
         engines = self.engines()
+        client = self.connected_client()
         holder_keys = list(self._scan(self.schema.holders_pattern))
         counts = self._pipelined(lambda pipe, key: pipe.bitcount(key), holder_keys)
         distinct: set[str] = set()
@@ -418,7 +448,7 @@ class RedisIndex:
             if int(count):
                 entries += int(count)
                 distinct.add(key.rsplit(":", 1)[-1])
-        slots = cast(dict[Any, Any], self._client.hgetall(self.schema.engine_slots))
+        slots = cast(dict[Any, Any], client.hgetall(self.schema.engine_slots))
         map_keys = [
             self.schema.engine_map(int(slot), tier) for slot in slots.values() for tier in Tier
         ]
@@ -429,35 +459,37 @@ class RedisIndex:
             keys=len(distinct),
             entries=entries,
             engines=len(engines),
-            evictions=self._server_evictions(),
+            evictions=self._server_evictions(client),
             approx_bytes=len(holder_keys) * BYTES_PER_HOLDER_KEY
             + map_entries * BYTES_PER_MAP_ENTRY,
         )
 
     def _scan(self, pattern: str) -> list[str]:
         count = self.config.stats_scan_count
-        if isinstance(self._client, RedisCluster):
-            node = self._client.get_node_from_key(self.schema.epoch)  # type: ignore[no-untyped-call]
-            found = self._client.scan_iter(match=pattern, count=count, target_nodes=node)
+        client = self.connected_client()
+        if isinstance(client, RedisCluster):
+            node = client.get_node_from_key(self.schema.epoch)  # type: ignore[no-untyped-call]
+            found = client.scan_iter(match=pattern, count=count, target_nodes=node)
         else:
-            found = self._client.scan_iter(match=pattern, count=count)
+            found = client.scan_iter(match=pattern, count=count)
         return [_text(key) for key in found]
 
     def _pipelined(self, command: Callable[[Any, str], Any], keys: list[str]) -> list[Any]:
         out: list[Any] = []
         for start in range(0, len(keys), 1000):
-            pipe = self._client.pipeline(transaction=False)
+            pipe = self.connected_client().pipeline(transaction=False)
             for key in keys[start : start + 1000]:
                 command(pipe, key)
             out += pipe.execute()
         return out
 
-    def _server_evictions(self) -> int:
+    @staticmethod
+    def _server_evictions(client: RedisClient) -> int:
         try:
-            info: Any = self._client.info("stats")
-        except redis.RedisError:
+            info: Any = client.info("stats")
+        except REDIS_ERRORS:
             return 0
-        if isinstance(self._client, RedisCluster):  # {node: section}
+        if isinstance(client, RedisCluster):  # {node: section}
             return sum(int(v.get("evicted_keys", 0)) for v in info.values() if isinstance(v, dict))
         return int(info.get("evicted_keys", 0))
 

@@ -27,7 +27,7 @@ from typing import Protocol
 import redis
 
 from kvindex.index import redis_scripts
-from kvindex.index.redis import RedisIndex
+from kvindex.index.redis import REDIS_ERRORS, ClientSource, RedisIndex
 
 __all__ = ["LeaseStore", "RedisLeaseStore", "WriterLease", "redis_writer_lease"]
 
@@ -55,24 +55,29 @@ class LeaseStore(Protocol):
 class RedisLeaseStore:
     """:class:`LeaseStore` on one Redis key, with compare-and-set scripts."""
 
-    def __init__(self, client: redis.Redis | redis.RedisCluster, key: str) -> None:
+    def __init__(self, client: ClientSource, key: str) -> None:
         self.key = key
-        self._client = client
-        self._acquire = client.register_script(redis_scripts.LEASE_ACQUIRE)
-        self._renew = client.register_script(redis_scripts.LEASE_RENEW)
-        self._release = client.register_script(redis_scripts.LEASE_RELEASE)
+        self._source = client
+
+    def _client(self) -> redis.Redis | redis.RedisCluster:
+        source = self._source
+        return source if isinstance(source, redis.Redis | redis.RedisCluster) else source()
+
+    def _script(self, source: str, owner: str, *extra: int) -> bool:
+        script = self._client().register_script(source)  # no I/O: EVALSHA, load on NOSCRIPT
+        return bool(script(keys=[self.key], args=[owner, *extra]))
 
     def acquire(self, owner: str, ttl_ms: int) -> bool:
-        return bool(self._acquire(keys=[self.key], args=[owner, ttl_ms]))
+        return self._script(redis_scripts.LEASE_ACQUIRE, owner, ttl_ms)
 
     def renew(self, owner: str, ttl_ms: int) -> bool:
-        return bool(self._renew(keys=[self.key], args=[owner, ttl_ms]))
+        return self._script(redis_scripts.LEASE_RENEW, owner, ttl_ms)
 
     def release(self, owner: str) -> bool:
-        return bool(self._release(keys=[self.key], args=[owner]))
+        return self._script(redis_scripts.LEASE_RELEASE, owner)
 
     def holder(self) -> str | None:
-        value = self._client.get(self.key)
+        value = self._client().get(self.key)
         if value is None:
             return None
         return value.decode() if isinstance(value, bytes) else str(value)
@@ -120,7 +125,7 @@ class WriterLease:
         sent = self._clock()
         try:
             ok = self.store.acquire(self.owner, self._ttl_ms)
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             self._failed("acquire", exc)
             return self.is_writer
         if ok:
@@ -137,7 +142,7 @@ class WriterLease:
         sent = self._clock()
         try:
             ok = self.store.renew(self.owner, self._ttl_ms)
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             self._failed("renew", exc)
             return self.is_writer
         if ok:
@@ -160,7 +165,7 @@ class WriterLease:
         self._valid_until = 0.0
         try:
             self.store.release(self.owner)
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             self._failed("release", exc)
 
     def _failed(self, what: str, exc: Exception) -> None:
@@ -172,5 +177,5 @@ def redis_writer_lease(
     index: RedisIndex, *, owner: str | None = None, ttl_s: float = 10.0
 ) -> WriterLease:
     """A lease on ``index``'s lease key, through the index's client."""
-    store = RedisLeaseStore(index.client, index.schema.lease)
+    store = RedisLeaseStore(index.connected_client, index.schema.lease)
     return WriterLease(store, owner=owner, ttl_s=ttl_s)
