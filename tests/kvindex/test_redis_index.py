@@ -264,6 +264,10 @@ def test_tls_and_cluster_urls_pick_the_right_client() -> None:
     kwargs = tls.connection_pool.connection_kwargs
     assert tls.connection_pool.connection_class is redis.SSLConnection
     assert kwargs["db"] == 2 and kwargs["password"] == "pw"
+    bare = redis_client_from_url("redis-master:6380")  # llm-d's redisAddr form
+    assert isinstance(bare, redis.Redis)
+    assert bare.connection_pool.connection_kwargs["host"] == "redis-master"
+    assert bare.connection_pool.connection_kwargs["port"] == 6380
     with pytest.raises(ValueError, match="unix"):
         redis_client_from_url("unix:///tmp/x.sock", cluster=True)
 

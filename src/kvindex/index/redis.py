@@ -128,8 +128,11 @@ def redis_client_from_url(
 ) -> RedisClient:
     """A redis-py client for ``redis://``, ``rediss://`` (TLS), ``unix://`` URLs (password,
     ``user:password@`` ACL user and ``/db`` as redis-py parses them), or a cluster for
-    ``redis+cluster://`` / ``rediss+cluster://`` / ``cluster=True``. redis-py's own retries
+    ``redis+cluster://`` / ``rediss+cluster://`` / ``cluster=True``; a bare ``host:port``
+    (llm-d's ``redisAddr``) means ``redis://host:port``. redis-py's own retries
     are off: :class:`RedisIndex` owns backoff, so a dead Redis fails fast."""
+    if "://" not in url:  # llm-d's redisAddr form "host:port"
+        url = "redis://" + url
     scheme, sep, rest = url.partition("://")
     if scheme in _CLUSTER_SCHEMES:
         cluster = True
@@ -226,6 +229,9 @@ class RedisIndex:
     def connected_client(self) -> RedisClient:
         """The redis-py client, created on first use when built from a factory (raises one
         of REDIS_ERRORS if that fails). The writer lease shares it."""
+        client = self._client
+        if client is not None and self._scripts:
+            return client  # the hot path: no lock once connected
         with self._connect_lock:
             if self._client is None:
                 assert self._factory is not None
