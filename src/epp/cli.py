@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 # One line per subcommand module; each module owns its flags and its handler.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("epp.commands.serve",)
 
 
 def build_parser() -> argparse.ArgumentParser:

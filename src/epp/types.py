@@ -107,6 +107,8 @@ class SchedulingResult:
     profiles: dict[str, ProfileResult]
     primary_profile: str
     headers: dict[str, str] = field(default_factory=dict)
+    # Headers for the edge to add to the response to the client (`x-session-token`).
+    response_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def endpoints(self) -> list[Endpoint]:

@@ -9,7 +9,10 @@ import sys
 from collections.abc import Sequence
 
 # One line per subcommand module; each module owns its flags and its handler.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "kvindex.commands.analyze",
+    "kvindex.commands.hash",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

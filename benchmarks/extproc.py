@@ -1,0 +1,308 @@
+"""ext_proc edge overhead.
+
+0. The state machine alone (RequestStream.handle in this process, no gRPC), for scale.
+1. Decision latency over a direct gRPC stream (TLS, as deployed): request headers + body
+   (16 KiB chunks, as Envoy forwards them) -> the decision and the re-emitted body, with a
+   trivial scheduler (first endpoint), so the edge itself is measured: gRPC, buffering,
+   msgspec parsing, header mutation, re-chunking.
+2. Latency added by Envoy + picker versus Envoy alone routing to the same fixed upstream,
+   measured side by side (requests interleaved A/B in one run).
+
+Bodies: chat requests with ~1k- and ~8k-token prompts (4 characters per token).
+The picker and the upstream run in their own processes; the client in this one.
+
+Run: python -m benchmarks.extproc [--direct N] [--envoy N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiohttp
+import grpc
+import yaml
+from aiohttp import web
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from epp.types import Endpoint, LLMRequest, ProfileResult, ResponseStats, SchedulingResult
+from tools.envoy_process import EnvoyProcess
+
+CHUNK = 16 << 10
+SIZES = {"1k": 1024, "8k": 8192}
+
+
+class FirstEndpointScheduler:
+    """The cheapest possible decision, so that only the edge is measured."""
+
+    async def schedule(
+        self, request: LLMRequest, endpoints: Sequence[Endpoint]
+    ) -> SchedulingResult:
+        return SchedulingResult({"p": ProfileResult("p", [endpoints[0]])}, "p")
+
+    def on_response_headers(self, request: LLMRequest, served: str | None) -> None:
+        pass
+
+    def on_response_complete(self, request: LLMRequest, stats: ResponseStats) -> None:
+        pass
+
+
+def chat_body(tokens: int) -> bytes:
+    prompt = ("lorem " * (tokens * 4 // 6 + 1))[: tokens * 4]
+    return json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": 8}
+    ).encode()
+
+
+# -- child processes -----------------------------------------------------------------
+
+
+def run_picker(upstream: str, cert: str, key: str) -> None:
+    import logging
+
+    from epp.server import PickerServer, ServeConfig
+
+    logging.basicConfig(level=logging.ERROR)  # the fake upstream has no /metrics page
+
+    async def main() -> None:
+        config = ServeConfig(
+            host="127.0.0.1",
+            grpc_port=0,
+            health_port=0,
+            metrics_port=0,
+            endpoints=upstream,
+            cert_path=cert,
+            key_path=key,
+            metrics_interval_s=3600,
+        )
+        server = PickerServer(config, FirstEndpointScheduler())
+        await server.start()
+        print(json.dumps(server.ports), flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def run_upstream() -> None:
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"choices": [], "usage": {"prompt_tokens": 1}})
+
+    async def main() -> None:
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_post("/v1/chat/completions", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        print(json.dumps({"port": port}), flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def spawn(*args: str) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.extproc", *args], stdout=subprocess.PIPE
+    )
+    assert process.stdout is not None
+    return process, json.loads(process.stdout.readline())
+
+
+# -- measurements --------------------------------------------------------------------
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return statistics.median(ordered), p99
+
+
+async def direct(port: int, cert: bytes, body: bytes, n: int) -> tuple[list[float], list[float]]:
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert)
+    messages = request_messages(body)
+    expected_body_responses = -(-len(body) // 62_000)
+    decisions, full = [], []
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+        stub = pb_grpc.ExternalProcessorStub(channel)
+        for i in range(n + 20):
+            t0 = time.perf_counter()
+            call = stub.Process()
+            for m in messages:
+                await call.write(m)
+            await call.read()
+            t_decision = time.perf_counter()
+            for _ in range(expected_body_responses):
+                await call.read()
+            t_body = time.perf_counter()
+            await call.done_writing()
+            await call.read()
+            if i >= 20:  # warm-up excluded
+                decisions.append(t_decision - t0)
+                full.append(t_body - t0)
+    return decisions, full
+
+
+def request_messages(body: bytes) -> list[pb.ProcessingRequest]:
+    headers = pb.ProcessingRequest(
+        request_headers=pb.HttpHeaders(
+            headers=base_pb2.HeaderMap(
+                headers=[
+                    base_pb2.HeaderValue(key=":path", raw_value=b"/v1/chat/completions"),
+                    base_pb2.HeaderValue(key=":method", raw_value=b"POST"),
+                ]
+            )
+        )
+    )
+    chunks = [body[i : i + CHUNK] for i in range(0, len(body), CHUNK)]
+    return [headers] + [
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=c, end_of_stream=i == len(chunks) - 1))
+        for i, c in enumerate(chunks)
+    ]
+
+
+async def state_machine(body: bytes, n: int) -> list[float]:
+    from epp.extproc import PickerContext, RequestStream
+    from epp.metrics import EppMetrics
+    from epp.requests import RequestParser
+
+    eps = [Endpoint("10.0.0.1", 8000)]
+    ctx = PickerContext(FirstEndpointScheduler(), lambda: eps, RequestParser(), EppMetrics())
+    messages = request_messages(body)
+    out = []
+    for i in range(n + 20):
+        t0 = time.perf_counter()
+        stream = RequestStream(ctx)
+        for m in messages:
+            await stream.handle(m)
+        stream.close()
+        if i >= 20:
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def envoy_alone(rendered: str) -> str:
+    """The same Envoy config without the ext_proc filter, every request to `fallback`."""
+    doc = yaml.safe_load(rendered)
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    config = hcm["typed_config"]
+    config["http_filters"] = [
+        f for f in config["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"
+    ]
+    routes = config["route_config"]["virtual_hosts"][0]["routes"]
+    config["route_config"]["virtual_hosts"][0]["routes"] = [
+        r for r in routes if "headers" not in r["match"]
+    ]
+    return yaml.safe_dump(doc)
+
+
+async def through_envoy(
+    with_picker: str, alone: str, body: bytes, n: int
+) -> tuple[list[float], list[float]]:
+    a, b = [], []
+    headers = {"content-type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        for i in range(n + 20):
+            for url, out in ((alone, a), (with_picker, b)):
+                t0 = time.perf_counter()
+                async with http.post(f"{url}/v1/chat/completions", data=body, headers=headers) as r:
+                    await r.read()
+                    assert r.status == 200, r.status
+                if i >= 20:
+                    out.append(time.perf_counter() - t0)
+    return a, b
+
+
+def ms(x: float) -> str:
+    return f"{x * 1e3:.2f} ms"
+
+
+async def bench(args: argparse.Namespace) -> None:
+    from epp.tls import self_signed_certificate
+
+    workdir = Path(tempfile.mkdtemp(prefix="epp-bench-"))
+    cert, key = self_signed_certificate()
+    (workdir / "cert.pem").write_bytes(cert)
+    (workdir / "key.pem").write_bytes(key)
+    upstream, up = spawn("--role", "upstream")
+    picker, ports = spawn(
+        "--role",
+        "picker",
+        "--upstream",
+        f"127.0.0.1:{up['port']}",
+        "--cert",
+        str(workdir / "cert.pem"),
+        "--key",
+        str(workdir / "key.pem"),
+    )
+    envoys: list[EnvoyProcess] = []
+    try:
+        print(
+            f"direct={args.direct} envoy={args.envoy} per size; chunk {CHUNK} B; "
+            f"cores={os.cpu_count()}"
+        )
+        for label, tokens in SIZES.items():
+            p50, p99 = percentiles(await state_machine(chat_body(tokens), args.direct))
+            print(f"state machine only {label}: p50 {ms(p50)} p99 {ms(p99)}")
+        for label, tokens in SIZES.items():
+            body = chat_body(tokens)
+            decisions, full = await direct(ports["grpc"], cert, body, args.direct)
+            d50, d99 = percentiles(decisions)
+            f50, f99 = percentiles(full)
+            print(
+                f"direct gRPC {label} ({len(body)} B): decision p50 {ms(d50)} p99 {ms(d99)}; "
+                f"decision+body p50 {ms(f50)} p99 {ms(f99)}"
+            )
+        common = {"FALLBACK_PORT": up["port"], "EPP_PORT": ports["grpc"]}
+        with_picker = EnvoyProcess(**common).start()
+        envoys.append(with_picker)
+        alone = EnvoyProcess(transform=envoy_alone, **common).start()
+        envoys.append(alone)
+        for label, tokens in SIZES.items():
+            body = chat_body(tokens)
+            a, b = await through_envoy(with_picker.url, alone.url, body, args.envoy)
+            a50, a99 = percentiles(a)
+            b50, b99 = percentiles(b)
+            print(
+                f"envoy {label}: alone p50 {ms(a50)} p99 {ms(a99)}; +picker p50 {ms(b50)} "
+                f"p99 {ms(b99)}; added p50 {ms(b50 - a50)} (ratio {b50 / a50:.2f})"
+            )
+    finally:
+        for e in envoys:
+            e.stop()
+        for p in (picker, upstream):
+            p.terminate()
+            p.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--direct", type=int, default=500, help="streams per body size")
+    parser.add_argument("--envoy", type=int, default=300, help="requests per variant and size")
+    parser.add_argument("--role", choices=("bench", "picker", "upstream"), default="bench")
+    parser.add_argument("--upstream", default="")
+    parser.add_argument("--cert", default="")
+    parser.add_argument("--key", default="")
+    args = parser.parse_args()
+    if args.role == "picker":
+        run_picker(args.upstream, args.cert, args.key)
+    elif args.role == "upstream":
+        run_upstream()
+    else:
+        asyncio.run(bench(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""`epp serve`: run the endpoint picker (ext_proc gRPC, health, metrics) until SIGTERM/SIGINT,
+then drain: stop accepting streams, finish in-flight ones, exit 0."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+from epp import framework
+from epp.metrics import PrometheusObserver
+from epp.server import PickerDeps, PickerServer, SchedulerFactory, ServeConfig
+from epp.types import Scheduler
+
+log = logging.getLogger("epp.serve")
+
+# Builds the precise-prefix-cache-scorer's index backend (kvindex, in-process or sidecar).
+# None: configuring that scorer fails at start with the framework's message saying so.
+PREFIX_BACKEND_FACTORY: Any = None
+
+
+def framework_scheduler(config_path: str | None, deps: PickerDeps) -> Scheduler:
+    """The scheduling framework from an EndpointPickerConfig file (its defaults without one),
+    reporting plugin timings and latency predictions to the picker's metrics."""
+    try:
+        config = framework.load_config(config_path)
+        log.info("scheduler config: %s", framework.describe_config(config).replace(chr(10), "; "))
+        return framework.build_scheduler(
+            config,
+            framework.SchedulerDeps(
+                observer=PrometheusObserver(deps.metrics),
+                prefix_backend_factory=PREFIX_BACKEND_FACTORY,
+            ),
+        )
+    except framework.ConfigError as exc:
+        raise SystemExit(f"epp serve: --config: {exc}") from None
+
+
+# The one place `epp serve` gets its scheduler; tests and embedders pass their own.
+SCHEDULER_FACTORY: SchedulerFactory = framework_scheduler
+
+
+def _key_values(items: list[str], flag: str, convert: type = str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"epp serve: {flag} expects NAME=VALUE, got {item!r}")
+        try:
+            out[key] = convert(value)
+        except ValueError:
+            raise SystemExit(
+                f"epp serve: {flag} {item!r}: value must be {convert.__name__}"
+            ) from None
+    return out
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run the ext_proc endpoint picker",
+        description="Serve envoy.service.ext_proc.v3.ExternalProcessor for Envoy (or any "
+        "gateway speaking the endpoint picker protocol).",
+    )
+    p.add_argument("--config", help="EndpointPickerConfig YAML (default: built-in profile)")
+    p.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
+    p.add_argument("--grpc-port", type=int, default=9002, help="ext_proc port (9002)")
+    p.add_argument("--health-port", type=int, default=9003, help="gRPC health port (9003)")
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus port (9090)")
+    p.add_argument(
+        "--secure-serving",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="TLS on the ext_proc port (default on; self-signed unless --cert-path/--key-path)",
+    )
+    p.add_argument("--cert-path", help="PEM certificate for the ext_proc port")
+    p.add_argument("--key-path", help="PEM private key for the ext_proc port")
+    p.add_argument("--endpoints", help="static endpoints: ip:port,ip:port,...")
+    p.add_argument("--endpoints-file", help="YAML/JSON endpoints file, watched for changes")
+    p.add_argument("--pool-name", help="InferencePool to watch (Kubernetes)")
+    p.add_argument("--pool-namespace", default="default", help="InferencePool namespace")
+    p.add_argument(
+        "--metrics-interval",
+        type=float,
+        default=0.05,
+        help="engine /metrics scrape tick in seconds (0.05)",
+    )
+    p.add_argument(
+        "--metrics-timeout", type=float, default=0.5, help="per-scrape timeout in seconds (0.5)"
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=10 << 20,
+        help="largest request body accepted, else 413 (10 MiB)",
+    )
+    p.add_argument(
+        "--destination-header",
+        choices=("list", "primary"),
+        default="list",
+        help="x-gateway-destination-endpoint carries pick + fallbacks (list, the protocol) "
+        "or only the pick (primary: for Envoy ORIGINAL_DST clusters, which parse one "
+        "address); dynamic metadata always carries the list",
+    )
+    p.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds to finish streams on SIGTERM"
+    )
+    p.add_argument(
+        "--lora-adapter",
+        action="append",
+        default=[],
+        metavar="ADAPTER=BASE",
+        help="a LoRA adapter name and the base model serving it (repeatable)",
+    )
+    p.add_argument(
+        "--objective",
+        action="append",
+        default=[],
+        metavar="NAME=PRIORITY",
+        help="InferenceObjective priority for header x-gateway-inference-objective "
+        "(repeatable; negative = sheddable)",
+    )
+    p.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    if not (args.endpoints or args.endpoints_file or args.pool_name):
+        raise SystemExit(
+            "epp serve: no endpoint source: give --endpoints, --endpoints-file or --pool-name"
+        )
+    if args.max_body_bytes <= 0:
+        raise SystemExit("epp serve: --max-body-bytes must be positive")
+    if args.metrics_interval <= 0:
+        raise SystemExit("epp serve: --metrics-interval must be positive")
+    return ServeConfig(
+        host=args.host,
+        grpc_port=args.grpc_port,
+        health_port=args.health_port,
+        metrics_port=args.metrics_port,
+        secure_serving=args.secure_serving,
+        cert_path=args.cert_path,
+        key_path=args.key_path,
+        endpoints=args.endpoints,
+        endpoints_file=args.endpoints_file,
+        pool_name=args.pool_name,
+        pool_namespace=args.pool_namespace,
+        metrics_interval_s=args.metrics_interval,
+        metrics_timeout_s=args.metrics_timeout,
+        max_body_bytes=args.max_body_bytes,
+        drain_timeout_s=args.drain_timeout,
+        header_primary_only=args.destination_header == "primary",
+        adapters=_key_values(args.lora_adapter, "--lora-adapter"),
+        objectives=_key_values(args.objective, "--objective", int),
+    )
+
+
+async def serve(
+    config: ServeConfig,
+    config_path: str | None,
+    factory: SchedulerFactory,
+    ready_line: bool = True,
+) -> int:
+    """Start, print the bound ports, wait for SIGTERM/SIGINT, drain."""
+    from epp.endpoints import Datastore
+    from epp.metrics import EppMetrics
+    from epp.requests import ModelRegistry
+
+    deps = PickerDeps(Datastore(), EppMetrics(), ModelRegistry(config.adapters))
+    scheduler = factory(config_path, deps)
+    server = PickerServer(
+        config, scheduler, datastore=deps.datastore, metrics=deps.metrics, registry=deps.registry
+    )
+    try:
+        await server.start()
+    except Exception as exc:
+        await server.close()
+        raise SystemExit(f"epp serve: cannot start: {exc}") from None
+    if ready_line:
+        # One machine-readable line with the bound ports (useful with port 0).
+        ports = " ".join(f"{name}={port}" for name, port in server.ports.items())
+        print(f"epp serving {ports}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining (up to %.0fs)", config.drain_timeout_s)
+    await server.drain()
+    log.info("stopped")
+    return 0
+
+
+def run(args: argparse.Namespace, factory: SchedulerFactory | None = None) -> int:
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = config_from_args(args)
+    return asyncio.run(serve(config, args.config, factory or SCHEDULER_FACTORY))

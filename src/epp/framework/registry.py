@@ -1,0 +1,70 @@
+"""Plugin types by name: a parameter parser (pure, run at config load so bad parameters fail
+early) and a builder (run by `build_scheduler` with the injected dependencies)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from epp.framework.params import Params
+from epp.framework.plugin import Plugin
+
+if TYPE_CHECKING:
+    from epp.framework.deps import SchedulerDeps
+
+P = TypeVar("P")
+
+
+class BuildContext:
+    """What a builder may use: the injected dependencies and, through `defer`, the other
+    plugin instances by name once all are built (for plugins that reference each other)."""
+
+    def __init__(self, deps: SchedulerDeps, profile_names: Iterable[str]) -> None:
+        self.deps = deps
+        self.profile_names = frozenset(profile_names)
+        self.plugins: dict[str, Plugin] = {}
+        self._deferred: list[Callable[[], None]] = []
+
+    def defer(self, resolve: Callable[[], None]) -> None:
+        self._deferred.append(resolve)
+
+    def resolve(self) -> None:
+        for fn in self._deferred:
+            fn()
+        self._deferred.clear()
+
+
+@dataclass(frozen=True)
+class PluginType(Generic[P]):
+    type_name: str
+    # The class the builder returns; decides the extension points at load time.
+    cls: type[Plugin]
+    parse: Callable[[Params], P]
+    build: Callable[[str, P, BuildContext], Plugin]
+    summary: str = ""
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._types: dict[str, PluginType[Any]] = {}
+        self._aliases: dict[str, str] = {}
+
+    def register(self, plugin_type: PluginType[Any], aliases: Iterable[str] = ()) -> None:
+        if plugin_type.type_name in self._types or plugin_type.type_name in self._aliases:
+            raise ValueError(f"plugin type {plugin_type.type_name!r} registered twice")
+        self._types[plugin_type.type_name] = plugin_type
+        for alias in aliases:
+            self._aliases[alias] = plugin_type.type_name
+
+    def get(self, type_name: str) -> PluginType[Any] | None:
+        return self._types.get(self._aliases.get(type_name, type_name))
+
+    def canonical(self, type_name: str) -> str:
+        return self._aliases.get(type_name, type_name)
+
+    def type_names(self) -> list[str]:
+        return sorted(self._types)
+
+    def aliases(self) -> dict[str, str]:
+        return dict(self._aliases)

@@ -1,0 +1,194 @@
+"""precise-prefix-cache-scorer: the prefix-cache score from the KV-event index.
+
+The scoring is delegated to a `PrefixIndexBackend` (kvindex in production, in-process or
+over its sidecar service), built by `SchedulerDeps.prefix_backend_factory(params)`. This
+module stays pure: it parses the parameters, awaits the backend, and shares what it found
+through the cycle state."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from epp.framework.config import ConfigError
+from epp.framework.cycle import PREFIX_MATCH_KEY, CycleState, PrefixMatchInfo
+from epp.framework.params import Params
+from epp.framework.plugin import Lifecycle, PreRequest, Scorer
+from epp.framework.registry import BuildContext, PluginType, Registry
+from epp.plugins._request import prompt_tokens
+from epp.types import Endpoint, LLMRequest, SchedulingResult
+
+
+class PrefixIndexBackend(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def score(self, request: LLMRequest, candidates: Sequence[str]) -> Mapping[str, float]:
+        """Per candidate endpoint key, the cached fraction of the prompt (matched / total
+        blocks, tier-weighted) in [0, 1]. May set `request.token_ids` when it tokenizes."""
+        ...
+
+    def record_pick(self, request: LLMRequest, endpoint_key: str) -> None:
+        """The request was routed to `endpoint_key`: add speculative entries for its blocks
+        (expire after `speculativeTTL` unless confirmed by KV events)."""
+        ...
+
+
+@dataclass(frozen=True)
+class TokenProcessorConfig:
+    block_size_tokens: int = 16
+    hash_seed: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IndexerConfig:
+    in_memory_size: int = 100_000_000
+    redis_address: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PodDiscoveryConfig:
+    socket_port: int = 5557
+
+
+@dataclass(frozen=True)
+class KVEventsConfig:
+    zmq_endpoint: str = ""
+    topic_filter: str = "kv@"
+    concurrency: int = 4
+    engine_type: str = "vllm"
+    discover_pods: bool = False
+    pod_discovery: PodDiscoveryConfig = PodDiscoveryConfig()
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PrecisePrefixParams:
+    token_processor: TokenProcessorConfig = TokenProcessorConfig()
+    indexer: IndexerConfig = IndexerConfig()
+    kv_events: KVEventsConfig = KVEventsConfig()
+    speculative_indexing: bool = False
+    speculative_ttl_s: float = 2.0
+    tier_weights: Mapping[str, float] = field(default_factory=lambda: {"gpu": 1.0, "cpu": 0.8})
+
+
+def parse_precise_params(params: Params) -> PrecisePrefixParams:
+    """Top-level names are strict; inside the three nested configs, names this module does
+    not interpret are kept in `extra` for the backend (kvindex owns their meaning)."""
+    tp = params.nested("tokenProcessorConfig")
+    block = tp.integer("blockSizeTokens", 16, min=1)
+    if not tp.has("blockSizeTokens"):
+        block = tp.integer("blockSize", 16, min=1)  # llm-d's README spelling
+    else:
+        tp.ignore("blockSize")
+    token_processor = TokenProcessorConfig(block, tp.string("hashSeed", ""), tp.remaining())
+
+    ix = params.nested("indexerConfig")
+    mem = ix.nested("inMemoryConfig")
+    size = mem.integer("size", 100_000_000, min=1)
+    mem.finish()
+    redis = ix.nested("redisConfig")
+    redis_address = ix.string("redisAddr", redis.string("address", ""))
+    redis.finish()
+    indexer = IndexerConfig(size, redis_address, ix.remaining())
+
+    kv = params.nested("kvEventsConfig")
+    disc = kv.nested("podDiscoveryConfig")
+    pod_discovery = PodDiscoveryConfig(disc.integer("socketPort", 5557, min=1, max=65535))
+    disc.finish()
+    kv_events = KVEventsConfig(
+        zmq_endpoint=kv.string("zmqEndpoint", ""),
+        topic_filter=kv.string("topicFilter", "kv@"),
+        concurrency=kv.integer("concurrency", 4, min=1),
+        engine_type=kv.string("engineType", "vllm", choices=("vllm", "sglang")),
+        discover_pods=kv.boolean("discoverPods", False),
+        pod_discovery=pod_discovery,
+        extra=kv.remaining(),
+    )
+    tiers = params.nested("tierWeights")
+    tier_weights = {
+        "gpu": tiers.number("gpu", 1.0, min=0.0, max=1.0),
+        "cpu": tiers.number("cpu", 0.8, min=0.0, max=1.0),
+    }
+    for tier in list(tiers.remaining()):
+        tier_weights[tier] = tiers.number(tier, 0.0, min=0.0, max=1.0)
+    return PrecisePrefixParams(
+        token_processor=token_processor,
+        indexer=indexer,
+        kv_events=kv_events,
+        speculative_indexing=params.boolean("speculativeIndexing", False),
+        speculative_ttl_s=params.duration("speculativeTTL", 2.0),
+        tier_weights=tier_weights,
+    )
+
+
+class PrecisePrefixCacheScorer(Scorer, PreRequest, Lifecycle):
+    type_name = "precise-prefix-cache-scorer"
+
+    def __init__(self, name: str, params: PrecisePrefixParams, backend: PrefixIndexBackend) -> None:
+        super().__init__(name)
+        self.params = params
+        self.backend = backend
+
+    async def start(self) -> None:
+        await self.backend.start()
+
+    async def stop(self) -> None:
+        await self.backend.stop()
+
+    def score(self, cycle: CycleState, request: LLMRequest, endpoints: list[Endpoint]) -> Any:
+        return self._score(cycle, request, endpoints)
+
+    async def _score(
+        self, cycle: CycleState, request: LLMRequest, endpoints: list[Endpoint]
+    ) -> list[float]:
+        keys = cycle.keys(endpoints)
+        fractions = await self.backend.score(request, keys)
+        scores = [min(1.0, max(0.0, float(fractions.get(k, 0.0)))) for k in keys]
+        total = prompt_tokens(request)
+        block = self.params.token_processor.block_size_tokens
+        cycle.write(
+            PREFIX_MATCH_KEY,
+            PrefixMatchInfo(
+                prompt_tokens=total,
+                block_size_tokens=block,
+                matched_tokens={
+                    k: round(s * total) for k, s in zip(keys, scores, strict=True) if s > 0.0
+                },
+                source=self.type_name,
+            ),
+        )
+        return scores
+
+    def pre_request(self, cycle: CycleState, request: LLMRequest, result: SchedulingResult) -> None:
+        if not self.params.speculative_indexing:
+            return
+        for profile in result.profiles.values():
+            if profile.endpoints:
+                self.backend.record_pick(request, cycle.key(profile.endpoints[0]))
+
+
+def build_precise(name: str, params: PrecisePrefixParams, ctx: BuildContext) -> Scorer:
+    factory = ctx.deps.prefix_backend_factory
+    if factory is None:
+        raise ConfigError(
+            "precise-prefix-cache-scorer needs a KV-event index backend; none is available "
+            "(SchedulerDeps.prefix_backend_factory is not set)"
+        )
+    return PrecisePrefixCacheScorer(name, params, factory(params))
+
+
+def register(registry: Registry) -> None:
+    registry.register(
+        PluginType(
+            PrecisePrefixCacheScorer.type_name,
+            PrecisePrefixCacheScorer,
+            parse_precise_params,
+            build_precise,
+            "prefix score from the KV-event index",
+        )
+    )

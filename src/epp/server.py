@@ -1,0 +1,277 @@
+"""The running picker: ext_proc gRPC (TLS by default), gRPC health, Prometheus metrics,
+endpoint sources and the engine-metrics scraper, started and drained together.
+
+Ports: ext_proc 9002, health 9003 (plaintext, for kubelet gRPC probes), metrics 9090 by
+default; 0 binds a free port (the bound ports are in `PickerServer.ports` after `start`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from epp import extproc, tls
+from epp.discovery.pool import PoolReconciler
+from epp.endpoints import Datastore, EndpointsFileSource, parse_static
+from epp.engine_metrics import DEFAULT_INTERVAL_S, DEFAULT_TIMEOUT_S, EngineMetricsScraper
+from epp.metrics import EppMetrics
+from epp.requests import ModelRegistry, RequestParser
+from epp.types import Scheduler
+
+log = logging.getLogger(__name__)
+
+EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+LIVENESS = "liveness"
+READINESS = "readiness"
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass(slots=True)
+class ServeConfig:
+    host: str = "0.0.0.0"
+    grpc_port: int = 9002
+    health_port: int = 9003
+    metrics_port: int = 9090
+    secure_serving: bool = True
+    cert_path: str | None = None
+    key_path: str | None = None
+    endpoints: str | None = None  # static "ip:port,..."
+    endpoints_file: str | None = None
+    endpoints_file_interval_s: float = 1.0
+    pool_name: str | None = None
+    pool_namespace: str = "default"
+    metrics_interval_s: float = DEFAULT_INTERVAL_S
+    metrics_timeout_s: float = DEFAULT_TIMEOUT_S
+    max_body_bytes: int = extproc.DEFAULT_MAX_BODY_BYTES
+    drain_timeout_s: float = 30.0
+    header_primary_only: bool = False  # see PickerContext.header_primary_only
+    adapters: Mapping[str, str] = field(default_factory=dict)  # LoRA adapter -> base model
+    objectives: Mapping[str, int] = field(default_factory=dict)  # objective -> priority
+
+
+@dataclass(slots=True)
+class PickerDeps:
+    """What the edge shares with the scheduler it builds: the live endpoints, the picker's
+    metrics (the framework's observer writes `plugin_duration` and latency series) and the
+    model registry."""
+
+    datastore: Datastore
+    metrics: EppMetrics
+    registry: ModelRegistry
+
+
+class PickerServer:
+    """Owns every listener and background task of one picker process."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        scheduler: Scheduler,
+        datastore: Datastore | None = None,
+        metrics: EppMetrics | None = None,
+        registry: ModelRegistry | None = None,
+        kubernetes_api_client: Any = None,
+    ) -> None:
+        self.config = config
+        self.scheduler = scheduler
+        self.datastore = datastore or Datastore()
+        self.metrics = metrics or EppMetrics()
+        self.registry = registry or ModelRegistry(config.adapters)
+        self.metrics.bind_pool(self.datastore.endpoints)
+        self.parser = RequestParser(self.registry, config.objectives)
+        self.context = extproc.PickerContext(
+            scheduler=scheduler,
+            endpoints=self.datastore.endpoints,
+            parser=self.parser,
+            metrics=self.metrics,
+            max_body_bytes=config.max_body_bytes,
+            header_primary_only=config.header_primary_only,
+        )
+        self.health = health.aio.HealthServicer()
+        self.ports: dict[str, int] = {}
+        self.tls_certificate: bytes | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._health_grpc: grpc.aio.Server | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._expected_sources: set[str] = set()
+        self._pool: PoolReconciler | None = None
+        self._kubernetes_api_client = kubernetes_api_client
+        self._watcher: Any = None
+        self._draining = False
+        self._scheduler_started = False
+        self.scraper = EngineMetricsScraper(
+            self.datastore.endpoints,
+            self.metrics,
+            self.registry,
+            interval_s=config.metrics_interval_s,
+            timeout_s=config.metrics_timeout_s,
+        )
+
+    # -- readiness ---------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """The scheduler started and every configured endpoint source has reported once (and
+        we are not draining)."""
+        if self._draining or not self._scheduler_started:
+            return False
+        if self._pool is not None and not self._pool.synced:
+            return False
+        return self._expected_sources <= self.datastore.sources_reported
+
+    async def _publish_health(self) -> None:
+        status = _SERVING if self.ready else _NOT_SERVING
+        await self.health.set(READINESS, status)
+        await self.health.set(EXTPROC_SERVICE, status)
+
+    def _on_endpoints_changed(self) -> None:
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing to publish to
+            asyncio.get_running_loop().create_task(self._publish_health())
+
+    # -- start -------------------------------------------------------------------------
+
+    def _credentials(self) -> grpc.ServerCredentials:
+        c = self.config
+        if c.cert_path or c.key_path:
+            if not (c.cert_path and c.key_path):
+                raise ValueError("--cert-path and --key-path must be given together")
+            cert, key = tls.load_certificate(c.cert_path, c.key_path)
+        else:
+            cert, key = tls.self_signed_certificate()
+        self.tls_certificate = cert
+        return grpc.ssl_server_credentials([(key, cert)])
+
+    async def start(self) -> None:
+        c = self.config
+        self._start_sources()
+        self.datastore.on_change(self._on_endpoints_changed)
+
+        options = [("grpc.so_reuseport", 0)]
+        self._grpc = grpc.aio.server(options=options)
+        extproc.add_to_server(self._grpc, self.context)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        address = f"{c.host}:{c.grpc_port}"
+        if c.secure_serving:
+            self.ports["grpc"] = self._grpc.add_secure_port(address, self._credentials())
+        else:
+            self.ports["grpc"] = self._grpc.add_insecure_port(address)
+
+        self._health_grpc = grpc.aio.server(options=options)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
+        self.ports["health"] = self._health_grpc.add_insecure_port(f"{c.host}:{c.health_port}")
+
+        app = web.Application()
+        app.router.add_get("/metrics", self._serve_metrics)
+        self._metrics_runner = web.AppRunner(app, access_log=None)
+        await self._metrics_runner.setup()
+        site = web.TCPSite(self._metrics_runner, c.host, c.metrics_port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.ports["metrics"] = sockets[0].getsockname()[1] if sockets else c.metrics_port
+
+        await _lifecycle(self.scheduler, "start")
+        self._scheduler_started = True
+        await self.health.set(LIVENESS, _SERVING)
+        await self.health.set("", _SERVING)
+        await self._publish_health()
+        await self._grpc.start()
+        await self._health_grpc.start()
+        self._tasks.append(asyncio.create_task(self.scraper.run(), name="engine-metrics"))
+        log.info(
+            "epp listening: ext_proc %s:%d (%s), health %d, metrics %d",
+            c.host,
+            self.ports["grpc"],
+            "TLS" if c.secure_serving else "plaintext",
+            self.ports["health"],
+            self.ports["metrics"],
+        )
+
+    def _start_sources(self) -> None:
+        c = self.config
+        if c.endpoints is not None:
+            self._expected_sources.add("static")
+            self.datastore.replace("static", parse_static(c.endpoints))
+        if c.endpoints_file:
+            self._expected_sources.add(EndpointsFileSource.SOURCE)
+            source = EndpointsFileSource(
+                c.endpoints_file, self.datastore, self.metrics, c.endpoints_file_interval_s
+            )
+            source.poll()
+            self._tasks.append(asyncio.create_task(source.run(), name="endpoints-file"))
+        if c.pool_name:
+            from epp.discovery.kubernetes import KubernetesPoolWatcher, load_kube_config
+
+            self._pool = PoolReconciler(self.datastore, self.metrics)
+            self._expected_sources.add(PoolReconciler.SOURCE)
+            api_client = self._kubernetes_api_client or load_kube_config()
+            self._watcher = KubernetesPoolWatcher(
+                c.pool_namespace,
+                c.pool_name,
+                api_client,
+                on_error=lambda what: self.metrics.endpoint_source_errors.labels(
+                    source=f"kubernetes-{what}"
+                ).inc(),
+            )
+            self._watcher.start(asyncio.get_running_loop(), self._pool.apply)
+
+    async def _serve_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"}
+        )
+
+    # -- stop --------------------------------------------------------------------------
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Graceful stop: report NOT_SERVING, refuse new streams, let in-flight streams
+        finish (up to `grace_s`, default drain_timeout_s), then stop everything."""
+        grace = self.config.drain_timeout_s if grace_s is None else grace_s
+        self._draining = True
+        await self._publish_health()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        await self.close()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self._grpc is not None:
+            await self._grpc.stop(None)
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(None)
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
+        if self._scheduler_started:
+            self._scheduler_started = False
+            await _lifecycle(self.scheduler, "stop")
+
+
+async def _lifecycle(scheduler: Scheduler, method: str) -> None:
+    """Schedulers with background work (the framework's `start`/`stop`, e.g. a KV-event
+    subscriber) get them called; the `Scheduler` protocol itself does not require them."""
+    hook = getattr(scheduler, method, None)
+    if callable(hook):
+        result = hook()
+        if asyncio.iscoroutine(result):
+            await result
+
+
+# (EndpointPickerConfig path or None, edge resources) -> the scheduler `epp serve` runs.
+SchedulerFactory = Callable[[str | None, PickerDeps], Scheduler]
