@@ -9,7 +9,11 @@ import sys
 from collections.abc import Sequence
 
 # One line per subcommand module; each module owns its flags and its handler.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "kvindex.commands.serve",
+    "kvindex.commands.inspect",
+    "kvindex.commands.record",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

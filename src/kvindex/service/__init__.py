@@ -1,0 +1,1 @@
+"""The kvindex service: ingest, index and the HTTP (and gRPC) surface around them."""
