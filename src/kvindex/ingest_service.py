@@ -99,13 +99,14 @@ class IngestService:
         index: BlockIndex,
         ingest_config: IngestConfig | None = None,
         metrics: KvindexMetrics | None = None,
+        subscriber: ZmqSubscriber | None = None,
     ) -> None:
         self.config = config
         self.index = index
         self.applier = EventApplier(index, ingest_config)
         self.metrics = metrics or KvindexMetrics()
         self.tracker = SequenceTracker()
-        self.subscriber = ZmqSubscriber(config.topic_filter)
+        self.subscriber = subscriber or ZmqSubscriber(config.topic_filter)
         self._streams: dict[str, _Stream] = {}
         self._replaying: set[str] = set()
         self._ranks: dict[str, RankSource] = {}  # discovered: rank endpoint -> sockets
@@ -338,6 +339,7 @@ class IngestService:
         metrics = self.metrics
         metrics.add_counts(counts)
         metrics.last_seq.labels(stream.key).set(seq)
+        metrics.last_batch_time.labels(stream.key).set(time.time())
         if decoded.ts > 0:
             lag = max(0.0, time.time() - decoded.ts)
             metrics.lag.labels(stream.key).set(lag)

@@ -145,6 +145,12 @@ class KvindexMetrics:
             ["engine"],
             registry=r,
         )
+        self.last_batch_time = Gauge(
+            p + "ingest_last_batch_timestamp_seconds",
+            "Unix time the newest batch of the engine was applied (staleness alerts)",
+            ["engine"],
+            registry=r,
+        )
         self.internal_errors = Counter(
             p + "ingest_internal_errors",
             "Unexpected exceptions caught in the ingest loop (a bug: see the logs)",
@@ -203,7 +209,7 @@ class KvindexMetrics:
 
     def forget_engine(self, engine: str) -> None:
         """Drop the per-engine series of an engine that left."""
-        for gauge in (self.pending, self.lag, self.last_seq):
+        for gauge in (self.pending, self.lag, self.last_seq, self.last_batch_time):
             with contextlib.suppress(KeyError):
                 gauge.remove(engine)
         with contextlib.suppress(KeyError):

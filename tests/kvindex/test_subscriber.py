@@ -198,11 +198,11 @@ def test_dp_ranks_map_to_endpoints(bind: Harness) -> None:
     probe(rank1, bind.index, "127.0.0.1:8001")
     rank0.publish(stored([1], None, T[:16]))
     rank1.publish(stored([1], None, T[16:32]))  # same hash, other rank: other engine
-    wait_for(lambda: bind.blocks(T[16:32], "127.0.0.1:8001") == 0)
     wait_for(lambda: bind.index.resolve("127.0.0.1:8000", 1) is not None)
     wait_for(lambda: bind.index.resolve("127.0.0.1:8001", 1) is not None)
     assert bind.blocks(T[:16], "127.0.0.1:8000") == 1
     assert bind.blocks(T[:16], "127.0.0.1:8001") == 0
+    assert bind.blocks(T[16:32], "127.0.0.1:8001") == 1
     assert bind.m("kvindex_ingest_seq_gaps_total") == 0  # each rank has its own sequence
 
 
@@ -294,3 +294,25 @@ def test_bind_address_in_use_raises_on_open() -> None:
     finally:
         service.stop()
         holder.close(0)
+
+
+def test_replay_socket_recreated_after_failure(harness_factory: type[Harness]) -> None:
+    port = free_port()
+    h = harness_factory(
+        IngestServiceConfig(
+            zmq_bind=("tcp://127.0.0.1:*",),
+            replay_endpoints={ENGINE: f"tcp://127.0.0.1:{port}"},
+            replay_timeout_s=0.3,
+        )
+    )
+    pub = h.publisher()  # no replay ROUTER yet
+    probe(pub, h.index, ENGINE)
+    pub.publish(stored([1], None, T[:16]), drop=True)
+    pub.publish(stored([2], None, T[16:32]))  # parent None: no unknown-parent repair
+    wait_for(lambda: h.m("kvindex_ingest_replays_total", reason="gap", outcome="failed") == 1)
+    pub.serve_replay(f"tcp://127.0.0.1:{port}")  # the engine's ROUTER comes up
+    pub.publish(stored([3], None, T[32:48]), drop=True)
+    pub.publish(stored([4], 3, T[48:64]))
+    wait_for(lambda: h.m("kvindex_ingest_replays_total", reason="gap", outcome="succeeded") == 1)
+    assert h.index.resolve(ENGINE, 3) is not None
+    assert h.m("kvindex_ingest_lost_batches_total") == 1  # only the first, unrepaired gap

@@ -155,12 +155,17 @@ class VllmPublisher:
         self._stop = threading.Event()
         self._replay_thread: threading.Thread | None = None
         if replay_endpoint is not None:
-            router = self.ctx.socket(zmq.ROUTER)
-            router.setsockopt(zmq.LINGER, 0)
-            router.bind(replay_endpoint)
-            self.replay_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
-            self._replay_thread = threading.Thread(target=self._serve, args=(router,), daemon=True)
-            self._replay_thread.start()
+            self.serve_replay(replay_endpoint)
+
+    def serve_replay(self, endpoint: str) -> None:
+        """Start the replay ROUTER (vLLM starts it with the publisher; tests may start it
+        late to model a replay endpoint that comes up after a failure)."""
+        router = self.ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.bind(endpoint)
+        self.replay_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._replay_thread = threading.Thread(target=self._serve, args=(router,), daemon=True)
+        self._replay_thread.start()
 
     # -- publishing --------------------------------------------------------------------------
 
