@@ -85,6 +85,7 @@ class _Stream:
     replay_endpoint: str | None
     applied_seq: int = -1
     pending: int = 0
+    pending_grew: bool = False  # held events grew since the last repair decision
     last_repair: float = -math.inf
     replay: _Replay | None = None
 
@@ -304,9 +305,11 @@ class IngestService:
             self.metrics.duplicate_batches.inc()
         elif action is SeqAction.APPLY:
             self._apply(stream, seq, decoded)
+            self._maybe_repair(stream)
         elif action is SeqAction.RESET:
             self._reset(stream, previous)
             self._apply(stream, seq, decoded)
+            self._maybe_repair(stream)
         else:  # GAP
             assert previous is not None
             self.metrics.gaps.inc()
@@ -333,6 +336,7 @@ class IngestService:
                     missing,
                 )
                 self._apply(stream, seq, decoded)
+                self._maybe_repair(stream)
 
     def _apply(self, stream: _Stream, seq: int, decoded: DecodedBatch) -> None:
         counts = self.applier.apply_batch(stream.key, decoded, stream.model)
@@ -346,18 +350,28 @@ class IngestService:
             metrics.lag_histogram.observe(lag)
         metrics.pending.labels(stream.key).set(counts.pending)
         stream.applied_seq = max(stream.applied_seq, seq)
-        grew = counts.pending > stream.pending
+        if counts.pending > stream.pending:
+            stream.pending_grew = True
         stream.pending = counts.pending
-        if grew and stream.replay is None and stream.replay_endpoint is not None:
-            now = time.monotonic()
-            if now - stream.last_repair >= self.config.repair_interval_s:
-                stream.last_repair = now
-                log.info(
-                    "event=unknown_parent engine=%s pending=%d action=replay_from_0",
-                    stream.key,
-                    counts.pending,
-                )
-                self._start_replay(stream, UNKNOWN_PARENT, 0, cursor=stream.applied_seq)
+
+    def _maybe_repair(self, stream: _Stream) -> None:
+        """Events wait for a parent this index never saw (it started late, or a gap was not
+        repaired): ask the engine for everything it still buffers, once per interval."""
+        if not stream.pending_grew or stream.replay is not None:
+            return
+        stream.pending_grew = False
+        if stream.replay_endpoint is None:
+            return
+        now = time.monotonic()
+        if now - stream.last_repair < self.config.repair_interval_s:
+            return
+        stream.last_repair = now
+        log.info(
+            "event=unknown_parent engine=%s pending=%d action=replay_from_0",
+            stream.key,
+            stream.pending,
+        )
+        self._start_replay(stream, UNKNOWN_PARENT, 0, cursor=stream.applied_seq)
 
     def _reset(self, stream: _Stream, previous: int | None) -> None:
         log.warning(
@@ -369,6 +383,7 @@ class IngestService:
         self.index.apply(stream.key, [Clear()])
         self.applier.forget(stream.key)
         stream.pending = 0
+        stream.pending_grew = False
         stream.applied_seq = -1
 
     # -- replay ------------------------------------------------------------------------------
@@ -408,6 +423,9 @@ class IngestService:
             self.metrics.duplicate_batches.inc()
 
     def _finish_replay(self, stream: _Stream, ok: bool, why: str = "") -> None:
+        """End a replay: apply the buffered live batches in order. A hole left between them
+        (batches dropped on the wire while the replay ran) starts another gap replay when this
+        one worked and made progress; otherwise the hole is counted as lost."""
         replay = stream.replay
         assert replay is not None
         stream.replay = None
@@ -417,14 +435,17 @@ class IngestService:
             self.subscriber.drop_replay(stream.key)  # recreated on the next request
         lost = 0
         cursor = replay.cursor
-        for seq in sorted(replay.buffered):
-            decoded = replay.buffered[seq]
+        pending = sorted(replay.buffered)
+        for i, seq in enumerate(pending):
             if seq <= cursor:
                 self.metrics.duplicate_batches.inc()
                 continue
             if cursor >= 0 and seq > cursor + 1:
+                if ok and replay.replayed and stream.replay_endpoint is not None:
+                    self._chain_replay(stream, cursor, replay, pending[i:])
+                    return
                 lost += seq - cursor - 1
-            self._apply(stream, seq, decoded)
+            self._apply(stream, seq, replay.buffered[seq])
             cursor = seq
         if lost:
             self.metrics.lost_batches.inc(lost)
@@ -442,6 +463,21 @@ class IngestService:
         self.tracker.forget(stream.key)
         if cursor >= 0:
             self.tracker.observe(stream.key, cursor)
+        self._maybe_repair(stream)
+
+    def _chain_replay(
+        self, stream: _Stream, cursor: int, done: _Replay, remaining: list[int]
+    ) -> None:
+        log.info(
+            "event=seq_gap engine=%s expected=%d got=%d action=replay (during a replay)",
+            stream.key,
+            cursor + 1,
+            remaining[0],
+        )
+        self.metrics.gaps.inc()
+        self._start_replay(stream, GAP, cursor + 1, cursor=cursor)
+        assert stream.replay is not None
+        stream.replay.buffered = {seq: done.buffered[seq] for seq in remaining}
 
     def _check_timeouts(self, now: float) -> None:
         for key in list(self._replaying):
