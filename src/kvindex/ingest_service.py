@@ -36,7 +36,7 @@ from kvindex.discovery import EngineEntry, RankSource, rank_sources
 from kvindex.engines import TopicError, parse_topic
 from kvindex.index.base import BlockIndex, Clear
 from kvindex.ingest import EventApplier, IngestConfig, SeqAction, SequenceTracker
-from kvindex.metrics import KvindexMetrics
+from kvindex.metrics import EngineSeries, KvindexMetrics
 from kvindex.subscriber import (
     BadMessage,
     LiveMessage,
@@ -88,6 +88,7 @@ class _Stream:
     pending_grew: bool = False  # held events grew since the last repair decision
     last_repair: float = -math.inf
     replay: _Replay | None = None
+    series: EngineSeries | None = None  # cached metric children
 
 
 class IngestService:
@@ -340,15 +341,18 @@ class IngestService:
 
     def _apply(self, stream: _Stream, seq: int, decoded: DecodedBatch) -> None:
         counts = self.applier.apply_batch(stream.key, decoded, stream.model)
-        metrics = self.metrics
-        metrics.add_counts(counts)
-        metrics.last_seq.labels(stream.key).set(seq)
-        metrics.last_batch_time.labels(stream.key).set(time.time())
+        self.metrics.add_counts(counts)
+        series = stream.series
+        if series is None:
+            series = stream.series = self.metrics.engine_series(stream.key)
+        now = time.time()
+        series.last_seq.set(seq)
+        series.last_batch_time.set(now)
         if decoded.ts > 0:
-            lag = max(0.0, time.time() - decoded.ts)
-            metrics.lag.labels(stream.key).set(lag)
-            metrics.lag_histogram.observe(lag)
-        metrics.pending.labels(stream.key).set(counts.pending)
+            lag = max(0.0, now - decoded.ts)
+            series.lag.set(lag)
+            self.metrics.lag_histogram.observe(lag)
+        series.pending.set(counts.pending)
         stream.applied_seq = max(stream.applied_seq, seq)
         if counts.pending > stream.pending:
             stream.pending_grew = True

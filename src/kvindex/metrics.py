@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -18,7 +19,7 @@ from prometheus_client.registry import Collector
 from kvindex.index.base import IndexStats
 from kvindex.ingest import IngestCounts
 
-__all__ = ["PREFIX", "IndexStatsCollector", "KvindexMetrics"]
+__all__ = ["PREFIX", "EngineSeries", "IndexStatsCollector", "KvindexMetrics"]
 
 PREFIX = "kvindex_"
 
@@ -55,6 +56,14 @@ class IndexStatsCollector(Collector):
 
     def describe(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         return []
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSeries:
+    last_seq: Gauge
+    lag: Gauge
+    pending: Gauge
+    last_batch_time: Gauge
 
 
 class KvindexMetrics:
@@ -190,16 +199,37 @@ class KvindexMetrics:
             registry=r,
         )
 
+        self._event_children: dict[str, Counter] = {}
+        self._skip_children: dict[str, Counter] = {}
+
+    def engine_series(self, engine: str) -> EngineSeries:
+        """The per-engine gauges of one engine (cache it: see add_counts)."""
+        return EngineSeries(
+            self.last_seq.labels(engine),
+            self.lag.labels(engine),
+            self.pending.labels(engine),
+            self.last_batch_time.labels(engine),
+        )
+
     def watch_index(self, stats: Callable[[], IndexStats]) -> None:
         self.registry.register(IndexStatsCollector(stats))
 
     def add_counts(self, counts: IngestCounts) -> None:
-        """Fold one applied batch's counts into the counters."""
+        """Fold one applied batch's counts into the counters (hot path: label children are
+        cached, ``labels()`` takes a lock and builds a key per call)."""
         self.batches.inc()
+        events = self._event_children
         for kind, n in counts.events.items():
-            self.events.labels(kind).inc(n)
+            child = events.get(kind)
+            if child is None:
+                child = events[kind] = self.events.labels(kind)
+            child.inc(n)
+        skipped = self._skip_children
         for reason, n in counts.skipped.items():
-            self.skipped_blocks.labels(reason).inc(n)
+            child = skipped.get(reason)
+            if child is None:
+                child = skipped[reason] = self.skipped_blocks.labels(reason)
+            child.inc(n)
         if counts.stored_blocks:
             self.stored_blocks.inc(counts.stored_blocks)
         if counts.removed_blocks:
