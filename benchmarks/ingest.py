@@ -24,6 +24,7 @@ import zmq
 
 from kvindex.index import MemoryIndex, MemoryIndexConfig, Store, StoredBlock, Tier
 from kvindex.index.locked import LockedIndex
+from kvindex.ingest import EventApplier
 from kvindex.ingest_service import IngestService, IngestServiceConfig
 from kvindex.metrics import KvindexMetrics
 from kvindex.wire import decode_batch
@@ -86,6 +87,18 @@ def bench_decode(payloads: list[bytes], runs: int) -> tuple[float, float]:
         times.append(time.process_time() - start)
     median = statistics.median(times)
     return hashes / median, len(payloads) / median
+
+
+def bench_in_process(payloads: list[bytes], ops: int, runs: int) -> float:
+    """Decode + EventApplier + MemoryIndex on one thread, no sockets: block-ops/s."""
+    times = []
+    for _ in range(runs):
+        applier = EventApplier(MemoryIndex(MemoryIndexConfig(max_keys=10**9)))
+        start = time.process_time()
+        for p in payloads:
+            applier.apply_batch(ENGINE, decode_batch(p), "bench-model")
+        times.append(time.process_time() - start)
+    return ops / statistics.median(times)
 
 
 # -- end to end -------------------------------------------------------------------------------
@@ -193,12 +206,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=2000)
     parser.add_argument("--memory", default="1000000,10000000", help="entry counts")
     args = parser.parse_args()
-    payloads, _ = make_batches(args.batches)
+    payloads, ops = make_batches(args.batches)
     hashes_s, batches_s = bench_decode(payloads, max(5, args.runs))
     print(
         f"decode only: {hashes_s:,.0f} block hashes/s/core ({batches_s:,.0f} batches/s, "
         f"{EVENTS_PER_BATCH} events per batch)"
     )
+    in_process = bench_in_process(payloads, ops, args.runs)
+    print(f"in process (decode + apply, no sockets): {in_process:,.0f} block-ops/s/core")
     results = [bench_end_to_end(args.batches, seed) for seed in range(args.runs)]
     wall = statistics.median(r[0] for r in results)
     cpu = statistics.median(r[1] for r in results)
@@ -207,6 +222,7 @@ def main() -> None:
         f"{cpu:,.0f} block-ops per CPU-second of the ingest process "
         f"({args.runs} runs of {args.batches} batches, ~{results[0][2]:,} block-ops each)"
     )
+    print(f"ratio end-to-end CPU rate / in-process rate: {cpu / in_process:.2f}")
     for n in (int(x) for x in args.memory.split(",") if x):
         for sharing in (1, 4):
             per = bench_memory(n, engines=8, sharing=sharing)

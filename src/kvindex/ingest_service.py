@@ -209,7 +209,8 @@ class IngestService:
     # -- identity ----------------------------------------------------------------------------
 
     def _warn_once(self, key: str, message: str, *args: object) -> None:
-        if key not in self._warned:
+        # Bounded: a flood of distinct bad topics must not grow memory (metrics still count).
+        if key not in self._warned and len(self._warned) < 10_000:
             self._warned.add(key)
             log.warning(message, *args)
 

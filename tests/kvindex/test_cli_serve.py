@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -75,6 +76,10 @@ def test_serve_ingests_and_serves_http(serve: tuple[int, int, subprocess.Popen[s
         pub.close()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0
+    assert proc.stderr is not None
+    logs = [json.loads(line) for line in proc.stderr.read().splitlines() if line.strip()]
+    assert any("event=service_started" in entry["msg"] for entry in logs)
+    assert any("event=engine_seen engine=127.0.0.1:8000" in entry["msg"] for entry in logs)
 
 
 def test_serve_http_port_in_use() -> None:

@@ -150,3 +150,41 @@ def test_bad_flag_values() -> None:
     assert parse_size("512MB") == 512_000_000
     assert parse_size("1.5g") == 1_500_000_000  # decimal unless "i" (GiB)
     assert parse_size("1.5Gi") == int(1.5 * 1024**3)
+
+
+def test_serve_flags_build_config(tmp_path: Path) -> None:
+    from kvindex.cli import build_parser
+    from kvindex.commands.serve import config_from_args
+
+    path = tmp_path / "c.json"
+    path.write_text('{"http_port": 7000, "zmq_bind": ["tcp://*:1"], "index_groups": ["x"]}')
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--config",
+            str(path),
+            "--zmq-bind",
+            "tcp://*:2",
+            "--zmq-bind",
+            "tcp://*:3",
+            "--replay-endpoint",
+            "1.2.3.4:8000=tcp://1.2.3.4:5558",
+            "--k8s-selector",
+            "app=vllm",
+            "--k8s-replay-port",
+            "5558",
+        ]
+    )
+    config = config_from_args(args)
+    assert config.http_port == 7000
+    assert config.zmq_bind == ["tcp://*:2", "tcp://*:3"]  # a list flag replaces the file's
+    assert config.index_groups == ["x"]
+    assert config.replay_endpoints == {"1.2.3.4:8000": "tcp://1.2.3.4:5558"}
+    assert config.kubernetes is not None
+    assert (config.kubernetes.label_selector, config.kubernetes.replay_port) == ("app=vllm", 5558)
+    bad = build_parser().parse_args(["serve", "--replay-endpoint", "tcp://x:1"])
+    with pytest.raises(ConfigError, match="ENGINE=URL"):
+        config_from_args(bad)
+    orphan = build_parser().parse_args(["serve", "--k8s-namespace", "x"])
+    with pytest.raises(ConfigError, match="--k8s-selector"):
+        config_from_args(orphan)

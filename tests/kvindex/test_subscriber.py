@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import zmq
 from ingest_helpers import free_port, keys_for, metric, probe, wait_for
-from vllm_publisher import Ev, VllmPublisher, cleared, removed, stored
+from vllm_publisher import Ev, VllmPublisher, cleared, encode_batch, removed, stored
 
 from kvindex.index import MemoryIndex
 from kvindex.index.locked import LockedIndex
@@ -316,3 +316,25 @@ def test_replay_socket_recreated_after_failure(harness_factory: type[Harness]) -
     wait_for(lambda: h.m("kvindex_ingest_replays_total", reason="gap", outcome="succeeded") == 1)
     assert h.index.resolve(ENGINE, 3) is not None
     assert h.m("kvindex_ingest_lost_batches_total") == 1  # only the first, unrepaired gap
+
+
+def test_bind_mode_over_ipc(harness_factory: type[Harness], tmp_path: Path) -> None:
+    h = harness_factory(IngestServiceConfig(zmq_bind=(f"ipc://{tmp_path}/kvindex.sock",)))
+    # vLLM binds ipc endpoints itself, so connect a raw PUB carrying the same wire format.
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.connect(h.bound[0])
+    try:
+        seq = 0
+
+        def seen() -> bool:
+            nonlocal seq
+            payload = encode_batch([stored([9], None, T[:16])])
+            pub.send_multipart([b"kv@10.0.0.3:8000@m", seq.to_bytes(8, "big"), payload])
+            seq += 1
+            return h.index.resolve("10.0.0.3:8000", 9) is not None
+
+        wait_for(seen, what="ipc batch indexed")
+        assert h.m("kvindex_ingest_sources", mode="bind") == 1
+    finally:
+        pub.close(0)
