@@ -14,6 +14,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "kvindex.commands.demo",
     "kvindex.commands.doctor",
     "kvindex.commands.hash",
+    "kvindex.commands.inspect",
+    "kvindex.commands.record",
+    "kvindex.commands.serve",
 )
 
 

@@ -35,10 +35,13 @@ __all__ = ["MemoryIndex", "MemoryIndexConfig"]
 
 _TIERS = tuple(Tier)
 
-# Measured by benchmarks/ingest.py (CPython 3.11, 64-bit): a content-key slot in a tier dict
-# and an engine-hash entry, each including the int objects it owns.
-BYTES_PER_KEY_SLOT = 104
-BYTES_PER_ENGINE_ENTRY = 104
+# Measured by benchmarks/ingest.py (CPython 3.11, 64-bit, RSS deltas at 10M entries, 8
+# engines): 165 bytes per (block, engine) entry when every key has one holder, 112 when each
+# key has four; solving entry = ENGINE_ENTRY + KEY_SLOT / holders gives the two constants. A
+# key slot is a tier-dict entry plus its int key (masks of <= 8 engines are cached small ints);
+# an engine entry is an engine-hash dict entry plus its int hash.
+BYTES_PER_KEY_SLOT = 71
+BYTES_PER_ENGINE_ENTRY = 94
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,9 @@ class MemoryIndex:
         # (slot, tier) -> engine hash -> key(s)
         self._blocks: dict[tuple[int, Tier], dict[EngineHash, _Keys]] = {}
         self._evictions = 0
+        # (key, engine, tier) entries, kept incrementally so stats() (read at every metrics
+        # scrape, under the service's index lock) does not walk millions of keys.
+        self._entries = 0
 
     # -- engine slots ------------------------------------------------------------------------
 
@@ -116,7 +122,10 @@ class MemoryIndex:
             mine[block.engine_hash] = keys[0] if len(keys) == 1 else keys
             for key in keys:
                 # pop + insert moves the key to the young end of the dict's order.
-                holders[key] = holders.pop(key, 0) | bit
+                old = holders.pop(key, 0)
+                holders[key] = old | bit
+                if not old & bit:
+                    self._entries += 1
 
     def _remove(self, slot: int, tier: Tier, engine_hashes: Sequence[EngineHash]) -> None:
         mine = self._blocks.get((slot, tier))
@@ -130,8 +139,9 @@ class MemoryIndex:
                 continue
             for key in _iter_keys(value):
                 mask = holders.get(key)
-                if mask is None:
+                if mask is None or mask & clear_bit == mask:
                     continue
+                self._entries -= 1
                 mask &= clear_bit
                 if mask:
                     holders[key] = mask
@@ -151,7 +161,7 @@ class MemoryIndex:
             holders = max(self._holders, key=len)
             victims = list(itertools.islice(holders, min(target, len(holders))))
             for key in victims:
-                del holders[key]
+                self._entries -= holders.pop(key).bit_count()
             self._evictions += len(victims)
             target -= len(victims)
 
@@ -232,15 +242,14 @@ class MemoryIndex:
         return sorted({self._name_of[slot] for (slot, _), mine in self._blocks.items() if mine})
 
     def stats(self) -> IndexStats:
-        keys = set[ContentKey]()
-        for holders in self._holders:
-            keys.update(holders)
+        gpu, cpu, storage = self._holders
+        # Keys held in several tiers count once; with only a GPU tier (common) this is O(1).
+        n_keys = len(set(gpu).union(cpu, storage)) if cpu or storage else len(gpu)
         slots = sum(map(len, self._holders))
-        entries = sum(m.bit_count() for holders in self._holders for m in holders.values())
         engine_entries = sum(map(len, self._blocks.values()))
         return IndexStats(
-            keys=len(keys),
-            entries=entries,
+            keys=n_keys,
+            entries=self._entries,
             engines=len(self.engines()),
             evictions=self._evictions,
             approx_bytes=slots * BYTES_PER_KEY_SLOT + engine_entries * BYTES_PER_ENGINE_ENTRY,

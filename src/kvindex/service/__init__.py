@@ -1,1 +1,2 @@
-"""The kvindex sidecar service: HTTP and gRPC edges over the index and the scorer."""
+"""The kvindex sidecar service: ingest, the index, and the HTTP and gRPC edges around the
+index and the scorer."""

@@ -1,0 +1,178 @@
+"""`kvindex serve`: run the index service (ZMQ ingest, discovery, /metrics, /healthz, /readyz).
+
+Exit codes: 0 after a clean shutdown (SIGINT/SIGTERM), 2 for a configuration problem (bad
+config file or flag, port in use) with a message naming the fix."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import signal
+import sys
+from typing import Any
+
+import zmq
+
+from kvindex.config import ConfigError, ServiceConfig, load_config, parse_replay_flags
+from kvindex.discovery import EnginesFileError
+from kvindex.service.logs import configure_logging
+
+EXIT_CONFIG = 2
+
+
+def add_service_flags(parser: argparse.ArgumentParser) -> None:
+    """The service flags (shared with any command that embeds the service). Every default is
+    None so that only flags actually given override the config file."""
+    add = parser.add_argument
+    add("--config", metavar="FILE", help="YAML or JSON config file (flags override it)")
+    add(
+        "--zmq-bind",
+        action="append",
+        metavar="ENDPOINT",
+        help="bind a SUB socket that engines connect to, e.g. tcp://*:5557 (repeatable)",
+    )
+    add(
+        "--zmq-connect",
+        action="append",
+        metavar="ENDPOINT",
+        help="connect a SUB socket to an engine's PUB endpoint (repeatable)",
+    )
+    add("--engines-file", metavar="FILE", help="watched YAML/JSON list of engines")
+    add(
+        "--replay-endpoint",
+        action="append",
+        metavar="ENGINE=URL",
+        help="replay ROUTER of an engine, e.g. 10.0.0.1:8000=tcp://10.0.0.1:5558 (repeatable)",
+    )
+    add("--topic-filter", help="SUB topic prefix (default kv@)")
+    add("--dp-port-stride", type=int, help="port step between DP ranks (default 1; 0: same)")
+    add("--block-size", type=int, help="canonical block size in tokens (default 16)")
+    add("--default-model", help="model of engines whose topic names none")
+    add(
+        "--index-groups",
+        action="append",
+        metavar="KIND",
+        help="KV-cache group kinds to index (default full_attention; repeatable)",
+    )
+    add("--backend", help="index backend (default memory)")
+    add("--index-max-keys", type=int, help="capacity bound in (key, tier) slots")
+    add("--index-memory-budget", metavar="SIZE", help="memory bound, e.g. 4GiB")
+    add("--http-host", help="HTTP listen address (default 0.0.0.0)")
+    add("--http-port", type=int, help="HTTP port for /metrics, /healthz, /readyz (default 8080)")
+    add("--grpc-port", type=int, help="gRPC port (when a gRPC service is installed)")
+    add("--k8s-selector", metavar="LABELS", help="discover engine pods by label selector")
+    add("--k8s-namespace", help="namespace of the engine pods (default default)")
+    add("--k8s-serving-port", type=int, help="engine serving port (default 8000)")
+    add("--k8s-socket-port", type=int, help="engine ZMQ PUB port (default 5557)")
+    add("--k8s-replay-port", type=int, help="engine replay ROUTER port (default none)")
+    add("--log-level", help="debug, info, warning, error (default info)")
+    add("--log-format", choices=["text", "json"], help="key=value text or JSON lines")
+
+
+_K8S_FLAGS = {
+    "k8s_selector": "label_selector",
+    "k8s_namespace": "namespace",
+    "k8s_serving_port": "serving_port",
+    "k8s_socket_port": "socket_port",
+    "k8s_replay_port": "replay_port",
+}
+
+
+def config_from_args(args: argparse.Namespace) -> ServiceConfig:
+    overrides: dict[str, Any] = {
+        name: getattr(args, name)
+        for name in (
+            "zmq_bind",
+            "zmq_connect",
+            "engines_file",
+            "topic_filter",
+            "dp_port_stride",
+            "block_size",
+            "default_model",
+            "index_groups",
+            "backend",
+            "index_max_keys",
+            "index_memory_budget",
+            "http_host",
+            "http_port",
+            "grpc_port",
+            "log_level",
+            "log_format",
+        )
+    }
+    overrides["replay_endpoints"] = parse_replay_flags(args.replay_endpoint)
+    k8s = {field: getattr(args, flag) for flag, field in _K8S_FLAGS.items()}
+    if any(v is not None for v in k8s.values()):
+        if k8s["label_selector"] is None:
+            raise ConfigError("--k8s-* flags need --k8s-selector LABELS")
+        overrides["kubernetes"] = {k: v for k, v in k8s.items() if v is not None}
+    return load_config(args.config, overrides)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the index service",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_service_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def fail(message: str) -> int:
+    print(f"kvindex serve: {message}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        return fail(str(exc))
+    configure_logging(config.log_level, config.log_format)
+    try:
+        return asyncio.run(serve(config))
+    except ConfigError as exc:
+        return fail(str(exc))
+
+
+async def serve(config: ServiceConfig) -> int:
+    from kvindex.service.app import IndexService
+
+    try:
+        service = IndexService(config)
+    except (EnginesFileError, OSError, ValueError) as exc:
+        return fail(
+            f"{exc} (fix the file or --engines-file)"
+            if isinstance(exc, EnginesFileError | OSError)
+            else str(exc)
+        )
+    try:
+        await service.start()
+    except zmq.ZMQError as exc:
+        await service.stop()
+        hint = "choose another endpoint with --zmq-bind"
+        if exc.errno == zmq.EADDRINUSE:
+            return fail(f"ZMQ endpoint {_bind_target(config)} is in use: {hint}")
+        return fail(f"cannot open ZMQ sockets ({exc}): check --zmq-bind / --zmq-connect")
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            if config.grpc_port is not None and "gRPC" in str(exc):
+                return fail(f"gRPC port {config.grpc_port} is in use: change it with --grpc-port")
+            return fail(f"HTTP port {config.http_port} is in use: change it with --http-port")
+        return fail(f"cannot listen on {config.http_host}:{config.http_port}: {exc.strerror}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await service.stop()
+    return 0
+
+
+def _bind_target(config: ServiceConfig) -> str:
+    return ", ".join(config.zmq_bind) or "(none)"

@@ -1,0 +1,258 @@
+"""Configuration of the kvindex service: one loader for a YAML/JSON file and CLI flags.
+
+Precedence: defaults < config file (``--config FILE``) < flags. List-valued flags
+(``--zmq-bind``, ``--zmq-connect``, ``--index-groups``) replace the file's list when given;
+``--replay-endpoint ENGINE=URL`` entries are merged over the file's ``replay_endpoints``.
+File keys are the field names below (``-`` and ``_`` both accepted). Unknown keys are errors
+(a typo would otherwise silently keep a default); errors name the file, line and field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from kvindex.discovery import EngineEntry
+
+__all__ = [
+    "ConfigError",
+    "KubernetesConfig",
+    "ServiceConfig",
+    "load_config",
+    "parse_size",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says where and how to fix it."""
+
+
+class KubernetesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Pods by label selector; Ready, not terminating pods become engines."""
+
+    label_selector: str
+    namespace: str = "default"
+    serving_port: int = 8000  # the port the picker routes to (endpoint = podIP:serving_port)
+    # kvEventsConfig.podDiscoveryConfig.socketPort: the engines' PUB port (connect mode).
+    socket_port: int = 5557
+    replay_port: int | None = None  # the engines' replay ROUTER port, if they run one
+    model_label: str | None = None  # a pod label naming the served model
+
+
+class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    # ingest sockets
+    zmq_bind: list[str] = msgspec.field(default_factory=list)
+    zmq_connect: list[str] = msgspec.field(default_factory=list)
+    topic_filter: str = "kv@"
+    dp_port_stride: int = 1
+    replay_endpoints: dict[str, str] = msgspec.field(default_factory=dict)
+    replay_timeout_s: float = 2.0
+    repair_interval_s: float = 30.0
+    # discovery
+    engines_file: str | None = None
+    engines_file_interval_s: float = 1.0
+    engines: list[EngineEntry] = msgspec.field(default_factory=list)
+    kubernetes: KubernetesConfig | None = None
+    # ingest rules
+    block_size: int = 16
+    default_model: str = ""
+    index_groups: list[str] = msgspec.field(default_factory=lambda: ["full_attention"])
+    # index
+    backend: str = "memory"
+    backend_options: dict[str, Any] = msgspec.field(default_factory=dict)
+    index_max_keys: int = 100_000_000
+    index_memory_budget: int | str | None = None  # bytes, or "4GiB", "512MB"
+    # serving
+    http_host: str = "0.0.0.0"
+    http_port: int = 8080
+    grpc_port: int | None = None
+    log_level: str = "info"
+    log_format: str = "text"
+
+    def memory_budget_bytes(self) -> int | None:
+        return None if self.index_memory_budget is None else parse_size(self.index_memory_budget)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or ``"512MB"``, ``"4GiB"``, ``"1.5g"`` (``Ki/Mi/Gi/Ti``: powers of
+    1024; ``k/M/G/T`` with or without ``B``: powers of 1000)."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(value)
+    if not match:
+        raise ConfigError(f"index_memory_budget: {value!r} is not a size (e.g. 4GiB, 512MB)")
+    number, unit, binary = match.groups()
+    base = 1024 if binary or unit == "" else 1000
+    power = " kmgt".index(unit.lower() or " ")
+    return int(float(number) * base**power)
+
+
+# -- file loading with line numbers ------------------------------------------------------------
+
+
+def _normalise_keys(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {
+            (k.replace("-", "_") if isinstance(k, str) else k): _normalise_keys(v)
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [_normalise_keys(v) for v in data]
+    return data
+
+
+def _path_parts(path: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for name, index in re.findall(r"\.([A-Za-z0-9_\-]+)|\[(\d+)\]", path.removeprefix("$")):
+        parts.append(int(index) if index else name)
+    return parts
+
+
+def _node_line(root: yaml.Node | None, parts: list[str | int]) -> int | None:
+    node = root
+    line = None if node is None else node.start_mark.line + 1
+    for part in parts:
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            for key, value in node.value:
+                if str(key.value).replace("-", "_") == part:
+                    line, node = key.start_mark.line + 1, value
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                return line
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _describe(exc: msgspec.ValidationError, root: yaml.Node | None, origin: str) -> str:
+    message = str(exc)
+    text, _, path = message.rpartition(" - at `")
+    if not text:
+        text, path = message, "$"
+    path = path.rstrip("`")
+    parts = _path_parts(path)
+    unknown = re.search(r"unknown field `([^`]+)`", text)
+    if unknown:
+        parts.append(unknown.group(1))
+    line = _node_line(root, parts)
+    where = f"{origin}:{line}" if line else origin
+    field = ".".join(str(p) for p in parts) or "(top level)"
+    return f"{where}: {field}: {text}"
+
+
+def load_config_file(path: str | Path) -> tuple[dict[str, Any], yaml.Node | None]:
+    origin = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{origin}: cannot read config file: {exc.strerror}") from exc
+    try:
+        if origin.endswith(".json"):
+            data = json.loads(text)
+            root = None
+        else:
+            data = yaml.safe_load(text)
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{origin}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{origin}{line}: invalid YAML: {problem}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the config file must be a mapping of settings")
+    return _normalise_keys(data), root
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> ServiceConfig:
+    """Defaults, then the file at ``path``, then ``overrides`` (flag values; None = unset)."""
+    data: dict[str, Any] = {}
+    root: yaml.Node | None = None
+    origin = "<flags>"
+    if path is not None:
+        data, root = load_config_file(path)
+        origin = str(path)
+        try:
+            msgspec.convert(data, ServiceConfig)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(_describe(exc, root, origin)) from exc
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if name == "replay_endpoints":
+            merged = dict(data.get("replay_endpoints") or {})
+            merged.update(value)
+            data[name] = merged
+        else:
+            data[name] = value
+    try:
+        config = msgspec.convert(data, ServiceConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_describe(exc, None, "flags")) from exc
+    _validate(config)
+    return config
+
+
+def _validate(config: ServiceConfig) -> None:
+    def bad(field: str, flag: str, why: str) -> ConfigError:
+        return ConfigError(f"{field} (--{flag}): {why}")
+
+    if config.block_size <= 0:
+        raise bad("block_size", "block-size", "must be a positive number of tokens")
+    if config.dp_port_stride < 0:
+        raise bad("dp_port_stride", "dp-port-stride", "must be >= 0")
+    if not 0 <= config.http_port < 65536:
+        raise bad("http_port", "http-port", f"{config.http_port} is not a port")
+    if config.grpc_port is not None and not 0 <= config.grpc_port < 65536:
+        raise bad("grpc_port", "grpc-port", f"{config.grpc_port} is not a port")
+    if config.log_format not in ("text", "json"):
+        raise bad("log_format", "log-format", "must be text or json")
+    if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise bad("log_level", "log-level", "must be debug, info, warning or error")
+    if config.index_max_keys <= 0:
+        raise bad("index_max_keys", "index-max-keys", "must be positive")
+    config.memory_budget_bytes()  # raises ConfigError for a bad size
+    for endpoint in [*config.zmq_bind, *config.zmq_connect]:
+        if "://" not in endpoint:
+            raise ConfigError(
+                f"ZMQ endpoint {endpoint!r} (--zmq-bind/--zmq-connect): expected "
+                "tcp://host:port or ipc:///path"
+            )
+    for engine, url in config.replay_endpoints.items():
+        if "://" not in url:
+            raise bad("replay_endpoints", "replay-endpoint", f"{engine}={url!r} is not a ZMQ URL")
+
+
+def parse_replay_flags(values: list[str] | None) -> dict[str, str] | None:
+    """``["10.0.0.1:8000=tcp://10.0.0.1:5558", ...]`` -> mapping."""
+    if not values:
+        return None
+    out: dict[str, str] = {}
+    for value in values:
+        engine, sep, url = value.partition("=")
+        if not sep or not engine or not url:
+            raise ConfigError(
+                f"--replay-endpoint {value!r}: expected ENGINE=URL, e.g. "
+                "10.0.0.1:8000=tcp://10.0.0.1:5558"
+            )
+        out[engine] = url
+    return out

@@ -1,0 +1,548 @@
+"""The live write path: subscriber -> decode -> sequence tracking -> EventApplier -> index.
+
+One dedicated thread (:class:`IngestService`) owns the ZMQ sockets and applies batches, per
+engine stream in sequence order. Why a thread and not asyncio: decoding and applying are
+CPU-bound and the index contract is synchronous (the Redis backend blocks on I/O), so running
+them on the event loop would stall request handling in the same process; on its own thread
+the loop only contends for the GIL and the index lock (:class:`kvindex.index.locked.LockedIndex`),
+held for one batch at a time.
+
+Engine identity (the index's engine key, ``ip:port``), by precedence:
+
+1. connect mode with discovery: the discovery entry's ``endpoint`` for that socket (its DP
+   rank's port already applied); model from the entry, else the topic, else the default;
+2. otherwise the topic ``kv@ip:port@model`` plus the batch's ``data_parallel_rank``
+   (``EngineId.endpoint(rank, dp_port_stride)``). A topic without a port is indexed under the
+   bare host, warned once per engine and counted (``kvindex_ingest_topic_without_port``).
+
+Sequence handling per stream (see docs/ingest.md): gaps are repaired by replay (live batches
+buffered meanwhile, replayed ones applied in order, duplicates dropped, loss counted on
+timeout); seq back to 0 clears the engine; events held for an unknown parent trigger one
+rate-limited replay from seq 0. Nothing raises out of the loop: everything is counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from kvindex.discovery import EngineEntry, RankSource, rank_sources
+from kvindex.engines import TopicError, parse_topic
+from kvindex.index.base import BlockIndex, Clear
+from kvindex.ingest import EventApplier, IngestConfig, SeqAction, SequenceTracker
+from kvindex.metrics import EngineSeries, KvindexMetrics
+from kvindex.subscriber import (
+    BadMessage,
+    LiveMessage,
+    ReplayMessage,
+    SubscriberMessage,
+    ZmqSubscriber,
+)
+from kvindex.wire import DecodedBatch, decode_batch
+
+__all__ = ["IngestService", "IngestServiceConfig"]
+
+log = logging.getLogger("kvindex.ingest")
+
+GAP = "gap"
+UNKNOWN_PARENT = "unknown_parent"
+
+
+@dataclass(frozen=True, slots=True)
+class IngestServiceConfig:
+    zmq_bind: tuple[str, ...] = ()
+    zmq_connect: tuple[str, ...] = ()
+    topic_filter: str = "kv@"
+    dp_port_stride: int = 1
+    # Engine endpoint (ip:port of the rank) -> its replay ROUTER endpoint.
+    replay_endpoints: Mapping[str, str] = field(default_factory=dict)
+    replay_timeout_s: float = 2.0  # without any reply for this long, a replay has failed
+    repair_interval_s: float = 30.0  # at most one unknown-parent replay per engine per this
+    max_buffered_batches: int = 10_000  # live batches held while a replay runs
+    poll_interval_ms: int = 20
+
+
+@dataclass(slots=True)
+class _Replay:
+    reason: str
+    cursor: int  # highest seq applied in this stream so far (-1: none)
+    deadline: float
+    buffered: dict[int, DecodedBatch] = field(default_factory=dict)
+    last_replayed: int = -1
+    replayed: int = 0
+
+
+@dataclass(slots=True)
+class _Stream:
+    key: str
+    model: str | None
+    replay_endpoint: str | None
+    applied_seq: int = -1
+    pending: int = 0
+    pending_grew: bool = False  # held events grew since the last repair decision
+    last_repair: float = -math.inf
+    replay: _Replay | None = None
+    series: EngineSeries | None = None  # cached metric children
+
+
+class IngestService:
+    """Drives the write path on its own thread. ``open()`` (bind errors raise here, on the
+    caller's thread), ``start()``, ``update_engines()`` from any thread, ``stop()``."""
+
+    def __init__(
+        self,
+        config: IngestServiceConfig,
+        index: BlockIndex,
+        ingest_config: IngestConfig | None = None,
+        metrics: KvindexMetrics | None = None,
+        subscriber: ZmqSubscriber | None = None,
+    ) -> None:
+        self.config = config
+        self.index = index
+        self.applier = EventApplier(index, ingest_config)
+        self.metrics = metrics or KvindexMetrics()
+        self.tracker = SequenceTracker()
+        self.subscriber = subscriber or ZmqSubscriber(config.topic_filter)
+        self._streams: dict[str, _Stream] = {}
+        self._replaying: set[str] = set()
+        self._ranks: dict[str, RankSource] = {}  # discovered: rank endpoint -> sockets
+        self._source_identity: dict[str, RankSource] = {}  # connect endpoint -> rank
+        self._warned: set[str] = set()
+        self._commands: queue.SimpleQueue[Mapping[str, EngineEntry]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._discovery_expected = False
+        self._opened = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def open(self) -> list[str]:
+        """Create the sockets: bind endpoints (raises zmq.ZMQError, e.g. EADDRINUSE) and
+        static connect endpoints. Returns the actual bind endpoints."""
+        for endpoint in self.config.zmq_bind:
+            actual = self.subscriber.bind(endpoint)
+            log.info("event=zmq_bound endpoint=%s", actual)
+        for endpoint in self.config.zmq_connect:
+            self.subscriber.connect(endpoint)
+            log.info("event=zmq_connect endpoint=%s", endpoint)
+        self._opened = True
+        self._update_source_gauges()
+        return list(self.subscriber.bound)
+
+    def expect_discovery(self) -> None:
+        """Engines will arrive from discovery: ready even before the first one does."""
+        self._discovery_expected = True
+
+    def start(self) -> None:
+        if not self._opened:
+            self.open()
+        self._thread = threading.Thread(target=self._run, name="kvindex-ingest", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        else:
+            self.subscriber.close()
+
+    def update_engines(self, entries: Mapping[str, EngineEntry]) -> None:
+        """The full discovered set (thread-safe; applied by the ingest thread)."""
+        self._commands.put(dict(entries))
+
+    def readiness(self) -> str | None:
+        """None when ingest is up; otherwise why not."""
+        if self._thread is None or not self._thread.is_alive():
+            return "ingest thread not running"
+        bound, connected = self.subscriber.counts()
+        if not (bound or connected or self._discovery_expected):
+            return "no subscriber sockets"
+        return None
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_commands()
+                for message in self.subscriber.poll(self.config.poll_interval_ms):
+                    self.handle(message)
+                self._check_timeouts(time.monotonic())
+        finally:
+            self.subscriber.close()
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                entries = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            self._guard(self._apply_discovery, entries)
+
+    def _guard(self, fn: object, *args: object) -> None:
+        try:
+            fn(*args)  # type: ignore[operator]
+        except Exception:
+            self.metrics.internal_errors.inc()
+            log.exception("event=ingest_internal_error")
+
+    def handle(self, message: SubscriberMessage) -> None:
+        """Process one subscriber message (the ingest thread's only entry point)."""
+        try:
+            if isinstance(message, LiveMessage):
+                self._on_live(message)
+            elif isinstance(message, ReplayMessage):
+                self._on_replay(message)
+            else:
+                self._on_bad(message)
+        except Exception:
+            self.metrics.internal_errors.inc()
+            log.exception("event=ingest_internal_error")
+
+    # -- identity ----------------------------------------------------------------------------
+
+    def _warn_once(self, key: str, message: str, *args: object) -> None:
+        # Bounded: a flood of distinct bad topics must not grow memory (metrics still count).
+        if key not in self._warned and len(self._warned) < 10_000:
+            self._warned.add(key)
+            log.warning(message, *args)
+
+    def _stream_for(self, message: LiveMessage, rank: int | None) -> _Stream | None:
+        topic = message.frame.topic
+        identity = self._source_identity.get(message.source)
+        topic_model: str | None = None
+        if identity is not None:
+            key = identity.endpoint
+            with contextlib.suppress(TopicError):
+                topic_model = parse_topic(topic).model
+            model = identity.model or topic_model
+        else:
+            try:
+                engine = parse_topic(topic)
+            except TopicError as exc:
+                self.metrics.malformed_frames.labels("bad_topic").inc()
+                self._warn_once(
+                    "topic:" + topic.decode("utf-8", "replace"),
+                    "event=bad_topic source=%s error=%r (batches dropped)",
+                    message.source,
+                    str(exc),
+                )
+                return None
+            key = engine.endpoint(rank, self.config.dp_port_stride)
+            if engine.port is None:
+                self.metrics.topic_without_port.labels(key).inc()
+                self._warn_once(
+                    "noport:" + key,
+                    "event=topic_without_port engine=%s topic=%r: indexed under the bare host, "
+                    "which will not match the picker's ip:port endpoints; set the engine's "
+                    "topic to kv@<ip>:<port>@<model>",
+                    key,
+                    topic.decode("utf-8", "replace"),
+                )
+            discovered = self._ranks.get(key)
+            model = engine.model or (discovered.model if discovered else None)
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = _Stream(key, model, self._replay_endpoint(key))
+            self._streams[key] = stream
+            log.info(
+                "event=engine_seen engine=%s model=%s replay=%s source=%s",
+                key,
+                model,
+                stream.replay_endpoint,
+                message.source,
+            )
+        elif model and stream.model != model:
+            stream.model = model
+        return stream
+
+    def _replay_endpoint(self, key: str) -> str | None:
+        configured = self.config.replay_endpoints.get(key)
+        if configured:
+            return configured
+        discovered = self._ranks.get(key)
+        return discovered.replay if discovered else None
+
+    # -- live batches ------------------------------------------------------------------------
+
+    def _decode(self, payload: bytes) -> DecodedBatch | None:
+        decoded = decode_batch(payload)
+        if decoded.error is not None:
+            self.metrics.decode_errors.labels("batch").inc()
+            self._warn_once("decode", "event=undecodable_batch error=%r", decoded.error)
+            return None
+        if decoded.unknown:
+            self.metrics.unknown_events.inc(decoded.unknown)
+        if decoded.malformed:
+            self.metrics.decode_errors.labels("event").inc(decoded.malformed)
+        return decoded
+
+    def _on_live(self, message: LiveMessage) -> None:
+        decoded = self._decode(message.frame.payload)
+        if decoded is None:
+            return
+        stream = self._stream_for(message, decoded.data_parallel_rank)
+        if stream is None:
+            return
+        seq = message.frame.seq
+        replay = stream.replay
+        if replay is not None:
+            if seq == 0 or seq < replay.cursor // 2:
+                self._finish_replay(stream, ok=False, why="engine restarted")
+            else:
+                replay.buffered[seq] = decoded
+                if len(replay.buffered) > self.config.max_buffered_batches:
+                    self._finish_replay(stream, ok=False, why="live buffer full")
+                return
+        previous = self.tracker.last(stream.key)
+        action = self.tracker.observe(stream.key, seq)
+        if action is SeqAction.DUPLICATE:
+            self.metrics.duplicate_batches.inc()
+        elif action is SeqAction.APPLY:
+            self._apply(stream, seq, decoded)
+            self._maybe_repair(stream)
+        elif action is SeqAction.RESET:
+            self._reset(stream, previous)
+            self._apply(stream, seq, decoded)
+            self._maybe_repair(stream)
+        else:  # GAP
+            assert previous is not None
+            self.metrics.gaps.inc()
+            missing = seq - previous - 1
+            if stream.replay_endpoint is not None:
+                log.info(
+                    "event=seq_gap engine=%s expected=%d got=%d action=replay",
+                    stream.key,
+                    previous + 1,
+                    seq,
+                )
+                self._start_replay(stream, GAP, previous + 1, cursor=stream.applied_seq)
+                assert stream.replay is not None
+                stream.replay.buffered[seq] = decoded
+            else:
+                self.metrics.lost_batches.inc(missing)
+                self._warn_once(
+                    "noreplay:" + stream.key,
+                    "event=seq_gap engine=%s expected=%d got=%d lost=%d: no replay endpoint "
+                    "configured for this engine (--replay-endpoint), the loss is permanent",
+                    stream.key,
+                    previous + 1,
+                    seq,
+                    missing,
+                )
+                self._apply(stream, seq, decoded)
+                self._maybe_repair(stream)
+
+    def _apply(self, stream: _Stream, seq: int, decoded: DecodedBatch) -> None:
+        counts = self.applier.apply_batch(stream.key, decoded, stream.model)
+        self.metrics.add_counts(counts)
+        series = stream.series
+        if series is None:
+            series = stream.series = self.metrics.engine_series(stream.key)
+        now = time.time()
+        series.last_seq.set(seq)
+        series.last_batch_time.set(now)
+        if decoded.ts > 0:
+            lag = max(0.0, now - decoded.ts)
+            series.lag.set(lag)
+            self.metrics.lag_histogram.observe(lag)
+        series.pending.set(counts.pending)
+        stream.applied_seq = max(stream.applied_seq, seq)
+        if counts.pending > stream.pending:
+            stream.pending_grew = True
+        stream.pending = counts.pending
+
+    def _maybe_repair(self, stream: _Stream) -> None:
+        """Events wait for a parent this index never saw (it started late, or a gap was not
+        repaired): ask the engine for everything it still buffers, once per interval."""
+        if not stream.pending_grew or stream.replay is not None:
+            return
+        stream.pending_grew = False
+        if stream.replay_endpoint is None:
+            return
+        now = time.monotonic()
+        if now - stream.last_repair < self.config.repair_interval_s:
+            return
+        stream.last_repair = now
+        log.info(
+            "event=unknown_parent engine=%s pending=%d action=replay_from_0",
+            stream.key,
+            stream.pending,
+        )
+        self._start_replay(stream, UNKNOWN_PARENT, 0, cursor=stream.applied_seq)
+
+    def _reset(self, stream: _Stream, previous: int | None) -> None:
+        log.warning(
+            "event=engine_restart engine=%s previous_seq=%s: clearing its blocks",
+            stream.key,
+            previous,
+        )
+        self.metrics.resets.inc()
+        self.index.apply(stream.key, [Clear()])
+        self.applier.forget(stream.key)
+        stream.pending = 0
+        stream.pending_grew = False
+        stream.applied_seq = -1
+
+    # -- replay ------------------------------------------------------------------------------
+
+    def _start_replay(self, stream: _Stream, reason: str, start: int, cursor: int) -> None:
+        assert stream.replay_endpoint is not None
+        stream.replay = _Replay(reason, cursor, time.monotonic() + self.config.replay_timeout_s)
+        self._replaying.add(stream.key)
+        self.metrics.replays.labels(reason, "requested").inc()
+        self.subscriber.request_replay(stream.key, stream.replay_endpoint, start)
+
+    def _on_replay(self, message: ReplayMessage) -> None:
+        stream = self._streams.get(message.stream)
+        replay = stream.replay if stream is not None else None
+        if stream is None or replay is None:
+            return  # a late answer to a replay already finished
+        if message.frame is None:
+            self._finish_replay(stream, ok=True)
+            return
+        replay.deadline = time.monotonic() + self.config.replay_timeout_s
+        seq = message.frame.seq
+        if seq <= replay.last_replayed or (replay.reason == GAP and seq <= replay.cursor):
+            self.metrics.duplicate_batches.inc()
+            return
+        decoded = self._decode(message.frame.payload)
+        replay.last_replayed = seq
+        if decoded is None:
+            return
+        if replay.reason == GAP and seq > replay.cursor + 1:
+            self.metrics.lost_batches.inc(seq - replay.cursor - 1)
+        self._apply(stream, seq, decoded)
+        replay.cursor = max(replay.cursor, seq)
+        replay.replayed += 1
+        self.metrics.replayed_batches.inc()
+        for buffered in [s for s in replay.buffered if s <= seq]:
+            del replay.buffered[buffered]
+            self.metrics.duplicate_batches.inc()
+
+    def _finish_replay(self, stream: _Stream, ok: bool, why: str = "") -> None:
+        """End a replay: apply the buffered live batches in order. A hole left between them
+        (batches dropped on the wire while the replay ran) starts another gap replay when this
+        one worked and made progress; otherwise the hole is counted as lost."""
+        replay = stream.replay
+        assert replay is not None
+        stream.replay = None
+        self._replaying.discard(stream.key)
+        self.metrics.replays.labels(replay.reason, "succeeded" if ok else "failed").inc()
+        if not ok:
+            self.subscriber.drop_replay(stream.key)  # recreated on the next request
+        lost = 0
+        cursor = replay.cursor
+        pending = sorted(replay.buffered)
+        for i, seq in enumerate(pending):
+            if seq <= cursor:
+                self.metrics.duplicate_batches.inc()
+                continue
+            if cursor >= 0 and seq > cursor + 1:
+                if ok and replay.replayed and stream.replay_endpoint is not None:
+                    self._chain_replay(stream, cursor, replay, pending[i:])
+                    return
+                lost += seq - cursor - 1
+            self._apply(stream, seq, replay.buffered[seq])
+            cursor = seq
+        if lost:
+            self.metrics.lost_batches.inc(lost)
+        log_fn = log.info if ok and not lost else log.warning
+        log_fn(
+            "event=replay_done engine=%s reason=%s ok=%s replayed=%d lost=%d%s",
+            stream.key,
+            replay.reason,
+            ok,
+            replay.replayed,
+            lost,
+            f" why={why!r}" if why else "",
+        )
+        # The tracker did not see buffered batches: restart it at the newest applied seq.
+        self.tracker.forget(stream.key)
+        if cursor >= 0:
+            self.tracker.observe(stream.key, cursor)
+        self._maybe_repair(stream)
+
+    def _chain_replay(
+        self, stream: _Stream, cursor: int, done: _Replay, remaining: list[int]
+    ) -> None:
+        log.info(
+            "event=seq_gap engine=%s expected=%d got=%d action=replay (during a replay)",
+            stream.key,
+            cursor + 1,
+            remaining[0],
+        )
+        self.metrics.gaps.inc()
+        self._start_replay(stream, GAP, cursor + 1, cursor=cursor)
+        assert stream.replay is not None
+        stream.replay.buffered = {seq: done.buffered[seq] for seq in remaining}
+
+    def _check_timeouts(self, now: float) -> None:
+        for key in list(self._replaying):
+            stream = self._streams.get(key)
+            if stream is None or stream.replay is None:
+                self._replaying.discard(key)
+            elif now > stream.replay.deadline:
+                self._guard(self._finish_replay, stream, False, "timeout")
+
+    # -- bad frames --------------------------------------------------------------------------
+
+    def _on_bad(self, message: BadMessage) -> None:
+        self.metrics.malformed_frames.labels(message.reason).inc()
+        self._warn_once(
+            f"bad:{message.source}:{message.reason}",
+            "event=malformed_frame source=%s reason=%s detail=%r replay=%s",
+            message.source,
+            message.reason,
+            message.detail,
+            message.replay,
+        )
+
+    # -- discovery ---------------------------------------------------------------------------
+
+    def _apply_discovery(self, entries: Mapping[str, EngineEntry]) -> None:
+        ranks: dict[str, RankSource] = {}
+        for entry in entries.values():
+            for rank in rank_sources(entry, self.config.dp_port_stride):
+                ranks[rank.endpoint] = rank
+        for key in set(self._ranks) - set(ranks):
+            self._purge(key)
+        for endpoint in [e for e, r in self._source_identity.items() if r.endpoint not in ranks]:
+            self.subscriber.disconnect(endpoint)
+            del self._source_identity[endpoint]
+        for rank in ranks.values():
+            if rank.zmq is not None and rank.zmq not in self._source_identity:
+                self.subscriber.connect(rank.zmq)
+                self._source_identity[rank.zmq] = rank
+                log.info("event=zmq_connect endpoint=%s engine=%s", rank.zmq, rank.endpoint)
+        self._ranks = ranks
+        for stream in self._streams.values():
+            stream.replay_endpoint = self._replay_endpoint(stream.key)
+            discovered = ranks.get(stream.key)
+            if discovered is not None and discovered.model:
+                stream.model = discovered.model
+        self.metrics.discovered_engines.set(len(entries))
+        self._update_source_gauges()
+
+    def _purge(self, key: str) -> None:
+        log.info("event=engine_purged engine=%s (left discovery)", key)
+        self.index.purge(key)
+        self.applier.forget(key)
+        self.tracker.forget(key)
+        self._streams.pop(key, None)
+        self._replaying.discard(key)
+        self.subscriber.drop_replay(key)
+        self.metrics.forget_engine(key)
+        self.metrics.purges.inc()
+
+    def _update_source_gauges(self) -> None:
+        bound, connected = self.subscriber.counts()
+        self.metrics.sources.labels("bind").set(bound)
+        self.metrics.sources.labels("connect").set(connected)

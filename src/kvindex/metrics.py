@@ -1,0 +1,246 @@
+"""Prometheus metrics of the kvindex service: every metric name lives here.
+
+One :class:`KvindexMetrics` per service, on a registry the service owns (never the global
+default registry, so several services can run in one process, e.g. in tests). Index size
+metrics are collected from ``index.stats()`` at scrape time rather than updated on the hot
+path. The score / gRPC layer uses the ``score_*`` metrics defined here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kvindex.index.base import IndexStats
+from kvindex.ingest import IngestCounts
+
+__all__ = ["PREFIX", "EngineSeries", "IndexStatsCollector", "KvindexMetrics"]
+
+PREFIX = "kvindex_"
+
+_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class IndexStatsCollector(Collector):
+    """Reads ``index.stats()`` when Prometheus scrapes."""
+
+    def __init__(self, stats: Callable[[], IndexStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        try:
+            stats = self._stats()
+        except Exception:  # a degraded backend must not break /metrics
+            return
+        yield GaugeMetricFamily(
+            PREFIX + "index_keys", "Distinct content keys held by any engine", stats.keys
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "index_entries", "(key, engine, tier) entries in the index", stats.entries
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "index_engines", "Engines holding at least one block", stats.engines
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "index_bytes", "Estimated bytes held by the index", stats.approx_bytes
+        )
+        yield CounterMetricFamily(
+            PREFIX + "index_evictions", "Keys evicted by the capacity bound", stats.evictions
+        )
+
+    def describe(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        return []
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSeries:
+    last_seq: Gauge
+    lag: Gauge
+    pending: Gauge
+    last_batch_time: Gauge
+
+
+class KvindexMetrics:
+    """All metric objects of one service."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        p = PREFIX
+        # -- ingest: frames and payloads --------------------------------------------------
+        self.batches = Counter(p + "ingest_batches", "Event batches applied", registry=r)
+        self.events = Counter(p + "ingest_events", "Events applied, by type", ["type"], registry=r)
+        self.unknown_events = Counter(
+            p + "ingest_unknown_events", "Events of an unknown type, skipped", registry=r
+        )
+        self.decode_errors = Counter(
+            p + "ingest_decode_errors",
+            "Payloads or events that could not be decoded, by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.malformed_frames = Counter(
+            p + "ingest_malformed_frames",
+            "Multipart messages that are not KV-event messages, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.topic_without_port = Counter(
+            p + "ingest_topic_without_port",
+            "Batches whose topic names no port (indexed under the bare host: will not match "
+            "the picker's ip:port endpoints)",
+            ["engine"],
+            registry=r,
+        )
+        # -- ingest: sequence handling -----------------------------------------------------
+        self.gaps = Counter(p + "ingest_seq_gaps", "Sequence gaps detected", registry=r)
+        self.lost_batches = Counter(
+            p + "ingest_lost_batches", "Batches lost for good (not repaired by replay)", registry=r
+        )
+        self.duplicate_batches = Counter(
+            p + "ingest_duplicate_batches", "Batches already applied, dropped", registry=r
+        )
+        self.replays = Counter(
+            p + "ingest_replays",
+            "Replay requests by reason (gap, unknown_parent) and outcome (requested, "
+            "succeeded, failed)",
+            ["reason", "outcome"],
+            registry=r,
+        )
+        self.replayed_batches = Counter(
+            p + "ingest_replayed_batches", "Batches received by replay and applied", registry=r
+        )
+        self.resets = Counter(
+            p + "ingest_resets", "Engine restarts detected (seq back to 0)", registry=r
+        )
+        # -- ingest: blocks ------------------------------------------------------------------
+        self.stored_blocks = Counter(p + "ingest_stored_blocks", "Blocks stored", registry=r)
+        self.removed_blocks = Counter(p + "ingest_removed_blocks", "Blocks removed", registry=r)
+        self.skipped_blocks = Counter(
+            p + "ingest_skipped_blocks", "Blocks not indexed, by reason", ["reason"], registry=r
+        )
+        self.resolved_pending = Counter(
+            p + "ingest_resolved_pending",
+            "Held events applied once their parent arrived",
+            registry=r,
+        )
+        self.pending = Gauge(
+            p + "ingest_pending_events",
+            "Events held for an unknown parent, per engine",
+            ["engine"],
+            registry=r,
+        )
+        self.lag = Gauge(
+            p + "ingest_lag_seconds",
+            "Now minus the newest applied batch's timestamp, per engine",
+            ["engine"],
+            registry=r,
+        )
+        self.lag_histogram = Histogram(
+            p + "ingest_batch_lag_seconds",
+            "Now minus batch timestamp when applied",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        self.last_seq = Gauge(
+            p + "ingest_last_seq",
+            "Newest applied sequence number, per engine",
+            ["engine"],
+            registry=r,
+        )
+        self.last_batch_time = Gauge(
+            p + "ingest_last_batch_timestamp_seconds",
+            "Unix time the newest batch of the engine was applied (staleness alerts)",
+            ["engine"],
+            registry=r,
+        )
+        self.internal_errors = Counter(
+            p + "ingest_internal_errors",
+            "Unexpected exceptions caught in the ingest loop (a bug: see the logs)",
+            registry=r,
+        )
+        self.sources = Gauge(
+            p + "ingest_sources", "Subscriber sockets open, by mode", ["mode"], registry=r
+        )
+        # -- discovery -------------------------------------------------------------------------
+        self.discovered_engines = Gauge(
+            p + "discovery_engines", "Engines currently discovered", registry=r
+        )
+        self.discovery_errors = Counter(
+            p + "discovery_errors", "Discovery failures, by source", ["source"], registry=r
+        )
+        self.purges = Counter(
+            p + "discovery_purges", "Engines purged after leaving discovery", registry=r
+        )
+        # -- scoring (used by the score HTTP / gRPC layer) ------------------------------------
+        self.score_requests = Counter(
+            p + "score_requests",
+            "Score requests by transport (http, grpc) and status",
+            ["transport", "status"],
+            registry=r,
+        )
+        self.score_latency = Histogram(
+            p + "score_latency_seconds",
+            "Score request latency, by transport",
+            ["transport"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.score_matched_blocks = Histogram(
+            p + "score_matched_blocks",
+            "Longest matched prefix (blocks) of the best engine per request",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=r,
+        )
+
+        self._event_children: dict[str, Counter] = {}
+        self._skip_children: dict[str, Counter] = {}
+
+    def engine_series(self, engine: str) -> EngineSeries:
+        """The per-engine gauges of one engine (cache it: see add_counts)."""
+        return EngineSeries(
+            self.last_seq.labels(engine),
+            self.lag.labels(engine),
+            self.pending.labels(engine),
+            self.last_batch_time.labels(engine),
+        )
+
+    def watch_index(self, stats: Callable[[], IndexStats]) -> None:
+        self.registry.register(IndexStatsCollector(stats))
+
+    def add_counts(self, counts: IngestCounts) -> None:
+        """Fold one applied batch's counts into the counters (hot path: label children are
+        cached, ``labels()`` takes a lock and builds a key per call)."""
+        self.batches.inc()
+        events = self._event_children
+        for kind, n in counts.events.items():
+            child = events.get(kind)
+            if child is None:
+                child = events[kind] = self.events.labels(kind)
+            child.inc(n)
+        skipped = self._skip_children
+        for reason, n in counts.skipped.items():
+            child = skipped.get(reason)
+            if child is None:
+                child = skipped[reason] = self.skipped_blocks.labels(reason)
+            child.inc(n)
+        if counts.stored_blocks:
+            self.stored_blocks.inc(counts.stored_blocks)
+        if counts.removed_blocks:
+            self.removed_blocks.inc(counts.removed_blocks)
+        if counts.resolved_pending:
+            self.resolved_pending.inc(counts.resolved_pending)
+
+    def forget_engine(self, engine: str) -> None:
+        """Drop the per-engine series of an engine that left."""
+        for gauge in (self.pending, self.lag, self.last_seq, self.last_batch_time):
+            with contextlib.suppress(KeyError):
+                gauge.remove(engine)
+        with contextlib.suppress(KeyError):
+            self.topic_without_port.remove(engine)

@@ -1,0 +1,246 @@
+"""Assembly of the kvindex service: index backend, ingest thread, discovery, and the aiohttp
+app serving ``/metrics``, ``/healthz`` and ``/readyz``.
+
+Extension points (small on purpose):
+
+* ``BACKENDS`` / :func:`register_backend`: index backends by ``--backend`` name
+  (``memory`` here; the Redis backend registers ``redis``). A backend may implement
+  ``health() -> str | None`` (None = healthy); ``/readyz`` reports it as ``index``.
+* :meth:`IndexService.add_routes`: ``installer(app, service)`` adds routes (``/v1/score``,
+  ``/v1/debug``) to :attr:`IndexService.http_app` before :meth:`IndexService.start`.
+* :attr:`IndexService.grpc_servicers`: ``installer(server, service)`` callables; when any are
+  registered and ``grpc_port`` is set, a ``grpc.aio`` server is started on that port.
+* :meth:`IndexService.add_readiness_check`: more ``/readyz`` conditions.
+
+Handlers read the index through :attr:`IndexService.index` (a lock-guarded wrapper: the ingest
+thread writes concurrently); for an I/O backend call it via ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from kvindex.config import ServiceConfig
+from kvindex.discovery import DiscoveryHub, EngineDiscovery, FileDiscovery, StaticDiscovery
+from kvindex.index.base import BlockIndex
+from kvindex.index.locked import LockedIndex
+from kvindex.index.memory import MemoryIndex, MemoryIndexConfig
+from kvindex.ingest import IngestConfig
+from kvindex.ingest_service import IngestService, IngestServiceConfig
+from kvindex.metrics import KvindexMetrics
+
+__all__ = [
+    "BACKENDS",
+    "GrpcInstaller",
+    "IndexService",
+    "RouteInstaller",
+    "register_backend",
+]
+
+log = logging.getLogger("kvindex.service")
+
+BackendFactory = Callable[[ServiceConfig], BlockIndex]
+RouteInstaller = Callable[[web.Application, "IndexService"], None]
+GrpcInstaller = Callable[[Any, "IndexService"], None]  # (grpc.aio.Server, service)
+ReadinessCheck = Callable[[], str | None]
+
+
+def _memory_backend(config: ServiceConfig) -> BlockIndex:
+    return MemoryIndex(
+        MemoryIndexConfig(
+            max_keys=config.index_max_keys, memory_budget_bytes=config.memory_budget_bytes()
+        )
+    )
+
+
+BACKENDS: dict[str, BackendFactory] = {"memory": _memory_backend}
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    BACKENDS[name] = factory
+
+
+def ingest_config(config: ServiceConfig) -> IngestConfig:
+    return IngestConfig(
+        block_size=config.block_size,
+        indexed_kinds=frozenset(config.index_groups),
+        default_model=config.default_model,
+    )
+
+
+def ingest_service_config(config: ServiceConfig) -> IngestServiceConfig:
+    return IngestServiceConfig(
+        zmq_bind=tuple(config.zmq_bind),
+        zmq_connect=tuple(config.zmq_connect),
+        topic_filter=config.topic_filter,
+        dp_port_stride=config.dp_port_stride,
+        replay_endpoints=dict(config.replay_endpoints),
+        replay_timeout_s=config.replay_timeout_s,
+        repair_interval_s=config.repair_interval_s,
+    )
+
+
+def discovery_sources(config: ServiceConfig) -> list[EngineDiscovery]:
+    """Static entries, the engines file (validated now: a bad file fails startup) and
+    Kubernetes, in that order (later sources win for the same endpoint)."""
+    sources: list[EngineDiscovery] = []
+    if config.engines:
+        sources.append(StaticDiscovery(config.engines))
+    if config.engines_file:
+        file_source = FileDiscovery(config.engines_file, config.engines_file_interval_s)
+        file_source.load_now()
+        sources.append(file_source)
+    if config.kubernetes is not None:
+        from kvindex.discovery_k8s import KubernetesDiscovery
+
+        sources.append(KubernetesDiscovery.from_config(config.kubernetes))
+    return sources
+
+
+class IndexService:
+    """One kvindex service process. ``await start()`` / ``await stop()``."""
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        index: BlockIndex | None = None,
+        discovery: list[EngineDiscovery] | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = KvindexMetrics()
+        if index is None:
+            try:
+                factory = BACKENDS[config.backend]
+            except KeyError:
+                raise ValueError(
+                    f"unknown backend {config.backend!r} (--backend): one of {sorted(BACKENDS)}"
+                ) from None
+            index = factory(config)
+        self.index = LockedIndex(index)
+        self.metrics.watch_index(self.index.stats)
+        self.ingest = IngestService(
+            ingest_service_config(config), self.index, ingest_config(config), self.metrics
+        )
+        sources = discovery_sources(config) if discovery is None else discovery
+        self.discovery = DiscoveryHub(sources, self.ingest.update_engines, self._discovery_error)
+        if sources:
+            self.ingest.expect_discovery()
+        self.http_app = web.Application()
+        self.http_app.router.add_get("/metrics", self._metrics)
+        self.http_app.router.add_get("/healthz", self._healthz)
+        self.http_app.router.add_get("/readyz", self._readyz)
+        self.grpc_servicers: list[GrpcInstaller] = []
+        self._readiness: dict[str, ReadinessCheck] = {
+            "ingest": self.ingest.readiness,
+            "index": self.index.health,
+        }
+        self._runner: web.AppRunner | None = None
+        self._grpc_server: Any = None
+        self.http_port: int | None = None
+        self.grpc_port: int | None = None
+        self.zmq_bound: list[str] = []
+
+    # -- extension points --------------------------------------------------------------------
+
+    def add_routes(self, installer: RouteInstaller) -> None:
+        if self._runner is not None:
+            raise RuntimeError("add_routes must be called before start()")
+        installer(self.http_app, self)
+
+    def add_readiness_check(self, name: str, check: ReadinessCheck) -> None:
+        self._readiness[name] = check
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind everything, then start ingest and discovery. Raises zmq.ZMQError (ZMQ bind)
+        or OSError (HTTP/gRPC port) for the caller to report."""
+        self.zmq_bound = self.ingest.open()
+        try:
+            self._runner = web.AppRunner(self.http_app, access_log=None)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, self.config.http_host, self.config.http_port)
+            await site.start()
+            server = getattr(site, "_server", None)
+            sockets = getattr(server, "sockets", None) or []
+            self.http_port = sockets[0].getsockname()[1] if sockets else self.config.http_port
+            if self.grpc_servicers and self.config.grpc_port is not None:
+                await self._start_grpc()
+        except BaseException:
+            await self.stop()
+            raise
+        self.ingest.start()
+        self.discovery.start()
+        log.info(
+            "event=service_started http_port=%s grpc_port=%s zmq_bind=%s zmq_connect=%s",
+            self.http_port,
+            self.grpc_port,
+            ",".join(self.zmq_bound),
+            ",".join(self.config.zmq_connect),
+        )
+
+    async def _start_grpc(self) -> None:
+        import grpc
+
+        server = grpc.aio.server()
+        for installer in self.grpc_servicers:
+            installer(server, self)
+        port = server.add_insecure_port(f"{self.config.http_host}:{self.config.grpc_port}")
+        if port == 0:
+            raise OSError(98, f"gRPC port {self.config.grpc_port} is in use")
+        await server.start()
+        self._grpc_server = server
+        self.grpc_port = port
+
+    async def stop(self) -> None:
+        self.discovery.stop()
+        self.ingest.stop()
+        if self._grpc_server is not None:
+            await self._grpc_server.stop(grace=1.0)
+            self._grpc_server = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- handlers ----------------------------------------------------------------------------
+
+    def _discovery_error(self, source: str, message: str) -> None:
+        self.metrics.discovery_errors.labels(source).inc()
+        log.warning("event=discovery_error source=%s error=%r", source, message)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    def readiness(self) -> dict[str, str]:
+        """Failing checks: name -> reason (empty when ready)."""
+        failing: dict[str, str] = {}
+        for name, check in self._readiness.items():
+            try:
+                reason = check()
+            except Exception as exc:  # a broken check is a failing check
+                reason = f"check failed: {exc}"
+            if reason is not None:
+                failing[name] = reason
+        return failing
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        failing = self.readiness()
+        if failing:
+            return web.Response(
+                status=503,
+                text=json.dumps({"ready": False, "failing": failing}) + "\n",
+                content_type="application/json",
+            )
+        return web.Response(
+            text=json.dumps({"ready": True}) + "\n", content_type="application/json"
+        )
