@@ -178,27 +178,6 @@ class KvindexMetrics:
         self.purges = Counter(
             p + "discovery_purges", "Engines purged after leaving discovery", registry=r
         )
-        # -- scoring (used by the score HTTP / gRPC layer) ------------------------------------
-        self.score_requests = Counter(
-            p + "score_requests",
-            "Score requests by transport (http, grpc) and status",
-            ["transport", "status"],
-            registry=r,
-        )
-        self.score_latency = Histogram(
-            p + "score_latency_seconds",
-            "Score request latency, by transport",
-            ["transport"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.score_matched_blocks = Histogram(
-            p + "score_matched_blocks",
-            "Longest matched prefix (blocks) of the best engine per request",
-            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
-            registry=r,
-        )
-
         self._event_children: dict[str, Counter] = {}
         self._skip_children: dict[str, Counter] = {}
 

@@ -8,18 +8,33 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from epp import framework
 from epp.metrics import PrometheusObserver
+from epp.plugins.precise_prefix import PrecisePrefixParams, PrefixIndexBackend
 from epp.server import PickerDeps, PickerServer, SchedulerFactory, ServeConfig
-from epp.types import Scheduler
+from epp.types import Endpoint, Scheduler
 
 log = logging.getLogger("epp.serve")
 
-# Builds the precise-prefix-cache-scorer's index backend (kvindex, in-process or sidecar).
-# None: configuring that scorer fails at start with the framework's message saying so.
-PREFIX_BACKEND_FACTORY: Any = None
+
+def prefix_backend_factory(deps: PickerDeps) -> Callable[[PrecisePrefixParams], PrefixIndexBackend]:
+    """The precise-prefix-cache-scorer's index: kvindex in this process (its metrics on the
+    picker's registry; with `discoverPods`, fed the endpoints the picker knows) or a kvindex
+    sidecar over gRPC (`indexerConfig.remoteIndex`)."""
+
+    def subscribe(callback: Callable[[Sequence[Endpoint]], None]) -> None:
+        deps.datastore.on_change(lambda: callback(deps.datastore.endpoints()))
+        callback(deps.datastore.endpoints())
+
+    def build(params: PrecisePrefixParams) -> PrefixIndexBackend:
+        from epp.precise import build_backend
+
+        return build_backend(params, registry=deps.metrics.registry, subscribe_endpoints=subscribe)
+
+    return build
 
 
 def framework_scheduler(config_path: str | None, deps: PickerDeps) -> Scheduler:
@@ -32,7 +47,7 @@ def framework_scheduler(config_path: str | None, deps: PickerDeps) -> Scheduler:
             config,
             framework.SchedulerDeps(
                 observer=PrometheusObserver(deps.metrics),
-                prefix_backend_factory=PREFIX_BACKEND_FACTORY,
+                prefix_backend_factory=prefix_backend_factory(deps),
             ),
         )
     except framework.ConfigError as exc:

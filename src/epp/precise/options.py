@@ -1,0 +1,97 @@
+"""What the precise scorer's parameters mean for kvindex: the names llm-d defines are parsed
+by `epp.plugins.precise_prefix`; the ones only kvindex interprets (kept in `.extra`) are
+read here, each with a clear error."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from epp.framework.config import ConfigError
+from epp.plugins.precise_prefix import PrecisePrefixParams
+
+PLUGIN = "precise-prefix-cache-scorer"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendOptions:
+    # model name -> tokenizer spec (tokenizer.json, model dir, HF cache id)
+    tokenizers: Mapping[str, str] = field(default_factory=dict)
+    lora_to_base: Mapping[str, str] = field(default_factory=dict)
+    remote_address: str = ""  # host:port of a kvindex sidecar's gRPC port
+    remote_timeout_s: float = 0.05
+    default_model: str = ""  # model of engines whose topic names none
+    redis_address: str = ""  # redis://... (or host:port): the index lives in Redis
+    in_memory_size: int = 100_000_000
+
+
+def _mapping(raw: Any, where: str) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
+    ):
+        raise ConfigError(f"{PLUGIN}: {where} must map names to strings")
+    return dict(raw)
+
+
+def backend_options(params: PrecisePrefixParams) -> BackendOptions:
+    tp = dict(params.token_processor.extra)
+    ix = dict(params.indexer.extra)
+    kv = dict(params.kv_events.extra)
+    redis_address, in_memory_size = _block_index(
+        ix.pop("kvBlockIndexConfig", None),
+        params.indexer.redis_address,
+        params.indexer.in_memory_size,
+    )
+    options = BackendOptions(
+        tokenizers=_mapping(tp.pop("tokenizers", None), "tokenProcessorConfig.tokenizers"),
+        lora_to_base=_mapping(tp.pop("loraAdapters", None), "tokenProcessorConfig.loraAdapters"),
+        default_model=str(kv.pop("defaultModel", "")),
+        redis_address=redis_address,
+        in_memory_size=in_memory_size,
+    )
+    remote = ix.pop("remoteIndex", None)
+    if remote is not None:
+        if not isinstance(remote, Mapping) or not isinstance(remote.get("address"), str):
+            raise ConfigError(f"{PLUGIN}: indexerConfig.remoteIndex needs an 'address' host:port")
+        timeout = remote.get("timeoutMs", 50)
+        if not isinstance(timeout, int | float) or timeout <= 0:
+            raise ConfigError(f"{PLUGIN}: indexerConfig.remoteIndex.timeoutMs must be > 0")
+        unknown = set(remote) - {"address", "timeoutMs"}
+        if unknown:
+            raise ConfigError(f"{PLUGIN}: indexerConfig.remoteIndex: unknown {sorted(unknown)}")
+        options = dataclasses.replace(
+            options, remote_address=remote["address"], remote_timeout_s=float(timeout) / 1000.0
+        )
+    for where, rest in (
+        ("tokenProcessorConfig", tp),
+        ("indexerConfig", ix),
+        ("kvEventsConfig", kv),
+    ):
+        # llm-d parameters kvindex has no use for are accepted (documented), others refused.
+        rest.pop("tokenizersPoolConfig", None)
+        if rest:
+            raise ConfigError(f"{PLUGIN}: {where}: unknown parameters {sorted(rest)}")
+    return options
+
+
+def _block_index(raw: Any, redis_address: str, size: int) -> tuple[str, int]:
+    """llm-d-kv-cache's nested form: kvBlockIndexConfig.{redisConfig.address,
+    inMemoryConfig.size}, beside the flat forms the plugin parses itself."""
+    if raw is None:
+        return redis_address, size
+    where = "indexerConfig.kvBlockIndexConfig"
+    if not isinstance(raw, Mapping) or set(raw) - {"redisConfig", "inMemoryConfig"}:
+        raise ConfigError(f"{PLUGIN}: {where}: only redisConfig and inMemoryConfig")
+    redis = raw.get("redisConfig") or {}
+    memory = raw.get("inMemoryConfig") or {}
+    address = redis.get("address", redis_address) if isinstance(redis, Mapping) else None
+    new_size = memory.get("size", size) if isinstance(memory, Mapping) else None
+    if not isinstance(address, str) or not isinstance(new_size, int) or new_size < 1:
+        raise ConfigError(
+            f"{PLUGIN}: {where}: redisConfig.address must be a string, inMemoryConfig.size > 0"
+        )
+    return address, new_size
