@@ -33,7 +33,7 @@ class WorkloadConfig:
     turns: int = 4
     user_words: int = 40
     output_tokens: int = 24
-    requests: int = 240
+    requests: int = 200
     rate: float = 12.0  # requests per second of wall time
     seed: int = 7
 
