@@ -1,0 +1,201 @@
+"""The precise scorer's kvindex backends over real sockets: the in-process index fed by a
+vLLM-faithful publisher (bind mode and pod-discovery connect mode), and a kvindex sidecar
+answering over real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from epp.framework import load_config
+from epp.framework.config import ConfigError
+from epp.plugins.precise_prefix import PrecisePrefixParams
+from epp.precise import InProcessIndex, RemoteIndex, build_backend
+from epp.precise.options import backend_options
+from epp.types import Endpoint, LLMRequest
+from kvindex.demo.model import write_model_dir
+from kvindex.demo.processes import free_port
+from kvindex.index import MemoryIndex
+from kvindex.ingest import EventApplier
+from kvindex.scoring import Scorer
+from kvindex.service.grpc_server import build_grpc_server
+from kvindex.service.score_api import ScoreService
+from kvindex.sim.events import BlockRemoved, block_stored, encode_batch
+from kvindex.sim.publisher import EventPublisher
+from kvindex.tokenize import load_tokenizer
+from kvindex.wire import decode_batch
+
+MODEL = "demo-model"
+ENGINE = "10.1.2.3:8000"
+TOKENS = list(range(1000, 1064))  # 4 blocks
+
+
+def params(**overrides: Any) -> PrecisePrefixParams:
+    plugin: dict[str, Any] = {"type": "precise-prefix-cache-scorer", "parameters": overrides}
+    doc = {
+        "apiVersion": "llm-d.ai/v1alpha1",
+        "kind": "EndpointPickerConfig",
+        "plugins": [plugin],
+        "schedulingProfiles": [
+            {"name": "default", "plugins": [{"pluginRef": "precise-prefix-cache-scorer"}]}
+        ],
+    }
+    config = load_config(yaml.safe_dump(doc))
+    spec = next(p for p in config.plugins if p.type_name == "precise-prefix-cache-scorer")
+    assert isinstance(spec.parameters, PrecisePrefixParams)
+    return spec.parameters
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(0.02)
+
+
+def request(**kw: Any) -> LLMRequest:
+    return LLMRequest(request_id="r", path="/v1/completions", model=MODEL, base_model=MODEL, **kw)
+
+
+def test_options_errors_name_the_entry() -> None:
+    with pytest.raises(ConfigError, match="remoteIndex needs an 'address'"):
+        backend_options(params(indexerConfig={"remoteIndex": {}}))
+    with pytest.raises(ConfigError, match=r"kvEventsConfig: unknown parameters \['bogus'\]"):
+        backend_options(params(kvEventsConfig={"bogus": 1}))
+    with pytest.raises(ConfigError, match="tokenizers must map"):
+        backend_options(params(tokenProcessorConfig={"tokenizers": ["x"]}))
+    options = backend_options(
+        params(indexerConfig={"kvBlockIndexConfig": {"redisConfig": {"address": "redis://r:1"}}})
+    )
+    assert options.redis_address == "redis://r:1"
+    remote = build_backend(params(indexerConfig={"remoteIndex": {"address": "h:1"}}))
+    assert isinstance(remote, RemoteIndex) and remote.timeout_s == 0.05
+
+
+async def _publish_until_scored(
+    backend: InProcessIndex, publisher: EventPublisher, engine: str
+) -> None:
+    stored = block_stored([11, 12, 13, 14], TOKENS, 16)
+
+    async def scored() -> bool:
+        publisher.publish([stored])  # re-announcements are idempotent (slow-joiner safe)
+        publisher.flush()
+        got = await backend.score(request(token_ids=TOKENS), [engine])
+        return got.get(engine, 0.0) == 1.0
+
+    await until(scored)
+
+
+async def test_in_process_bind_mode_scores_from_live_events() -> None:
+    port = free_port()
+    backend = build_backend(params(kvEventsConfig={"zmqEndpoint": f"tcp://127.0.0.1:{port}"}))
+    assert isinstance(backend, InProcessIndex)
+    await backend.start()
+    publisher = EventPublisher(f"tcp://127.0.0.1:{port}", topic=f"kv@{ENGINE}@{MODEL}")
+    try:
+        await _publish_until_scored(backend, publisher, ENGINE)
+        # Half the prompt matches after a removal of the third block.
+        publisher.publish([BlockRemoved(block_hashes=[13], medium="GPU")])
+        publisher.flush()
+
+        async def halved() -> bool:
+            got = await backend.score(request(token_ids=TOKENS), [ENGINE, "9.9.9.9:1"])
+            return got == {ENGINE: 0.5, "9.9.9.9:1": 0.0}
+
+        await until(halved)
+        # Another model's request never matches these blocks.
+        other = LLMRequest(request_id="o", path="/", model="m2", base_model="m2", token_ids=TOKENS)
+        assert (await backend.score(other, [ENGINE])).get(ENGINE, 0.0) == 0.0
+    finally:
+        publisher.close()
+        await backend.stop()
+
+
+async def test_in_process_discovers_pods_and_connects() -> None:
+    publisher = EventPublisher("tcp://127.0.0.1:*", topic=f"kv@127.0.0.1:8000@{MODEL}")
+    port = int(publisher.bound_endpoint.rsplit(":", 1)[1])
+    listeners: list[Callable[[Sequence[Endpoint]], None]] = []
+    backend = build_backend(
+        params(kvEventsConfig={"discoverPods": True, "podDiscoveryConfig": {"socketPort": port}}),
+        subscribe_endpoints=listeners.append,
+    )
+    assert isinstance(backend, InProcessIndex)
+    await backend.start()
+    try:
+        assert len(listeners) == 1
+        listeners[0]([Endpoint(address="127.0.0.1", port=8000)])
+        await _publish_until_scored(backend, publisher, "127.0.0.1:8000")
+    finally:
+        publisher.close()
+        await backend.stop()
+
+
+async def test_in_process_tokenizes_chat_and_records_speculative(tmp_path: Path) -> None:
+    model_dir = write_model_dir(tmp_path / "model")
+    port = free_port()
+    backend = build_backend(
+        params(
+            tokenProcessorConfig={"tokenizers": {MODEL: str(model_dir)}},
+            kvEventsConfig={"zmqEndpoint": f"tcp://127.0.0.1:{port}"},
+            speculativeIndexing=True,
+        )
+    )
+    await backend.start()
+    try:
+        messages = [{"role": "system", "content": "word " * 200}, {"role": "user", "content": "hi"}]
+        chat = request(messages=messages)
+        assert await backend.score(chat, [ENGINE]) == {ENGINE: 0.0}
+        expected = load_tokenizer(model_dir).apply_chat_template(messages)
+        assert chat.token_ids == expected  # tokenized once, reused by later plugins
+        backend.record_pick(chat, ENGINE)
+        again = request(messages=messages)
+        got = await backend.score(again, [ENGINE])
+        assert got[ENGINE] > 0.9  # speculative entries until the engine's events arrive
+        unknown = LLMRequest(request_id="u", path="/", model="nope", base_model="nope", prompt="x")
+        assert await backend.score(unknown, [ENGINE]) == {}  # counted, not raised
+    finally:
+        await backend.stop()
+
+
+async def test_remote_index_over_grpc() -> None:
+    index = MemoryIndex()
+    stored = block_stored([1, 2, 3, 4], TOKENS, 16)
+    EventApplier(index).apply_batch(ENGINE, decode_batch(encode_batch(0.0, [stored], 0)), MODEL)
+    server = build_grpc_server(ScoreService(Scorer(index)))
+    port = server.add_insecure_port("127.0.0.1:0")
+    remote = {"remoteIndex": {"address": f"127.0.0.1:{port}", "timeoutMs": 2000}}
+    backend = build_backend(params(indexerConfig=remote))
+    await server.start()
+    assert isinstance(backend, RemoteIndex)
+    await backend.start()
+    try:
+        got = await backend.score(request(token_ids=TOKENS[:32]), [ENGINE, "1.1.1.1:1"])
+        assert got == {ENGINE: 1.0, "1.1.1.1:1": 0.0}
+        # The sidecar has no tokenizer: a text prompt fails there, is counted, scores nothing.
+        assert await backend.score(request(prompt="hello"), [ENGINE]) == {}
+        assert backend.failures.labels("ScorePrompt", "FAILED_PRECONDITION")._value.get() == 1
+    finally:
+        await backend.stop()
+        await server.stop(None)
+
+
+async def test_remote_index_down_scores_nothing() -> None:
+    port = free_port()
+    backend = build_backend(
+        params(indexerConfig={"remoteIndex": {"address": f"127.0.0.1:{port}", "timeoutMs": 200}})
+    )
+    assert isinstance(backend, RemoteIndex)
+    await backend.start()
+    try:
+        assert await backend.score(request(token_ids=TOKENS), [ENGINE]) == {}
+        codes = {s.labels["code"] for m in backend.failures.collect() for s in m.samples}
+        assert codes & {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+    finally:
+        await backend.stop()
