@@ -356,3 +356,29 @@ def test_restart_detected_when_first_batches_after_it_are_lost(bind: Harness) ->
     wait_for(lambda: bind.index.resolve(ENGINE, 7) is not None)
     assert bind.index.resolve(ENGINE, 1) is None  # the old incarnation's blocks are gone
     assert bind.m("kvindex_ingest_duplicate_batches_total") == 0
+
+
+def test_connect_mode_reconnects_to_restarted_engine(harness_factory: type[Harness]) -> None:
+    port = free_port()
+    first = VllmPublisher(f"tcp://*:{port}")
+    h = harness_factory(IngestServiceConfig(zmq_connect=(f"tcp://127.0.0.1:{port}",)))
+    h.publishers.append(first)
+    probe(first, h.index, ENGINE)
+    for _ in range(6):
+        first.publish(stored([1, 2], None, T[:32]))
+    wait_for(lambda: h.blocks(T[:32]) == 2)
+    first.close()  # the engine process goes away ...
+    second: list[VllmPublisher] = []
+
+    def rebound() -> bool:  # ... and a new one binds the same port (once the OS freed it)
+        try:
+            second.append(VllmPublisher(f"tcp://*:{port}"))
+        except zmq.ZMQError:
+            return False
+        return True
+
+    wait_for(rebound, what="port free again")
+    h.publishers.append(second[0])
+    probe(second[0], h.index, ENGINE, probe_hash=0xBEEF)  # ZMQ reconnected the SUB by itself
+    wait_for(lambda: h.m("kvindex_ingest_resets_total") == 1)
+    assert h.index.resolve(ENGINE, 1) is None
