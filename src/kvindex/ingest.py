@@ -221,12 +221,16 @@ class EventApplier:
         except OverflowError:
             counts.skip("token_id_out_of_range", n)
             return None
-        blocks = [
-            StoredBlock(h, tuple(keys[i * split : (i + 1) * split]))
-            for i, h in enumerate(event.block_hashes)
-        ]
-        for block in blocks:
-            local[block.engine_hash] = block.keys[-1]
+        if split == 1:  # the common case: one content key per engine block
+            blocks = [StoredBlock(h, (k,)) for h, k in zip(event.block_hashes, keys, strict=True)]
+            local.update(zip(event.block_hashes, keys, strict=True))
+        else:
+            blocks = [
+                StoredBlock(h, tuple(keys[i * split : (i + 1) * split]))
+                for i, h in enumerate(event.block_hashes)
+            ]
+            for block in blocks:
+                local[block.engine_hash] = block.keys[-1]
         counts.stored_blocks += n
         return Store(tier, blocks)
 

@@ -89,6 +89,7 @@ class _Stream:
     last_repair: float = -math.inf
     replay: _Replay | None = None
     series: EngineSeries | None = None  # cached metric children
+    last_ts: float = 0.0  # newest batch timestamp applied
 
 
 class IngestService:
@@ -303,6 +304,13 @@ class IngestService:
                 return
         previous = self.tracker.last(stream.key)
         action = self.tracker.observe(stream.key, seq)
+        if action is SeqAction.DUPLICATE and stream.last_ts and decoded.ts > stream.last_ts:
+            # An older seq carrying a newer timestamp: the engine restarted and its first
+            # batches were lost before the (re)connection, so seq did not drop far enough for
+            # the tracker to call it a restart. Live duplicates do not otherwise occur.
+            self.tracker.forget(stream.key)
+            self.tracker.observe(stream.key, seq)
+            action = SeqAction.RESET
         if action is SeqAction.DUPLICATE:
             self.metrics.duplicate_batches.inc()
         elif action is SeqAction.APPLY:
@@ -349,11 +357,12 @@ class IngestService:
         now = time.time()
         series.last_seq.set(seq)
         series.last_batch_time.set(now)
-        if decoded.ts > 0:
+        if decoded.ts > stream.last_ts:  # replayed (older) batches say nothing about lag
             lag = max(0.0, now - decoded.ts)
             series.lag.set(lag)
             self.metrics.lag_histogram.observe(lag)
         series.pending.set(counts.pending)
+        stream.last_ts = max(stream.last_ts, decoded.ts)
         stream.applied_seq = max(stream.applied_seq, seq)
         if counts.pending > stream.pending:
             stream.pending_grew = True
@@ -390,6 +399,7 @@ class IngestService:
         stream.pending = 0
         stream.pending_grew = False
         stream.applied_seq = -1
+        stream.last_ts = 0.0
 
     # -- replay ------------------------------------------------------------------------------
 

@@ -188,3 +188,36 @@ def test_serve_flags_build_config(tmp_path: Path) -> None:
     orphan = build_parser().parse_args(["serve", "--k8s-namespace", "x"])
     with pytest.raises(ConfigError, match="--k8s-selector"):
         config_from_args(orphan)
+
+
+async def test_grpc_servicers_hook_and_port_in_use() -> None:
+    import grpc
+    from ingest_helpers import free_port
+
+    async def ping(request: bytes, context: object) -> bytes:
+        return b"pong:" + request
+
+    def install(server: grpc.aio.Server, svc: IndexService) -> None:
+        handler = grpc.method_handlers_generic_handler(
+            "test.Echo", {"Ping": grpc.unary_unary_rpc_method_handler(ping)}
+        )
+        server.add_generic_rpc_handlers((handler,))
+
+    port = free_port()
+    config = ServiceConfig(http_host="127.0.0.1", http_port=0, grpc_port=port)
+    service = IndexService(config)
+    service.grpc_servicers.append(install)
+    await service.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+            reply = await channel.unary_unary("/test.Echo/Ping")(b"x", timeout=5)
+            assert reply == b"pong:x"
+        second = IndexService(config)
+        second.grpc_servicers.append(install)
+        try:
+            with pytest.raises(OSError, match=f"gRPC port {port} is in use"):
+                await second.start()
+        finally:
+            await second.stop()
+    finally:
+        await service.stop()

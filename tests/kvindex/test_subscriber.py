@@ -338,3 +338,47 @@ def test_bind_mode_over_ipc(harness_factory: type[Harness], tmp_path: Path) -> N
         assert h.m("kvindex_ingest_sources", mode="bind") == 1
     finally:
         pub.close(0)
+
+
+def test_restart_detected_when_first_batches_after_it_are_lost(bind: Harness) -> None:
+    pub = bind.publisher()
+    probe(pub, bind.index, ENGINE)
+    for _ in range(10):
+        pub.publish(stored([1, 2], None, T[:32]))
+    last = pub.seq - 1
+    wait_for(lambda: bind.m("kvindex_ingest_last_seq", engine=ENGINE) == last)
+    pub.restart()
+    for _ in range(last // 2 + 1):  # lost before the reconnection
+        pub.publish(stored([5], None, T[32:48]), drop=True)
+    first = pub.publish(stored([7], None, T[48:64]))
+    assert last // 2 < first < last  # an older seq, not low enough to look like a restart
+    wait_for(lambda: bind.m("kvindex_ingest_resets_total") == 1, what="restart detected by ts")
+    wait_for(lambda: bind.index.resolve(ENGINE, 7) is not None)
+    assert bind.index.resolve(ENGINE, 1) is None  # the old incarnation's blocks are gone
+    assert bind.m("kvindex_ingest_duplicate_batches_total") == 0
+
+
+def test_connect_mode_reconnects_to_restarted_engine(harness_factory: type[Harness]) -> None:
+    port = free_port()
+    first = VllmPublisher(f"tcp://*:{port}")
+    h = harness_factory(IngestServiceConfig(zmq_connect=(f"tcp://127.0.0.1:{port}",)))
+    h.publishers.append(first)
+    probe(first, h.index, ENGINE)
+    for _ in range(6):
+        first.publish(stored([1, 2], None, T[:32]))
+    wait_for(lambda: h.blocks(T[:32]) == 2)
+    first.close()  # the engine process goes away ...
+    second: list[VllmPublisher] = []
+
+    def rebound() -> bool:  # ... and a new one binds the same port (once the OS freed it)
+        try:
+            second.append(VllmPublisher(f"tcp://*:{port}"))
+        except zmq.ZMQError:
+            return False
+        return True
+
+    wait_for(rebound, what="port free again")
+    h.publishers.append(second[0])
+    probe(second[0], h.index, ENGINE, probe_hash=0xBEEF)  # ZMQ reconnected the SUB by itself
+    wait_for(lambda: h.m("kvindex_ingest_resets_total") == 1)
+    assert h.index.resolve(ENGINE, 1) is None

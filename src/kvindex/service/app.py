@@ -4,7 +4,9 @@ app serving ``/metrics``, ``/healthz`` and ``/readyz``.
 Extension points (small on purpose):
 
 * ``BACKENDS`` / :func:`register_backend`: index backends by ``--backend`` name
-  (``memory`` here; the Redis backend registers ``redis``). A backend may implement
+  (``memory`` here). ``BACKEND_MODULES`` names modules imported on first use of a backend
+  (``redis`` -> ``kvindex.index.redis``, which calls ``register_backend("redis", factory)``
+  at import; ``ServiceConfig.backend_options`` carries its settings). A backend may implement
   ``health() -> str | None`` (None = healthy); ``/readyz`` reports it as ``index``.
 * :meth:`IndexService.add_routes`: ``installer(app, service)`` adds routes (``/v1/score``,
   ``/v1/debug``) to :attr:`IndexService.http_app` before :meth:`IndexService.start`.
@@ -18,6 +20,8 @@ thread writes concurrently); for an I/O backend call it via ``asyncio.to_thread`
 
 from __future__ import annotations
 
+import errno
+import importlib
 import json
 import logging
 from collections.abc import Callable
@@ -37,6 +41,7 @@ from kvindex.metrics import KvindexMetrics
 
 __all__ = [
     "BACKENDS",
+    "BACKEND_MODULES",
     "GrpcInstaller",
     "IndexService",
     "RouteInstaller",
@@ -61,9 +66,27 @@ def _memory_backend(config: ServiceConfig) -> BlockIndex:
 
 BACKENDS: dict[str, BackendFactory] = {"memory": _memory_backend}
 
+# Backends living in their own module, imported on first use; the module calls
+# register_backend(name, factory) at import time.
+BACKEND_MODULES: dict[str, str] = {"redis": "kvindex.index.redis"}
+
 
 def register_backend(name: str, factory: BackendFactory) -> None:
     BACKENDS[name] = factory
+
+
+def backend_factory(name: str) -> BackendFactory:
+    if name not in BACKENDS and name in BACKEND_MODULES:
+        try:
+            importlib.import_module(BACKEND_MODULES[name])
+        except ImportError as exc:
+            raise ValueError(f"backend {name!r} (--backend) is not available: {exc}") from exc
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown backend {name!r} (--backend): one of {sorted(BACKENDS)}"
+        ) from None
 
 
 def ingest_config(config: ServiceConfig) -> IngestConfig:
@@ -115,13 +138,7 @@ class IndexService:
         self.config = config
         self.metrics = KvindexMetrics()
         if index is None:
-            try:
-                factory = BACKENDS[config.backend]
-            except KeyError:
-                raise ValueError(
-                    f"unknown backend {config.backend!r} (--backend): one of {sorted(BACKENDS)}"
-                ) from None
-            index = factory(config)
+            index = backend_factory(config.backend)(config)
         self.index = LockedIndex(index)
         self.metrics.watch_index(self.index.stats)
         self.ingest = IngestService(
@@ -188,12 +205,18 @@ class IndexService:
     async def _start_grpc(self) -> None:
         import grpc
 
-        server = grpc.aio.server()
+        # No SO_REUSEPORT: a second process on the same port must fail, not share it.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         for installer in self.grpc_servicers:
             installer(server, self)
-        port = server.add_insecure_port(f"{self.config.http_host}:{self.config.grpc_port}")
+        address = f"{self.config.http_host}:{self.config.grpc_port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError:  # newer grpcio raises instead of returning 0
+            port = 0
         if port == 0:
-            raise OSError(98, f"gRPC port {self.config.grpc_port} is in use")
+            await server.stop(None)
+            raise OSError(errno.EADDRINUSE, f"gRPC port {self.config.grpc_port} is in use")
         await server.start()
         self._grpc_server = server
         self.grpc_port = port
