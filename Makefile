@@ -28,8 +28,10 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+# make bench NAME=score [ARGS=...]: one benchmark of benchmarks/ (see benchmarks/RESULTS.md)
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks $(ARGS)
+	@test -n "$(NAME)" || { echo "usage: make bench NAME=<one of: $$(ls benchmarks | sed -n 's/\.py$$//p' | grep -v __init__ | tr '\n' ' ')> [ARGS=...]"; exit 2; }
+	$(BIN)/python -m benchmarks.$(NAME) $(ARGS)
 
 protos: $(STAMP)
 	$(BIN)/python tools/gen_protos.py
