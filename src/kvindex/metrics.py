@@ -178,26 +178,18 @@ class KvindexMetrics:
         self.purges = Counter(
             p + "discovery_purges", "Engines purged after leaving discovery", registry=r
         )
-        # -- scoring (used by the score HTTP / gRPC layer) ------------------------------------
-        self.score_requests = Counter(
-            p + "score_requests",
-            "Score requests by transport (http, grpc) and status",
-            ["transport", "status"],
+        # -- index faults (docs/redis.md): engines recovering while the index is down --------
+        self.index_unavailable = Counter(
+            p + "ingest_index_unavailable",
+            "Batches the index refused (Redis down); the engine is replayed once it is back",
             registry=r,
         )
-        self.score_latency = Histogram(
-            p + "score_latency_seconds",
-            "Score request latency, by transport",
-            ["transport"],
-            buckets=_LATENCY_BUCKETS,
+        self.deferred_batches = Counter(
+            p + "ingest_deferred_batches",
+            "Live batches not applied while their engine waited for the index (replayed)",
             registry=r,
         )
-        self.score_matched_blocks = Histogram(
-            p + "score_matched_blocks",
-            "Longest matched prefix (blocks) of the best engine per request",
-            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
-            registry=r,
-        )
+        # The read path's metrics (kvindex_score_*) are ScoreMetrics on this same registry.
 
         self._event_children: dict[str, Counter] = {}
         self._skip_children: dict[str, Counter] = {}

@@ -1,0 +1,173 @@
+"""`kvindex serve --backend redis` end to end: real subprocesses on a real Redis, engines
+simulated by `kvindex.sim` publishers (ZMQ PUB + ROUTER replay buffers).
+
+* replicas: two services on one Redis (unique prefix, cleaned up) both ingest the stream
+  (every replica writes, docs/redis.md) and score identically; a third started later
+  scores correctly at once, from Redis alone;
+* faults: a private `redis-server --save "" --appendonly no` is killed mid-stream and
+  restarted empty: the service stays up, /readyz and /metrics report degraded, scores are
+  empty meanwhile; after Redis returns the index is rebuilt by replay from the engine's
+  replay buffer (the epoch changed) and later events land.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis_servers import RedisServerProcess, delete_prefix, shared_redis_url, unique_prefix
+from serve_process import ServeProcess, wait_for
+
+from kvindex.sim.events import BlockRemoved, BlockStored
+from kvindex.sim.publisher import EventPublisher
+
+MODEL = "m"
+ENGINE = "127.0.0.1:8001"
+BS = 16
+
+
+def stored(tokens: list[int], first_hash: int) -> list[Any]:
+    n = len(tokens) // BS
+    return [
+        BlockStored(
+            block_hashes=list(range(first_hash, first_hash + n)),
+            parent_block_hash=None,
+            token_ids=tokens,
+            block_size=BS,
+            lora_id=None,
+            medium="GPU",
+            lora_name=None,
+        )
+    ]
+
+
+def prompt(seed: int, blocks: int = 4) -> list[int]:
+    return [seed * 1000 + i for i in range(blocks * BS)]
+
+
+def body(tokens: list[int]) -> dict[str, Any]:
+    return {"model": MODEL, "token_ids": tokens}
+
+
+@pytest.fixture
+def publisher() -> Iterator[EventPublisher]:
+    pub = EventPublisher("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", topic=f"kv@{ENGINE}@{MODEL}")
+    yield pub
+    pub.close()
+
+
+def serve_args(pub: EventPublisher, config: Path) -> list[str]:
+    return [
+        "--config",
+        str(config),
+        "--zmq-connect",
+        pub.bound_endpoint,
+        "--replay-endpoint",
+        f"{ENGINE}={pub.bound_replay_endpoint}",
+    ]
+
+
+def write_config(path: Path, url: str, prefix: str) -> Path:
+    path.write_text(
+        f"backend: redis\nredis_url: {url}\nredis_prefix: {prefix}\nredis-ttl-s: 600\n"
+        "redis_backoff_max_s: 0.5\nblock_size: 16\n"
+    )
+    return path
+
+
+def test_replicas_share_one_redis(tmp_path: Path, publisher: EventPublisher) -> None:
+    url, prefix = shared_redis_url(), unique_prefix()
+    config = write_config(tmp_path / "kvindex.yaml", url, prefix)
+    servers = [ServeProcess(serve_args(publisher, config), grpc=False) for _ in range(2)]
+    try:
+        for server in servers:
+            server.wait_ready()
+        tokens = prompt(1)
+
+        def both_hold_it() -> bool:
+            publisher.publish(stored(tokens, 100))
+            return all(s.score(body(tokens)).get(ENGINE) == 4 for s in servers)
+
+        wait_for(both_hold_it, what="both replicas index the stream")
+        publisher.publish([BlockRemoved(block_hashes=[102], medium="GPU")])
+        wait_for(
+            lambda: all(s.score(body(tokens)).get(ENGINE) == 2 for s in servers),
+            what="the remove seen by both replicas",
+        )
+        answers = [s.post("/v1/score", body(tokens)) for s in servers]
+        assert answers[0] == answers[1] and answers[0][0] == 200
+
+        late = ServeProcess(serve_args(publisher, config), grpc=False)
+        servers.append(late)
+        late.wait_ready()
+        assert late.post("/v1/score", body(tokens)) == answers[0]  # at once: from Redis
+    finally:
+        codes = [s.stop() for s in servers]
+        delete_prefix(redis.Redis.from_url(url), prefix)
+    assert codes == [0] * len(servers)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServerProcess]:
+    server = RedisServerProcess()
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_redis_restart_mid_stream_is_recovered_by_replay(
+    tmp_path: Path, publisher: EventPublisher, private_redis: RedisServerProcess
+) -> None:
+    config = write_config(tmp_path / "kvindex.yaml", private_redis.url, unique_prefix())
+    server = ServeProcess(serve_args(publisher, config))
+    try:
+        server.wait_ready()
+        before = prompt(1)
+
+        def first_landed() -> bool:
+            publisher.publish(stored(before, 100))
+            return server.score(body(before)).get(ENGINE) == 4
+
+        wait_for(first_landed, what="blocks indexed in Redis")
+
+        private_redis.stop()
+        wait_for(lambda: server.get("/readyz")[0] == 503, what="/readyz degraded")
+        _, ready = server.get("/readyz")
+        assert "redis degraded" in ready["failing"]["index"]
+        assert server.metric("kvindex_index_degraded") == 1.0
+        assert server.score(body(before)) == {}  # scores fall back to empty
+
+        during = prompt(2)
+        publisher.publish(stored(during, 200))  # refused by the index: replayed later
+        wait_for(
+            lambda: server.metric("kvindex_ingest_index_unavailable_total") >= 1,
+            what="the batch refused while Redis is down",
+        )
+        assert server.proc.poll() is None
+
+        private_redis.start()  # same port, empty: the epoch changes
+        wait_for(lambda: server.get("/readyz")[0] == 200, what="/readyz ready again")
+        wait_for(
+            lambda: (
+                server.score(body(before)).get(ENGINE) == 4
+                and server.score(body(during)).get(ENGINE) == 4
+            ),
+            what="the index rebuilt by replay",
+        )
+        assert server.metric("kvindex_index_resets_total") >= 1
+        assert server.metric("kvindex_index_degraded") == 0.0
+        replayed = 'reason="index_reset",outcome="succeeded"'
+        wait_for(
+            lambda: server.metric("kvindex_ingest_replays_total", replayed) >= 1,
+            what="the full replay counted",
+        )
+
+        after = prompt(3)
+        publisher.publish(stored(after, 300))  # once: a live event after recovery lands
+        wait_for(lambda: server.score(body(after)).get(ENGINE) == 4, what="a later event")
+    finally:
+        code = server.stop()
+    assert code == 0, server.logs()
