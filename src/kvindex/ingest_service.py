@@ -105,7 +105,7 @@ class _Stream:
     replay: _Replay | None = None
     series: EngineSeries | None = None  # cached metric children
     recovery: str | None = None  # INDEX_RECOVERY / INDEX_RESET: waiting for a healthy index
-    deferred: int = 0  # live batches not applied during this recovery
+    deferred: int = 0  # batches refused or not applied during this recovery
 
 
 @dataclass(slots=True)
@@ -466,6 +466,7 @@ class IngestService:
         """Rule 1: the index refused a batch of this engine: stop applying it (later batches
         are deferred) until the index is healthy, then replay it."""
         self.metrics.index_unavailable.inc()
+        stream.deferred += 1  # the refused batch: lost unless a replay brings it back
         if stream.replay is not None:
             self._cancel_replay(stream)
         if stream.recovery is None:

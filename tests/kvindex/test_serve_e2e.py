@@ -5,28 +5,35 @@ input refused and counted."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serve_process import KVINDEX, ServeProcess, wait_for
+from serve_process import KVINDEX, ServeProcess, free_port, http, wait_for
 
 from kvindex._proto.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from kvindex._proto.kvindex.v1 import kvindex_pb2, kvindex_pb2_grpc
 from kvindex.demo.model import write_model_dir
+from kvindex.sim.engine import EngineConfig
 from kvindex.sim.events import BlockStored
+from kvindex.sim.http import KVEventsOptions, ServerConfig, SimServer
 from kvindex.sim.publisher import EventPublisher
+from kvindex.sim.tokenizer import load_tokenizer as load_sim_tokenizer
 from kvindex.tokenize import Tokenizer, load_tokenizer
 
 MODEL = "demo-model"
 ADAPTER = "demo-lora"
 ENGINE_A = "127.0.0.1:8001"
 ENGINE_B = "127.0.0.1:8002"
+SILENT = "127.0.0.1:8009"  # in the engines file, never publishes
+NO_PORT = "127.0.0.1"  # publishes with a topic that names no port
 BS = 16
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 12
 MESSAGES = [
@@ -60,8 +67,10 @@ class Cluster:
     server: ServeProcess
     a: EventPublisher
     b: EventPublisher
+    no_port: EventPublisher
     tokenizer: Tokenizer
     model_dir: Path
+    sub_endpoint: str  # the service's bound SUB socket (engines in connect mode)
 
     def publish_until(self, pub: EventPublisher, events: list[Any], body: dict[str, Any]) -> None:
         """Publish (idempotent stores) until /v1/score shows them: PUB/SUB joins late."""
@@ -87,8 +96,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     model_dir = write_model_dir(tmp_path_factory.mktemp("model") / MODEL)
     a = EventPublisher("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", topic=f"kv@{ENGINE_A}@{MODEL}")
     b = EventPublisher("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", topic=f"kv@{ENGINE_B}@{MODEL}")
+    no_port = EventPublisher("tcp://127.0.0.1:*", topic=f"kv@{NO_PORT}@{MODEL}")
+    engines_file = tmp_path_factory.mktemp("engines") / "engines.yaml"
+    engines_file.write_text(f"engines:\n  - endpoint: {SILENT}\n    model: {MODEL}\n")
+    sub_endpoint = f"tcp://127.0.0.1:{free_port()}"
     server = ServeProcess(
         [
+            "--zmq-bind",
+            sub_endpoint,
+            "--zmq-connect",
+            no_port.bound_endpoint,
+            "--engines-file",
+            str(engines_file),
             "--zmq-connect",
             a.bound_endpoint,
             "--zmq-connect",
@@ -111,11 +130,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     )
     try:
         server.wait_ready()
-        yield Cluster(server, a, b, load_tokenizer(str(model_dir)), model_dir)
+        tokenizer = load_tokenizer(str(model_dir))
+        yield Cluster(server, a, b, no_port, tokenizer, model_dir, sub_endpoint)
     finally:
         code = server.stop()
-        a.close()
-        b.close()
+        for pub in (a, b, no_port):
+            pub.close()
     assert code == 0, server.logs()
 
 
@@ -200,6 +220,24 @@ def test_debug_shows_event_stats_and_doctor_prints_a_report(cluster: Cluster) ->
     assert events[ENGINE_A]["events"]["BlockStored"] >= 1
     assert events[ENGINE_A]["last_seq"] is not None and events[ENGINE_A]["model"] == MODEL
     assert events[ENGINE_A]["last_batch_time"] > 0
+    assert events[ENGINE_A]["discovered"] is False  # static --zmq-connect, not discovery
+    assert events[SILENT]["discovered"] is True and events[SILENT]["batches"] == 0
+    warnings = {(w["code"], w["engine"]) for w in report["warnings"]}
+    assert ("no_events", SILENT) in warnings
+
+    ids = cluster.ids(body)
+
+    def no_port_seen() -> bool:
+        cluster.no_port.publish(stored(ids, 9_000))
+        status, data = cluster.server.get(f"/v1/debug?model={MODEL}&prompt=x")
+        return status == 200 and any(e["engine"] == NO_PORT for e in data["events"])
+
+    wait_for(no_port_seen, what="the port-less engine's events")
+    _, report = cluster.server.get(f"/v1/debug?model={MODEL}&prompt=x")
+    assert ("engine_without_port", NO_PORT) in {
+        (w["code"], w["engine"]) for w in report["warnings"]
+    }
+    assert cluster.server.metric("kvindex_ingest_topic_without_port_total", f'engine="{NO_PORT}"')
     done = subprocess.run(
         [
             *KVINDEX,
@@ -215,16 +253,14 @@ def test_debug_shows_event_stats_and_doctor_prints_a_report(cluster: Cluster) ->
         text=True,
         timeout=60,
     )
-    assert done.returncode == 0, done.stderr
-    assert ENGINE_A in done.stdout
+    assert done.returncode == 1, done.stderr  # 1: the report has warnings (the silent engine)
+    assert ENGINE_A in done.stdout and SILENT in done.stdout
 
 
 def test_bad_input_is_refused_and_counted(cluster: Cluster) -> None:
     server = cluster.server
     status, data = server.post("/v1/score", {"model": "no-such-model", "prompt": "hi"})
     assert status == 404 and data["error"]["reason"] == "unknown_model"
-    from serve_process import http
-
     status, data = http("POST", server.base + "/v1/score", raw=b"{not json")
     assert status == 400 and data["error"]["reason"] == "bad_json"
     status, data = server.post("/v1/score", {"model": MODEL, "token_ids": [1] * 5000})
@@ -254,3 +290,70 @@ def test_a_tokenizer_that_cannot_load_fails_fast(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "--tokenizer" in done.stderr and "missing" in done.stderr
+
+
+def test_speculative_entries_extend_scores(cluster: Cluster) -> None:
+    ids = cluster.ids({"model": MODEL, "prompt": "a brand new prefix nobody holds yet " * 9})
+    body = {"model": MODEL, "token_ids": ids}
+    assert ENGINE_B not in cluster.server.score(body)
+    status, data = cluster.server.post("/v1/speculative", {**body, "engine": ENGINE_B})
+    assert status == 200 and data["recorded_blocks"] == len(ids) // BS
+    _, scored = cluster.server.post("/v1/score", body)
+    best = scored["scores"][0]
+    assert best["engine"] == ENGINE_B and best["speculative_blocks"] == len(ids) // BS
+
+
+async def _poll(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await asyncio.to_thread(check):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_a_simulated_vllm_engine_is_scored_on_its_own_requests(cluster: Cluster) -> None:
+    """A SimServer (vLLM's HTTP API, tokenizing with the same model directory) publishes real
+    events for the requests it serves, into the service's bound SUB socket."""
+    sim = SimServer(
+        ServerConfig(
+            engine=EngineConfig(model=MODEL, block_size=BS),
+            kv_events=KVEventsOptions(endpoint=cluster.sub_endpoint),
+        ),
+        load_sim_tokenizer(str(cluster.model_dir)),
+    )
+    await sim.start("127.0.0.1", 0)
+    engine = f"127.0.0.1:{sim.port}"
+    server = cluster.server
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def complete(path: str, request: dict[str, Any]) -> None:
+                payload = {"model": MODEL, "max_tokens": 1, **request}
+                async with session.post(sim.url + path, json=payload) as response:
+                    assert response.status == 200, await response.text()
+
+            def seen() -> bool:
+                status, data = server.get(f"/v1/debug?model={MODEL}&prompt=x")
+                return status == 200 and any(e["engine"] == engine for e in data["events"])
+
+            for i in range(500):  # PUB/SUB joins late: warm up until a batch arrives
+                await complete("/v1/completions", {"prompt": f"warm up {i} " * 8})
+                if await asyncio.to_thread(seen):
+                    break
+            prompt = "Routers should send a request where its prefix is cached. " * 5
+            await complete("/v1/completions", {"prompt": prompt})
+            await complete("/v1/chat/completions", {"messages": MESSAGES})
+            want_prompt = len(cluster.ids({"prompt": prompt})) // BS
+            want_chat = len(cluster.ids({"messages": MESSAGES})) // BS
+            await _poll(
+                lambda: server.score({"model": MODEL, "prompt": prompt}).get(engine) == want_prompt,
+                "the engine's prompt blocks",
+            )
+            await _poll(
+                lambda: (
+                    server.score({"model": MODEL, "messages": MESSAGES}).get(engine) == want_chat
+                ),
+                "the engine's chat blocks",
+            )
+    finally:
+        await sim.stop()

@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis_servers import RedisServerProcess, delete_prefix, shared_redis_url, unique_prefix
 from serve_process import ServeProcess, wait_for
 
@@ -46,6 +48,18 @@ def stored(tokens: list[int], first_hash: int) -> list[Any]:
 
 def prompt(seed: int, blocks: int = 4) -> list[int]:
     return [seed * 1000 + i for i in range(blocks * BS)]
+
+
+def grpc_status(server: ServeProcess) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="kvindex.v1.KVIndex"), timeout=5
+        )
+    return int(reply.status)
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def body(tokens: list[int]) -> dict[str, Any]:
@@ -139,6 +153,7 @@ def test_redis_restart_mid_stream_is_recovered_by_replay(
         assert "redis degraded" in ready["failing"]["index"]
         assert server.metric("kvindex_index_degraded") == 1.0
         assert server.score(body(before)) == {}  # scores fall back to empty
+        wait_for(lambda: grpc_status(server) == NOT_SERVING, what="gRPC health NOT_SERVING")
 
         during = prompt(2)
         publisher.publish(stored(during, 200))  # refused by the index: replayed later
@@ -150,6 +165,7 @@ def test_redis_restart_mid_stream_is_recovered_by_replay(
 
         private_redis.start()  # same port, empty: the epoch changes
         wait_for(lambda: server.get("/readyz")[0] == 200, what="/readyz ready again")
+        wait_for(lambda: grpc_status(server) == SERVING, what="gRPC health SERVING again")
         wait_for(
             lambda: (
                 server.score(body(before)).get(ENGINE) == 4
@@ -168,6 +184,47 @@ def test_redis_restart_mid_stream_is_recovered_by_replay(
         after = prompt(3)
         publisher.publish(stored(after, 300))  # once: a live event after recovery lands
         wait_for(lambda: server.score(body(after)).get(ENGINE) == 4, what="a later event")
+    finally:
+        code = server.stop()
+    assert code == 0, server.logs()
+
+
+def test_without_a_replay_endpoint_the_outage_is_counted_as_lost(
+    tmp_path: Path, publisher: EventPublisher, private_redis: RedisServerProcess
+) -> None:
+    config = write_config(tmp_path / "kvindex.yaml", private_redis.url, unique_prefix())
+    server = ServeProcess(["--config", str(config), "--zmq-connect", publisher.bound_endpoint])
+    try:
+        server.wait_ready()
+        before = prompt(1)
+
+        def first_landed() -> bool:
+            publisher.publish(stored(before, 100))
+            return server.score(body(before)).get(ENGINE) == 4
+
+        wait_for(first_landed, what="blocks indexed in Redis")
+        private_redis.stop()
+        wait_for(lambda: server.get("/readyz")[0] == 503, what="/readyz degraded")
+        publisher.publish(stored(prompt(2), 200))
+        publisher.publish(stored(prompt(3), 300))
+        wait_for(
+            lambda: (
+                server.metric("kvindex_ingest_index_unavailable_total") == 1
+                and server.metric("kvindex_ingest_deferred_batches_total") == 1
+            ),
+            what="one batch refused, the next deferred (no queue)",
+        )
+        private_redis.start()
+        wait_for(lambda: server.get("/readyz")[0] == 200, what="/readyz ready again")
+        wait_for(
+            lambda: server.metric("kvindex_ingest_lost_batches_total") == 2,
+            what="the refused and the deferred batch counted as lost",
+        )
+        after = prompt(4)
+        publisher.publish(stored(after, 400))
+        wait_for(lambda: server.score(body(after)).get(ENGINE) == 4, what="a later event")
+        assert ENGINE not in server.score(body(before))  # lost with Redis's data
+        assert "no replay endpoint" in server.logs()
     finally:
         code = server.stop()
     assert code == 0, server.logs()
