@@ -17,6 +17,8 @@ import contextlib
 import logging
 from typing import Any
 
+from grpc_health.v1 import health_pb2
+
 from kvindex.config import ServiceConfig
 from kvindex.discovery import EngineDiscovery
 from kvindex.doctor import EngineEventStats
@@ -151,6 +153,9 @@ class KvindexServer:
         return self.service.grpc_port
 
     async def start(self) -> None:
+        # NOT_SERVING (not "unknown service") from the first moment the port answers.
+        await mark_serving(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._serving = False
         await self.service.start()
         if self.service.grpc_port is not None:
             await self._sync_health_once()
@@ -160,8 +165,6 @@ class KvindexServer:
         failing = await asyncio.to_thread(self.service.readiness)
         serving = not failing
         if serving != self._serving:
-            from grpc_health.v1 import health_pb2
-
             status = (
                 health_pb2.HealthCheckResponse.SERVING
                 if serving
