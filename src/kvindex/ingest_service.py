@@ -247,7 +247,7 @@ class IngestService:
                     self.handle(message)
                 now = time.monotonic()
                 self._check_timeouts(now)
-                self._guard(self._recover, now)
+                self._guard(self.check_recovery, now)
         finally:
             self.subscriber.close()
 
@@ -499,9 +499,10 @@ class IngestService:
         reason = check()
         return None if reason is None else str(reason)
 
-    def _recover(self, now: float) -> None:
+    def check_recovery(self, now: float) -> None:
         """Rule 2 (a requested full replay) and the replays of recovering engines once the
-        index is healthy again (probed at most every health_check_interval_s)."""
+        index is healthy again (probed at most every health_check_interval_s). Called by the
+        ingest loop every tick (like :meth:`handle`, only on the ingest thread)."""
         if not self._recovering and not self._reset_requested.is_set():
             return
         if now < self._next_health_check:

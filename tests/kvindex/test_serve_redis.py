@@ -228,3 +228,39 @@ def test_without_a_replay_endpoint_the_outage_is_counted_as_lost(
     finally:
         code = server.stop()
     assert code == 0, server.logs()
+
+
+def test_redis_losing_its_data_without_an_outage_triggers_a_full_replay(
+    tmp_path: Path, publisher: EventPublisher, private_redis: RedisServerProcess
+) -> None:
+    """FLUSHALL (or eviction of the epoch, or a failover to an empty replica): no error at
+    all, only the epoch changes; the next call notices and every engine is replayed."""
+    config = write_config(tmp_path / "kvindex.yaml", private_redis.url, unique_prefix())
+    server = ServeProcess(serve_args(publisher, config), grpc=False)
+    try:
+        server.wait_ready()
+        tokens = prompt(5)
+
+        def landed() -> bool:
+            publisher.publish(stored(tokens, 500))
+            return server.score(body(tokens)).get(ENGINE) == 4
+
+        wait_for(landed, what="blocks indexed in Redis")
+        redis.Redis.from_url(private_redis.url).flushall()
+        # Scoring itself notices the new epoch; the replay brings the blocks back.
+        wait_for(
+            lambda: (
+                server.score(body(tokens)).get(ENGINE) == 4
+                and server.metric("kvindex_index_resets_total") == 1
+            ),
+            what="rebuilt by replay",
+        )
+        replayed = 'reason="index_reset",outcome="succeeded"'
+        wait_for(
+            lambda: server.metric("kvindex_ingest_replays_total", replayed) == 1,
+            what="one full replay",
+        )
+        assert server.metric("kvindex_ingest_index_unavailable_total") == 0
+    finally:
+        code = server.stop()
+    assert code == 0, server.logs()
