@@ -105,3 +105,8 @@ def test_the_assembly_builds_one_registry_and_the_shared_block_size() -> None:
     assert reason is not None and reason.startswith("redis degraded")
     names = {m.name for m in server.service.metrics.registry.collect()}
     assert {"kvindex_score_requests", "kvindex_index_degraded", "kvindex_ingest_batches"} <= names
+
+
+def test_a_bad_redis_url_names_the_flag() -> None:
+    with pytest.raises(ValueError, match="--redis-url 'foo://x'"):
+        KvindexServer(ServiceConfig(backend="redis", redis_url="foo://x"))

@@ -270,6 +270,10 @@ def test_bad_input_is_refused_and_counted(cluster: Cluster) -> None:
     for reason in ("unknown_model", "bad_json", "prompt_too_long"):
         assert server.metric("kvindex_score_errors_total", f'api="http",reason="{reason}"') >= 1
     assert server.metric("kvindex_score_requests_total", 'api="http",method="score",outcome="ok"')
+    lookups = server.metric("kvindex_tokenizer_cache_hits_total", f'model="{MODEL}"')
+    lookups += server.metric("kvindex_tokenizer_cache_misses_total", f'model="{MODEL}"')
+    lookups += server.metric("kvindex_tokenizer_uncached_calls_total", f'model="{MODEL}"')
+    assert lookups > 0  # the tokenizers' cache on the same registry
 
 
 def test_a_tokenizer_that_cannot_load_fails_fast(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from kvindex.config import ServiceConfig
 from kvindex.discovery import EngineDiscovery
 from kvindex.doctor import EngineEventStats
 from kvindex.ingest_service import IngestService
+from kvindex.metrics import TokenizerCacheCollector
 from kvindex.scoring import Scorer, ScoringConfig, TierWeights
 from kvindex.service.app import BACKENDS, IndexService, register_backend
 from kvindex.service.grpc_server import HealthServicer, add_grpc_services, mark_serving
@@ -126,6 +127,8 @@ class KvindexServer:
         self.service.grpc_servicers.append(
             lambda server, _service: add_grpc_services(server, self.score, self.health)
         )
+        if self.tokenizers is not None:
+            self.service.metrics.registry.register(TokenizerCacheCollector(self._cache_stats))
         self.redis: RedisBackend | None = None
         backend = self.service.index.inner
         if isinstance(backend, RedisBackend):
@@ -136,6 +139,17 @@ class KvindexServer:
             self.service.metrics.registry.register(RedisHealthCollector(backend))
         self._health_task: asyncio.Task[None] | None = None
         self._serving: bool | None = None
+
+    def _cache_stats(self) -> dict[str, object]:
+        registry = self.tokenizers
+        if registry is None:
+            return {}
+        out: dict[str, object] = {}
+        for model in registry.models:
+            stats = getattr(registry.get(model), "cache_stats", None)
+            if stats is not None:
+                out[model] = stats()
+        return out
 
     # -- the doctor --------------------------------------------------------------------------
 

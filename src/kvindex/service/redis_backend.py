@@ -104,10 +104,16 @@ def redis_backend(config: ServiceConfig) -> BlockIndex:
     """The ``redis`` backend factory: connects lazily (a Redis that is down at start-up
     gives a degraded, not a failed, service)."""
     ttl = config.redis_ttl_s or None  # 0: never expire
-    index = RedisIndex.from_url(
-        config.redis_url,
-        prefix=config.redis_prefix,
-        ttl_seconds=ttl,
-        backoff_max_s=config.redis_backoff_max_s,
-    )
+    try:
+        index = RedisIndex.from_url(
+            config.redis_url,
+            prefix=config.redis_prefix,
+            ttl_seconds=ttl,
+            backoff_max_s=config.redis_backoff_max_s,
+        )
+    except ValueError as exc:
+        raise ValueError(
+            f"--redis-url {config.redis_url!r}: {exc} (e.g. redis://host:6379/0, "
+            "rediss://..., unix:///path, redis+cluster://host:7000, or host:port)"
+        ) from exc
     return RedisBackend(index)
