@@ -167,6 +167,7 @@ class IngestService:
         self._discovery_expected = False
         self._opened = False
         self._recovering: set[str] = set()
+        self._purges_pending: set[str] = set()  # engines gone while the index was down
         self._reset_requested = threading.Event()
         self._next_health_check = 0.0
         # Per-engine facts read by other threads (the doctor): guarded by _activity_lock.
@@ -503,7 +504,7 @@ class IngestService:
         """Rule 2 (a requested full replay) and the replays of recovering engines once the
         index is healthy again (probed at most every health_check_interval_s). Called by the
         ingest loop every tick (like :meth:`handle`, only on the ingest thread)."""
-        if not self._recovering and not self._reset_requested.is_set():
+        if not (self._recovering or self._purges_pending or self._reset_requested.is_set()):
             return
         if now < self._next_health_check:
             return
@@ -520,6 +521,11 @@ class IngestService:
                 self._enter_recovery(every, INDEX_RESET)
         if unhealthy is not None:
             return
+        for key in sorted(self._purges_pending):
+            if key not in self._ranks:  # still gone (it may have come back meanwhile)
+                self._purge_from_index(key)
+            else:
+                self._purges_pending.discard(key)
         for key in sorted(self._recovering):
             self._recovering.discard(key)
             stream = self._streams.get(key)
@@ -742,7 +748,7 @@ class IngestService:
 
     def _purge(self, key: str) -> None:
         log.info("event=engine_purged engine=%s (left discovery)", key)
-        self.index.purge(key)
+        self._purge_from_index(key)
         self.applier.forget(key)
         self.tracker.forget(key)
         self._streams.pop(key, None)
@@ -753,6 +759,22 @@ class IngestService:
         self.subscriber.drop_replay(key)
         self.metrics.forget_engine(key)
         self.metrics.purges.inc()
+
+    def _purge_from_index(self, key: str) -> None:
+        """Purge an engine's blocks; while the index is down, retried once it is back (the
+        set is bounded by the engines that left)."""
+        try:
+            self.index.purge(key)
+        except IndexUnavailable as exc:
+            self.metrics.index_unavailable.inc()
+            log.warning(
+                "event=index_unavailable engine=%s op=purge error=%r action=retry_when_healthy",
+                key,
+                exc.reason,
+            )
+            self._purges_pending.add(key)
+        else:
+            self._purges_pending.discard(key)
 
     def _update_source_gauges(self) -> None:
         bound, connected = self.subscriber.counts()

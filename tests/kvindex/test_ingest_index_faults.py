@@ -9,16 +9,20 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from ingest_helpers import wait_for
 from redis_servers import RedisServerProcess, unique_prefix
 
+from kvindex.discovery import EngineEntry
 from kvindex.index.locked import LockedIndex
 from kvindex.index.redis import RedisIndex
 from kvindex.ingest_service import IngestService, IngestServiceConfig
 from kvindex.keys import chain_keys, root_key
 from kvindex.service.redis_backend import RedisBackend
 from kvindex.sim.events import BlockStored, encode_batch
+from kvindex.sim.publisher import EventPublisher
 from kvindex.subscriber import LiveMessage, ReplayMessage
 from kvindex.wire import Frame
 
@@ -186,3 +190,48 @@ def test_a_hung_redis_that_resumes_with_its_data_gets_a_recovery_replay(
     finally:
         service.stop()
         index.close()
+
+
+def test_an_engine_that_leaves_while_redis_is_down_is_purged_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """The purge of an engine that left discovery is retried when Redis returns (here a
+    Redis with AOF persistence, so its data, and the engine's blocks, come back)."""
+    server = RedisServerProcess()
+    server.extra_args = ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp_path)]
+    server.start()
+    index = RedisIndex.from_url(server.url, prefix=unique_prefix(), backoff_max_s=0.05)
+    publisher = EventPublisher("tcp://127.0.0.1:*", topic=TOPIC.decode())
+    service = IngestService(
+        IngestServiceConfig(health_check_interval_s=0.0), LockedIndex(RedisBackend(index))
+    )
+    service.expect_discovery()
+    service.start()
+    try:
+        service.update_engines({ENGINE: EngineEntry(ENGINE, zmq=publisher.bound_endpoint)})
+        tokens = list(range(16))
+        event = BlockStored([100], None, tokens, 16, None, "GPU", None)
+
+        def indexed() -> bool:
+            publisher.publish([event])
+            return index.engines() == [ENGINE]
+
+        wait_for(indexed, what="the engine's block in Redis")
+        server.stop()
+        service.update_engines({})
+        wait_for(
+            lambda: (
+                metric(service, "kvindex_discovery_purges_total") == 1
+                and metric(service, "kvindex_ingest_index_unavailable_total") == 1
+            ),
+            what="the purge refused while Redis is down",
+        )
+        server.start()  # AOF: the engine's block is back
+        wait_for(lambda: index.engines() == [], what="the purge retried")
+        assert index.health().resets == 0
+        assert metric(service, "kvindex_ingest_internal_errors_total") == 0
+    finally:
+        service.stop()
+        publisher.close()
+        index.close()
+        server.stop()
