@@ -50,6 +50,16 @@ def prompt(seed: int, blocks: int = 4) -> list[int]:
     return [seed * 1000 + i for i in range(blocks * BS)]
 
 
+def settle(server: ServeProcess, publisher: EventPublisher) -> None:
+    """Wait until the service applied every batch published so far (none still in flight)."""
+    assert publisher.flush()
+    last = publisher.next_seq - 1
+    wait_for(
+        lambda: server.metric("kvindex_ingest_last_seq", f'engine="{ENGINE}"') == last,
+        what=f"batch {last} applied",
+    )
+
+
 def grpc_status(server: ServeProcess) -> int:
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -203,6 +213,7 @@ def test_without_a_replay_endpoint_the_outage_is_counted_as_lost(
             return server.score(body(before)).get(ENGINE) == 4
 
         wait_for(first_landed, what="blocks indexed in Redis")
+        settle(server, publisher)
         private_redis.stop()
         wait_for(lambda: server.get("/readyz")[0] == 503, what="/readyz degraded")
         publisher.publish(stored(prompt(2), 200))

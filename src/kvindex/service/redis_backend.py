@@ -28,6 +28,8 @@ class RedisBackend:
     """A :class:`RedisIndex` as the service's index: same calls, plus ``health()`` as a
     reason string (None: healthy) and the full :class:`IndexHealth` as ``details()``."""
 
+    thread_safe = True  # LockedIndex takes no lock: RedisIndex is safe across threads
+
     def __init__(self, index: RedisIndex) -> None:
         self.redis = index
 
