@@ -159,7 +159,8 @@ class KvindexMetrics:
         )
         self.replays = Counter(
             p + "ingest_replays",
-            "Replay requests by reason (gap, unknown_parent) and outcome (requested, "
+            "Replay requests by reason (gap, unknown_parent, index_recovery, index_reset) and "
+            "outcome (requested, "
             "succeeded, failed)",
             ["reason", "outcome"],
             registry=r,
