@@ -25,7 +25,10 @@ __all__ = [
     "KubernetesConfig",
     "ServiceConfig",
     "load_config",
+    "parse_pairs",
+    "parse_replay_flags",
     "parse_size",
+    "parse_tier_weights",
 ]
 
 
@@ -68,6 +71,17 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     backend_options: dict[str, Any] = msgspec.field(default_factory=dict)
     index_max_keys: int = 100_000_000
     index_memory_budget: int | str | None = None  # bytes, or "4GiB", "512MB"
+    # Redis backend (--backend redis): every replica writes, see docs/redis.md
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "kvi"
+    redis_ttl_s: int | None = 3600  # holder bitmaps expire unless re-stored; None/0: never
+    redis_backoff_max_s: float = 5.0  # longest wait between probes of a Redis that is down
+    # tokenizers and scoring
+    tokenizers: dict[str, str] = msgspec.field(default_factory=dict)  # model -> path / hub id
+    lora_adapters: dict[str, str] = msgspec.field(default_factory=dict)  # adapter -> base
+    tier_weights: dict[str, float] = msgspec.field(default_factory=dict)  # gpu, cpu, storage
+    max_prompt_tokens: int = 1 << 20
+    speculative_ttl_s: float = 2.0  # 0 disables speculative entries
     # serving
     http_host: str = "0.0.0.0"
     http_port: int = 8080
@@ -181,6 +195,10 @@ def load_config_file(path: str | Path) -> tuple[dict[str, Any], yaml.Node | None
     return _normalise_keys(data), root
 
 
+# Map-valued settings whose flag entries merge over the file's map (instead of replacing it).
+MERGED_MAPS = frozenset({"replay_endpoints", "tokenizers", "lora_adapters", "tier_weights"})
+
+
 def load_config(
     path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> ServiceConfig:
@@ -198,8 +216,8 @@ def load_config(
     for name, value in (overrides or {}).items():
         if value is None:
             continue
-        if name == "replay_endpoints":
-            merged = dict(data.get("replay_endpoints") or {})
+        if name in MERGED_MAPS:
+            merged = dict(data.get(name) or {})
             merged.update(value)
             data[name] = merged
         else:
@@ -231,6 +249,29 @@ def _validate(config: ServiceConfig) -> None:
     if config.index_max_keys <= 0:
         raise bad("index_max_keys", "index-max-keys", "must be positive")
     config.memory_budget_bytes()  # raises ConfigError for a bad size
+    if config.max_prompt_tokens <= 0:
+        raise bad("max_prompt_tokens", "max-prompt-tokens", "must be a positive token count")
+    if config.speculative_ttl_s < 0:
+        raise bad("speculative_ttl_s", "speculative-ttl", "must be >= 0 seconds (0: off)")
+    if config.redis_ttl_s is not None and config.redis_ttl_s < 0:
+        raise bad("redis_ttl_s", "redis-ttl", "must be >= 0 seconds (0: never expire)")
+    if config.redis_backoff_max_s <= 0:
+        raise bad("redis_backoff_max_s", "redis-backoff-max", "must be > 0 seconds")
+    if not config.redis_prefix or any(c in config.redis_prefix for c in "{}"):
+        raise bad("redis_prefix", "redis-prefix", "must be non-empty, without '{' or '}'")
+    for tier, weight in config.tier_weights.items():
+        if tier not in ("gpu", "cpu", "storage"):
+            raise bad("tier_weights", "tier-weight", f"unknown tier {tier!r}: gpu, cpu, storage")
+        if not 0.0 <= weight <= 1.0:
+            raise bad("tier_weights", "tier-weight", f"{tier}={weight} is not in [0, 1]")
+    for adapter, base in config.lora_adapters.items():
+        if config.tokenizers and base not in config.tokenizers:
+            raise bad(
+                "lora_adapters",
+                "lora",
+                f"{adapter}={base}: base model {base!r} has no --tokenizer "
+                f"(configured: {', '.join(sorted(config.tokenizers))})",
+            )
     for endpoint in [*config.zmq_bind, *config.zmq_connect]:
         if "://" not in endpoint:
             raise ConfigError(
@@ -240,6 +281,39 @@ def _validate(config: ServiceConfig) -> None:
     for engine, url in config.replay_endpoints.items():
         if "://" not in url:
             raise bad("replay_endpoints", "replay-endpoint", f"{engine}={url!r} is not a ZMQ URL")
+
+
+def parse_pairs(values: list[str] | None, flag: str, example: str) -> dict[str, str] | None:
+    """Repeated ``KEY=VALUE`` flags -> mapping (None when the flag was not given)."""
+    if not values:
+        return None
+    out: dict[str, str] = {}
+    for value in values:
+        key, sep, item = value.partition("=")
+        key, item = key.strip(), item.strip()
+        if not sep or not key or not item:
+            raise ConfigError(f"{flag} {value!r}: expected KEY=VALUE, e.g. {flag} {example}")
+        if key in out and out[key] != item:
+            raise ConfigError(f"{flag}: {key!r} is given twice ({out[key]!r}, {item!r})")
+        out[key] = item
+    return out
+
+
+def parse_tier_weights(values: list[str] | None) -> dict[str, float] | None:
+    """``--tier-weight gpu=1.0,cpu=0.8`` (repeatable, comma separated) -> {tier: weight}."""
+    if not values:
+        return None
+    items = [item for value in values for item in value.split(",") if item.strip()]
+    pairs = parse_pairs(items, "--tier-weight", "gpu=1.0,cpu=0.8,storage=0.5") or {}
+    out: dict[str, float] = {}
+    for tier, raw in pairs.items():
+        try:
+            out[tier] = float(raw)
+        except ValueError:
+            raise ConfigError(
+                f"--tier-weight {tier}={raw!r}: the weight must be a number"
+            ) from None
+    return out
 
 
 def parse_replay_flags(values: list[str] | None) -> dict[str, str] | None:

@@ -19,6 +19,17 @@ Sequence handling per stream (see docs/ingest.md): gaps are repaired by replay (
 buffered meanwhile, replayed ones applied in order, duplicates dropped, loss counted on
 timeout); seq back to 0 clears the engine; events held for an unknown parent trigger one
 rate-limited replay from seq 0. Nothing raises out of the loop: everything is counted.
+
+Index faults (the Redis backend's contract, docs/redis.md): a batch the index refuses
+(:class:`~kvindex.index.redis.IndexUnavailable`) puts its engine into recovery: later batches
+of that engine are only sequence-tracked and counted as deferred (no queue), and once the
+index's ``health()`` is ok again the engine is replayed from seq 0 (rule 1).
+:meth:`IngestService.request_full_replay` (the index's ``on_reset``: Redis lost its data)
+puts every engine into recovery (rule 2). Replays are idempotent, so replaying more than was
+lost is safe.
+
+Per-engine facts for the doctor (:meth:`IngestService.engine_activity`) are kept outside
+Prometheus in a small lock-guarded table.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from dataclasses import dataclass, field
 from kvindex.discovery import EngineEntry, RankSource, rank_sources
 from kvindex.engines import TopicError, parse_topic
 from kvindex.index.base import BlockIndex, Clear
+from kvindex.index.redis import IndexUnavailable
 from kvindex.ingest import EventApplier, IngestConfig, SeqAction, SequenceTracker
 from kvindex.metrics import EngineSeries, KvindexMetrics
 from kvindex.subscriber import (
@@ -46,12 +58,14 @@ from kvindex.subscriber import (
 )
 from kvindex.wire import DecodedBatch, decode_batch
 
-__all__ = ["IngestService", "IngestServiceConfig"]
+__all__ = ["EngineActivity", "IngestService", "IngestServiceConfig"]
 
 log = logging.getLogger("kvindex.ingest")
 
 GAP = "gap"
 UNKNOWN_PARENT = "unknown_parent"
+INDEX_RECOVERY = "index_recovery"  # rule 1: the index refused a batch of this engine
+INDEX_RESET = "index_reset"  # rule 2: the index lost its data (epoch change)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +80,7 @@ class IngestServiceConfig:
     repair_interval_s: float = 30.0  # at most one unknown-parent replay per engine per this
     max_buffered_batches: int = 10_000  # live batches held while a replay runs
     poll_interval_ms: int = 20
+    health_check_interval_s: float = 0.2  # probe of a failed index while engines wait
 
 
 @dataclass(slots=True)
@@ -90,6 +105,38 @@ class _Stream:
     replay: _Replay | None = None
     series: EngineSeries | None = None  # cached metric children
     last_ts: float = 0.0  # newest batch timestamp applied
+    recovery: str | None = None  # INDEX_RECOVERY / INDEX_RESET: waiting for a healthy index
+    deferred: int = 0  # batches refused or not applied during this recovery
+
+
+@dataclass(slots=True)
+class EngineActivity:
+    """What ingest knows of one engine, for the doctor (copies are handed out)."""
+
+    engine: str
+    model: str | None = None
+    discovered: bool = False
+    batches: int = 0
+    events: dict[str, int] = field(default_factory=dict)  # by event type
+    skipped: dict[str, int] = field(default_factory=dict)  # skipped blocks by reason
+    last_seq: int | None = None
+    last_batch_time: float | None = None  # unix seconds
+    topic_without_port: bool = False
+    recovering: str | None = None  # INDEX_RECOVERY / INDEX_RESET while waiting
+
+    def copy(self) -> EngineActivity:
+        return EngineActivity(
+            self.engine,
+            self.model,
+            self.discovered,
+            self.batches,
+            dict(self.events),
+            dict(self.skipped),
+            self.last_seq,
+            self.last_batch_time,
+            self.topic_without_port,
+            self.recovering,
+        )
 
 
 class IngestService:
@@ -120,6 +167,13 @@ class IngestService:
         self._thread: threading.Thread | None = None
         self._discovery_expected = False
         self._opened = False
+        self._recovering: set[str] = set()
+        self._purges_pending: set[str] = set()  # engines gone while the index was down
+        self._reset_requested = threading.Event()
+        self._next_health_check = 0.0
+        # Per-engine facts read by other threads (the doctor): guarded by _activity_lock.
+        self._activity: dict[str, EngineActivity] = {}
+        self._activity_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -158,6 +212,24 @@ class IngestService:
         """The full discovered set (thread-safe; applied by the ingest thread)."""
         self._commands.put(dict(entries))
 
+    def request_full_replay(self) -> None:
+        """The index lost its data (thread-safe, coalescing): replay every engine from seq 0
+        once the index is healthy (docs/redis.md, rule 2)."""
+        self._reset_requested.set()
+
+    def engine_activity(self) -> list[EngineActivity]:
+        """Per-engine facts (thread-safe copies): every engine seen on the wire or known
+        from discovery, sorted by engine key."""
+        with self._activity_lock:
+            return [self._activity[k].copy() for k in sorted(self._activity)]
+
+    def _activity_of(self, key: str) -> EngineActivity:
+        """The engine's record (the caller holds _activity_lock)."""
+        record = self._activity.get(key)
+        if record is None:
+            record = self._activity[key] = EngineActivity(key)
+        return record
+
     def readiness(self) -> str | None:
         """None when ingest is up; otherwise why not."""
         if self._thread is None or not self._thread.is_alive():
@@ -175,7 +247,9 @@ class IngestService:
                 self._drain_commands()
                 for message in self.subscriber.poll(self.config.poll_interval_ms):
                     self.handle(message)
-                self._check_timeouts(time.monotonic())
+                now = time.monotonic()
+                self._check_timeouts(now)
+                self._guard(self.check_recovery, now)
         finally:
             self.subscriber.close()
 
@@ -219,6 +293,7 @@ class IngestService:
         topic = message.frame.topic
         identity = self._source_identity.get(message.source)
         topic_model: str | None = None
+        engine = None
         if identity is not None:
             key = identity.endpoint
             with contextlib.suppress(TopicError):
@@ -253,6 +328,10 @@ class IngestService:
         if stream is None:
             stream = _Stream(key, model, self._replay_endpoint(key))
             self._streams[key] = stream
+            with self._activity_lock:
+                record = self._activity_of(key)
+                record.model = model or record.model
+                record.topic_without_port = engine is not None and engine.port is None
             log.info(
                 "event=engine_seen engine=%s model=%s replay=%s source=%s",
                 key,
@@ -262,6 +341,8 @@ class IngestService:
             )
         elif model and stream.model != model:
             stream.model = model
+            with self._activity_lock:
+                self._activity_of(key).model = model
         return stream
 
     def _replay_endpoint(self, key: str) -> str | None:
@@ -293,6 +374,12 @@ class IngestService:
         if stream is None:
             return
         seq = message.frame.seq
+        if stream.recovery is not None:
+            # Waiting for the index: track the sequence only; the replay will bring it all.
+            self.tracker.observe(stream.key, seq)
+            stream.deferred += 1
+            self.metrics.deferred_batches.inc()
+            return
         replay = stream.replay
         if replay is not None:
             if seq == 0 or seq < replay.cursor // 2:
@@ -314,12 +401,11 @@ class IngestService:
         if action is SeqAction.DUPLICATE:
             self.metrics.duplicate_batches.inc()
         elif action is SeqAction.APPLY:
-            self._apply(stream, seq, decoded)
-            self._maybe_repair(stream)
+            if self._apply(stream, seq, decoded):
+                self._maybe_repair(stream)
         elif action is SeqAction.RESET:
-            self._reset(stream, previous)
-            self._apply(stream, seq, decoded)
-            self._maybe_repair(stream)
+            if self._reset(stream, previous) and self._apply(stream, seq, decoded):
+                self._maybe_repair(stream)
         else:  # GAP
             assert previous is not None
             self.metrics.gaps.inc()
@@ -345,11 +431,17 @@ class IngestService:
                     seq,
                     missing,
                 )
-                self._apply(stream, seq, decoded)
-                self._maybe_repair(stream)
+                if self._apply(stream, seq, decoded):
+                    self._maybe_repair(stream)
 
-    def _apply(self, stream: _Stream, seq: int, decoded: DecodedBatch) -> None:
-        counts = self.applier.apply_batch(stream.key, decoded, stream.model)
+    def _apply(self, stream: _Stream, seq: int, decoded: DecodedBatch) -> bool:
+        """Apply one batch; False when the index refused it (the engine is now recovering,
+        any replay of it was cancelled)."""
+        try:
+            counts = self.applier.apply_batch(stream.key, decoded, stream.model)
+        except IndexUnavailable as exc:
+            self._index_failed(stream, exc)
+            return False
         self.metrics.add_counts(counts)
         series = stream.series
         if series is None:
@@ -367,6 +459,113 @@ class IngestService:
         if counts.pending > stream.pending:
             stream.pending_grew = True
         stream.pending = counts.pending
+        with self._activity_lock:
+            record = self._activity_of(stream.key)
+            record.batches += 1
+            for kind, n in counts.events.items():
+                record.events[kind] = record.events.get(kind, 0) + n
+            for reason, n in counts.skipped.items():
+                record.skipped[reason] = record.skipped.get(reason, 0) + n
+            record.last_seq = seq
+            record.last_batch_time = now
+        return True
+
+    # -- index faults (docs/redis.md, "Faults and recovery") --------------------------------
+
+    def _index_failed(self, stream: _Stream, exc: IndexUnavailable) -> None:
+        """Rule 1: the index refused a batch of this engine: stop applying it (later batches
+        are deferred) until the index is healthy, then replay it."""
+        self.metrics.index_unavailable.inc()
+        stream.deferred += 1  # the refused batch: lost unless a replay brings it back
+        if stream.replay is not None:
+            self._cancel_replay(stream)
+        if stream.recovery is None:
+            log.warning(
+                "event=index_unavailable engine=%s error=%r action=replay_when_healthy",
+                stream.key,
+                exc.reason,
+            )
+            self._enter_recovery(stream, INDEX_RECOVERY)
+
+    def _enter_recovery(self, stream: _Stream, reason: str) -> None:
+        if stream.recovery != INDEX_RESET:  # a reset outranks a plain recovery
+            stream.recovery = reason
+        self._recovering.add(stream.key)
+        with self._activity_lock:
+            self._activity_of(stream.key).recovering = stream.recovery
+
+    def _cancel_replay(self, stream: _Stream) -> None:
+        replay = stream.replay
+        assert replay is not None
+        stream.replay = None
+        self._replaying.discard(stream.key)
+        self.subscriber.drop_replay(stream.key)
+        self.metrics.replays.labels(replay.reason, "failed").inc()
+
+    def _index_health(self) -> str | None:
+        check = getattr(self.index, "health", None)
+        if check is None:
+            return None
+        reason = check()
+        return None if reason is None else str(reason)
+
+    def check_recovery(self, now: float) -> None:
+        """Rule 2 (a requested full replay) and the replays of recovering engines once the
+        index is healthy again (probed at most every health_check_interval_s). Called by the
+        ingest loop every tick (like :meth:`handle`, only on the ingest thread)."""
+        if not (self._recovering or self._purges_pending or self._reset_requested.is_set()):
+            return
+        if now < self._next_health_check:
+            return
+        self._next_health_check = now + self.config.health_check_interval_s
+        unhealthy = self._index_health()  # may itself notice an epoch change (on_reset)
+        if self._reset_requested.is_set():
+            self._reset_requested.clear()
+            log.warning(
+                "event=index_reset engines=%d action=full_replay_when_healthy", len(self._streams)
+            )
+            for every in self._streams.values():
+                if every.replay is not None:
+                    self._cancel_replay(every)
+                self._enter_recovery(every, INDEX_RESET)
+        if unhealthy is not None:
+            return
+        for key in sorted(self._purges_pending):
+            if key not in self._ranks:  # still gone (it may have come back meanwhile)
+                self._purge_from_index(key)
+            else:
+                self._purges_pending.discard(key)
+        for key in sorted(self._recovering):
+            self._recovering.discard(key)
+            stream = self._streams.get(key)
+            if stream is None or stream.recovery is None:
+                continue
+            reason, deferred = stream.recovery, stream.deferred
+            stream.recovery, stream.deferred = None, 0
+            with self._activity_lock:
+                self._activity_of(key).recovering = None
+            self.applier.forget(key)
+            stream.pending = 0
+            stream.pending_grew = False
+            if stream.replay_endpoint is None:
+                self.metrics.lost_batches.inc(deferred)
+                log.warning(
+                    "event=index_recovered engine=%s reason=%s lost=%d: no replay endpoint "
+                    "configured for this engine (--replay-endpoint), its blocks are lost until "
+                    "it stores them again",
+                    key,
+                    reason,
+                    deferred,
+                )
+                continue
+            log.info(
+                "event=index_recovered engine=%s reason=%s deferred=%d action=replay_from_0",
+                key,
+                reason,
+                deferred,
+            )
+            cursor = -1 if reason == INDEX_RESET else stream.applied_seq
+            self._start_replay(stream, reason, 0, cursor=cursor)
 
     def _maybe_repair(self, stream: _Stream) -> None:
         """Events wait for a parent this index never saw (it started late, or a gap was not
@@ -387,19 +586,24 @@ class IngestService:
         )
         self._start_replay(stream, UNKNOWN_PARENT, 0, cursor=stream.applied_seq)
 
-    def _reset(self, stream: _Stream, previous: int | None) -> None:
+    def _reset(self, stream: _Stream, previous: int | None) -> bool:
         log.warning(
             "event=engine_restart engine=%s previous_seq=%s: clearing its blocks",
             stream.key,
             previous,
         )
         self.metrics.resets.inc()
-        self.index.apply(stream.key, [Clear()])
         self.applier.forget(stream.key)
         stream.pending = 0
         stream.pending_grew = False
         stream.applied_seq = -1
         stream.last_ts = 0.0
+        try:
+            self.index.apply(stream.key, [Clear()])
+        except IndexUnavailable as exc:
+            self._index_failed(stream, exc)
+            return False
+        return True
 
     # -- replay ------------------------------------------------------------------------------
 
@@ -429,7 +633,8 @@ class IngestService:
             return
         if replay.reason == GAP and seq > replay.cursor + 1:
             self.metrics.lost_batches.inc(seq - replay.cursor - 1)
-        self._apply(stream, seq, decoded)
+        if not self._apply(stream, seq, decoded):
+            return  # the index failed: the engine recovers (replay cancelled)
         replay.cursor = max(replay.cursor, seq)
         replay.replayed += 1
         self.metrics.replayed_batches.inc()
@@ -460,7 +665,8 @@ class IngestService:
                     self._chain_replay(stream, cursor, replay, pending[i:])
                     return
                 lost += seq - cursor - 1
-            self._apply(stream, seq, replay.buffered[seq])
+            if not self._apply(stream, seq, replay.buffered[seq]):
+                return  # the index failed: the engine recovers and is replayed again
             cursor = seq
         if lost:
             self.metrics.lost_batches.inc(lost)
@@ -533,6 +739,15 @@ class IngestService:
                 self._source_identity[rank.zmq] = rank
                 log.info("event=zmq_connect endpoint=%s engine=%s", rank.zmq, rank.endpoint)
         self._ranks = ranks
+        with self._activity_lock:
+            for key, record in list(self._activity.items()):
+                record.discovered = key in ranks
+                if not record.discovered and key not in self._streams:
+                    del self._activity[key]
+            for key, rank in ranks.items():
+                record = self._activity_of(key)
+                record.discovered = True
+                record.model = record.model or rank.model
         for stream in self._streams.values():
             stream.replay_endpoint = self._replay_endpoint(stream.key)
             discovered = ranks.get(stream.key)
@@ -543,14 +758,33 @@ class IngestService:
 
     def _purge(self, key: str) -> None:
         log.info("event=engine_purged engine=%s (left discovery)", key)
-        self.index.purge(key)
+        self._purge_from_index(key)
         self.applier.forget(key)
         self.tracker.forget(key)
         self._streams.pop(key, None)
         self._replaying.discard(key)
+        self._recovering.discard(key)
+        with self._activity_lock:
+            self._activity.pop(key, None)
         self.subscriber.drop_replay(key)
         self.metrics.forget_engine(key)
         self.metrics.purges.inc()
+
+    def _purge_from_index(self, key: str) -> None:
+        """Purge an engine's blocks; while the index is down, retried once it is back (the
+        set is bounded by the engines that left)."""
+        try:
+            self.index.purge(key)
+        except IndexUnavailable as exc:
+            self.metrics.index_unavailable.inc()
+            log.warning(
+                "event=index_unavailable engine=%s op=purge error=%r action=retry_when_healthy",
+                key,
+                exc.reason,
+            )
+            self._purges_pending.add(key)
+        else:
+            self._purges_pending.discard(key)
 
     def _update_source_gauges(self) -> None:
         bound, connected = self.subscriber.counts()

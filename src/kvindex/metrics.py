@@ -19,7 +19,13 @@ from prometheus_client.registry import Collector
 from kvindex.index.base import IndexStats
 from kvindex.ingest import IngestCounts
 
-__all__ = ["PREFIX", "EngineSeries", "IndexStatsCollector", "KvindexMetrics"]
+__all__ = [
+    "PREFIX",
+    "EngineSeries",
+    "IndexStatsCollector",
+    "KvindexMetrics",
+    "TokenizerCacheCollector",
+]
 
 PREFIX = "kvindex_"
 
@@ -53,6 +59,51 @@ class IndexStatsCollector(Collector):
         yield CounterMetricFamily(
             PREFIX + "index_evictions", "Keys evicted by the capacity bound", stats.evictions
         )
+
+    def describe(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        return []
+
+
+class TokenizerCacheCollector(Collector):
+    """The tokenizers' segment-cache counters by model, read at scrape time. ``stats``
+    returns model -> an object with ``hits``, ``misses``, ``evictions``, ``entries``,
+    ``bytes``, ``uncached_calls`` (``kvindex.tokenize.CacheStats``)."""
+
+    def __init__(self, stats: Callable[[], dict[str, object]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        try:
+            by_model = self._stats()
+        except Exception:  # a broken tokenizer must not break /metrics
+            return
+        families: list[GaugeMetricFamily | CounterMetricFamily] = [
+            CounterMetricFamily(
+                PREFIX + "tokenizer_cache_hits", "Segment cache hits", labels=["model"]
+            ),
+            CounterMetricFamily(
+                PREFIX + "tokenizer_cache_misses", "Segment cache misses", labels=["model"]
+            ),
+            CounterMetricFamily(
+                PREFIX + "tokenizer_cache_evictions", "Segment cache evictions", labels=["model"]
+            ),
+            CounterMetricFamily(
+                PREFIX + "tokenizer_uncached_calls",
+                "Prompts tokenized whole (cache exactness not shown)",
+                labels=["model"],
+            ),
+            GaugeMetricFamily(
+                PREFIX + "tokenizer_cache_entries", "Segment cache entries", labels=["model"]
+            ),
+            GaugeMetricFamily(
+                PREFIX + "tokenizer_cache_bytes", "Segment cache bytes (approx.)", labels=["model"]
+            ),
+        ]
+        fields = ("hits", "misses", "evictions", "uncached_calls", "entries", "bytes")
+        for model, stats in sorted(by_model.items()):
+            for family, name in zip(families, fields, strict=True):
+                family.add_metric([model], float(getattr(stats, name, 0)))
+        yield from families
 
     def describe(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         return []
@@ -108,7 +159,8 @@ class KvindexMetrics:
         )
         self.replays = Counter(
             p + "ingest_replays",
-            "Replay requests by reason (gap, unknown_parent) and outcome (requested, "
+            "Replay requests by reason (gap, unknown_parent, index_recovery, index_reset) and "
+            "outcome (requested, "
             "succeeded, failed)",
             ["reason", "outcome"],
             registry=r,
@@ -178,6 +230,19 @@ class KvindexMetrics:
         self.purges = Counter(
             p + "discovery_purges", "Engines purged after leaving discovery", registry=r
         )
+        # -- index faults (docs/redis.md): engines recovering while the index is down --------
+        self.index_unavailable = Counter(
+            p + "ingest_index_unavailable",
+            "Batches the index refused (Redis down); the engine is replayed once it is back",
+            registry=r,
+        )
+        self.deferred_batches = Counter(
+            p + "ingest_deferred_batches",
+            "Live batches not applied while their engine waited for the index (replayed)",
+            registry=r,
+        )
+        # The read path's metrics (kvindex_score_*) are ScoreMetrics on this same registry.
+
         self._event_children: dict[str, Counter] = {}
         self._skip_children: dict[str, Counter] = {}
 

@@ -1,7 +1,10 @@
-"""`kvindex serve`: run the index service (ZMQ ingest, discovery, /metrics, /healthz, /readyz).
+"""`kvindex serve`: run the index service: ZMQ ingest and discovery into the index (memory or
+Redis), tokenizers, the score APIs over HTTP (/v1/score, /v1/speculative, /v1/debug next to
+/metrics, /healthz, /readyz) and gRPC (kvindex.v1, llm-d indexer.v1, grpc.health.v1).
 
 Exit codes: 0 after a clean shutdown (SIGINT/SIGTERM), 2 for a configuration problem (bad
-config file or flag, port in use) with a message naming the fix."""
+config file or flag, port in use, a tokenizer that cannot be loaded) with a message naming
+the fix."""
 
 from __future__ import annotations
 
@@ -14,7 +17,14 @@ from typing import Any
 
 import zmq
 
-from kvindex.config import ConfigError, ServiceConfig, load_config, parse_replay_flags
+from kvindex.config import (
+    ConfigError,
+    ServiceConfig,
+    load_config,
+    parse_pairs,
+    parse_replay_flags,
+    parse_tier_weights,
+)
 from kvindex.discovery import EnginesFileError
 from kvindex.service.logs import configure_logging
 
@@ -55,12 +65,40 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
         metavar="KIND",
         help="KV-cache group kinds to index (default full_attention; repeatable)",
     )
-    add("--backend", help="index backend (default memory)")
+    add("--backend", help="index backend: memory (default) or redis")
+    add("--redis-url", metavar="URL", help="Redis of --backend redis (redis://host:port/db)")
+    add("--redis-prefix", metavar="PREFIX", help="key prefix shared by replicas (default kvi)")
+    add("--redis-ttl", type=int, metavar="SECONDS", help="holder key TTL (default 3600; 0: none)")
+    add(
+        "--tokenizer",
+        action="append",
+        metavar="MODEL=PATH_OR_ID",
+        help="tokenizer of a model for prompt/chat scoring (repeatable)",
+    )
+    add(
+        "--lora",
+        action="append",
+        metavar="ADAPTER=BASE",
+        help="a LoRA adapter name and its base model (repeatable)",
+    )
+    add(
+        "--tier-weight",
+        action="append",
+        metavar="TIER=W[,...]",
+        help="score weight per cache tier, e.g. gpu=1.0,cpu=0.8,storage=0.5",
+    )
+    add("--max-prompt-tokens", type=int, help="longer prompts are refused with 413")
+    add(
+        "--speculative-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="lifetime of speculative entries (default 2; 0: off)",
+    )
     add("--index-max-keys", type=int, help="capacity bound in (key, tier) slots")
     add("--index-memory-budget", metavar="SIZE", help="memory bound, e.g. 4GiB")
     add("--http-host", help="HTTP listen address (default 0.0.0.0)")
-    add("--http-port", type=int, help="HTTP port for /metrics, /healthz, /readyz (default 8080)")
-    add("--grpc-port", type=int, help="gRPC port (when a gRPC service is installed)")
+    add("--http-port", type=int, help="HTTP port of the score API and /metrics (default 8080)")
+    add("--grpc-port", type=int, help="gRPC port of the score API (default: no gRPC)")
     add("--k8s-selector", metavar="LABELS", help="discover engine pods by label selector")
     add("--k8s-namespace", help="namespace of the engine pods (default default)")
     add("--k8s-serving-port", type=int, help="engine serving port (default 8000)")
@@ -99,9 +137,17 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
             "grpc_port",
             "log_level",
             "log_format",
+            "redis_url",
+            "redis_prefix",
+            "max_prompt_tokens",
         )
     }
+    overrides["redis_ttl_s"] = args.redis_ttl
+    overrides["speculative_ttl_s"] = args.speculative_ttl
     overrides["replay_endpoints"] = parse_replay_flags(args.replay_endpoint)
+    overrides["tokenizers"] = parse_pairs(args.tokenizer, "--tokenizer", "my-model=/models/m")
+    overrides["lora_adapters"] = parse_pairs(args.lora, "--lora", "my-adapter=my-model")
+    overrides["tier_weights"] = parse_tier_weights(args.tier_weight)
     k8s = {field: getattr(args, flag) for flag, field in _K8S_FLAGS.items()}
     if any(v is not None for v in k8s.values()):
         if k8s["label_selector"] is None:
@@ -139,10 +185,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(config: ServiceConfig) -> int:
-    from kvindex.service.app import IndexService
+    from kvindex.service.assembly import AssemblyError, build_service
 
     try:
-        service = IndexService(config)
+        service = build_service(config)
+    except AssemblyError as exc:
+        return fail(str(exc))
     except (EnginesFileError, OSError, ValueError) as exc:
         return fail(
             f"{exc} (fix the file or --engines-file)"

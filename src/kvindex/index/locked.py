@@ -2,12 +2,19 @@
 
 The ingest thread writes while request handlers (HTTP, gRPC) read; the in-memory index is
 plain dicts, so concurrent iteration during a write could fail. Every call takes the lock,
-which is held for one batch apply or one lookup (both short)."""
+which is held for one batch apply or one lookup (both short).
+
+A backend that is thread-safe by itself declares ``thread_safe = True`` (the Redis backend:
+each call is one atomic script over a connection pool); then no lock is taken, so lookups
+waiting on Redis round trips run concurrently instead of queueing behind each other and
+behind the ingest thread's writes."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Collection, Sequence
+from typing import Any
 
 from kvindex.index.base import BlockIndex, IndexOp, IndexStats, PrefixMatch
 from kvindex.keys import ContentKey
@@ -19,7 +26,9 @@ __all__ = ["LockedIndex"]
 class LockedIndex:
     def __init__(self, inner: BlockIndex) -> None:
         self.inner = inner
-        self.lock = threading.RLock()
+        self.lock: Any = (
+            contextlib.nullcontext() if getattr(inner, "thread_safe", False) else threading.RLock()
+        )
 
     def apply(self, engine: str, ops: Sequence[IndexOp]) -> None:
         with self.lock:

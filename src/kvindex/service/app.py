@@ -20,6 +20,7 @@ thread writes concurrently); for an I/O backend call it via ``asyncio.to_thread`
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import importlib
 import json
@@ -238,7 +239,8 @@ class IndexService:
         log.warning("event=discovery_error source=%s error=%r", source, message)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.metrics.registry)
+        # Off the loop: collectors may do I/O (the Redis backend's stats and health).
+        body = await asyncio.to_thread(generate_latest, self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -257,7 +259,7 @@ class IndexService:
         return failing
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        failing = self.readiness()
+        failing = await asyncio.to_thread(self.readiness)  # checks may do I/O (Redis PING)
         if failing:
             return web.Response(
                 status=503,
