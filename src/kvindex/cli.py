@@ -4,9 +4,10 @@ and exposes `register(subparsers)`, which adds its parser and sets `func` (args 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
+
+from kvindex.commands import _cli
 
 # One line per subcommand module; each module owns its flags and its handler.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -21,21 +22,13 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kvindex", description="Precise KV-cache block index for LLM serving clusters."
+    return _cli.build_parser(
+        "kvindex", "Precise KV-cache block index for LLM serving clusters.", COMMAND_MODULES
     )
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
-        return 130
+    return _cli.run(build_parser(), argv)
 
 
 if __name__ == "__main__":
