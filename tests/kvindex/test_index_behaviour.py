@@ -173,3 +173,35 @@ def test_matches_reference_model(
             in_any = any(h in maps.get((engine, t), {}) for t in Tier)
             assert (index.resolve(engine, h) is not None) == in_any
     assert index.engines() == sorted({e for (e, _), m in maps.items() if m})
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 69), st.sampled_from(list(Tier)), st.integers(0, 9)),
+        max_size=300,
+    )
+)
+def test_tier_counts_over_many_engines(
+    index_factory: IndexFactory, holdings: list[tuple[int, Tier, int]]
+) -> None:
+    # Engine e holds key 2000 + k in tier t; counts per best tier must match brute force
+    # with many engines at once (wide masks, counts up to 10 per tier).
+    index = index_factory()
+    held: dict[int, dict[int, set[Tier]]] = {}
+    for engine, tier, k in holdings:
+        index.apply(f"e{engine}:1", [Store(tier, blocks((k, 2000 + k)))])
+        held.setdefault(engine, {}).setdefault(k, set()).add(tier)
+    keys = [2000 + k for k in range(10)]
+    expected: dict[str, PrefixMatch] = {}
+    for engine, by_key in held.items():
+        by_tier = [0, 0, 0]
+        for k in range(10):
+            if k not in by_key:
+                break
+            by_tier[min(by_key[k])] += 1
+        if sum(by_tier):
+            expected[f"e{engine}:1"] = PrefixMatch(sum(by_tier), by_tier)
+    assert index.lookup(keys) == expected

@@ -71,6 +71,21 @@ def _bits(mask: int) -> Iterable[int]:
         mask ^= low
 
 
+def _count(counter: list[int], mask: int) -> None:
+    """Add 1 to the bit-sliced counter of every engine in `mask` (ripple-carry adder)."""
+    carry = mask
+    for i, word in enumerate(counter):
+        counter[i] = word ^ carry
+        carry &= word
+        if not carry:
+            return
+    counter.append(carry)
+
+
+def _read_count(counter: list[int], slot: int) -> int:
+    return sum(((word >> slot) & 1) << i for i, word in enumerate(counter))
+
+
 class MemoryIndex:
     """In-memory implementation of :class:`kvindex.index.base.BlockIndex`."""
 
@@ -200,7 +215,11 @@ class MemoryIndex:
                 if slot is not None:
                     active |= 1 << slot
         gpu, cpu, storage = self._holders
-        lower: dict[int, list[int]] = {}  # slot -> [cpu blocks, storage blocks]
+        # Per-engine counts of blocks held only below GPU, as bit-sliced counters: bit `slot`
+        # of word i is bit i of that engine's count, so adding one block for every engine of
+        # a mask costs O(log blocks) big-int operations, not one step per engine.
+        cpu_count: list[int] = []
+        storage_count: list[int] = []
         matched: dict[int, int] = {}
         position = 0
         for key in keys:
@@ -217,10 +236,11 @@ class MemoryIndex:
                     matched[slot] = position
             below_gpu = held & ~held_gpu
             if below_gpu:
-                held_cpu = cpu.get(key, 0)
-                for slot in _bits(below_gpu):
-                    counts = lower.setdefault(slot, [0, 0])
-                    counts[0 if held_cpu >> slot & 1 else 1] += 1
+                in_cpu = below_gpu & cpu.get(key, 0)
+                if in_cpu:
+                    _count(cpu_count, in_cpu)
+                if below_gpu & ~in_cpu:
+                    _count(storage_count, below_gpu & ~in_cpu)
             active = held
             position += 1  # noqa: SIM113 (the count survives the early break)
             if not active:
@@ -234,7 +254,8 @@ class MemoryIndex:
             engine = self._name_of.get(slot)
             if engine is None:
                 continue
-            n_cpu, n_storage = lower.get(slot, (0, 0))
+            n_cpu = _read_count(cpu_count, slot)
+            n_storage = _read_count(storage_count, slot)
             result[engine] = PrefixMatch(blocks, [blocks - n_cpu - n_storage, n_cpu, n_storage])
         return result
 
