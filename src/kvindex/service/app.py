@@ -31,6 +31,7 @@ from kvindex.discovery import DiscoveryHub, EngineDiscovery, FileDiscovery, Stat
 from kvindex.index.base import BlockIndex
 from kvindex.index.locked import LockedIndex
 from kvindex.index.memory import MemoryIndex, MemoryIndexConfig
+from kvindex.index.native import native_backend
 from kvindex.ingest import IngestConfig
 from kvindex.ingest_service import IngestService, IngestServiceConfig
 from kvindex.metrics import KvindexMetrics
@@ -59,7 +60,7 @@ def _memory_backend(config: ServiceConfig) -> BlockIndex:
     )
 
 
-BACKENDS: dict[str, BackendFactory] = {"memory": _memory_backend}
+BACKENDS: dict[str, BackendFactory] = {"memory": _memory_backend, "native": native_backend}
 
 
 def register_backend(name: str, factory: BackendFactory) -> None:
