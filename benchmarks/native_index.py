@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--batches", type=int, default=2000)
     parser.add_argument("--lookups", type=int, default=2000)
-    parser.add_argument("--memory", default="1000000,10000000", help="entry counts")
+    parser.add_argument("--memory", default="1000000,10000000", help="entry counts ('': skip)")
+    parser.add_argument("--memory-only", action="store_true", help="skip apply and lookup")
     args = parser.parse_args(argv)
 
     for n in (int(x) for x in args.memory.split(",") if x):
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"ratio {py_rss / nat_rss:.1f}x"
             )
 
+    if args.memory_only:
+        return
     batches, ops = make_ops(args.batches)
     rates = {impl: bench_apply(impl, batches, ops, args.runs) for impl in IMPLS}
     print(

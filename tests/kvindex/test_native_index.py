@@ -218,3 +218,18 @@ def test_no_leak_over_repeated_churn() -> None:
 
 def test_fastest_memory_index_is_native() -> None:
     assert isinstance(fastest_memory_index(), NativeIndex)
+
+
+def test_without_the_extension_python_serves(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An install without a compiler has no kvindex._native: the factory falls back."""
+    import kvindex.index.native as native_module
+
+    monkeypatch.setattr(native_module, "_native", None)
+    with caplog.at_level("WARNING", logger="kvindex.index"):
+        index = fastest_memory_index(MemoryIndexConfig(max_keys=10))
+    assert type(index) is MemoryIndex
+    assert "not built" in caplog.text
+    with pytest.raises(RuntimeError, match="not built"):
+        NativeIndex()

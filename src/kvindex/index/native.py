@@ -154,7 +154,7 @@ class NativeIndex:
 
 def fastest_memory_index(config: MemoryIndexConfig | None = None) -> BlockIndex:
     """NativeIndex when the extension is built, else MemoryIndex (with a warning)."""
-    if NATIVE_AVAILABLE:
+    if _native is not None:
         return NativeIndex(config)
     log.warning("kvindex._native is not built; using the pure-Python MemoryIndex")
     return MemoryIndex(config)
