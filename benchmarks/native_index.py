@@ -5,7 +5,10 @@
 * memory: bytes per (block, engine) entry (RSS delta of a fresh process; for native also
   stats().approx_bytes) at each entry count, keys held by 1 or by 4 of 8 engines;
 * apply: Store/Remove block-ops per CPU-second through ``index.apply`` alone (pre-built
-  ops), and decode + EventApplier + index in process (benchmarks/ingest.py's batches);
+  ops); decode + EventApplier + index in process; and end to end through IngestService over
+  tcp loopback (benchmarks/ingest.py's batches and publisher). "python" is MemoryIndex with
+  content keys and StoredBlocks made in Python (xxhash per block), "native" NativeIndex
+  with the C fast paths of kvindex.keys.chain_keys and EventApplier;
 * lookup: p50/p99 of one 8k-token prompt (512 keys) over 64 engines holding prefixes of it,
   GPU only, and with a CPU/storage tier mix (a third of the engines hold the tail of their
   prefix in CPU, a third in storage).
@@ -14,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import multiprocessing as mp
 import random
@@ -21,7 +25,9 @@ import statistics
 import time
 from collections.abc import Callable
 
-from benchmarks.ingest import ENGINE, _rss, make_batches
+from benchmarks.ingest import ENGINE, _rss, bench_end_to_end, make_batches
+from kvindex import ingest as ingest_module
+from kvindex import keys as keys_module
 from kvindex.index import (
     BlockIndex,
     MemoryIndex,
@@ -119,15 +125,38 @@ def bench_apply(impl: str, batches: list[list[Store | Remove]], ops: int, runs: 
     return ops / statistics.median(times)
 
 
+class pure_python_keys:
+    """Within: chain keys and StoredBlocks made in Python (the all-Python baseline)."""
+
+    def __enter__(self) -> None:
+        self.saved = keys_module._native_chain_keys, ingest_module._native_stored_blocks
+        keys_module._native_chain_keys = None
+        ingest_module._native_stored_blocks = None
+
+    def __exit__(self, *exc: object) -> None:
+        keys_module._native_chain_keys, ingest_module._native_stored_blocks = self.saved
+
+
 def bench_ingest(impl: str, payloads: list[bytes], ops: int, runs: int) -> float:
+    """Decode + EventApplier + index in process; python also computes keys in Python."""
     times = []
     for _ in range(runs):
         applier = EventApplier(IMPLS[impl](BIG))
-        start = time.process_time()
-        for p in payloads:
-            applier.apply_batch(ENGINE, decode_batch(p), "bench-model")
-        times.append(time.process_time() - start)
+        with pure_python_keys() if impl == "python" else contextlib.nullcontext():
+            start = time.process_time()
+            for p in payloads:
+                applier.apply_batch(ENGINE, decode_batch(p), "bench-model")
+            times.append(time.process_time() - start)
     return ops / statistics.median(times)
+
+
+def bench_service(impl: str, n_batches: int, runs: int) -> float:
+    """End to end over tcp loopback (benchmarks/ingest.py): block-ops per CPU-second."""
+    rates = []
+    for seed in range(runs):
+        with pure_python_keys() if impl == "python" else contextlib.nullcontext():
+            rates.append(bench_end_to_end(n_batches, seed, IMPLS[impl])[1])
+    return statistics.median(rates)
 
 
 # -- lookup -----------------------------------------------------------------------------------
@@ -197,6 +226,13 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"decode + EventApplier + index: python {rates['python']:,.0f}, "
         f"native {rates['native']:,.0f} block-ops/CPU-s; "
+        f"ratio {rates['native'] / rates['python']:.2f}x"
+    )
+
+    rates = {impl: bench_service(impl, args.batches, args.runs) for impl in IMPLS}
+    print(
+        f"end to end over tcp loopback (IngestService): python {rates['python']:,.0f}, "
+        f"native {rates['native']:,.0f} block-ops per CPU-second of the ingest process; "
         f"ratio {rates['native'] / rates['python']:.2f}x"
     )
 
