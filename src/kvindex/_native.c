@@ -20,6 +20,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h> /* READONLY */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -714,6 +715,69 @@ static void free_parsed(ParsedBlock *pb, Py_ssize_t n) {
 
 static PyObject *str_engine_hash, *str_keys;
 
+
+/* Reading StoredBlock.engine_hash / .keys: a slots dataclass keeps them in member slots at
+ * fixed offsets. The offsets of the last block type seen are cached, guarded by the type's
+ * version tag (any change to the class invalidates it) and by generic attribute lookup
+ * (no __getattribute__/__getattr__ override); anything else takes PyObject_GetAttr. */
+#ifndef Py_T_OBJECT_EX
+#define Py_T_OBJECT_EX 16
+#endif
+
+static struct {
+    PyTypeObject *type; /* strong reference */
+    unsigned int version;
+    Py_ssize_t off_hash, off_keys;
+} block_slots;
+
+static Py_ssize_t member_offset(PyTypeObject *type, PyObject *name) {
+    PyObject *d = _PyType_Lookup(type, name); /* borrowed */
+    if (!d || !Py_IS_TYPE(d, &PyMemberDescr_Type)) return -1;
+    PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+    if (m->type != Py_T_OBJECT_EX || (m->flags & READONLY)) return -1;
+    return m->offset;
+}
+
+static int block_slots_valid(PyTypeObject *t) {
+    return t == block_slots.type && (t->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG) &&
+           t->tp_version_tag == block_slots.version && t->tp_getattro == PyObject_GenericGetAttr;
+}
+
+/* New references to block.engine_hash and block.keys. */
+static int block_fields(PyObject *block, PyObject **eh, PyObject **keys) {
+    PyTypeObject *t = Py_TYPE(block);
+    if (block_slots_valid(t)) {
+        PyObject *a = *(PyObject **)((char *)block + block_slots.off_hash);
+        PyObject *b = *(PyObject **)((char *)block + block_slots.off_keys);
+        if (a && b) {
+            Py_INCREF(a);
+            Py_INCREF(b);
+            *eh = a;
+            *keys = b;
+            return 0;
+        }
+    }
+    *eh = PyObject_GetAttr(block, str_engine_hash);
+    if (!*eh) return -1;
+    *keys = PyObject_GetAttr(block, str_keys);
+    if (!*keys) {
+        Py_CLEAR(*eh);
+        return -1;
+    }
+    if (t != block_slots.type && t->tp_getattro == PyObject_GenericGetAttr) {
+        Py_ssize_t oh = member_offset(t, str_engine_hash), ok = member_offset(t, str_keys);
+        if (oh >= 0 && ok >= 0 && (t->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG)) {
+            Py_INCREF(t);
+            Py_XDECREF(block_slots.type);
+            block_slots.type = t;
+            block_slots.version = t->tp_version_tag;
+            block_slots.off_hash = oh;
+            block_slots.off_keys = ok;
+        }
+    }
+    return 0;
+}
+
 /* store(slot, tier, blocks): blocks are objects with .engine_hash and .keys */
 static PyObject *core_store(Core *c, PyObject *args) {
     PyObject *slot_obj, *blocks;
@@ -733,13 +797,14 @@ static PyObject *core_store(Core *c, PyObject *args) {
     for (; parsed < n; parsed++) {
         PyObject *block = PySequence_Fast_GET_ITEM(seq, parsed);
         ParsedBlock *b = &pb[parsed];
-        PyObject *eh = PyObject_GetAttr(block, str_engine_hash);
-        if (!eh) goto fail;
+        PyObject *eh, *keys;
+        if (block_fields(block, &eh, &keys) < 0) goto fail;
         int rc = as_engine_hash(eh, &b->hk, &b->kind);
         Py_DECREF(eh);
-        if (rc < 0) goto fail;
-        PyObject *keys = PyObject_GetAttr(block, str_keys);
-        if (!keys) goto fail;
+        if (rc < 0) {
+            Py_DECREF(keys);
+            goto fail;
+        }
         PyObject *kseq = PySequence_Fast(keys, "StoredBlock.keys must be a sequence");
         Py_DECREF(keys);
         if (!kseq) goto fail;

@@ -233,3 +233,35 @@ def test_without_the_extension_python_serves(
     assert "not built" in caplog.text
     with pytest.raises(RuntimeError, match="not built"):
         NativeIndex()
+
+
+def test_block_like_objects_and_subclasses_read_correctly() -> None:
+    """Store reads engine_hash/keys through cached slot offsets only for exactly the cached
+    class; subclasses overriding a field, and duck-typed blocks, take attribute lookup."""
+
+    class Shifted(StoredBlock):
+        __slots__ = ("_given",)
+
+        @property  # type: ignore[misc]
+        def keys(self) -> tuple[int, ...]:
+            return (999,)
+
+        @keys.setter
+        def keys(self, value: tuple[int, ...]) -> None:
+            object.__setattr__(self, "_given", value)
+
+    class Duck:
+        def __init__(self, engine_hash: int, keys: tuple[int, ...]) -> None:
+            self.engine_hash, self.keys = engine_hash, keys
+
+    native, memory = NativeIndex(), MemoryIndex()
+    ops: list[IndexOp] = [
+        Store(Tier.GPU, [StoredBlock(1, (100,))]),  # warms the cache for StoredBlock
+        Store(Tier.GPU, [Shifted(2, (200,))]),
+        Store(Tier.GPU, [Duck(3, (300,)), StoredBlock(4, (400,))]),  # type: ignore[list-item]
+    ]
+    for index in (native, memory):
+        index.apply("e:1", ops)
+    for h in (1, 2, 3, 4):
+        assert native.resolve("e:1", h) == memory.resolve("e:1", h)
+    assert native.resolve("e:1", 2) == 999
