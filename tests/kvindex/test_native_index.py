@@ -4,6 +4,7 @@ leak check. The shared behaviour suite also runs over it (conftest.BACKENDS["nat
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import tracemalloc
 from typing import Any
@@ -265,3 +266,63 @@ def test_block_like_objects_and_subclasses_read_correctly() -> None:
     for h in (1, 2, 3, 4):
         assert native.resolve("e:1", h) == memory.resolve("e:1", h)
     assert native.resolve("e:1", 2) == 999
+
+
+_junk = st.one_of(
+    st.none(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False),
+    st.text(max_size=3),
+    st.binary(max_size=3),
+    st.just(object()),
+    st.lists(st.one_of(st.none(), st.integers(-3, 2**64 + 1), st.binary(max_size=2)), max_size=4),
+    st.lists(
+        st.builds(
+            StoredBlock,
+            st.one_of(st.integers(-3, 3), st.binary(max_size=2), st.none()),
+            st.one_of(
+                st.lists(st.integers(-1, 2**64), max_size=3).map(tuple), st.none(), st.just(7)
+            ),
+        ),
+        max_size=3,
+    ),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(["store", "remove", "clear", "resolve", "lookup"]), st.lists(_junk, max_size=4)
+)
+def test_core_survives_any_arguments(method: str, args: list[Any]) -> None:
+    """Direct calls into the C core with arbitrary arguments raise ordinary exceptions (or
+    succeed); the index stays usable and consistent afterwards."""
+    from kvindex import _native
+
+    core = _native.Core(100, 90)
+    core.store(0, 0, [StoredBlock(1, (10,)), StoredBlock(2, (11, 12))])
+    core.store(3, 1, [StoredBlock(b"x", (10,))])
+
+    def state() -> tuple[object, ...]:
+        return (
+            core.stats(),
+            core.lookup([10, 11, 12], None),
+            core.resolve(0, 1),
+            core.resolve(0, 2),
+            core.resolve(3, b"x"),
+            core.slots_with_blocks(),
+        )
+
+    before = state()
+    try:
+        getattr(core, method)(*args)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        assert state() == before  # a rejected call changes nothing
+    for slot, blocks, gpu, cpu, storage in core.lookup([10, 11, 12], None):
+        assert blocks == gpu + cpu + storage >= 1 and slot >= 0
+    for fn, fargs in (
+        (_native.chain_keys, args[:3]),
+        (_native.stored_blocks, [StoredBlock, *args[:4]]),
+        (_native.xxh3_64, args[:2]),
+    ):
+        with contextlib.suppress(TypeError, ValueError, OverflowError, AttributeError):
+            fn(*fargs)
