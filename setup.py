@@ -9,7 +9,12 @@ setup(
     ext_modules=[
         Extension(
             "kvindex._native",
-            sources=["src/kvindex/_native.c"],
+            sources=[
+                "src/kvindex/_native_c/module.c",
+                "src/kvindex/_native_c/index.c",
+                "src/kvindex/_native_c/keys.c",
+            ],
+            depends=["src/kvindex/_native_c/native.h"],
             extra_compile_args=["-std=c99", "-O2"],
             optional=True,
         )

@@ -1,4 +1,4 @@
-"""Type stub for the C extension kvindex._native (src/kvindex/_native.c)."""
+"""Type stub for the C extension kvindex._native (src/kvindex/_native_c/)."""
 
 from collections.abc import Sequence
 
