@@ -17,12 +17,13 @@ import os
 import random
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import zmq
 
-from kvindex.index import MemoryIndex, MemoryIndexConfig, Store, StoredBlock, Tier
+from kvindex.index import BlockIndex, MemoryIndex, MemoryIndexConfig, Store, StoredBlock, Tier
 from kvindex.index.locked import LockedIndex
 from kvindex.ingest import EventApplier
 from kvindex.ingest_service import IngestService, IngestServiceConfig
@@ -126,10 +127,14 @@ def _publisher(endpoint: str, n_batches: int, seed: int, go: Any, seen: Any) -> 
     ctx.term()
 
 
-def bench_end_to_end(n_batches: int, seed: int) -> tuple[float, float, int]:
+def bench_end_to_end(
+    n_batches: int,
+    seed: int,
+    make_index: Callable[[MemoryIndexConfig], BlockIndex] = MemoryIndex,
+) -> tuple[float, float, int]:
     """(block-ops per wall second, block-ops per CPU second of the ingest process, ops)."""
     _, ops = make_batches(n_batches, seed)
-    index = LockedIndex(MemoryIndex(MemoryIndexConfig(max_keys=10**9)))
+    index = LockedIndex(make_index(MemoryIndexConfig(max_keys=10**9)))
     metrics = KvindexMetrics()
     service = IngestService(
         IngestServiceConfig(zmq_bind=("tcp://127.0.0.1:*",)), index, metrics=metrics

@@ -20,6 +20,11 @@ from kvindex.index.base import BlockIndex, Clear, IndexOp, Remove, Store, Stored
 from kvindex.keys import DEFAULT_BLOCK_SIZE, BlockExtra, ContentKey, chain_keys, root_key
 from kvindex.wire import AllBlocksCleared, BlockRemoved, BlockStored, DecodedBatch, EngineHash
 
+try:  # C construction of the StoredBlocks of one event (tests/kvindex/test_native_keys.py)
+    from kvindex._native import stored_blocks as _native_stored_blocks
+except ImportError:  # built without a compiler
+    _native_stored_blocks = None  # type: ignore[assignment]
+
 __all__ = [
     "EventApplier",
     "IngestConfig",
@@ -221,7 +226,12 @@ class EventApplier:
         except OverflowError:
             counts.skip("token_id_out_of_range", n)
             return None
-        if split == 1:  # the common case: one content key per engine block
+        made = None
+        if _native_stored_blocks is not None:  # the same blocks, made in C (ingest hot path)
+            made = _native_stored_blocks(StoredBlock, event.block_hashes, keys, split, local)
+        if made is not None:
+            blocks = made
+        elif split == 1:  # the common case: one content key per engine block
             blocks = [StoredBlock(h, (k,)) for h, k in zip(event.block_hashes, keys, strict=True)]
             local.update(zip(event.block_hashes, keys, strict=True))
         else:

@@ -28,6 +28,11 @@ from dataclasses import dataclass, field
 
 import xxhash
 
+try:  # the C fast path for chains without extras (bit-exact; tests/kvindex/test_native_keys.py)
+    from kvindex._native import chain_keys as _native_chain_keys
+except ImportError:  # built without a compiler
+    _native_chain_keys = None  # type: ignore[assignment]
+
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "BlockExtra",
@@ -91,6 +96,10 @@ def chain_keys(
     extra identity of canonical block ``i`` (None or shorter: none).
 
     Raises OverflowError if a token id does not fit in 32 bits (or is negative)."""
+    if not extras and _native_chain_keys is not None:
+        fast = _native_chain_keys(parent, token_ids, block_size)
+        if fast is not None:  # None: a case the C path leaves to this one
+            return fast
     full = len(token_ids) // block_size
     if full == 0:
         return []

@@ -220,7 +220,12 @@ def _normalise(event: _ArrayEvent | _MapEvent) -> Event:
 def _valid_hashes(hashes: list[_Hash]) -> bool:
     # Engine hashes are 64-bit ints (signed or unsigned) or 16/32-byte digests; msgpack ints
     # already fit in 64 bits, so only digest lengths need checking.
-    return all(isinstance(h, int) or len(h) in (8, 16, 32) for h in hashes)
+    # A plain loop, not all(genexpr): this runs for every block hash of every event (ingest
+    # hot path) and the loop is about twice as fast.
+    for h in hashes:  # noqa: SIM110
+        if not isinstance(h, int) and len(h) not in (8, 16, 32):
+            return False
+    return True
 
 
 def _checked(event: Event) -> bool:

@@ -17,6 +17,7 @@ from redis_servers import (
 )
 
 from kvindex.index import BlockIndex, MemoryIndex
+from kvindex.index.native import NATIVE_AVAILABLE, NativeIndex
 from kvindex.index.redis import RedisIndex, RedisIndexConfig, redis_client_from_url
 
 IndexFactory = Callable[[], BlockIndex]
@@ -24,6 +25,12 @@ IndexFactory = Callable[[], BlockIndex]
 
 def _memory() -> Iterator[IndexFactory]:
     yield MemoryIndex
+
+
+def _native() -> Iterator[IndexFactory]:
+    # `make test` installs editable, which compiles the extension: its absence is a failure.
+    assert NATIVE_AVAILABLE, "kvindex._native is not built (pip install -e . needs gcc)"
+    yield NativeIndex
 
 
 # -- Redis (servers in redis_servers.py) ------------------------------------------------------
@@ -73,6 +80,7 @@ def _redis_fake() -> Iterator[IndexFactory]:
 # Each backend registers a generator yielding a factory; it cleans up after the test.
 BACKENDS: dict[str, Callable[[], Iterator[IndexFactory]]] = {
     "memory": _memory,
+    "native": _native,
     "redis": _redis_real,
     "redis-cluster": _redis_cluster,
     "fakeredis": _redis_fake,

@@ -18,8 +18,9 @@ from epp.precise.options import BackendOptions
 from epp.precise.query import score_query
 from epp.types import Endpoint, LLMRequest
 from kvindex.discovery import EngineEntry
-from kvindex.index import BlockIndex, MemoryIndex, MemoryIndexConfig
+from kvindex.index import BlockIndex, MemoryIndexConfig
 from kvindex.index.locked import LockedIndex
+from kvindex.index.native import fastest_memory_index
 from kvindex.ingest import IngestConfig
 from kvindex.ingest_service import IngestService, IngestServiceConfig
 from kvindex.metrics import KvindexMetrics
@@ -39,7 +40,7 @@ def _index(options: BackendOptions) -> BlockIndex:
         from kvindex.index.redis import RedisIndex
 
         return RedisIndex.from_url(options.redis_address)
-    return MemoryIndex(MemoryIndexConfig(max_keys=options.in_memory_size))
+    return fastest_memory_index(MemoryIndexConfig(max_keys=options.in_memory_size))
 
 
 class InProcessIndex:

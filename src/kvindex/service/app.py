@@ -36,6 +36,7 @@ from kvindex.discovery import DiscoveryHub, EngineDiscovery, FileDiscovery, Stat
 from kvindex.index.base import BlockIndex
 from kvindex.index.locked import LockedIndex
 from kvindex.index.memory import MemoryIndex, MemoryIndexConfig
+from kvindex.index.native import native_backend
 from kvindex.ingest import IngestConfig
 from kvindex.ingest_service import IngestService, IngestServiceConfig
 from kvindex.metrics import KvindexMetrics
@@ -57,7 +58,7 @@ GrpcInstaller = Callable[[Any, "IndexService"], None]  # (grpc.aio.Server, servi
 ReadinessCheck = Callable[[], str | None]
 
 
-def _memory_backend(config: ServiceConfig) -> BlockIndex:
+def _python_backend(config: ServiceConfig) -> BlockIndex:
     return MemoryIndex(
         MemoryIndexConfig(
             max_keys=config.index_max_keys, memory_budget_bytes=config.memory_budget_bytes()
@@ -65,7 +66,14 @@ def _memory_backend(config: ServiceConfig) -> BlockIndex:
     )
 
 
-BACKENDS: dict[str, BackendFactory] = {"memory": _memory_backend}
+# `memory` is the in-memory index at its fastest: the C core when it is built (it is by
+# `pip install` wherever a compiler exists), else pure Python with a warning. `python` and
+# `native` name one implementation each.
+BACKENDS: dict[str, BackendFactory] = {
+    "memory": native_backend,
+    "native": native_backend,
+    "python": _python_backend,
+}
 
 # Backends living in their own module, imported on first use; the module calls
 # register_backend(name, factory) at import time.
