@@ -4,6 +4,7 @@ real HTTP and real gRPC on loopback ports chosen at run time."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -243,3 +244,27 @@ async def test_unreachable_picker_is_a_500_with_a_reason(cluster: Cluster) -> No
         assert response.status == 500
         assert "ext_proc" in await response.text()
     assert gateway.stats.extproc_errors == 1
+
+
+async def test_client_leaving_mid_stream_ends_the_pickers_stream(
+    cluster: Cluster, one_endpoint_picker: Picker
+) -> None:
+    """As when a client leaves Envoy: the gateway cancels the ext_proc stream and the picker
+    reports the request as abandoned (its in-flight bookkeeping is released)."""
+    engines = [e.endpoint for e in cluster.engines]
+    before = one_endpoint_picker.metric("llm_d_epp_client_disconnect_total")
+    body = {**_chat("a long answer please"), "max_tokens": 2000}
+    async with DirectGateway(engines, extproc_target=one_endpoint_picker.target) as gateway:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{gateway.url}/v1/chat/completions", json=body) as response,
+        ):
+            assert response.status == 200
+            first = await response.content.readline()
+            assert first.startswith(b"data:")
+            response.close()  # drop the connection mid-stream
+        deadline = time.monotonic() + 20
+        while one_endpoint_picker.metric("llm_d_epp_client_disconnect_total") <= before:
+            assert time.monotonic() < deadline, "the picker never saw the client leave"
+            await asyncio.sleep(0.05)
+        assert gateway.stats.client_disconnects == 1
