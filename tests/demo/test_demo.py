@@ -87,7 +87,8 @@ def test_direct_gateway_precise_beats_round_robin() -> None:
     assert sum(runs["precise"]["per_engine"].values()) == 40
     assert sorted(runs["round-robin"]["per_engine"].values()) == [10, 10, 10, 10]
     assert not _fallback_lines(proc.stderr)  # forced, not a fallback
-    assert "Traceback" not in proc.stderr
+    for noise in ("Traceback", "Error handling request", "Task was destroyed"):
+        assert noise not in proc.stderr
 
 
 def test_auto_falls_back_when_envoy_is_missing(tmp_path: Path) -> None:

@@ -268,3 +268,15 @@ async def test_client_leaving_mid_stream_ends_the_pickers_stream(
             assert time.monotonic() < deadline, "the picker never saw the client leave"
             await asyncio.sleep(0.05)
         assert gateway.stats.client_disconnects == 1
+
+
+async def test_unreachable_engine_is_a_503_naming_it() -> None:
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    async with (
+        DirectGateway([dead]) as gateway,
+        aiohttp.ClientSession() as session,
+        session.post(f"{gateway.url}/v1/chat/completions", json=_chat("x")) as response,
+    ):
+        assert response.status == 503
+        assert dead in await response.text()
+    assert gateway.stats.upstream_errors == 1

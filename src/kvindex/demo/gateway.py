@@ -272,8 +272,9 @@ class DirectGateway:
                     await writer
 
     async def _send_request_body(self, request: web.Request, stream: _Stream) -> None:
-        """The client's body as it arrives; the last chunk carries end_of_stream (an empty
-        one if the body ended on a chunk boundary), as Envoy streams it."""
+        """The client's body as it arrives, one chunk held back so that the last one carries
+        end_of_stream (Envoy streams it so; an empty body that was announced sends one empty
+        end_of_stream chunk)."""
         pending: bytes | None = None
         async for chunk in request.content.iter_chunked(_MAX_CHUNK):
             if pending is not None:
