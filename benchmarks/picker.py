@@ -18,7 +18,7 @@ Measured:
    seconds of the picker process (utime + stime from /proc/<pid>/stat) over the run.
 3. Latency added by Envoy + picker versus Envoy alone (A/B interleaved in one run).
 
-Run: python -m benchmarks.picker [--direct N] [--envoy N]
+Run: python -m benchmarks.picker [--direct N] [--envoy N] [--breakdown N] [--baseline-src DIR]
 """
 
 from __future__ import annotations
@@ -278,9 +278,18 @@ def run_upstream(n_ports: int) -> None:
     asyncio.run(main())
 
 
-def spawn(*args: str, stderr: int | None = None) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+def spawn(
+    *args: str, stderr: int | None = None, src: str | None = None
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """A child role; `src`: import epp and kvindex from that source tree (a baseline)."""
+    env = dict(os.environ)
+    if src:
+        env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
     process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.picker", *args], stdout=subprocess.PIPE, stderr=stderr
+        [sys.executable, "-m", "benchmarks.picker", *args],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        env=env,
     )
     assert process.stdout is not None
     line = process.stdout.readline()
@@ -360,6 +369,13 @@ async def through_envoy(
     return a, b
 
 
+def print_breakdown(name: str, stages: dict[str, dict[str, float]]) -> None:
+    for size, values in stages.items():
+        print(f"in-process breakdown, {name} picker, {size} (median):")
+        for stage, value in values.items():
+            print(f"  {stage:52s} {ms(value)}")
+
+
 async def bench(args: argparse.Namespace) -> None:
     from epp.tls import self_signed_certificate
     from kvindex.demo.processes import free_port
@@ -370,68 +386,74 @@ async def bench(args: argparse.Namespace) -> None:
     (workdir / "key.pem").write_bytes(key)
     upstream, up = spawn("--role", "upstream", "--ports", str(ENGINES))
     endpoints = ",".join(f"127.0.0.1:{p}" for p in up["ports"])
-    common = ["--role", "picker", "--upstream", endpoints]
     tls_args = ["--cert", str(workdir / "cert.pem"), "--key", str(workdir / "key.pem")]
+    # name -> (picker arguments, source tree, with the breakdown)
+    variants: dict[str, tuple[list[str], str | None, bool]] = {"tls": (tls_args, None, True)}
+    if args.baseline_src:
+        variants["baseline-tls"] = (tls_args, args.baseline_src, True)
+    variants["plaintext"] = (["--plaintext"], None, False)
     started = time.perf_counter()
-    tls_picker, tls_ports = spawn(
-        *common,
-        *tls_args,
-        "--events",
-        f"tcp://127.0.0.1:{free_port()}",
-        "--breakdown",
-        str(args.breakdown),
-        stderr=subprocess.PIPE,
-    )
-    plain_picker, plain_ports = spawn(
-        *common, "--plaintext", "--events", f"tcp://127.0.0.1:{free_port()}"
-    )
+    processes: list[subprocess.Popen[bytes]] = [upstream]
+    pickers: dict[str, tuple[int, int]] = {}
     envoys: list[EnvoyProcess] = []
     try:
-        assert tls_picker.stderr is not None
-        for raw in tls_picker.stderr:
-            if raw.startswith(b'{"breakdown"'):
-                stages = json.loads(raw)["breakdown"]
-                break
+        blocks = 0
+        for name, (extra, src, with_breakdown) in variants.items():
+            # One at a time: set-up and breakdown must not compete for the two cores.
+            process, ports = spawn(
+                "--role",
+                "picker",
+                "--upstream",
+                endpoints,
+                "--events",
+                f"tcp://127.0.0.1:{free_port()}",
+                *extra,
+                *(("--breakdown", str(args.breakdown)) if with_breakdown else ()),
+                stderr=subprocess.PIPE if with_breakdown else None,
+                src=src,
+            )
+            processes.append(process)
+            pickers[name] = (ports["grpc"], ports["pid"])
+            blocks = ports["blocks"]
+            if with_breakdown:
+                assert process.stderr is not None
+                for raw in process.stderr:
+                    if raw.startswith(b'{"breakdown"'):
+                        print_breakdown(name, json.loads(raw)["breakdown"])
+                        break
         print(
-            f"engines={ENGINES} tenants={TENANTS} blocks in index={tls_ports['blocks']} "
+            f"engines={ENGINES} tenants={TENANTS} blocks in index={blocks} "
             f"(setup {time.perf_counter() - started:.0f} s); direct={args.direct} "
             f"envoy={args.envoy} breakdown={args.breakdown} per size; cores={os.cpu_count()}"
         )
-        for size, values in stages.items():
-            print(f"in-process breakdown {size} (median):")
-            for stage, value in values.items():
-                print(f"  {stage:52s} {ms(value)}")
-        pickers = {
-            "tls": (tls_ports["grpc"], tls_ports["pid"]),
-            "plaintext": (plain_ports["grpc"], plain_ports["pid"]),
-        }
         for size in SIZES:
             results = await direct(pickers, cert, size, args.direct)
             for name, (samples, cpu) in results.items():
                 p50, p99 = percentiles(samples)
                 rate = len(samples) / cpu if cpu else float("inf")
                 print(
-                    f"direct gRPC {name:9s} {size}: decision p50 {ms(p50)} p99 {ms(p99)}; "
+                    f"direct gRPC {name:12s} {size}: decision p50 {ms(p50)} p99 {ms(p99)}; "
                     f"picker CPU {ms(cpu / len(samples))}/decision = {rate:.0f} decisions/s "
                     "per core"
                 )
-        placeholders = {"FALLBACK_PORT": up["ports"][0], "EPP_PORT": tls_ports["grpc"]}
-        with_picker = EnvoyProcess(**placeholders).start()
-        envoys.append(with_picker)
-        alone = EnvoyProcess(transform=envoy_alone, **placeholders).start()
-        envoys.append(alone)
-        for size in SIZES:
-            a, b = await through_envoy(with_picker.url, alone.url, size, args.envoy)
-            a50, a99 = percentiles(a)
-            b50, b99 = percentiles(b)
-            print(
-                f"envoy {size}: alone p50 {ms(a50)} p99 {ms(a99)}; +picker p50 {ms(b50)} "
-                f"p99 {ms(b99)}; added p50 {ms(b50 - a50)} p99 {ms(b99 - a99)}"
-            )
+        if args.envoy:
+            placeholders = {"FALLBACK_PORT": up["ports"][0], "EPP_PORT": pickers["tls"][0]}
+            with_picker = EnvoyProcess(**placeholders).start()
+            envoys.append(with_picker)
+            alone = EnvoyProcess(transform=envoy_alone, **placeholders).start()
+            envoys.append(alone)
+            for size in SIZES:
+                a, b = await through_envoy(with_picker.url, alone.url, size, args.envoy)
+                a50, a99 = percentiles(a)
+                b50, b99 = percentiles(b)
+                print(
+                    f"envoy {size}: alone p50 {ms(a50)} p99 {ms(a99)}; +picker p50 {ms(b50)} "
+                    f"p99 {ms(b99)}; added p50 {ms(b50 - a50)} p99 {ms(b99 - a99)}"
+                )
     finally:
         for e in envoys:
             e.stop()
-        for p in (tls_picker, plain_picker, upstream):
+        for p in reversed(processes):
             p.terminate()
             p.wait(10)
 
@@ -442,6 +464,12 @@ def main() -> None:
     parser.add_argument("--envoy", type=int, default=300, help="requests per variant and size")
     parser.add_argument(
         "--breakdown", type=int, default=300, help="in-process breakdown: requests per size"
+    )
+    parser.add_argument(
+        "--baseline-src",
+        default="",
+        help="also run a TLS picker importing epp/kvindex from this src directory (e.g. an "
+        "older commit's `git archive`), alternated with the others for side-by-side numbers",
     )
     parser.add_argument("--role", choices=("bench", "picker", "upstream"), default="bench")
     parser.add_argument("--upstream", default="")
