@@ -202,13 +202,19 @@ class PrometheusObserver:
 
     def __init__(self, metrics: EppMetrics) -> None:
         self.metrics = metrics
+        # (extension point, plugin type, plugin name) -> its histogram child: `labels()`
+        # validates and joins the labels on every call, several times per decision. Bounded
+        # by the configured plugins.
+        self._durations: dict[tuple[str, str, str], Histogram] = {}
 
     def plugin_duration(
         self, extension_point: str, plugin_type: str, plugin_name: str, seconds: float
     ) -> None:
-        self.metrics.plugin_duration.labels(extension_point, plugin_type, plugin_name).observe(
-            seconds
-        )
+        key = (extension_point, plugin_type, plugin_name)
+        child = self._durations.get(key)
+        if child is None:
+            child = self._durations[key] = self.metrics.plugin_duration.labels(*key)
+        child.observe(seconds)
 
     def plugin_error(self, extension_point: str, plugin_type: str, plugin_name: str) -> None:
         self.metrics.plugin_errors.labels(extension_point, plugin_type, plugin_name).inc()

@@ -129,6 +129,10 @@ def prompt_keys(
         raise InvalidPromptError(f"token ids must be integers in [0, 2**32): {exc}") from exc
 
 
+# Engines whose zero score is kept for reuse (more: the cache is cleared and refilled).
+_ZERO_SCORES_MAX = 4096
+
+
 def _sort_key(score: EngineScore) -> tuple[float, int, str]:
     return (-score.score, -score.matched_blocks, score.engine)
 
@@ -146,6 +150,7 @@ class Scorer:
         self.config = config or ScoringConfig()
         self.speculative = speculative
         self._weights = self.config.weights.as_tuple()
+        self._zero_scores: dict[str, EngineScore] = {}  # engine -> its no-match score
 
     @property
     def block_size(self) -> int:
@@ -208,14 +213,15 @@ class Scorer:
         w_gpu, w_cpu, w_storage = self._weights
         w_spec = spec.config.weight if spec is not None else 0.0
         out: list[EngineScore] = []
-        names = set(matches) | set(extra)
-        if candidates is not None:
-            names |= candidates
-        for engine in names:
+        unmatched: list[str] = []
+        for engine in set(matches) | set(extra):
             match = matches.get(engine)
             gpu, cpu, storage = match.by_tier if match is not None else (0, 0, 0)
             n_spec = extra.get(engine, 0)
             blocks = gpu + cpu + storage + n_spec
+            if not blocks:
+                unmatched.append(engine)
+                continue
             weighted = gpu * w_gpu + cpu * w_cpu + storage * w_storage + n_spec * w_spec
             out.append(
                 EngineScore(
@@ -228,7 +234,22 @@ class Scorer:
                 )
             )
         out.sort(key=_sort_key)
+        if candidates is not None:
+            unmatched.extend(candidates.difference(matches, extra))
+        if unmatched:
+            # Engines without a matched block go after every matched one (whose score is
+            # >= 0 with more blocks, so first in _sort_key's order), by name as _sort_key
+            # orders them. Their (immutable, all-zero) scores are reused across calls.
+            out.extend(self._unmatched(engine) for engine in sorted(unmatched))
         return tuple(out)
+
+    def _unmatched(self, engine: str) -> EngineScore:
+        score = self._zero_scores.get(engine)
+        if score is None:
+            if len(self._zero_scores) >= _ZERO_SCORES_MAX:
+                self._zero_scores.clear()  # a churning pool: start over, stay bounded
+            score = self._zero_scores[engine] = EngineScore(engine, 0, 0.0, 0.0)
+        return score
 
     def record_speculative(
         self,

@@ -9,6 +9,7 @@ from score_fixtures import store_prompt
 
 from kvindex.index import MemoryIndex, Remove, Tier
 from kvindex.scoring import (
+    EngineScore,
     InvalidPromptError,
     PromptTooLongError,
     Scorer,
@@ -201,3 +202,39 @@ def test_scoring_over_every_backend(index_factory: Any) -> None:
     ]
     salted = scorer.score_tokens(MODEL, PROMPT, lora="sql-adapter", cache_salt="s")
     assert [(s.engine, s.matched_blocks) for s in salted.scores] == [("10.0.0.2:8000", 10)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    stored=st.lists(
+        st.tuples(st.integers(0, 6), st.sampled_from(["GPU", "CPU", "STORAGE"])), max_size=6
+    ),
+    speculative=st.lists(st.integers(0, 6), max_size=6),
+    candidates=st.one_of(st.none(), st.sets(st.integers(0, 9), max_size=10)),
+)
+def test_scores_ordered_and_complete_over_candidates(
+    stored: list[tuple[int, str]], speculative: list[int], candidates: set[int] | None
+) -> None:
+    """Every engine with a match, and every candidate, appears exactly once, sorted by score,
+    then matched blocks (both descending), then name; candidates without a match score 0."""
+    index = MemoryIndex()
+    spec = SpeculativeIndex(SpeculativeConfig(ttl_s=60.0, weight=0.5), FakeClock())
+    scorer = Scorer(index, speculative=spec)
+    tokens = list(range(6 * 16))
+    for i, (n, medium) in enumerate(stored):
+        if n:
+            store_prompt(index, f"e{i}:1", MODEL, tokens[: n * 16], medium=medium)
+    for i, n in enumerate(speculative):
+        if n:
+            scorer.record_speculative(f"e{i}:1", MODEL, tokens[: n * 16])
+    engines = None if candidates is None else [f"e{i}:1" for i in sorted(candidates)]
+    for _ in range(2):  # the second call reuses the cached zero scores
+        scores = scorer.score_tokens(MODEL, tokens, engines=engines).scores
+        names = [s.engine for s in scores]
+        assert len(names) == len(set(names))
+        if engines is not None:
+            assert set(names) == set(engines)
+        assert list(scores) == sorted(scores, key=lambda s: (-s.score, -s.matched_blocks, s.engine))
+        for s in scores:
+            if not s.matched_blocks:
+                assert s == EngineScore(s.engine, 0, 0.0, 0.0)

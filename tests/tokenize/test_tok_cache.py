@@ -164,6 +164,29 @@ def test_trie_matcher_is_leftmost_longest(words: set[str], text: str) -> None:
     assert got == _brute_leftmost_longest(words, text)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    words=st.sets(st.text("ab<>|", min_size=1, max_size=5), min_size=1, max_size=8),
+    text=st.text("ab<>|x", max_size=40),
+)
+def test_grouped_scanner_finds_the_single_tries_matches(words: set[str], text: str) -> None:
+    from kvindex.tokenize.segments import _alternation, _TokenScanner
+
+    scanner = _TokenScanner(words)
+    single = _alternation(words)
+    assert single is not None
+    got = [(m.start(), m.group()) for m in scanner.finditer(text)]
+    assert got == [(m.start(), m.group()) for m in single.finditer(text)]
+    assert got == _brute_leftmost_longest(words, text)
+
+
+def test_grouped_scanner_falls_back_to_one_trie_for_many_first_characters() -> None:
+    from kvindex.tokenize.segments import _TokenScanner
+
+    assert len(_TokenScanner(["<a>", "|b|", "<c"]).patterns) == 2
+    assert len(_TokenScanner([f"{c}x" for c in "abcdefgh"]).patterns) == 1
+
+
 _CUT_FRAGMENTS = [
     "\n", "\nA", "\nz", " \n", "  \nword", "\n\nHello", "x\n", ".\n", "!\n\n", "\r\n", "12\n",
     "123456", "东京\n", "e\u0301\n", "\t\n", "'s\n", "'ll", "naïve\n", " ", "  ", "abc", "(x)",
@@ -246,3 +269,10 @@ def test_single_pass_scan_when_tokens_cannot_overlap(load_cached: Any) -> None:
     # DeepSeek has tokens like "<dsml:" that could overlap others: two passes stay.
     deepseek = load_cached("deepseek")._segments
     assert deepseek is not None and deepseek._step2 is not None
+    # Its normalized tokens start with "<" or U+FF5C: scanned as two literal-led tries, with the
+    # single trie's matches.
+    assert deepseek._scan2 is not None and len(deepseek._scan2.patterns) == 2
+    text = "a <think> b ｜DSML｜ <｜User｜>c<dsml:<｜Assistant｜>" * 3
+    assert [m.span() for m in deepseek._scan2.finditer(text)] == [
+        m.span() for m in deepseek._step2.finditer(text)
+    ]

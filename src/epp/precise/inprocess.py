@@ -124,7 +124,9 @@ class InProcessIndex:
             # request is still scheduled on the other scorers.
             self._warn(exc.reason or exc.kind.value, str(exc))
             return {}
-        request.token_ids = list(tokens.token_ids)
+        ids = tokens.token_ids
+        # The tokenizer returns a fresh list (or the request's own ids): no copy needed.
+        request.token_ids = ids if isinstance(ids, list) else list(ids)
         return {s.engine: s.score for s in result.scores}
 
     def record_pick(self, request: LLMRequest, endpoint_key: str) -> None:

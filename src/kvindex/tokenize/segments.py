@@ -27,7 +27,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,6 +143,46 @@ def _alternation(contents: Iterator[str] | Any) -> re.Pattern[str] | None:
     return re.compile(_trie_regex(trie))
 
 
+class _TokenScanner:
+    """The matches of `_alternation(words)`, found faster. A pattern whose first character
+    is a literal is scanned with a fast substring search; one whose tokens start with
+    different characters (DeepSeek's normalized tokens start with "<" or U+FF5C) is tried at
+    every position, ten times slower on a long gap. So the tokens are grouped by first
+    character, one trie per group. Tokens of different groups never start at the same
+    position, so the earliest match over the groups (each the longest of its group there)
+    is the match the single trie finds; after it, each group searches on from its end."""
+
+    # More groups than this: one search per group per match costs more than it saves.
+    MAX_GROUPS = 4
+
+    def __init__(self, words: Iterable[str]) -> None:
+        distinct = sorted({w for w in words if w})
+        groups: dict[str, list[str]] = {}
+        for word in distinct:
+            groups.setdefault(word[0], []).append(word)
+        parts = list(groups.values()) if len(groups) <= self.MAX_GROUPS else [distinct]
+        self.patterns = [p for p in (_alternation(part) for part in parts) if p is not None]
+
+    def finditer(self, text: str) -> Iterator[re.Match[str]]:
+        patterns = self.patterns
+        if len(patterns) == 1:
+            yield from patterns[0].finditer(text)
+            return
+        nexts = [p.search(text) for p in patterns]
+        while True:
+            best: re.Match[str] | None = None
+            for m in nexts:
+                if m is not None and (best is None or m.start() < best.start()):
+                    best = m
+            if best is None:
+                return
+            yield best
+            end = best.end()
+            for i, m in enumerate(nexts):
+                if m is not None and m.start() < end:
+                    nexts[i] = patterns[i].search(text, end)
+
+
 def _trie_regex(node: dict[str, Any]) -> str:
     branches = [re.escape(char) + _trie_regex(child) for char, child in node.items() if char]
     ends_here = "" in node
@@ -184,20 +224,31 @@ class SegmentedEncoder:
         self._ids: dict[str, int] = {t.content: i for i, t in added.items() if t.content}
         self._step1: re.Pattern[str] | None = None
         self._step2: re.Pattern[str] | None = None
+        # What encode scans with: the same matches as _step1 / _step2, found faster.
+        self._scan1: _TokenScanner | None = None
+        self._scan2: _TokenScanner | None = None
         if self.unsafe_reason is None:
-            self._step1 = _alternation(t.content for t in added.values() if not t.normalized)
+            words1 = [t.content for t in added.values() if not t.normalized]
+            words2: list[str] = []
+            self._step1 = _alternation(words1)
             # Step-2 tokens are matched on normalized text; with an identity normalizer that is
             # the raw gap, so they split it too (unless they strip or match whole words).
             normalized = [t for t in added.values() if t.normalized]
             if _is_identity_normalizer(spec.get("normalizer")) and not any(
                 t.lstrip or t.rstrip or t.single_word for t in normalized
             ):
-                self._step2 = _alternation(t.content for t in normalized)
+                words2 = [t.content for t in normalized]
+                self._step2 = _alternation(words2)
                 if self._step2 is not None and _never_overlap(self._ids):
                     # No two token occurrences can overlap, so the two passes find exactly
                     # the matches of one pass over all tokens: scan once.
-                    self._step1 = _alternation(self._ids)
+                    words1, words2 = list(self._ids), []
+                    self._step1 = _alternation(words1)
                     self._step2 = None
+            if self._step1 is not None:
+                self._scan1 = _TokenScanner(words1)
+            if self._step2 is not None:
+                self._scan2 = _TokenScanner(words2)
         self._wrap = self._measure_wrap(spec)
         self._chunk_chars = config.chunk_chars
         self.plain_cuts_reason = plain_cuts_reason(spec, [t.content for t in added.values()])
@@ -231,13 +282,13 @@ class SegmentedEncoder:
                 return outer[:start], outer[start + len(inner) :]
         return None
 
-    def _cut(self, pattern: re.Pattern[str] | None, text: str) -> list[str | int]:
-        """Text cut at the pattern's leftmost-longest matches: gaps (str) and match ids."""
-        if pattern is None:
+    def _cut(self, scanner: _TokenScanner | None, text: str) -> list[str | int]:
+        """Text cut at the tokens' leftmost-longest matches: gaps (str) and match ids."""
+        if scanner is None:
             return [text] if text else []
         out: list[str | int] = []
         pos = 0
-        for match in pattern.finditer(text):
+        for match in scanner.finditer(text):
             if match.start() > pos:
                 out.append(text[pos : match.start()])
             out.append(self._ids[match.group()])
@@ -255,9 +306,9 @@ class SegmentedEncoder:
         if not self.exact or (add_special_tokens and self._wrap is None):
             return self._whole(text, add_special_tokens)
         pieces: list[str | int] = []
-        for part in self._cut(self._step1, text):
-            if isinstance(part, str) and self._step2 is not None:
-                pieces.extend(self._cut(self._step2, part))
+        for part in self._cut(self._scan1, text):
+            if isinstance(part, str) and self._scan2 is not None:
+                pieces.extend(self._cut(self._scan2, part))
             else:
                 pieces.append(part)
         if self.plain_cuts_reason is None:
