@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from kvindex import keys as _keys
 from kvindex.index.base import BlockIndex, Clear, IndexOp, Remove, Store, StoredBlock, Tier
 from kvindex.keys import DEFAULT_BLOCK_SIZE, BlockExtra, ContentKey, chain_keys, root_key
 from kvindex.wire import AllBlocksCleared, BlockRemoved, BlockStored, DecodedBatch, EngineHash
@@ -35,6 +36,13 @@ __all__ = [
 ]
 
 FULL_ATTENTION = "full_attention"
+
+_STORED = BlockStored.__name__
+_REMOVED = BlockRemoved.__name__
+_CLEARED = AllBlocksCleared.__name__
+# Media as engines spell them; others (lower case, unknown) go through Tier.from_medium.
+_TIER_OF_MEDIUM: dict[str, Tier] = {t.name: t for t in Tier}
+_MAX_CACHED_ROOTS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +137,7 @@ class EventApplier:
         self._pending: dict[str, deque[tuple[BlockStored, str]]] = {}
         self._engine_block_size: dict[tuple[str, int], int] = {}
         self._skipped_groups: dict[str, set[int]] = {}
+        self._roots: dict[tuple[str, str | None], ContentKey] = {}
 
     def apply_batch(self, engine: str, batch: DecodedBatch, model: str | None) -> IngestCounts:
         """Apply one batch from ``engine`` (an endpoint key) serving ``model``."""
@@ -137,20 +146,31 @@ class EventApplier:
         ops: list[IndexOp] = []
         local: dict[EngineHash, ContentKey] = {}  # blocks stored earlier in this batch
         stored_any = False
+        # Per-type event counts as locals, folded into counts.events once (hot loop).
+        n_stored = n_removed = n_cleared = 0
+        stored = self._stored
         for event in batch.events:
-            name = type(event).__name__
-            counts.events[name] = counts.events.get(name, 0) + 1
             if isinstance(event, BlockStored):
-                op = self._stored(engine, model, event, local, counts)
+                n_stored += 1
+                op = stored(engine, model, event, local, counts)
                 if op is not None:
                     ops.append(op)
                     stored_any = True
             elif isinstance(event, BlockRemoved):
+                n_removed += 1
                 self._removed(engine, event, ops, counts, local)
             elif isinstance(event, AllBlocksCleared):
+                n_cleared += 1
                 ops.append(Clear())
                 local.clear()
                 self._pending.pop(engine, None)
+        events = counts.events
+        if n_stored:
+            events[_STORED] = n_stored
+        if n_removed:
+            events[_REMOVED] = n_removed
+        if n_cleared:
+            events[_CLEARED] = n_cleared
         if ops:
             self.index.apply(engine, ops)
         if stored_any and self._pending.get(engine):
@@ -168,11 +188,25 @@ class EventApplier:
     # -- events ------------------------------------------------------------------------------
 
     def _tier(self, medium: str, counts: IngestCounts) -> Tier | None:
+        tier = _TIER_OF_MEDIUM.get(medium)  # the exact spellings engines send (hot path)
+        if tier is not None:
+            return tier
         try:
             return Tier.from_medium(medium)
         except KeyError:
             counts.skip("unknown_medium")
             return None
+
+    def _root(self, model: str, lora_name: str | None) -> ContentKey:
+        """root_key(model, lora_name), cached: a handful of (model, adapter) pairs start
+        every chain (bounded: cleared when full, so a flood of adapter names cannot grow it)."""
+        pair = (model, lora_name)
+        key = self._roots.get(pair)
+        if key is None:
+            if len(self._roots) >= _MAX_CACHED_ROOTS:
+                self._roots.clear()
+            key = self._roots[pair] = root_key(model, lora_name)
+        return key
 
     def _stored(
         self,
@@ -187,9 +221,11 @@ class EventApplier:
             self._skipped_groups.setdefault(engine, set()).add(event.group_idx)
             counts.skip("group_not_indexed", len(event.block_hashes))
             return None
-        tier = self._tier(event.medium, counts)
+        tier = _TIER_OF_MEDIUM.get(event.medium)
         if tier is None:
-            return None
+            tier = self._tier(event.medium, counts)
+            if tier is None:
+                return None
         size = event.block_size
         canonical = self.config.block_size
         n = len(event.block_hashes)
@@ -208,7 +244,7 @@ class EventApplier:
             self._engine_block_size[group] = size
         parent_hash = event.parent_block_hash
         if parent_hash is None:
-            parent = root_key(model, event.lora_name)
+            parent = self._root(model, event.lora_name)
         else:
             found = local.get(parent_hash)
             if found is None:
@@ -218,11 +254,18 @@ class EventApplier:
                 return None
             parent = found
         split = size // canonical
-        extras = extras_for_blocks(
-            event.extra_keys, n, event.lora_name, parent_hash is None, split, canonical
-        )
+        extras = None
+        if event.extra_keys:
+            extras = extras_for_blocks(
+                event.extra_keys, n, event.lora_name, parent_hash is None, split, canonical
+            )
         try:
-            keys = chain_keys(parent, event.token_ids, canonical, extras)
+            # chain_keys' own C fast path, called directly (one Python frame less per event);
+            # None is a case it leaves to chain_keys.
+            native = None if extras else _keys._native_chain_keys  # type: ignore[attr-defined]
+            keys = None if native is None else native(parent, event.token_ids, canonical)
+            if keys is None:
+                keys = chain_keys(parent, event.token_ids, canonical, extras)
         except OverflowError:
             counts.skip("token_id_out_of_range", n)
             return None

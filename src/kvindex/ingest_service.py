@@ -44,7 +44,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kvindex.discovery import EngineEntry, RankSource, rank_sources
-from kvindex.engines import TopicError, parse_topic
+from kvindex.engines import EngineId, TopicError, parse_topic
 from kvindex.index.base import BlockIndex, Clear
 from kvindex.index.redis import IndexUnavailable
 from kvindex.ingest import EventApplier, IngestConfig, SeqAction, SequenceTracker
@@ -66,6 +66,7 @@ GAP = "gap"
 UNKNOWN_PARENT = "unknown_parent"
 INDEX_RECOVERY = "index_recovery"  # rule 1: the index refused a batch of this engine
 INDEX_RESET = "index_reset"  # rule 2: the index lost its data (epoch change)
+_MAX_CACHED_TOPICS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +105,7 @@ class _Stream:
     last_repair: float = -math.inf
     replay: _Replay | None = None
     series: EngineSeries | None = None  # cached metric children
+    pending_reported: int = -1  # the value last set on series.pending (-1: none yet)
     last_ts: float = 0.0  # newest batch timestamp applied
     recovery: str | None = None  # INDEX_RECOVERY / INDEX_RESET: waiting for a healthy index
     deferred: int = 0  # batches refused or not applied during this recovery
@@ -162,6 +164,7 @@ class IngestService:
         self._ranks: dict[str, RankSource] = {}  # discovered: rank endpoint -> sockets
         self._source_identity: dict[str, RankSource] = {}  # connect endpoint -> rank
         self._warned: set[str] = set()
+        self._topics: dict[bytes, EngineId] = {}
         self._commands: queue.SimpleQueue[Mapping[str, EngineEntry]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -289,6 +292,17 @@ class IngestService:
             self._warned.add(key)
             log.warning(message, *args)
 
+    def _parse_topic(self, topic: bytes) -> EngineId:
+        """parse_topic, cached per topic (every batch carries one; parsing is pure). Bad
+        topics are not cached (they raise every time, and are counted every time)."""
+        engine = self._topics.get(topic)
+        if engine is None:
+            engine = parse_topic(topic)
+            if len(self._topics) >= _MAX_CACHED_TOPICS:
+                self._topics.clear()
+            self._topics[topic] = engine
+        return engine
+
     def _stream_for(self, message: LiveMessage, rank: int | None) -> _Stream | None:
         topic = message.frame.topic
         identity = self._source_identity.get(message.source)
@@ -297,11 +311,11 @@ class IngestService:
         if identity is not None:
             key = identity.endpoint
             with contextlib.suppress(TopicError):
-                topic_model = parse_topic(topic).model
+                topic_model = self._parse_topic(topic).model
             model = identity.model or topic_model
         else:
             try:
-                engine = parse_topic(topic)
+                engine = self._parse_topic(topic)
             except TopicError as exc:
                 self.metrics.malformed_frames.labels("bad_topic").inc()
                 self._warn_once(
@@ -449,16 +463,21 @@ class IngestService:
         now = time.time()
         series.last_seq.set(seq)
         series.last_batch_time.set(now)
-        if decoded.ts > stream.last_ts:  # replayed (older) batches say nothing about lag
-            lag = max(0.0, now - decoded.ts)
+        ts = decoded.ts
+        if ts > stream.last_ts:  # replayed (older) batches say nothing about lag
+            lag = now - ts if now > ts else 0.0
             series.lag.set(lag)
             self.metrics.lag_histogram.observe(lag)
-        series.pending.set(counts.pending)
-        stream.last_ts = max(stream.last_ts, decoded.ts)
-        stream.applied_seq = max(stream.applied_seq, seq)
-        if counts.pending > stream.pending:
+            stream.last_ts = ts
+        pending = counts.pending
+        if pending != stream.pending_reported:  # the gauge already says so otherwise
+            series.pending.set(pending)
+            stream.pending_reported = pending
+        if seq > stream.applied_seq:
+            stream.applied_seq = seq
+        if pending > stream.pending:
             stream.pending_grew = True
-        stream.pending = counts.pending
+        stream.pending = pending
         with self._activity_lock:
             record = self._activity_of(stream.key)
             record.batches += 1

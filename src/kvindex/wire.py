@@ -182,8 +182,66 @@ class _MapBatchOfRaw(msgspec.Struct, gc=False):
     data_parallel_rank: int | None = None
 
 
+# Int-hash variants of the fast-path types: the same fields with every block hash an int
+# (what vLLM and SGLang publish by default). A batch that decodes as one of these needs no
+# per-hash validation (msgpack ints fit in 64 bits); a batch with digest hashes fails them at
+# its first digest and takes the general types above.
+class _IntArrayStored(msgspec.Struct, array_like=True, tag="BlockStored", gc=False):
+    block_hashes: list[int]
+    parent_block_hash: int | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+
+
+class _IntArrayRemoved(msgspec.Struct, array_like=True, tag="BlockRemoved", gc=False):
+    block_hashes: list[int]
+    medium: str | None = None
+    group_idx: int | None = None
+
+
+class _IntMapStored(msgspec.Struct, tag_field="type", tag="BlockStored", gc=False):
+    block_hashes: list[int]
+    parent_block_hash: int | None = None
+    token_ids: list[int] = msgspec.field(default_factory=list)
+    block_size: int = 0
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+
+
+class _IntMapRemoved(msgspec.Struct, tag_field="type", tag="BlockRemoved", gc=False):
+    block_hashes: list[int]
+    medium: str | None = None
+    group_idx: int | None = None
+
+
+class _IntArrayBatchOfArrays(msgspec.Struct, array_like=True, gc=False):
+    ts: float
+    events: list[_IntArrayStored | _IntArrayRemoved | _ArrayCleared]
+    data_parallel_rank: int | None = None
+
+
+class _IntArrayBatchOfMaps(msgspec.Struct, array_like=True, gc=False):
+    ts: float
+    events: list[_IntMapStored | _IntMapRemoved | _MapCleared]
+    data_parallel_rank: int | None = None
+
+
 _decode_array_batch = msgspec.msgpack.Decoder(_ArrayBatchOfArrays).decode
 _decode_map_event_batch = msgspec.msgpack.Decoder(_ArrayBatchOfMaps).decode
+_decode_int_array_batch = msgspec.msgpack.Decoder(_IntArrayBatchOfArrays).decode
+_decode_int_map_batch = msgspec.msgpack.Decoder(_IntArrayBatchOfMaps).decode
 _decode_raw_array_batch = msgspec.msgpack.Decoder(_ArrayBatchOfRaw).decode
 _decode_raw_map_batch = msgspec.msgpack.Decoder(_MapBatchOfRaw).decode
 _decode_array_event = msgspec.msgpack.Decoder(_ArrayEvent).decode
@@ -192,27 +250,35 @@ _decode_any = msgspec.msgpack.Decoder().decode
 
 _KNOWN_TAGS: Final = frozenset({"BlockStored", "BlockRemoved", "AllBlocksCleared"})
 
+_STORED_TYPES: Final = (_ArrayStored, _MapStored, _IntArrayStored, _IntMapStored)
+_REMOVED_TYPES: Final = (_ArrayRemoved, _MapRemoved, _IntArrayRemoved, _IntMapRemoved)
+_GPU: Final = Medium.GPU
 
-def _normalise(event: _ArrayEvent | _MapEvent) -> Event:
-    if isinstance(event, _ArrayStored | _MapStored):
+_DecodedEvent = (
+    _ArrayEvent | _MapEvent | _IntArrayStored | _IntArrayRemoved | _IntMapStored | _IntMapRemoved
+)
+
+
+def _normalise(event: _DecodedEvent) -> Event:
+    if isinstance(event, _STORED_TYPES):
         return BlockStored(
-            block_hashes=event.block_hashes,
-            parent_block_hash=event.parent_block_hash,
-            token_ids=event.token_ids,
-            block_size=event.block_size,
-            lora_name=event.lora_name,
-            medium=event.medium or Medium.GPU,
-            extra_keys=event.extra_keys,
-            group_idx=event.group_idx or 0,
-            kv_cache_spec_kind=event.kv_cache_spec_kind,
-            kv_cache_spec_sliding_window=event.kv_cache_spec_sliding_window,
-            lora_id=event.lora_id,
+            event.block_hashes,  # type: ignore[arg-type]  # list[int] is a list[EngineHash]
+            event.parent_block_hash,
+            event.token_ids,
+            event.block_size,
+            event.lora_name,
+            event.medium or _GPU,
+            event.extra_keys,
+            event.group_idx or 0,
+            event.kv_cache_spec_kind,
+            event.kv_cache_spec_sliding_window,
+            event.lora_id,
         )
-    if isinstance(event, _ArrayRemoved | _MapRemoved):
+    if isinstance(event, _REMOVED_TYPES):
         return BlockRemoved(
-            block_hashes=event.block_hashes,
-            medium=event.medium or Medium.GPU,
-            group_idx=event.group_idx or 0,
+            event.block_hashes,  # type: ignore[arg-type]
+            event.medium or _GPU,
+            event.group_idx or 0,
         )
     return AllBlocksCleared()
 
@@ -255,6 +321,44 @@ def _finish(
     )
 
 
+def _finish_int(
+    ts: float,
+    decoded: list[_IntArrayStored | _IntArrayRemoved | _ArrayCleared]
+    | list[_IntMapStored | _IntMapRemoved | _MapCleared],
+    rank: int | None,
+) -> DecodedBatch:
+    """Normalise and check a batch whose hashes are all ints, in one pass: the checks of
+    :func:`_checked` less the digest lengths (there are none)."""
+    events: list[Event] = []
+    append = events.append
+    malformed = 0
+    for e in decoded:
+        if isinstance(e, _IntArrayStored | _IntMapStored):
+            if not e.block_hashes or e.block_size <= 0:
+                malformed += 1
+                continue
+            append(
+                BlockStored(
+                    e.block_hashes,  # type: ignore[arg-type]  # list[int] is a list[EngineHash]
+                    e.parent_block_hash,
+                    e.token_ids,
+                    e.block_size,
+                    e.lora_name,
+                    e.medium or _GPU,
+                    e.extra_keys,
+                    e.group_idx or 0,
+                    e.kv_cache_spec_kind,
+                    e.kv_cache_spec_sliding_window,
+                    e.lora_id,
+                )
+            )
+        elif isinstance(e, _IntArrayRemoved | _IntMapRemoved):
+            append(BlockRemoved(e.block_hashes, e.medium or _GPU, e.group_idx or 0))  # type: ignore[arg-type]
+        else:
+            append(AllBlocksCleared())
+    return DecodedBatch(ts, events, rank, 0, malformed)
+
+
 def _decode_one(raw: msgspec.Raw) -> Event | str:
     """Decode one event of either encoding; on failure return 'unknown' or 'malformed'."""
     data = bytes(raw)
@@ -277,31 +381,62 @@ def _decode_one(raw: msgspec.Raw) -> Event | str:
     return "unknown" if isinstance(tag, str) and tag not in _KNOWN_TAGS else "malformed"
 
 
+def _first_event_is_map(payload: bytes) -> bool | None:
+    """Whether the first event of an array batch ``[float64 ts, [events...], ...]`` is
+    map-encoded; None when the payload does not start that way (other forms, empty batch).
+    Only picks which fast decoder is tried first: the result never depends on it."""
+    if len(payload) < 12 or not 0x91 <= payload[0] <= 0x9F or payload[1] != 0xCB:
+        return None
+    head = payload[10]  # the events array header, after the 9-byte float64
+    if 0x91 <= head <= 0x9F:
+        first = payload[11]
+    elif head == 0xDC and len(payload) > 13:
+        first = payload[13]
+    elif head == 0xDD and len(payload) > 15:
+        first = payload[15]
+    else:
+        return None
+    return 0x80 <= first <= 0x8F or first in (0xDE, 0xDF)
+
+
+_DECODE_ERRORS: Final = (msgspec.ValidationError, msgspec.DecodeError)
+
+
 def decode_batch(payload: bytes) -> DecodedBatch:
     """Decode one msgpack batch payload of any supported encoding. Never raises."""
+    # Fastest path: a batch of one encoding with int hashes decodes in one C call and needs
+    # no hash validation; the encoding of its first event picks the decoder to try.
+    maps = _first_event_is_map(payload)
+    if maps is not None:
+        try:
+            ibatch = (_decode_int_map_batch if maps else _decode_int_array_batch)(payload)
+            return _finish_int(ibatch.ts, ibatch.events, ibatch.data_parallel_rank)
+        except _DECODE_ERRORS:
+            pass
     # Fast paths: a whole batch of one encoding decodes in one C call.
-    try:
-        batch = _decode_array_batch(payload)
-        return _finish(
-            batch.ts, [_normalise(e) for e in batch.events], batch.data_parallel_rank, 0, 0
-        )
-    except (msgspec.ValidationError, msgspec.DecodeError):
-        pass
+    if not maps:
+        try:
+            batch = _decode_array_batch(payload)
+            return _finish(
+                batch.ts, [_normalise(e) for e in batch.events], batch.data_parallel_rank, 0, 0
+            )
+        except _DECODE_ERRORS:
+            pass
     try:
         mbatch = _decode_map_event_batch(payload)
         return _finish(
             mbatch.ts, [_normalise(e) for e in mbatch.events], mbatch.data_parallel_rank, 0, 0
         )
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except _DECODE_ERRORS:
         pass
     # Slow path: mixed encodings, unknown event types, a map batch, or damage.
     raw_batch: _ArrayBatchOfRaw | _MapBatchOfRaw
     try:
         raw_batch = _decode_raw_array_batch(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except _DECODE_ERRORS:
         try:
             raw_batch = _decode_raw_map_batch(payload)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        except _DECODE_ERRORS as exc:
             return DecodedBatch(error=f"undecodable batch: {exc}")
     events: list[Event] = []
     unknown = malformed = 0
