@@ -36,6 +36,29 @@ def render(**values: object) -> str:
     return string.Template(TEMPLATE.read_text()).substitute(merged)
 
 
-if __name__ == "__main__":
-    pairs = dict(arg.split("=", 1) for arg in sys.argv[1:])
+USAGE = (
+    "usage: python deploy/envoy/render.py [NAME=VALUE ...] > envoy.yaml\n"
+    "placeholders (defaults): "
+    + ", ".join(f"{name}={value}" for name, value in DEFAULTS.items())
+    + "\n"
+)
+
+
+def main(argv: list[str]) -> int:
+    """The command line: NAME=VALUE pairs; anything else is a usage error (exit 2)."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        sys.stdout.write(USAGE)
+        return 0
+    pairs: dict[str, str] = {}
+    for arg in argv:
+        name, sep, value = arg.partition("=")
+        if not sep or name not in DEFAULTS:
+            sys.stderr.write(f"render.py: {arg!r} is not NAME=VALUE with a known NAME\n{USAGE}")
+            return 2
+        pairs[name] = value
     sys.stdout.write(render(**pairs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

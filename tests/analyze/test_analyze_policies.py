@@ -192,27 +192,33 @@ requests_strategy = st.lists(
 )
 
 
-@settings(max_examples=40, deadline=None)
-@given(requests_strategy, st.integers(1, 4), st.integers(2, 30), st.integers(0, 3))
-def test_no_policy_beats_the_oracle_per_trace(
-    rows: list[tuple[int, int, int, int, int]], engines: int, capacity: int, seed: int
-) -> None:
+def generated_trace(rows: list[tuple[int, int, int, int, int]]) -> Trace:
+    """A trace from requests_strategy rows (gap, family, depth, tail, output): `depth` blocks
+    of the family's shared prefix, then `tail` blocks no other request has."""
     t = 0.0
     reqs = []
     unique = 10_000
     for gap, family, depth, tail, output in rows:
         t += gap
-        keys = [family * 100 + d for d in range(depth)] + list(range(unique, unique + tail))
+        ids = [family * 100 + d for d in range(depth)] + list(range(unique, unique + tail))
         unique += tail
-        reqs.append(request(t, keys, output))
-    trace = Trace("generated", "mooncake", BT, requests=reqs)
+        reqs.append(request(t, ids, output))
+    return Trace("generated", "mooncake", BT, requests=reqs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(requests_strategy, st.integers(1, 4), st.integers(2, 30), st.integers(0, 3))
+def test_no_policy_beats_the_oracle_per_trace(
+    rows: list[tuple[int, int, int, int, int]], engines: int, capacity: int, seed: int
+) -> None:
+    trace = generated_trace(rows)
     base = SimSettings(engines=engines, capacity_blocks=capacity, seed=seed)
     oracle = simulate(trace, "oracle", base)
     for policy in POLICY_NAMES:
         result = simulate(trace, policy, base)
         assert result.hit_blocks <= oracle.hit_blocks
-        assert sum(e.requests for e in result.engines) == len(reqs)
-        assert len(result.ttft_samples) == len(reqs)
+        assert sum(e.requests for e in result.engines) == len(rows)
+        assert len(result.ttft_samples) == len(rows)
         assert all(x >= 0 for x in result.ttft_samples)
 
 
@@ -223,15 +229,7 @@ def test_wire_ingest_decides_exactly_like_direct_ops(
 ) -> None:
     # vLLM-encoded events through decode_batch + EventApplier must leave the index exactly
     # as Store/Remove ops would: same routing, same hits, nothing skipped.
-    t = 0.0
-    reqs = []
-    unique = 10_000
-    for gap, family, depth, tail, output in rows:
-        t += gap
-        ids = [family * 100 + d for d in range(depth)] + list(range(unique, unique + tail))
-        unique += tail
-        reqs.append(request(t, ids, output))
-    trace = Trace("generated", "mooncake", BT, requests=reqs)
+    trace = generated_trace(rows)
     results = [
         simulate(
             trace,

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -337,3 +338,32 @@ def test_standalone_envoy_config_is_the_tested_one() -> None:
     clusters = {c["name"]: c for c in envoy["static_resources"]["clusters"]}
     epp_cluster = json.dumps(clusters)
     assert f"--grpc-port={ports['grpc']}" in epp_args and str(ports["grpc"]) in epp_cluster
+
+
+RENDER_SCRIPT = DEPLOY / "envoy" / "render.py"
+
+
+def _run_render(*args: str) -> subprocess.CompletedProcess[str]:
+    # The documented command line: `python deploy/envoy/render.py NAME=VALUE ... > envoy.yaml`.
+    return subprocess.run(
+        [sys.executable, str(RENDER_SCRIPT), *args], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_render_script_command_line() -> None:
+    assert _run_render().stdout == render_envoy()
+    custom = _run_render("LISTEN_PORT=18081", "EPP_HOST=epp.llm.svc")
+    assert custom.returncode == 0
+    assert custom.stdout == render_envoy(LISTEN_PORT="18081", EPP_HOST="epp.llm.svc")
+    assert "port_value: 18081" in custom.stdout
+    usage = _run_render("--help")
+    assert usage.returncode == 0 and "NAME=VALUE" in usage.stdout
+    assert "LISTEN_PORT=8081" in usage.stdout
+
+
+@pytest.mark.parametrize("arg", ["LISTEN_PORT", "NO_SUCH_NAME=1", "--frobnicate"])
+def test_render_script_refuses_bad_arguments_plainly(arg: str) -> None:
+    result = _run_render(arg)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert repr(arg) in result.stderr and "Traceback" not in result.stderr

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -82,51 +82,47 @@ def test_serve_ingests_and_serves_http(serve: tuple[int, int, subprocess.Popen[s
     assert any("event=engine_seen engine=127.0.0.1:8000" in entry["msg"] for entry in logs)
 
 
-def test_serve_http_port_in_use() -> None:
+def _serve_while_port_taken(
+    args: Callable[[int], list[str]],
+) -> tuple[int, subprocess.CompletedProcess[str]]:
+    """`kvindex serve` with `args(port)` while a listening socket holds `port`."""
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
         result = subprocess.run(
-            [
-                *KVINDEX,
-                "serve",
-                "--http-host",
-                "127.0.0.1",
-                "--http-port",
-                str(port),
-                "--zmq-bind",
-                f"tcp://127.0.0.1:{free_port()}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
+            [*KVINDEX, "serve", *args(port)], capture_output=True, text=True, timeout=30
         )
+    return port, result
+
+
+def test_serve_http_port_in_use() -> None:
+    port, result = _serve_while_port_taken(
+        lambda port: [
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(port),
+            "--zmq-bind",
+            f"tcp://127.0.0.1:{free_port()}",
+        ]
+    )
     assert result.returncode == 2
     assert f"HTTP port {port} is in use" in result.stderr
     assert "--http-port" in result.stderr
 
 
 def test_serve_zmq_port_in_use() -> None:
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        port = holder.getsockname()[1]
-        result = subprocess.run(
-            [
-                *KVINDEX,
-                "serve",
-                "--http-port",
-                str(free_port()),
-                "--http-host",
-                "127.0.0.1",
-                "--zmq-bind",
-                f"tcp://127.0.0.1:{port}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+    port, result = _serve_while_port_taken(
+        lambda port: [
+            "--http-port",
+            str(free_port()),
+            "--http-host",
+            "127.0.0.1",
+            "--zmq-bind",
+            f"tcp://127.0.0.1:{port}",
+        ]
+    )
     assert result.returncode == 2
     assert f"tcp://127.0.0.1:{port} is in use" in result.stderr
     assert "--zmq-bind" in result.stderr

@@ -60,6 +60,18 @@ def settle(server: ServeProcess, publisher: EventPublisher) -> None:
     )
 
 
+def index_first_prompt(server: ServeProcess, publisher: EventPublisher) -> list[int]:
+    """Publish prompt(1)'s blocks until the server scores all 4 on ENGINE; returns the prompt."""
+    tokens = prompt(1)
+
+    def landed() -> bool:
+        publisher.publish(stored(tokens, 100))
+        return server.score(body(tokens)).get(ENGINE) == 4
+
+    wait_for(landed, what="blocks indexed in Redis")
+    return tokens
+
+
 def grpc_status(server: ServeProcess) -> int:
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -149,13 +161,7 @@ def test_redis_restart_mid_stream_is_recovered_by_replay(
     server = ServeProcess(serve_args(publisher, config))
     try:
         server.wait_ready()
-        before = prompt(1)
-
-        def first_landed() -> bool:
-            publisher.publish(stored(before, 100))
-            return server.score(body(before)).get(ENGINE) == 4
-
-        wait_for(first_landed, what="blocks indexed in Redis")
+        before = index_first_prompt(server, publisher)
 
         private_redis.stop()
         wait_for(lambda: server.get("/readyz")[0] == 503, what="/readyz degraded")
@@ -206,13 +212,7 @@ def test_without_a_replay_endpoint_the_outage_is_counted_as_lost(
     server = ServeProcess(["--config", str(config), "--zmq-connect", publisher.bound_endpoint])
     try:
         server.wait_ready()
-        before = prompt(1)
-
-        def first_landed() -> bool:
-            publisher.publish(stored(before, 100))
-            return server.score(body(before)).get(ENGINE) == 4
-
-        wait_for(first_landed, what="blocks indexed in Redis")
+        before = index_first_prompt(server, publisher)
         settle(server, publisher)
         private_redis.stop()
         wait_for(lambda: server.get("/readyz")[0] == 503, what="/readyz degraded")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import csv
 import html
 from collections.abc import Sequence
@@ -11,6 +10,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from kvindex.analyze.report import write_html_with_charts
 
 __all__ = [
     "CAPTURE_CSV_COLUMNS",
@@ -170,10 +171,4 @@ def write_capture_html(
     for row in _engine_rows(document):
         parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
     parts.append("</table>")
-    for title, png in charts:
-        data = base64.b64encode(png).decode()
-        parts.append(
-            f'<h2>{esc(title)}</h2><img alt="{esc(title)}" src="data:image/png;base64,{data}">'
-        )
-    parts.append("</body></html>")
-    path.write_text("\n".join(parts))
+    write_html_with_charts(parts, charts, path)

@@ -154,18 +154,23 @@ def _point_table(point: dict[str, Any], ceiling: float) -> Table:
     ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for p in point["policies"]:
-        table.add_row(
-            p["policy"],
-            f"{p['hit_rate_blocks']:.1%}",
-            f"{p['hit_rate_tokens']:.1%}",
-            f"{p['ttft_ms']['p50']:.0f}",
-            f"{p['ttft_ms']['p90']:.0f}",
-            f"{p['ttft_ms']['p99']:.0f}",
-            f"{p['queue_ms']['mean']:.0f}",
-            f"{p['load']['max_over_mean']:.2f}",
-            f"{p['load']['cv']:.3f}",
-        )
+        table.add_row(*_policy_cells(p))
     return table
+
+
+def _policy_cells(p: dict[str, Any]) -> list[str]:
+    """One policy's row of the results table (terminal and HTML)."""
+    return [
+        p["policy"],
+        f"{p['hit_rate_blocks']:.1%}",
+        f"{p['hit_rate_tokens']:.1%}",
+        f"{p['ttft_ms']['p50']:.0f}",
+        f"{p['ttft_ms']['p90']:.0f}",
+        f"{p['ttft_ms']['p99']:.0f}",
+        f"{p['queue_ms']['mean']:.0f}",
+        f"{p['load']['max_over_mean']:.2f}",
+        f"{p['load']['cv']:.3f}",
+    ]
 
 
 def print_tables(document: dict[str, Any], console: Console) -> None:
@@ -242,18 +247,7 @@ def write_html(document: dict[str, Any], charts: Sequence[tuple[str, bytes]], pa
             "blocks</h2><table><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>"
         )
         for p in point["policies"]:
-            cells = [
-                esc(p["policy"]),
-                f"{p['hit_rate_blocks']:.1%}",
-                f"{p['hit_rate_tokens']:.1%}",
-                f"{p['ttft_ms']['p50']:.0f}",
-                f"{p['ttft_ms']['p90']:.0f}",
-                f"{p['ttft_ms']['p99']:.0f}",
-                f"{p['queue_ms']['mean']:.0f}",
-                f"{p['load']['max_over_mean']:.2f}",
-                f"{p['load']['cv']:.3f}",
-            ]
-            parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+            parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in _policy_cells(p)) + "</tr>")
         parts.append("</table>")
     summary = sweep_summary(document)
     if summary is not None:
@@ -263,10 +257,18 @@ def write_html(document: dict[str, Any], charts: Sequence[tuple[str, bytes]], pa
         for row in rows:
             parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
         parts.append("</table>")
+    write_html_with_charts(parts, charts, path)
+
+
+def write_html_with_charts(
+    parts: list[str], charts: Sequence[tuple[str, bytes]], path: Path
+) -> None:
+    """Close an HTML report: each chart as a heading and an embedded base64 PNG."""
     for title, png in charts:
         data = base64.b64encode(png).decode()
+        title_html = html.escape(title)
         parts.append(
-            f'<h2>{esc(title)}</h2><img alt="{esc(title)}" src="data:image/png;base64,{data}">'
+            f'<h2>{title_html}</h2><img alt="{title_html}" src="data:image/png;base64,{data}">'
         )
     parts.append("</body></html>")
     path.write_text("\n".join(parts))

@@ -79,7 +79,8 @@ def register(subparsers: Any) -> None:
     src.add_argument(
         "--tokenizer",
         default=None,
-        help="tokenizer.json (or its directory) for prompt/messages request logs",
+        help="tokenizer spec for prompt/messages request logs (a tokenizer.json, a model "
+        "directory, a Hugging Face cache id)",
     )
     src.add_argument("--model", default="", help="model of request-log lines that name none")
     sim = p.add_argument_group("cluster simulation")

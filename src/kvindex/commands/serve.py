@@ -65,7 +65,11 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
         metavar="KIND",
         help="KV-cache group kinds to index (default full_attention; repeatable)",
     )
-    add("--backend", help="index backend: memory (default) or redis")
+    add(
+        "--backend",
+        help="index backend: memory (default: the C core when built, else pure Python), native, "
+        "python or redis",
+    )
     add("--redis-url", metavar="URL", help="Redis of --backend redis (redis://host:port/db)")
     add("--redis-prefix", metavar="PREFIX", help="key prefix shared by replicas (default kvi)")
     add("--redis-ttl", type=int, metavar="SECONDS", help="holder key TTL (default 3600; 0: none)")

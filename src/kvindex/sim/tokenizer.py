@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,7 +72,22 @@ def render_chat(
     return "".join(parts)
 
 
-class FileTokenizer:
+class SimpleChatTokenizer(ABC):
+    """Chat through the simple rendering above, encoded with the subclass's `encode`."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[int]:
+        return self.encode(render_chat(messages, add_generation_prompt, tools))
+
+
+class FileTokenizer(SimpleChatTokenizer):
     """A Hugging Face tokenizer.json with the simple chat rendering above."""
 
     def __init__(self, path: str | Path | None = None) -> None:
@@ -81,28 +97,12 @@ class FileTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
-    def apply_chat_template(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        add_generation_prompt: bool = True,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-    ) -> list[int]:
-        return self.encode(render_chat(messages, add_generation_prompt, tools))
 
-
-class ByteTokenizer:
+class ByteTokenizer(SimpleChatTokenizer):
     """UTF-8 bytes as token ids (0..255): tokenizer-free and instant; `--tokenizer bytes`."""
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
-
-    def apply_chat_template(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        add_generation_prompt: bool = True,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-    ) -> list[int]:
-        return self.encode(render_chat(messages, add_generation_prompt, tools))
 
 
 def load_tokenizer(spec: str | None) -> SimTokenizer:
