@@ -111,7 +111,7 @@ def test_the_adapter_scores_from_the_prefix_callable() -> None:
     keys = tuple(mooncake_keys([1, 2, 3]))
     assert scheduler.choose(keys, views) == 2
     assert asked == [(0, 1, 2)]
-    # A long queue on engine 2 outweighs nothing here (queue 2 < prefix 3): still 2.
+    # Queue 2 + kv 2 on the others < prefix 3 + kv 2 on engine 2, however long its queue.
     views[2].waiting = 10
     assert scheduler.choose(keys, views) == 2
     scheduler.close()
