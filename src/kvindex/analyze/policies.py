@@ -17,6 +17,7 @@ import msgspec
 
 from kvindex.analyze.config import ProfileWeights
 from kvindex.analyze.model import TraceRequest
+from kvindex.analyze.schedulers import ExternalScheduler, SchedulerFactory
 from kvindex.index import MemoryIndex, Remove, Store, StoredBlock, Tier
 from kvindex.ingest import EventApplier, IngestConfig
 from kvindex.keys import ContentKey
@@ -291,7 +292,8 @@ class PrecisePrefixPolicy(_Base):
     """The real :class:`MemoryIndex`, fed by the simulated engines' store/evict events
     (``wire``: encoded as vLLM sends them, decoded and ingested by ``EventApplier``;
     ``ops``: ``Store``/``Remove`` ops straight into ``BlockIndex.apply``), scored with the
-    profile weights."""
+    profile weights, or, given a ``scheduler_factory`` (``--scheduler picker``), by that
+    scheduler, which asks this index for the prefix fractions."""
 
     name = "precise-prefix"
     wants_events = True
@@ -303,6 +305,8 @@ class PrecisePrefixPolicy(_Base):
         weights: ProfileWeights,
         chain_block: int,
         ingest: str = "wire",
+        scheduler_factory: SchedulerFactory | None = None,
+        scheduler_config: str | None = None,
     ) -> None:
         super().__init__(n_engines, rng)
         self.weights = weights
@@ -314,14 +318,27 @@ class PrecisePrefixPolicy(_Base):
         )
         self._names = [f"engine-{i}" for i in range(n_engines)]
         self._slot = {name: i for i, name in enumerate(self._names)}
+        self.scheduler: ExternalScheduler | None = None
+        if scheduler_factory is not None:
+            self.scheduler = scheduler_factory(scheduler_config, n_engines, self.prefix_scores)
 
-    def choose(self, keys: Sequence[ContentKey], engines: Sequence[EngineView]) -> int:
+    def _prefix(self, keys: Sequence[ContentKey]) -> list[float]:
         prefix = [0.0] * self.n
         if keys:
             total = len(keys)
             for name, match in self.index.lookup(keys).items():
                 prefix[self._slot[name]] = match.blocks / total
-        return _pick_max(score_engines(self.weights, engines, prefix), self.rng)
+        return prefix
+
+    def prefix_scores(self, keys: Sequence[ContentKey], engines: Sequence[int]) -> list[float]:
+        """The index's matched / total blocks for ``engines`` (the external scheduler's view)."""
+        prefix = self._prefix(keys)
+        return [prefix[i] for i in engines]
+
+    def choose(self, keys: Sequence[ContentKey], engines: Sequence[EngineView]) -> int:
+        if self.scheduler is not None:
+            return self.scheduler.choose(keys, engines)
+        return _pick_max(score_engines(self.weights, engines, self._prefix(keys)), self.rng)
 
     def stored(
         self, now_ms: float, engine: int, request: TraceRequest, positions: Sequence[int]
@@ -340,6 +357,9 @@ class PolicyContext:
     block_tokens: int  # tokens per key (cost model, approximate LRU size)
     chain_block: int  # TraceRequest.tokens entries per key (wire events)
     ingest: str = "wire"
+    # Precise-prefix only: an external scheduler (entry point) and its config file.
+    scheduler_factory: SchedulerFactory | None = None
+    scheduler_config: str | None = None
 
 
 PolicyFactory = Callable[[PolicyContext], Policy]
@@ -352,7 +372,13 @@ _FACTORIES: dict[str, PolicyFactory] = {
         c.n_engines, c.rng, c.weights, c.block_tokens
     ),
     "precise-prefix": lambda c: PrecisePrefixPolicy(
-        c.n_engines, c.rng, c.weights, c.chain_block, c.ingest
+        c.n_engines,
+        c.rng,
+        c.weights,
+        c.chain_block,
+        c.ingest,
+        c.scheduler_factory,
+        c.scheduler_config,
     ),
     "oracle": lambda c: OraclePolicy(c.n_engines, c.rng),
 }

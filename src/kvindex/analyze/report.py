@@ -60,6 +60,8 @@ def settings_dict(settings: SimSettings, block_tokens: int) -> dict[str, Any]:
         "speed": settings.speed,
         "seed": settings.seed,
         "precise_ingest": settings.precise_ingest,
+        "scheduler": settings.scheduler,
+        "scheduler_config": settings.scheduler_config,
         "weights": weights.as_dict(),
         "lru_capacity_per_server": weights.lru_capacity_per_server,
         "prefix_block_size_tokens": weights.block_size_tokens,

@@ -33,6 +33,11 @@ from kvindex.analyze.policies import (
     PrecisePrefixPolicy,
     make_policy,
 )
+from kvindex.analyze.schedulers import (
+    BUILTIN_SCHEDULER,
+    SchedulerFactory,
+    load_scheduler_factory,
+)
 from kvindex.keys import ContentKey
 
 __all__ = ["CostModel", "SimSettings", "simulate"]
@@ -63,6 +68,10 @@ class SimSettings:
     weights: ProfileWeights = field(default_factory=ProfileWeights)
     windows: int = 60  # buckets of the hit-rate-over-time series
     precise_ingest: str = "wire"  # "wire" (vLLM msgpack -> EventApplier) or "ops"
+    # Who chooses for precise-prefix: "builtin" (score_engines with ``weights``) or the name
+    # of a registered provider (schedulers.py), configured by ``scheduler_config``.
+    scheduler: str = BUILTIN_SCHEDULER
+    scheduler_config: str | None = None  # EndpointPickerConfig path (None: its defaults)
 
     def capacity_for(self, block_tokens: int) -> int:
         if self.capacity_blocks is not None:
@@ -103,8 +112,19 @@ def simulate(
         and any(len(r.tokens) != len(r.keys) * trace.chain_block for r in reqs)
     ):
         raise ValueError("wire ingest needs every request's tokens; use precise_ingest='ops'")
+    factory: SchedulerFactory | None = None
+    if policy_name == "precise-prefix" and settings.scheduler != BUILTIN_SCHEDULER:
+        # Resolved here, in the process that simulates (settings stay picklable for --jobs).
+        factory = load_scheduler_factory(settings.scheduler)
     context = PolicyContext(
-        settings.engines, rng, settings.weights, bt, trace.chain_block, settings.precise_ingest
+        settings.engines,
+        rng,
+        settings.weights,
+        bt,
+        trace.chain_block,
+        settings.precise_ingest,
+        factory,
+        settings.scheduler_config,
     )
     policy = make_policy(policy_name, context)
     capacity = settings.capacity_for(bt)

@@ -38,6 +38,11 @@ from kvindex.analyze.readers import (
 )
 from kvindex.analyze.report import build_document, print_tables, write_csv, write_html
 from kvindex.analyze.runner import SweepError, parse_sweep, run_sweep
+from kvindex.analyze.schedulers import (
+    BUILTIN_SCHEDULER,
+    SchedulerUnavailable,
+    load_scheduler_factory,
+)
 from kvindex.analyze.simulation import CostModel, SimSettings
 from kvindex.analyze.tokenizer import load_tokenizer
 from kvindex.analyze.traces import SHIPPED_TRACES, resolve_trace
@@ -125,6 +130,13 @@ def register(subparsers: Any) -> None:
     )
     sim.add_argument("--profile", default=None, help="scheduling profile (default: first)")
     sim.add_argument(
+        "--scheduler",
+        default=BUILTIN_SCHEDULER,
+        help="who chooses for precise-prefix: builtin (the analysis' model of the scorers, "
+        "weights from --config/--weights) or a registered provider, e.g. picker (the "
+        "picker's own scheduling framework built from --config)",
+    )
+    sim.add_argument(
         "--weights", default=None, help="override weights, e.g. prefix=3,queue=2,kv_utilization=2"
     )
     sim.add_argument(
@@ -169,6 +181,24 @@ def _weights(args: argparse.Namespace) -> ProfileWeights:
                 raise ConfigError(f"--weights {item!r}: weight must be a number") from e
             weights = apply_weight_override(weights, name.strip(), number)
     return weights
+
+
+def _check_scheduler(args: argparse.Namespace, weight_sweep: bool) -> None:
+    """Fail before simulating: the provider must load and accept the config."""
+    if args.weights or weight_sweep:
+        raise ConfigError(
+            f"--weights and --sweep weights=... change the builtin scheduler's weights only; "
+            f"with --scheduler {args.scheduler} put the weights in the --config file"
+        )
+    factory = load_scheduler_factory(args.scheduler)
+    config = None if args.config is None else str(args.config)
+    try:
+        probe = factory(config, args.engines, lambda keys, engines: [0.0] * len(engines))
+    except Exception as e:  # the provider's own config errors, reported as input errors
+        raise ConfigError(f"--scheduler {args.scheduler}: {e}") from e
+    close = getattr(probe, "close", None)
+    if callable(close):
+        close()
 
 
 def _read_trace(args: argparse.Namespace, path: Path, fmt: str) -> Trace:
@@ -250,8 +280,17 @@ def run(args: argparse.Namespace) -> int:
             return _fail(console, "--speed must be > 0")
         weights = _weights(args)
         sweep = parse_sweep(args.sweep) if args.sweep else None
+        if args.scheduler != BUILTIN_SCHEDULER:
+            _check_scheduler(args, sweep is not None and sweep.parameter == "weights")
         trace = _read_trace(args, path, fmt)
-    except (TraceError, ConfigError, SweepError, FileNotFoundError, RuntimeError) as e:
+    except (
+        TraceError,
+        ConfigError,
+        SweepError,
+        SchedulerUnavailable,
+        FileNotFoundError,
+        RuntimeError,
+    ) as e:
         return _fail(console, str(e))
     if not trace.requests:
         return _fail(console, f"{args.trace}: no requests to analyse")
@@ -272,6 +311,8 @@ def run(args: argparse.Namespace) -> int:
         weights=weights,
         windows=args.windows,
         precise_ingest=args.precise_ingest,
+        scheduler=args.scheduler,
+        scheduler_config=None if args.config is None else str(args.config),
     )
     n_points = 1 if sweep is None else len(sweep.values)
     jobs = args.jobs if args.jobs > 0 else (os.cpu_count() or 1)
