@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from epp.framework import SchedulerDeps, build_scheduler, load_config
+from epp.framework.config import DEFAULT_CONFIG_YAML
 from epp.plugins.precise_prefix import PrecisePrefixParams
 from epp.types import Endpoint, EngineMetrics, LLMRequest
 from kvindex.analyze.schedulers import PrefixScores
@@ -32,26 +34,9 @@ __all__ = ["ANALYSIS_DEFAULT_CONFIG", "PickerAnalysisScheduler", "make_scheduler
 
 # The picker's defaults (epp.framework.config.DEFAULT_CONFIG_YAML) with the precise scorer in
 # place of the approximate one: what the analysis' precise-prefix policy stands for.
-ANALYSIS_DEFAULT_CONFIG = """\
-apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: precise-prefix-cache-scorer
-- type: single-profile-handler
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-  - pluginRef: precise-prefix-cache-scorer
-    weight: 3
-  - pluginRef: max-score-picker
-"""
+ANALYSIS_DEFAULT_CONFIG = re.sub(
+    r"(?<![\w-])prefix-cache-scorer", "precise-prefix-cache-scorer", DEFAULT_CONFIG_YAML
+)
 
 PORT = 8000
 
