@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -94,7 +95,9 @@ def run_picker(upstream: str, cert: str, key: str) -> None:
     asyncio.run(main())
 
 
-def run_upstream() -> None:
+def run_upstream(n_ports: int = 1) -> None:
+    """A stand-in model server on `n_ports` free ports; prints {"ports": [...]}."""
+
     async def handle(request: web.Request) -> web.Response:
         await request.read()
         return web.json_response({"choices": [], "usage": {"prompt_tokens": 1}})
@@ -104,16 +107,18 @@ def run_upstream() -> None:
         app.router.add_post("/v1/chat/completions", handle)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        print(json.dumps({"port": port}), flush=True)
+        ports = []
+        for _ in range(n_ports):
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            ports.append(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        print(json.dumps({"ports": ports}), flush=True)
         await asyncio.Event().wait()
 
     asyncio.run(main())
 
 
-def spawn(*args: str) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+def spawn(*args: str) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     process = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.extproc", *args], stdout=subprocess.PIPE
     )
@@ -241,7 +246,7 @@ async def bench(args: argparse.Namespace) -> None:
         "--role",
         "picker",
         "--upstream",
-        f"127.0.0.1:{up['port']}",
+        f"127.0.0.1:{up['ports'][0]}",
         "--cert",
         str(workdir / "cert.pem"),
         "--key",
@@ -265,7 +270,7 @@ async def bench(args: argparse.Namespace) -> None:
                 f"direct gRPC {label} ({len(body)} B): decision p50 {ms(d50)} p99 {ms(d99)}; "
                 f"decision+body p50 {ms(f50)} p99 {ms(f99)}"
             )
-        common = {"FALLBACK_PORT": up["port"], "EPP_PORT": ports["grpc"]}
+        common = {"FALLBACK_PORT": up["ports"][0], "EPP_PORT": ports["grpc"]}
         with_picker = EnvoyProcess(**common).start()
         envoys.append(with_picker)
         alone = EnvoyProcess(transform=envoy_alone, **common).start()

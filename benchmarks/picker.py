@@ -38,11 +38,10 @@ from typing import Any
 
 import aiohttp
 import grpc
-from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from benchmarks.extproc import envoy_alone, ms, percentiles, request_messages
+from benchmarks.extproc import envoy_alone, ms, percentiles, request_messages, run_upstream
 from kvindex.demo.envoy import EnvoyProcess
 from kvindex.demo.model import MODEL_NAME, write_model_dir
 
@@ -255,27 +254,6 @@ STAGES = (
     "scheduler.schedule",
     "ext_proc state machine (parse+schedule+responses)",
 )
-
-
-def run_upstream(n_ports: int) -> None:
-    async def handle(request: web.Request) -> web.Response:
-        await request.read()
-        return web.json_response({"choices": [], "usage": {"prompt_tokens": 1}})
-
-    async def main() -> None:
-        app = web.Application(client_max_size=64 << 20)
-        app.router.add_post("/v1/chat/completions", handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        ports = []
-        for _ in range(n_ports):
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            ports.append(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
-        print(json.dumps({"ports": ports}), flush=True)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
 
 
 def spawn(
