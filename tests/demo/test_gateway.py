@@ -19,7 +19,8 @@ import pytest
 from kvindex.demo.gateway import DirectGateway
 from kvindex.demo.model import MODEL_NAME, write_model_dir
 from kvindex.demo.policies import picker_config
-from kvindex.demo.processes import Engine, ManagedProcess, free_port, start_picker, start_sim
+from kvindex.demo.processes import Engine, ManagedProcess, start_picker, start_sim
+from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -20,7 +20,6 @@ from epp.precise import InProcessIndex, RemoteIndex, build_backend
 from epp.precise.options import backend_options
 from epp.types import Endpoint, LLMRequest
 from kvindex.demo.model import write_model_dir
-from kvindex.demo.processes import free_port
 from kvindex.index import MemoryIndex
 from kvindex.ingest import EventApplier
 from kvindex.scoring import Scorer
@@ -30,6 +29,7 @@ from kvindex.sim.events import BlockRemoved, block_stored, encode_batch
 from kvindex.sim.publisher import EventPublisher
 from kvindex.tokenize import load_tokenizer
 from kvindex.wire import decode_batch
+from tests.ports import free_port
 
 MODEL = "demo-model"
 ENGINE = "10.1.2.3:8000"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 
@@ -28,12 +27,6 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "
 def metric(metrics: KvindexMetrics, name: str, **labels: str) -> float:
     value = metrics.registry.get_sample_value(name, labels or None)
     return 0.0 if value is None else value
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def keys_for(tokens: list[int], model: str = "m") -> list[int]:

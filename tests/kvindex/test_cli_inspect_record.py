@@ -13,10 +13,10 @@ import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from ingest_helpers import free_port
 from vllm_publisher import VllmPublisher, encode_batch, removed, stored
 
 from kvindex.capture import MAGIC, CaptureError, CaptureWriter, read_capture, read_capture_header
+from tests.ports import free_port
 
 KVINDEX = [sys.executable, "-m", "kvindex.cli"]
 

@@ -14,8 +14,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from ingest_helpers import free_port, wait_for
+from ingest_helpers import wait_for
 from vllm_publisher import VllmPublisher, stored
+
+from tests.ports import free_port
 
 KVINDEX = [sys.executable, "-m", "kvindex.cli"]
 

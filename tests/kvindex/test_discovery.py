@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from ingest_helpers import free_port, keys_for, metric, probe, wait_for
+from ingest_helpers import keys_for, metric, probe, wait_for
 from vllm_publisher import VllmPublisher, stored
 
 from kvindex.config import KubernetesConfig
@@ -38,6 +38,7 @@ from kvindex.index.locked import LockedIndex
 from kvindex.ingest_service import IngestService, IngestServiceConfig
 from kvindex.metrics import KvindexMetrics
 from kvindex.service.app import IndexService
+from tests.ports import free_port
 
 T = list(range(32))
 

@@ -19,7 +19,7 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
-from redis_servers import RedisServerProcess, free_port
+from redis_servers import RedisServerProcess
 
 from kvindex.index import (
     BlockIndex,
@@ -41,6 +41,7 @@ from kvindex.index.redis import (
 )
 from kvindex.index.redis_lease import redis_writer_lease
 from kvindex.index.redis_schema import RedisKeySchema
+from tests.ports import free_port
 
 
 def chain(base: int, n: int) -> list[int]:

@@ -16,7 +16,7 @@ import aiohttp
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serve_process import KVINDEX, ServeProcess, free_port, http, wait_for
+from serve_process import KVINDEX, ServeProcess, http, wait_for
 
 from kvindex._proto.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from kvindex._proto.kvindex.v1 import kvindex_pb2, kvindex_pb2_grpc
@@ -27,6 +27,7 @@ from kvindex.sim.http import KVEventsOptions, ServerConfig, SimServer
 from kvindex.sim.publisher import EventPublisher
 from kvindex.sim.tokenizer import load_tokenizer as load_sim_tokenizer
 from kvindex.tokenize import Tokenizer, load_tokenizer
+from tests.ports import free_port
 
 MODEL = "demo-model"
 ADAPTER = "demo-lora"

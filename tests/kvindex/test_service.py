@@ -192,7 +192,8 @@ def test_serve_flags_build_config(tmp_path: Path) -> None:
 
 async def test_grpc_servicers_hook_and_port_in_use() -> None:
     import grpc
-    from ingest_helpers import free_port
+
+    from tests.ports import free_port
 
     async def ping(request: bytes, context: object) -> bytes:
         return b"pong:" + request

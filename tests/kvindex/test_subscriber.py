@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import zmq
-from ingest_helpers import free_port, keys_for, metric, probe, wait_for
+from ingest_helpers import keys_for, metric, probe, wait_for
 from vllm_publisher import Ev, VllmPublisher, cleared, encode_batch, removed, stored
 
 from kvindex.index import MemoryIndex
 from kvindex.index.locked import LockedIndex
 from kvindex.ingest_service import IngestService, IngestServiceConfig
 from kvindex.metrics import KvindexMetrics
+from tests.ports import free_port
 
 T = list(range(64))
 ENGINE = "127.0.0.1:8000"

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ingest_helpers import free_port, metric, probe, wait_for
+from ingest_helpers import metric, probe, wait_for
 from vllm_publisher import Ev, VllmPublisher, cleared, encode_batch, removed, stored
 
 from kvindex.index import MemoryIndex
@@ -19,6 +19,7 @@ from kvindex.ingest import EventApplier
 from kvindex.ingest_service import IngestService, IngestServiceConfig
 from kvindex.metrics import KvindexMetrics
 from kvindex.wire import decode_batch
+from tests.ports import free_port
 
 ENGINE = "127.0.0.1:8000"
 SENTINEL = 0xC0FFEE

@@ -33,8 +33,8 @@ from kvindex.demo.model import MODEL_NAME, DemoSetupError, write_model_dir
 from kvindex.demo.policies import POLICIES, picker_config
 from kvindex.demo.processes import (
     ManagedProcess,
+    PortReservation,
     check_port_free,
-    free_port,
     start_picker,
     start_sim,
 )
@@ -179,7 +179,8 @@ def _cluster(
     "envoy" or "direct"). Envoy starts before the picker (it reaches the picker lazily) so
     that a failed Envoy is known before choosing the picker's transport: TLS behind Envoy,
     plaintext behind the direct gateway."""
-    events_port = free_port()
+    ports = PortReservation()  # held until this cluster stops (see PortReservation)
+    events_port = ports.port()
     events = f"tcp://127.0.0.1:{events_port}"
     running: list[ManagedProcess] = []
     envoy: EnvoyProcess | None = None
@@ -201,7 +202,7 @@ def _cluster(
         running.append(sim)
         endpoints = [e.endpoint for e in engines]
         uses_picker = POLICIES[policy].uses_picker
-        grpc_port = free_port() if uses_picker else 0
+        grpc_port = ports.port() if uses_picker else 0
         if uses_picker:
             envoy = front.start_envoy(
                 lambda: EnvoyProcess(
@@ -210,7 +211,7 @@ def _cluster(
                     FALLBACK_PORT=int(endpoints[0].rsplit(":", 1)[1]),
                 )
             )
-            health_port, metrics_port = free_port(), free_port()
+            health_port, metrics_port = ports.port(), ports.port()
             text = picker_config(
                 policy, model=MODEL_NAME, model_dir=model_dir, events_endpoint=events
             )
@@ -241,6 +242,7 @@ def _cluster(
             envoy.stop()
         for process in reversed(running):
             process.stop()
+        ports.close()
 
 
 async def _run_policy(
