@@ -270,6 +270,8 @@ async def bench(args: argparse.Namespace) -> None:
                 f"direct gRPC {label} ({len(body)} B): decision p50 {ms(d50)} p99 {ms(d99)}; "
                 f"decision+body p50 {ms(f50)} p99 {ms(f99)}"
             )
+        if not args.envoy:
+            return
         common = {"FALLBACK_PORT": up["ports"][0], "EPP_PORT": ports["grpc"]}
         with_picker = EnvoyProcess(**common).start()
         envoys.append(with_picker)

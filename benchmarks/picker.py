@@ -13,10 +13,12 @@ tokenization cache is warm) + a user turn different in every request.
 Measured:
 1. In-process breakdown in the picker process (`--breakdown`): parse, tokenize, keys,
    lookup, the other scorers and picker, the ext_proc state machine.
-2. Decision latency over a direct gRPC stream to the picker, TLS (as deployed) and plaintext
-   (two picker processes, alternated per request); decisions/s per core = decisions / CPU
-   seconds of the picker process (utime + stime from /proc/<pid>/stat) over the run.
-3. Latency added by Envoy + picker versus Envoy alone (A/B interleaved in one run).
+2. Decision latency over a direct gRPC stream to the picker, with each ext_proc edge (the
+   picker's own HTTP/2 edge `h2` and grpc.aio's server `grpcio`), TLS (as deployed) and
+   plaintext: four picker processes, streams alternated between them; decisions/s per core
+   = decisions / CPU seconds of the picker process (utime + stime from /proc/<pid>/stat).
+3. Latency added by Envoy + picker versus Envoy alone, for the TLS h2 and TLS grpcio
+   pickers (requests interleaved over the three Envoys in one run).
 
 Run: python -m benchmarks.picker [--direct N] [--envoy N] [--breakdown N] [--baseline-src DIR]
 """
@@ -120,7 +122,9 @@ def chat_body(size: str, i: int) -> bytes:
 # -- the picker process ----------------------------------------------------------------------
 
 
-def build_picker(config_text: str, endpoints: str, plaintext: bool, cert: str, key: str) -> Any:
+def build_picker(
+    config_text: str, endpoints: str, plaintext: bool, cert: str, key: str, edge: str = "h2"
+) -> Any:
     from epp.commands.serve import framework_scheduler
     from epp.endpoints import Datastore
     from epp.metrics import EppMetrics
@@ -137,6 +141,10 @@ def build_picker(config_text: str, endpoints: str, plaintext: bool, cert: str, k
         cert_path=None if plaintext else cert,
         key_path=None if plaintext else key,
         metrics_interval_s=3600,
+        # a --baseline-src tree may predate the choice of edge
+        **(
+            {"extproc_server": edge} if "extproc_server" in ServeConfig.__dataclass_fields__ else {}
+        ),
     )
     deps = PickerDeps(Datastore(), EppMetrics(), ModelRegistry({}))
     path = Path(tempfile.mkdtemp(prefix="epp-bench-cfg-")) / "config.yaml"
@@ -183,7 +191,7 @@ def run_picker(args: argparse.Namespace) -> None:
 
     async def main() -> None:
         server, scheduler = build_picker(
-            config_text, args.upstream, args.plaintext, args.cert, args.key
+            config_text, args.upstream, args.plaintext, args.cert, args.key, args.edge
         )
         await server.start()
         backend = scheduler.plugin("precise-prefix-cache-scorer").backend
@@ -306,7 +314,7 @@ async def direct(
     credentials = grpc.ssl_channel_credentials(root_certificates=cert)
     channels = {
         name: grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        if name == "plaintext"
+        if name.startswith("plain")
         else grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials)
         for name, (port, _) in pickers.items()
     }
@@ -329,22 +337,22 @@ async def direct(
     return {name: (samples[name], cpu[name]) for name in pickers}
 
 
-async def through_envoy(
-    with_picker: str, alone: str, size: str, n: int
-) -> tuple[list[float], list[float]]:
-    a, b = [], []
+async def through_envoy(urls: dict[str, str], size: str, n: int) -> dict[str, list[float]]:
+    """Requests interleaved over the Envoys (name -> URL); latencies per Envoy."""
+    out_: dict[str, list[float]] = {name: [] for name in urls}
     headers = {"content-type": "application/json"}
     async with aiohttp.ClientSession() as http:
         for i in range(n + 20):
             body = chat_body(size, 2_000_000 + i)
-            for url, out in ((alone, a), (with_picker, b)):
+            for name, url in urls.items():
+                out = out_[name]
                 t0 = time.perf_counter()
                 async with http.post(f"{url}/v1/chat/completions", data=body, headers=headers) as r:
                     await r.read()
                     assert r.status == 200, r.status
                 if i >= 20:
                     out.append(time.perf_counter() - t0)
-    return a, b
+    return out_
 
 
 def print_breakdown(name: str, stages: dict[str, dict[str, float]]) -> None:
@@ -366,10 +374,14 @@ async def bench(args: argparse.Namespace) -> None:
     endpoints = ",".join(f"127.0.0.1:{p}" for p in up["ports"])
     tls_args = ["--cert", str(workdir / "cert.pem"), "--key", str(workdir / "key.pem")]
     # name -> (picker arguments, source tree, with the breakdown)
-    variants: dict[str, tuple[list[str], str | None, bool]] = {"tls": (tls_args, None, True)}
+    variants: dict[str, tuple[list[str], str | None, bool]] = {
+        "tls h2": ([*tls_args, "--edge", "h2"], None, True)
+    }
     if args.baseline_src:
         variants["baseline-tls"] = (tls_args, args.baseline_src, True)
-    variants["plaintext"] = (["--plaintext"], None, False)
+    variants["tls grpcio"] = ([*tls_args, "--edge", "grpcio"], None, False)
+    variants["plain h2"] = (["--plaintext", "--edge", "h2"], None, False)
+    variants["plain grpcio"] = (["--plaintext", "--edge", "grpcio"], None, False)
     started = time.perf_counter()
     processes: list[subprocess.Popen[bytes]] = [upstream]
     pickers: dict[str, tuple[int, int]] = {}
@@ -415,19 +427,27 @@ async def bench(args: argparse.Namespace) -> None:
                     "per core"
                 )
         if args.envoy:
-            placeholders = {"FALLBACK_PORT": up["ports"][0], "EPP_PORT": pickers["tls"][0]}
-            with_picker = EnvoyProcess(**placeholders).start()
-            envoys.append(with_picker)
-            alone = EnvoyProcess(transform=envoy_alone, **placeholders).start()
-            envoys.append(alone)
+            fallback = up["ports"][0]
+            urls: dict[str, str] = {}
+            alone = EnvoyProcess(
+                transform=envoy_alone, FALLBACK_PORT=fallback, EPP_PORT=pickers["tls h2"][0]
+            )
+            envoys.append(alone.start())
+            urls["alone"] = alone.url
+            for name in ("tls h2", "tls grpcio"):
+                envoy = EnvoyProcess(FALLBACK_PORT=fallback, EPP_PORT=pickers[name][0])
+                envoys.append(envoy.start())
+                urls[name] = envoy.url
             for size in SIZES:
-                a, b = await through_envoy(with_picker.url, alone.url, size, args.envoy)
-                a50, a99 = percentiles(a)
-                b50, b99 = percentiles(b)
-                print(
-                    f"envoy {size}: alone p50 {ms(a50)} p99 {ms(a99)}; +picker p50 {ms(b50)} "
-                    f"p99 {ms(b99)}; added p50 {ms(b50 - a50)} p99 {ms(b99 - a99)}"
-                )
+                results = await through_envoy(urls, size, args.envoy)
+                a50, a99 = percentiles(results["alone"])
+                line = [f"envoy {size}: alone p50 {ms(a50)} p99 {ms(a99)}"]
+                for name in ("tls h2", "tls grpcio"):
+                    b50, b99 = percentiles(results[name])
+                    line.append(
+                        f"+picker ({name}) p50 {ms(b50)} p99 {ms(b99)}, added p50 {ms(b50 - a50)}"
+                    )
+                print("; ".join(line))
     finally:
         for e in envoys:
             e.stop()
@@ -454,6 +474,7 @@ def main() -> None:
     parser.add_argument("--ports", type=int, default=1)
     parser.add_argument("--events", default="")
     parser.add_argument("--plaintext", action="store_true")
+    parser.add_argument("--edge", choices=("h2", "grpcio"), default="h2")
     parser.add_argument("--cert", default="")
     parser.add_argument("--key", default="")
     args = parser.parse_args()

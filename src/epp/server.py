@@ -22,6 +22,7 @@ from epp import extproc, tls
 from epp.discovery.pool import PoolReconciler
 from epp.endpoints import Datastore, EndpointsFileSource, parse_static
 from epp.engine_metrics import DEFAULT_INTERVAL_S, DEFAULT_TIMEOUT_S, EngineMetricsScraper
+from epp.h2edge.server import H2ExtProcServer, server_ssl_context
 from epp.metrics import EppMetrics
 from epp.requests import ModelRegistry, RequestParser
 from epp.types import Scheduler
@@ -29,6 +30,7 @@ from epp.types import Scheduler
 log = logging.getLogger(__name__)
 
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+EXTPROC_SERVERS = ("h2", "grpcio")
 LIVENESS = "liveness"
 READINESS = "readiness"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -54,6 +56,8 @@ class ServeConfig:
     max_body_bytes: int = extproc.DEFAULT_MAX_BODY_BYTES
     drain_timeout_s: float = 30.0
     header_primary_only: bool = False  # see PickerContext.header_primary_only
+    # "h2": the picker's own HTTP/2 gRPC edge (epp.h2edge); "grpcio": grpc.aio's server.
+    extproc_server: str = "h2"
     adapters: Mapping[str, str] = field(default_factory=dict)  # LoRA adapter -> base model
     objectives: Mapping[str, int] = field(default_factory=dict)  # objective -> priority
 
@@ -100,6 +104,8 @@ class PickerServer:
         self.ports: dict[str, int] = {}
         self.tls_certificate: bytes | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._h2: H2ExtProcServer | None = None
+        self._health_status: dict[str, int] = {}
         self._health_grpc: grpc.aio.Server | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -131,8 +137,8 @@ class PickerServer:
 
     async def _publish_health(self) -> None:
         status = _SERVING if self.ready else _NOT_SERVING
-        await self.health.set(READINESS, status)
-        await self.health.set(EXTPROC_SERVICE, status)
+        await self._set_health(READINESS, status)
+        await self._set_health(EXTPROC_SERVICE, status)
 
     def _on_endpoints_changed(self) -> None:
         with contextlib.suppress(RuntimeError):  # no running loop: nothing to publish to
@@ -140,7 +146,12 @@ class PickerServer:
 
     # -- start -------------------------------------------------------------------------
 
-    def _credentials(self) -> grpc.ServerCredentials:
+    async def _set_health(self, service: str, status: int) -> None:
+        # Mirrored for the h2 edge, which answers Health/Check on the ext_proc port itself.
+        self._health_status[service] = status
+        await self.health.set(service, status)  # type: ignore[arg-type]
+
+    def _tls_pair(self) -> tuple[bytes, bytes]:
         c = self.config
         if c.cert_path or c.key_path:
             if not (c.cert_path and c.key_path):
@@ -149,24 +160,38 @@ class PickerServer:
         else:
             cert, key = tls.self_signed_certificate()
         self.tls_certificate = cert
-        return grpc.ssl_server_credentials([(key, cert)])
+        return cert, key
+
+    async def _start_extproc(self) -> None:
+        c = self.config
+        if c.extproc_server not in EXTPROC_SERVERS:
+            raise ValueError(
+                f"unknown ext_proc server {c.extproc_server!r}; choose from {EXTPROC_SERVERS}"
+            )
+        if c.extproc_server == "h2":
+            ssl_context = server_ssl_context(*self._tls_pair()) if c.secure_serving else None
+            self._h2 = H2ExtProcServer(self.context, self._health_status.get, ssl_context)
+            self.ports["grpc"] = await self._h2.bind(c.host, c.grpc_port)
+            return
+        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        extproc.add_to_server(self._grpc, self.context)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        address = f"{c.host}:{c.grpc_port}"
+        if c.secure_serving:
+            cert, key = self._tls_pair()
+            credentials = grpc.ssl_server_credentials([(key, cert)])
+            self.ports["grpc"] = self._grpc.add_secure_port(address, credentials)
+        else:
+            self.ports["grpc"] = self._grpc.add_insecure_port(address)
 
     async def start(self) -> None:
         c = self.config
         self._start_sources()
         self.datastore.on_change(self._on_endpoints_changed)
 
-        options = [("grpc.so_reuseport", 0)]
-        self._grpc = grpc.aio.server(options=options)
-        extproc.add_to_server(self._grpc, self.context)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        address = f"{c.host}:{c.grpc_port}"
-        if c.secure_serving:
-            self.ports["grpc"] = self._grpc.add_secure_port(address, self._credentials())
-        else:
-            self.ports["grpc"] = self._grpc.add_insecure_port(address)
+        await self._start_extproc()
 
-        self._health_grpc = grpc.aio.server(options=options)
+        self._health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
         self.ports["health"] = self._health_grpc.add_insecure_port(f"{c.host}:{c.health_port}")
 
@@ -182,10 +207,13 @@ class PickerServer:
 
         await _lifecycle(self.scheduler, "start")
         self._scheduler_started = True
-        await self.health.set(LIVENESS, _SERVING)
-        await self.health.set("", _SERVING)
+        await self._set_health(LIVENESS, _SERVING)
+        await self._set_health("", _SERVING)
         await self._publish_health()
-        await self._grpc.start()
+        if self._grpc is not None:
+            await self._grpc.start()
+        if self._h2 is not None:
+            await self._h2.start_serving()
         await self._health_grpc.start()
         self._tasks.append(asyncio.create_task(self.scraper.run(), name="engine-metrics"))
         log.info(
@@ -240,6 +268,8 @@ class PickerServer:
         await self._publish_health()
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        if self._h2 is not None:
+            await self._h2.drain(grace)
         await self.close()
 
     async def close(self) -> None:
@@ -253,6 +283,8 @@ class PickerServer:
             self._watcher.stop()
         if self._grpc is not None:
             await self._grpc.stop(None)
+        if self._h2 is not None:
+            await self._h2.stop()
         if self._health_grpc is not None:
             await self._health_grpc.stop(None)
         if self._metrics_runner is not None:

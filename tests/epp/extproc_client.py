@@ -1,5 +1,6 @@
 """Test helpers: a deterministic scheduler double, ProcessingRequest builders and a real
-grpc.aio ext_proc server + client on a loopback port chosen at run time."""
+ext_proc server (the picker's HTTP/2 edge or grpc.aio's, see EXTPROC_SERVER) + a grpc.aio
+client on a loopback port chosen at run time."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
 from epp.extproc import PickerContext, add_to_server
+from epp.h2edge.server import H2ExtProcServer
 from epp.metrics import EppMetrics
 from epp.requests import RequestParser
 from epp.types import (
@@ -25,6 +27,9 @@ from epp.types import (
     SchedulingError,
     SchedulingResult,
 )
+
+# The edge ExtProcHarness serves with; the `extproc_server` fixture (conftest) sets it.
+EXTPROC_SERVER = "h2"
 
 
 @dataclass
@@ -134,7 +139,8 @@ def immediate_headers(response: pb.ProcessingResponse) -> dict[str, str]:
 
 
 class ExtProcHarness:
-    """A real grpc.aio server with the picker's servicer, and one client channel."""
+    """A real ext_proc server (EXTPROC_SERVER: "h2" or "grpcio") with the picker's stream
+    state machine, and one grpc.aio client channel."""
 
     def __init__(self, eps: list[Endpoint], scheduler: Any, **ctx_args: Any) -> None:
         self.eps = eps
@@ -147,20 +153,31 @@ class ExtProcHarness:
             metrics=self.metrics,
             **ctx_args,
         )
-        self.server = grpc.aio.server()
-        add_to_server(self.server, self.ctx)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.kind = EXTPROC_SERVER
+        self.server: Any = None
+        self.port = 0
         self.channel: grpc.aio.Channel | None = None
 
     async def __aenter__(self) -> ExtProcHarness:
-        await self.server.start()
+        if self.kind == "h2":
+            self.server = H2ExtProcServer(self.ctx, health=lambda service: None)
+            self.port = await self.server.bind("127.0.0.1", 0)
+            await self.server.start_serving()
+        else:
+            self.server = grpc.aio.server()
+            add_to_server(self.server, self.ctx)
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+            await self.server.start()
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         assert self.channel is not None
         await self.channel.close()
-        await self.server.stop(None)
+        if self.kind == "h2":
+            await self.server.stop()
+        else:
+            await self.server.stop(None)
 
     def stub(self) -> pb_grpc.ExternalProcessorStub:
         return pb_grpc.ExternalProcessorStub(self.channel)

@@ -164,10 +164,11 @@ async def start_envoy(**placeholders: object) -> EnvoyProcess:
 
 
 @pytest.fixture
-async def stack(model_servers: list[ModelServer]) -> AsyncIterator[Stack]:
+async def stack(model_servers: list[ModelServer], extproc_server: str) -> AsyncIterator[Stack]:
     scheduler = HeaderPickScheduler()
     picker = PickerServer(
         ServeConfig(
+            extproc_server=extproc_server,
             host="127.0.0.1",
             grpc_port=0,
             health_port=0,

@@ -1,5 +1,6 @@
-"""The ext_proc state machine over a real grpc.aio stream on loopback (the scheduler is a
-deterministic test double; Envoy itself is exercised in test_envoy_e2e.py)."""
+"""The ext_proc state machine over a real gRPC stream on loopback, served by each ext_proc
+edge (the picker's HTTP/2 edge and grpc.aio's server; the client is grpc.aio). The scheduler
+is a deterministic test double; Envoy itself is exercised in test_envoy_e2e.py."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import json
 
 import grpc
+import pytest
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from extproc_client import (
     ExtProcHarness,
@@ -22,6 +24,8 @@ from extproc_client import (
 
 from epp.extproc_wire import MAX_CHUNK_BYTES
 from epp.types import SchedulingError
+
+pytestmark = pytest.mark.usefixtures("extproc_server")
 
 CHAT = json.dumps(
     {"model": "llama", "messages": [{"role": "user", "content": "hello " * 50}], "stream": True}

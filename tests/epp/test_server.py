@@ -65,8 +65,11 @@ def tls_channel(server: PickerServer) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(f"127.0.0.1:{server.ports['grpc']}", credentials)
 
 
-async def test_tls_extproc_health_and_metrics() -> None:
-    server = PickerServer(config(endpoints="10.0.0.1:8000,10.0.0.2:8000"), LeastWaitingScheduler())
+async def test_tls_extproc_health_and_metrics(extproc_server: str) -> None:
+    server = PickerServer(
+        config(endpoints="10.0.0.1:8000,10.0.0.2:8000", extproc_server=extproc_server),
+        LeastWaitingScheduler(),
+    )
     await server.start()
     try:
         async with tls_channel(server) as channel:
@@ -77,6 +80,13 @@ async def test_tls_extproc_health_and_metrics() -> None:
             assert header_mutation(decision)["x-gateway-destination-endpoint"] == "10.0.0.1:8000"
             await asyncio.wait_for(call.read(), 10)  # the re-emitted body
             await call.done_writing()
+            # gRPC health is also served on the ext_proc port (for Envoy's health checks)
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(health_pb2.HealthCheckRequest(service="readiness"))
+            assert reply.status == SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await health.Check(health_pb2.HealthCheckRequest(service="nope"))
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
         # plaintext is refused on the TLS port
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.ports['grpc']}") as plain:
             call = pb_grpc.ExternalProcessorStub(plain).Process()
@@ -123,9 +133,12 @@ async def test_readiness_waits_for_the_endpoints_file(tmp_path: Path) -> None:
         await server.close()
 
 
-async def test_drain_refuses_new_streams_and_finishes_inflight_ones() -> None:
+async def test_drain_refuses_new_streams_and_finishes_inflight_ones(extproc_server: str) -> None:
     scheduler = LeastWaitingScheduler()
-    server = PickerServer(config(endpoints="10.0.0.1:8000", secure_serving=False), scheduler)
+    server = PickerServer(
+        config(endpoints="10.0.0.1:8000", secure_serving=False, extproc_server=extproc_server),
+        scheduler,
+    )
     await server.start()
     port = server.ports["grpc"]
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

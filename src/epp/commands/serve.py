@@ -14,7 +14,7 @@ from typing import Any
 from epp import framework
 from epp.metrics import PrometheusObserver
 from epp.plugins.precise_prefix import PrecisePrefixParams, PrefixIndexBackend
-from epp.server import PickerDeps, PickerServer, SchedulerFactory, ServeConfig
+from epp.server import EXTPROC_SERVERS, PickerDeps, PickerServer, SchedulerFactory, ServeConfig
 from epp.types import Endpoint, Scheduler
 
 log = logging.getLogger("epp.serve")
@@ -90,6 +90,13 @@ def register(subparsers: Any) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="TLS on the ext_proc port (default on; self-signed unless --cert-path/--key-path)",
+    )
+    p.add_argument(
+        "--extproc-server",
+        choices=EXTPROC_SERVERS,
+        default="h2",
+        help="what serves the ext_proc port: h2, the picker's own HTTP/2 gRPC edge (default; "
+        "about half the CPU per stream), or grpcio, grpc.aio's server",
     )
     p.add_argument("--cert-path", help="PEM certificate for the ext_proc port")
     p.add_argument("--key-path", help="PEM private key for the ext_proc port")
@@ -168,6 +175,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_body_bytes=args.max_body_bytes,
         drain_timeout_s=args.drain_timeout,
         header_primary_only=args.destination_header == "primary",
+        extproc_server=args.extproc_server,
         adapters=_key_values(args.lora_adapter, "--lora-adapter"),
         objectives=_key_values(args.objective, "--objective", int),
     )

@@ -1,0 +1,392 @@
+"""The picker's HTTP/2 ext_proc edge at the protocol level, over real loopback sockets.
+
+The client is python-hyper's `h2` (an independent HTTP/2 implementation that checks what we
+send: flow control, frame sizes, header rules) or raw frames for what no well-behaved client
+sends. Stream semantics (decisions, rejections, response path) are covered for both edges in
+test_extproc.py and through a real Envoy in test_envoy_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import hpack
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from extproc_client import LeastWaitingScheduler, endpoints, request_body, request_headers
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from epp.extproc import PickerContext
+from epp.h2edge import frames as f
+from epp.h2edge.server import H2ExtProcServer
+from epp.metrics import EppMetrics
+from epp.requests import RequestParser
+
+PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi " * 40}]}).encode()
+
+
+def grpc_headers(path: str = PROCESS, content_type: str = "application/grpc") -> list:
+    return [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "epp"),
+        ("content-type", content_type),
+        ("te", "trailers"),
+    ]
+
+
+def messages(*requests: pb.ProcessingRequest) -> bytes:
+    return b"".join(f.grpc_message(r.SerializeToString()) for r in requests)
+
+
+def decode_messages(data: bytes) -> list[pb.ProcessingResponse]:
+    reader = f.GrpcMessageReader(1 << 24)
+    return [pb.ProcessingResponse.FromString(m) for m in reader.feed(data)]
+
+
+class Picker:
+    def __init__(self) -> None:
+        self.scheduler = LeastWaitingScheduler()
+        self.metrics = EppMetrics()
+        self.eps = endpoints(("10.0.0.1", 8000, 0), ("10.0.0.2", 8000, 1))
+        ctx = PickerContext(self.scheduler, lambda: self.eps, RequestParser(), self.metrics)
+        self.server = H2ExtProcServer(ctx, health=lambda service: None)
+        self.port = 0
+
+    def gauge(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+@pytest.fixture
+async def picker() -> AsyncIterator[Picker]:
+    p = Picker()
+    p.port = await p.server.bind("127.0.0.1", 0)
+    await p.server.start_serving()
+    yield p
+    await p.server.stop()
+
+
+class Client:
+    """An h2 client connection; `until` reads and collects events until a predicate holds."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        self.conn = h2.connection.H2Connection(config)
+        self.events: list[h2.events.Event] = []
+        self.data: dict[int, bytearray] = {}
+        self.auto_ack = True
+
+    @classmethod
+    async def connect(cls, port: int, **settings_: int) -> Client:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        client = cls(reader, writer)
+        client.conn.initiate_connection()
+        if settings_:
+            client.conn.update_settings(
+                {getattr(h2.settings.SettingCodes, k): v for k, v in settings_.items()}
+            )
+        await client.flush()
+        return client
+
+    async def flush(self) -> None:
+        self.writer.write(self.conn.data_to_send())
+        await self.writer.drain()
+
+    async def until(self, predicate, timeout: float = 10.0) -> None:
+        async def loop() -> None:
+            while not predicate():
+                chunk = await self.reader.read(1 << 16)
+                if not chunk:
+                    raise ConnectionError("server closed the connection")
+                for event in self.conn.receive_data(chunk):
+                    self.events.append(event)
+                    if isinstance(event, h2.events.DataReceived):
+                        self.data.setdefault(event.stream_id, bytearray()).extend(event.data)
+                        if self.auto_ack:
+                            self.conn.acknowledge_received_data(
+                                event.flow_controlled_length, event.stream_id
+                            )
+                await self.flush()
+
+        await asyncio.wait_for(loop(), timeout)
+
+    def ended(self, stream_id: int) -> bool:
+        return any(
+            isinstance(e, h2.events.StreamEnded | h2.events.StreamReset)
+            and e.stream_id == stream_id
+            for e in self.events
+        )
+
+    def trailers(self, stream_id: int) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for e in self.events:
+            headers = isinstance(e, h2.events.TrailersReceived | h2.events.ResponseReceived)
+            if headers and e.stream_id == stream_id:
+                out.update(dict(e.headers))
+        return out
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+async def decision_stream(client: Client, body: bytes = CHAT, **send: object) -> int:
+    sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(sid, grpc_headers())
+    client.conn.send_data(sid, messages(request_headers(), request_body(body, True)), **send)
+    await client.flush()
+    return sid
+
+
+async def test_decision_then_ok_trailers_over_h2(picker: Picker) -> None:
+    client = await Client.connect(picker.port)
+    sid = await decision_stream(client)
+    await client.until(lambda: len(decode_messages(bytes(client.data.get(sid, b"")))) >= 2)
+    decision, body = decode_messages(bytes(client.data[sid]))
+    mutation = decision.request_headers.response.header_mutation.set_headers
+    assert {h.header.key: h.header.raw_value for h in mutation}[
+        "x-gateway-destination-endpoint"
+    ] == b"10.0.0.1:8000"
+    assert body.request_body.response.body_mutation.streamed_response.body == CHAT
+    client.conn.end_stream(sid)
+    await client.flush()
+    await client.until(lambda: client.ended(sid))
+    assert client.trailers(sid)["grpc-status"] == "0"
+    await client.close()
+    await wait_until(lambda: picker.gauge("llm_d_epp_inflight_streams") == 0)
+
+
+async def test_small_client_window_and_frames_are_respected(picker: Picker) -> None:
+    """h2 raises if we overrun its window or frame size; the 200 KB body re-emission must
+    wait for credit and still arrive intact."""
+    client = await Client.connect(picker.port, INITIAL_WINDOW_SIZE=1000, MAX_FRAME_SIZE=16384)
+    await client.until(
+        lambda: any(isinstance(e, h2.events.SettingsAcknowledged) for e in client.events)
+    )
+    big = json.dumps({"model": "m", "prompt": "x" * 200_000}).encode()
+    sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(sid, grpc_headers())
+    payload = messages(
+        request_headers(path="/v1/completions"),
+        *[
+            request_body(big[i : i + 16384], i + 16384 >= len(big))
+            for i in range(0, len(big), 16384)
+        ],
+    )
+    for i in range(0, len(payload), 16000):
+        client.conn.send_data(sid, payload[i : i + 16000])
+    await client.flush()
+
+    def reemitted() -> bytes:
+        out = decode_messages(bytes(client.data.get(sid, b"")))
+        return b"".join(r.request_body.response.body_mutation.streamed_response.body for r in out)
+
+    await client.until(lambda: reemitted() == big)
+    await client.close()
+
+
+async def test_unknown_method_and_non_grpc_requests_are_refused(picker: Picker) -> None:
+    client = await Client.connect(picker.port)
+    unknown = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(unknown, grpc_headers(path="/pkg.Svc/Nope"), end_stream=True)
+    watch = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(watch, grpc_headers(path="/grpc.health.v1.Health/Watch"))
+    plain = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(plain, grpc_headers(content_type="text/plain"), end_stream=True)
+    await client.flush()
+    await client.until(lambda: all(client.ended(s) for s in (unknown, watch, plain)))
+    assert client.trailers(unknown)["grpc-status"] == "12"
+    assert "/pkg.Svc/Nope" in client.trailers(unknown)["grpc-message"]
+    assert "health port" in client.trailers(watch)["grpc-message"]
+    assert client.trailers(plain)[":status"] == "415"
+    # the connection is still good
+    sid = await decision_stream(client)
+    await client.until(lambda: len(decode_messages(bytes(client.data.get(sid, b"")))) >= 2)
+    await client.close()
+
+
+async def test_bad_messages_end_their_stream_only(picker: Picker) -> None:
+    client = await Client.connect(picker.port)
+    garbage = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(garbage, grpc_headers())
+    client.conn.send_data(garbage, b"\x00\x00\x00\x00\x03\xff\xff\xff")
+    compressed = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(compressed, grpc_headers())
+    client.conn.send_data(compressed, b"\x01\x00\x00\x00\x01\x00")
+    cut = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(cut, grpc_headers())
+    client.conn.send_data(cut, b"\x00\x00\x00\x10\x00abc", end_stream=True)
+    await client.flush()
+    await client.until(lambda: all(client.ended(s) for s in (garbage, compressed, cut)))
+    assert client.trailers(garbage)["grpc-status"] == "13"
+    assert client.trailers(compressed)["grpc-status"] == "12"
+    assert client.trailers(cut)["grpc-status"] == "13"
+    assert picker.gauge("llm_d_epp_skipped_total", what="extproc_bad_message") == 2
+    sid = await decision_stream(client, pad_length=7)  # padded DATA too
+    await client.until(lambda: len(decode_messages(bytes(client.data.get(sid, b"")))) >= 2)
+    await client.close()
+
+
+async def test_client_reset_releases_the_request(picker: Picker) -> None:
+    client = await Client.connect(picker.port)
+    sid = await decision_stream(client)
+    await client.until(lambda: len(decode_messages(bytes(client.data.get(sid, b"")))) >= 2)
+    client.conn.reset_stream(sid, error_code=f.CANCEL)
+    ping = b"12345678"
+    client.conn.ping(ping)
+    await client.flush()
+    await client.until(lambda: any(isinstance(e, h2.events.PingAckReceived) for e in client.events))
+    await wait_until(lambda: len(picker.scheduler.completed) == 1)
+    assert picker.scheduler.completed[0].status == 499
+    assert picker.gauge("llm_d_epp_inflight_streams") == 0
+    await client.close()
+
+
+async def raw_connection(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f.PREFACE + f.frame(f.SETTINGS, 0, 0))
+    await writer.drain()
+    return reader, writer
+
+
+async def read_frames(reader: asyncio.StreamReader, stop) -> list[f.Frame]:
+    parser = f.FrameReader(f.MAX_FRAME_LIMIT)
+    seen: list[f.Frame] = []
+
+    async def loop() -> None:
+        while not stop(seen):
+            chunk = await reader.read(1 << 16)
+            if not chunk:
+                return
+            seen.extend(parser.feed(chunk))
+
+    await asyncio.wait_for(loop(), 10)
+    return seen
+
+
+async def test_header_block_split_over_continuation_frames(picker: Picker) -> None:
+    reader, writer = await raw_connection(picker.port)
+    block = hpack.Encoder().encode(grpc_headers())
+    half = len(block) // 2
+    writer.write(
+        f.frame(f.HEADERS, 0, 1, block[:half])
+        + f.frame(f.CONTINUATION, f.END_HEADERS, 1, block[half:])
+        + f.frame(f.DATA, 0, 1, messages(request_headers(), request_body(CHAT, True)))
+    )
+    await writer.drain()
+    data = bytearray()
+
+    def got_two(seen: list[f.Frame]) -> bool:
+        data[:] = b"".join(x.payload for x in seen if x.type == f.DATA and x.stream_id == 1)
+        return len(decode_messages(bytes(data))) >= 2
+
+    await read_frames(reader, got_two)
+    assert decode_messages(bytes(data))[0].HasField("request_headers")
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("wire", "code"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", f.PROTOCOL_ERROR),
+        (f.PREFACE + f.frame(f.DATA, 0, 0, b"x"), f.PROTOCOL_ERROR),
+        (
+            f.PREFACE + f.frame(f.HEADERS, f.END_HEADERS, 1, b"\xff\xff\xff\xff"),
+            f.COMPRESSION_ERROR,
+        ),
+        (f.PREFACE + f.frame(f.SETTINGS, 0, 0, b"\x00\x04"), f.FRAME_SIZE_ERROR),
+        (f.PREFACE + f.frame(f.WINDOW_UPDATE, 0, 0, b"\x00\x00\x00\x00"), f.PROTOCOL_ERROR),
+        (
+            f.PREFACE + f.frame(f.HEADERS, 0, 1, b"\x83") + f.frame(f.PING, 0, 0, b"1" * 8),
+            f.PROTOCOL_ERROR,
+        ),
+    ],
+    ids=[
+        "http1",
+        "data-on-0",
+        "bad-hpack",
+        "short-settings",
+        "zero-window-update",
+        "interrupted-headers",
+    ],
+)
+async def test_protocol_errors_close_with_goaway_and_are_counted(
+    picker: Picker, wire: bytes, code: int
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", picker.port)
+    writer.write(wire)
+    await writer.drain()
+    seen = await read_frames(reader, lambda s: any(x.type == f.GOAWAY for x in s))
+    goaway = next(x for x in seen if x.type == f.GOAWAY)
+    assert int.from_bytes(goaway.payload[4:8], "big") == code
+    assert await reader.read() == b""  # and the connection is closed
+    writer.close()
+    assert picker.gauge("llm_d_epp_skipped_total", what="extproc_h2_protocol_error") == 1
+    client = await Client.connect(picker.port)  # the server itself is fine
+    sid = await decision_stream(client)
+    await client.until(lambda: len(decode_messages(bytes(client.data.get(sid, b"")))) >= 2)
+    await client.close()
+
+
+_frames = st.tuples(
+    st.integers(0, 12),  # types, including unknown ones
+    st.integers(0, 255),
+    st.sampled_from([0, 1, 3, 5, 2, 0x7FFF_FFFF]),
+    st.binary(max_size=64),
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    frames_=st.lists(_frames, max_size=8),
+    with_stream=st.booleans(),
+)
+async def test_arbitrary_frames_never_break_the_server(
+    picker: Picker, frames_: list[tuple[int, int, int, bytes]], with_stream: bool
+) -> None:
+    """Whatever frames follow the preface, the server answers or closes the connection with
+    GOAWAY, never crashes, and leaks no stream once the client is gone."""
+    reader, writer = await raw_connection(picker.port)
+    wire = b""
+    if with_stream:
+        block = hpack.Encoder().encode(grpc_headers())
+        wire += f.frame(f.HEADERS, f.END_HEADERS, 1, block)
+        wire += f.frame(f.DATA, 0, 1, messages(request_headers()))
+    wire += b"".join(f.frame(t, fl, sid, payload) for t, fl, sid, payload in frames_)
+    writer.write(wire + f.frame(f.PING, 0, 0, b"pingpong"))
+    await writer.drain()
+    # Either the PING is answered (the connection lives on) or a GOAWAY ends it.
+    await read_frames(
+        reader,
+        lambda s: any(
+            x.type == f.GOAWAY
+            or (x.type == f.PING and x.flags & f.ACK and x.payload == b"pingpong")
+            for x in s
+        ),
+    )
+    writer.close()
+    await writer.wait_closed()
+    await wait_until(lambda: picker.gauge("llm_d_epp_inflight_streams") == 0)
+    client = await Client.connect(picker.port)
+    sid = await decision_stream(client)
+    await client.until(lambda: len(decode_messages(bytes(client.data.get(sid, b"")))) >= 2)
+    await client.close()
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
