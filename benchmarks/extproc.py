@@ -1,7 +1,9 @@
 """ext_proc edge overhead.
 
 0. The state machine alone (RequestStream.handle in this process, no gRPC), for scale.
-1. Decision latency over a direct gRPC stream (TLS, as deployed): request headers + body
+1. Decision latency over a direct gRPC stream (TLS, as deployed), for each ext_proc edge
+   (`h2`, the picker's own; `grpcio`), streams alternated between the two pickers, with the
+   picker's CPU per stream from /proc: request headers + body
    (16 KiB chunks, as Envoy forwards them) -> the decision and the re-emitted body, with a
    trivial scheduler (first endpoint), so the edge itself is measured: gRPC, buffering,
    msgspec parsing, header mutation, re-chunking.
@@ -41,6 +43,7 @@ from epp.types import Endpoint, LLMRequest, ProfileResult, ResponseStats, Schedu
 from kvindex.demo.envoy import EnvoyProcess
 
 CHUNK = 16 << 10
+EDGES = ("h2", "grpcio")  # epp serve --extproc-server
 SIZES = {"1k": 1024, "8k": 8192}
 
 
@@ -69,7 +72,7 @@ def chat_body(tokens: int) -> bytes:
 # -- child processes -----------------------------------------------------------------
 
 
-def run_picker(upstream: str, cert: str, key: str) -> None:
+def run_picker(upstream: str, cert: str, key: str, edge: str) -> None:
     import logging
 
     from epp.server import PickerServer, ServeConfig
@@ -86,10 +89,11 @@ def run_picker(upstream: str, cert: str, key: str) -> None:
             cert_path=cert,
             key_path=key,
             metrics_interval_s=3600,
+            extproc_server=edge,
         )
         server = PickerServer(config, FirstEndpointScheduler())
         await server.start()
-        print(json.dumps(server.ports), flush=True)
+        print(json.dumps({**server.ports, "pid": os.getpid()}), flush=True)
         await asyncio.Event().wait()
 
     asyncio.run(main())
@@ -135,29 +139,50 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), p99
 
 
-async def direct(port: int, cert: bytes, body: bytes, n: int) -> tuple[list[float], list[float]]:
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all threads (/proc/<pid>/stat; 10 ms ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def direct(
+    pickers: dict[str, tuple[int, int]], cert: bytes, body: bytes, n: int
+) -> dict[str, tuple[list[float], list[float], float]]:
+    """Streams alternated between the pickers (name -> (port, pid)); per picker the decision
+    latencies, decision + re-emitted body latencies, and its CPU seconds per stream."""
     credentials = grpc.ssl_channel_credentials(root_certificates=cert)
     messages = request_messages(body)
     expected_body_responses = -(-len(body) // 62_000)
-    decisions, full = [], []
-    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
-        stub = pb_grpc.ExternalProcessorStub(channel)
+    out = {name: ([], [], 0.0) for name in pickers}
+    channels = {
+        name: grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials)
+        for name, (port, _) in pickers.items()
+    }
+    cpu = dict.fromkeys(pickers, 0.0)
+    try:
         for i in range(n + 20):
-            t0 = time.perf_counter()
-            call = stub.Process()
-            for m in messages:
-                await call.write(m)
-            await call.read()
-            t_decision = time.perf_counter()
-            for _ in range(expected_body_responses):
+            for name, channel in channels.items():
+                pid = pickers[name][1]
+                c0 = cpu_seconds(pid)
+                t0 = time.perf_counter()
+                call = pb_grpc.ExternalProcessorStub(channel).Process()
+                for m in messages:
+                    await call.write(m)
                 await call.read()
-            t_body = time.perf_counter()
-            await call.done_writing()
-            await call.read()
-            if i >= 20:  # warm-up excluded
-                decisions.append(t_decision - t0)
-                full.append(t_body - t0)
-    return decisions, full
+                t_decision = time.perf_counter()
+                for _ in range(expected_body_responses):
+                    await call.read()
+                t_body = time.perf_counter()
+                await call.done_writing()
+                await call.read()
+                if i >= 20:  # warm-up excluded
+                    out[name][0].append(t_decision - t0)
+                    out[name][1].append(t_body - t0)
+                    cpu[name] += cpu_seconds(pid) - c0
+    finally:
+        for channel in channels.values():
+            await channel.close()
+    return {name: (d, f, cpu[name] / n) for name, (d, f, _) in out.items()}
 
 
 def request_messages(body: bytes) -> list[pb.ProcessingRequest]:
@@ -242,16 +267,23 @@ async def bench(args: argparse.Namespace) -> None:
     (workdir / "cert.pem").write_bytes(cert)
     (workdir / "key.pem").write_bytes(key)
     upstream, up = spawn("--role", "upstream")
-    picker, ports = spawn(
-        "--role",
-        "picker",
-        "--upstream",
-        f"127.0.0.1:{up['ports'][0]}",
-        "--cert",
-        str(workdir / "cert.pem"),
-        "--key",
-        str(workdir / "key.pem"),
-    )
+    processes = [upstream]
+    pickers: dict[str, tuple[int, int]] = {}
+    for edge in EDGES:
+        picker, ports = spawn(
+            "--role",
+            "picker",
+            "--edge",
+            edge,
+            "--upstream",
+            f"127.0.0.1:{up['ports'][0]}",
+            "--cert",
+            str(workdir / "cert.pem"),
+            "--key",
+            str(workdir / "key.pem"),
+        )
+        processes.append(picker)
+        pickers[edge] = (ports["grpc"], ports["pid"])
     envoys: list[EnvoyProcess] = []
     try:
         print(
@@ -263,33 +295,38 @@ async def bench(args: argparse.Namespace) -> None:
             print(f"state machine only {label}: p50 {ms(p50)} p99 {ms(p99)}")
         for label, tokens in SIZES.items():
             body = chat_body(tokens)
-            decisions, full = await direct(ports["grpc"], cert, body, args.direct)
-            d50, d99 = percentiles(decisions)
-            f50, f99 = percentiles(full)
-            print(
-                f"direct gRPC {label} ({len(body)} B): decision p50 {ms(d50)} p99 {ms(d99)}; "
-                f"decision+body p50 {ms(f50)} p99 {ms(f99)}"
-            )
+            results = await direct(pickers, cert, body, args.direct)
+            for edge, (decisions, full, cpu) in results.items():
+                d50, d99 = percentiles(decisions)
+                f50, f99 = percentiles(full)
+                print(
+                    f"direct gRPC {edge:6s} {label} ({len(body)} B): decision p50 {ms(d50)} "
+                    f"p99 {ms(d99)}; decision+body p50 {ms(f50)} p99 {ms(f99)}; picker CPU "
+                    f"{ms(cpu)}/stream"
+                )
         if not args.envoy:
             return
-        common = {"FALLBACK_PORT": up["ports"][0], "EPP_PORT": ports["grpc"]}
-        with_picker = EnvoyProcess(**common).start()
-        envoys.append(with_picker)
-        alone = EnvoyProcess(transform=envoy_alone, **common).start()
-        envoys.append(alone)
-        for label, tokens in SIZES.items():
-            body = chat_body(tokens)
-            a, b = await through_envoy(with_picker.url, alone.url, body, args.envoy)
-            a50, a99 = percentiles(a)
-            b50, b99 = percentiles(b)
-            print(
-                f"envoy {label}: alone p50 {ms(a50)} p99 {ms(a99)}; +picker p50 {ms(b50)} "
-                f"p99 {ms(b99)}; added p50 {ms(b50 - a50)} (ratio {b50 / a50:.2f})"
-            )
+        fallback = up["ports"][0]
+        alone = EnvoyProcess(
+            transform=envoy_alone, FALLBACK_PORT=fallback, EPP_PORT=pickers[EDGES[0]][0]
+        )
+        envoys.append(alone.start())
+        for edge in EDGES:
+            with_picker = EnvoyProcess(FALLBACK_PORT=fallback, EPP_PORT=pickers[edge][0])
+            envoys.append(with_picker.start())
+            for label, tokens in SIZES.items():
+                body = chat_body(tokens)
+                a, b = await through_envoy(with_picker.url, alone.url, body, args.envoy)
+                a50, a99 = percentiles(a)
+                b50, b99 = percentiles(b)
+                print(
+                    f"envoy {edge:6s} {label}: alone p50 {ms(a50)} p99 {ms(a99)}; +picker p50 "
+                    f"{ms(b50)} p99 {ms(b99)}; added p50 {ms(b50 - a50)} (ratio {b50 / a50:.2f})"
+                )
     finally:
         for e in envoys:
             e.stop()
-        for p in (picker, upstream):
+        for p in reversed(processes):
             p.terminate()
             p.wait(10)
 
@@ -302,9 +339,10 @@ def main() -> None:
     parser.add_argument("--upstream", default="")
     parser.add_argument("--cert", default="")
     parser.add_argument("--key", default="")
+    parser.add_argument("--edge", choices=EDGES, default=EDGES[0])
     args = parser.parse_args()
     if args.role == "picker":
-        run_picker(args.upstream, args.cert, args.key)
+        run_picker(args.upstream, args.cert, args.key, args.edge)
     elif args.role == "upstream":
         run_upstream()
     else:

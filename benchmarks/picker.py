@@ -43,7 +43,14 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from benchmarks.extproc import envoy_alone, ms, percentiles, request_messages, run_upstream
+from benchmarks.extproc import (
+    cpu_seconds,
+    envoy_alone,
+    ms,
+    percentiles,
+    request_messages,
+    run_upstream,
+)
 from kvindex.demo.envoy import EnvoyProcess
 from kvindex.demo.model import MODEL_NAME, write_model_dir
 
@@ -284,11 +291,6 @@ def spawn(
     return process, json.loads(line)
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 # -- measurements ----------------------------------------------------------------------------
 
 
@@ -388,7 +390,8 @@ async def bench(args: argparse.Namespace) -> None:
     envoys: list[EnvoyProcess] = []
     try:
         blocks = 0
-        for name, (extra, src, with_breakdown) in variants.items():
+        for name, (extra, src, wanted) in variants.items():
+            with_breakdown = wanted and args.breakdown > 0
             # One at a time: set-up and breakdown must not compete for the two cores.
             process, ports = spawn(
                 "--role",
