@@ -322,3 +322,41 @@ async def test_client_disconnect_mid_stream_releases_the_request() -> None:
         # and the server still serves
         out = await h.exchange([request_headers("/v1/models", end_of_stream=True)], expect=1)
         assert out[0].WhichOneof("response") == "request_headers"
+
+
+class GatedScheduler(LeastWaitingScheduler):
+    """Suspends in `schedule` until `gate` is set, like a remote index lookup in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    async def schedule(self, request, endpoints):
+        self.waiting.set()
+        await self.gate.wait()
+        return await super().schedule(request, endpoints)
+
+
+async def test_messages_arriving_while_the_decision_waits_are_handled_in_order() -> None:
+    scheduler = GatedScheduler()
+    async with ExtProcHarness(three_endpoints(), scheduler) as h:
+        call = h.stub().Process()
+        for m in [request_headers(), request_body(CHAT, True)]:
+            await call.write(m)
+        await asyncio.wait_for(scheduler.waiting.wait(), 10)
+        for m in [response_headers(), response_body(b'{"usage": {"completion_tokens": 3}}', True)]:
+            await call.write(m)
+        scheduler.gate.set()
+        out = [await asyncio.wait_for(call.read(), 10) for _ in range(4)]
+        assert [r.WhichOneof("response") for r in out] == [
+            "request_headers",
+            "request_body",
+            "response_headers",
+            "response_body",
+        ]
+        assert header_mutation(out[0])["x-gateway-destination-endpoint"] == "10.0.0.2:8000"
+        await call.done_writing()
+        assert await asyncio.wait_for(call.read(), 10) is grpc.aio.EOF
+        (stats,) = scheduler.completed
+        assert stats.status == 200 and stats.completion_tokens == 3
