@@ -360,3 +360,23 @@ async def test_messages_arriving_while_the_decision_waits_are_handled_in_order()
         assert await asyncio.wait_for(call.read(), 10) is grpc.aio.EOF
         (stats,) = scheduler.completed
         assert stats.status == 200 and stats.completion_tokens == 3
+
+
+async def test_many_concurrent_streams_on_one_connection() -> None:
+    """Envoy multiplexes every request's stream over a few connections."""
+    scheduler = LeastWaitingScheduler()
+    async with ExtProcHarness(three_endpoints(), scheduler) as h:
+
+        async def one(i: int) -> bytes:
+            body = json.dumps({"model": "llama", "prompt": f"request {i} " * (i + 1)}).encode()
+            out = await h.exchange(
+                [request_headers("/v1/completions"), request_body(body, True)], expect=2
+            )
+            assert header_mutation(out[0])["x-gateway-destination-endpoint"] == "10.0.0.2:8000"
+            return reemitted(out[1:])[0]
+
+        bodies = await asyncio.gather(*(one(i) for i in range(60)))
+        assert [json.loads(b)["prompt"] for b in bodies] == [
+            f"request {i} " * (i + 1) for i in range(60)
+        ]
+        assert len(scheduler.scheduled) == 60
