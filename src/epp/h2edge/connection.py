@@ -48,9 +48,26 @@ _OK_TRAILERS = f.encode_headers([(b"grpc-status", b"0")])
 UNIMPLEMENTED = 12
 INTERNAL = 13
 NOT_FOUND = 5
-UNAVAILABLE = 14
 
 _HEADER_CACHE_SIZE = 64
+
+
+def _same_table(a: tuple[int, Any], b: tuple[int, Any]) -> bool:
+    # The first entry is compared by identity: a new entry is a new tuple.
+    return a[0] == b[0] and a[1] is b[1]
+
+
+def _trailers_only(status: int, message: str) -> bytes:
+    """A gRPC trailers-only response: status, content type and grpc-status in one block."""
+    return f.encode_headers(
+        [
+            (b":status", b"200"),
+            (b"content-type", b"application/grpc"),
+            (b"grpc-status", str(status).encode()),
+            (b"grpc-message", f.percent_encode(message)),
+        ]
+    )
+
 
 HealthLookup = Callable[[str], int | None]  # service name -> ServingStatus, None if unknown
 
@@ -140,7 +157,7 @@ class H2Connection(asyncio.Protocol):
         self._table_entries: Any = getattr(
             getattr(self.decoder, "header_table", None), "dynamic_entries", None
         )
-        self._header_cache: dict[bytes, tuple[int, Any, list[tuple[bytes, bytes]]]] = {}
+        self._header_cache: dict[bytes, tuple[tuple[int, Any], list[tuple[bytes, bytes]]]] = {}
         self._preface = b""
         self._preface_ok = False
         self.streams: dict[int, _Stream] = {}
@@ -316,19 +333,22 @@ class H2Connection(asyncio.Protocol):
         """HPACK-decode `block`. Envoy sends the same block for every ext_proc stream (its
         fields indexed or literal without indexing), so a block that left the dynamic table
         as it was is remembered with the table's state and reused while that state holds."""
-        entries = self._table_entries
-        if entries is None:
+        if self._table_entries is None:
             return self._decode_fully(block)
-        state = (len(entries), entries[0] if entries else None)
+        state = self._table_state()
         cached = self._header_cache.get(block)
-        if cached is not None and cached[0] == state[0] and cached[1] is state[1]:
-            return cached[2]
+        if cached is not None and _same_table(cached[0], state):
+            return cached[1]
         headers = self._decode_fully(block)
-        if len(entries) == state[0] and (entries[0] if entries else None) is state[1]:
+        if _same_table(self._table_state(), state):
             if len(self._header_cache) >= _HEADER_CACHE_SIZE:
                 self._header_cache.clear()
-            self._header_cache[block] = (state[0], state[1], headers)
+            self._header_cache[block] = (state, headers)
         return headers
+
+    def _table_state(self) -> tuple[int, Any]:
+        entries = self._table_entries
+        return len(entries), (entries[0] if entries else None)
 
     def _decode_fully(self, block: bytes) -> list[tuple[bytes, bytes]]:
         try:
@@ -357,10 +377,7 @@ class H2Connection(asyncio.Protocol):
         content_type = headers.get(b"content-type", b"")
         if headers.get(b":method") != b"POST" or not content_type.startswith(b"application/grpc"):
             self.ctx.metrics.skipped.labels(what="extproc_not_grpc").inc()
-            block = self._header_block([(b":status", b"415")])
-            self._out.append(f.frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, sid, block))
-            if not end_stream:
-                self._out.append(f.rst_stream(sid, f.NO_ERROR))
+            self._end_stream(sid, f.encode_headers([(b":status", b"415")]), not end_stream)
             return
         if path == PROCESS_PATH:
             kind = "process"
@@ -373,9 +390,7 @@ class H2Connection(asyncio.Protocol):
                 if path == HEALTH_WATCH_PATH
                 else f"method {path.decode('latin-1')} is not served here"
             )
-            self._trailers_only(sid, UNIMPLEMENTED, detail)
-            if not end_stream:
-                self._out.append(f.rst_stream(sid, f.NO_ERROR))
+            self._end_stream(sid, _trailers_only(UNIMPLEMENTED, detail), not end_stream)
             return
         stream = _Stream(sid, kind, self.peer_initial_window, self.max_message)
         self.streams[sid] = stream
@@ -455,12 +470,8 @@ class H2Connection(asyncio.Protocol):
         # The handler awaits something real (a remote index): finish it in a task; later
         # messages of this stream wait so that they are handled in order.
         stream.busy = True
-        task = asyncio.ensure_future(self._resume(coro, pending))
+        task = asyncio.ensure_future(_Continue(coro, pending))
         task.add_done_callback(lambda t: self._resumed(stream, t))
-
-    @staticmethod
-    async def _resume(coro: Coroutine[Any, Any, Any], pending: Any) -> Any:
-        return await _Continue(coro, pending)
 
     def _resumed(self, stream: _Stream, task: asyncio.Future[Any]) -> None:
         stream.busy = False
@@ -514,8 +525,9 @@ class H2Connection(asyncio.Protocol):
 
     # -- sending ----------------------------------------------------------------------
 
-    def _header_block(self, fields: list[tuple[bytes, bytes]] | None, block: bytes = b"") -> bytes:
-        encoded = block if fields is None else f.encode_headers(fields)
+    def _header_block(self, encoded: bytes) -> bytes:
+        """`encoded` as the next header block on the wire: called when the block is
+        emitted, so a pending table size update leads the first block sent after it."""
         if self._table_size_update:
             self._table_size_update = False
             return f.TABLE_SIZE_ZERO + encoded
@@ -526,7 +538,7 @@ class H2Connection(asyncio.Protocol):
             return
         if not stream.headers_sent:
             stream.headers_sent = True
-            block = self._header_block(None, _RESPONSE_HEADERS)
+            block = self._header_block(_RESPONSE_HEADERS)
             self._out.append(f.frame(f.HEADERS, f.END_HEADERS, stream.id, block))
         data = b"".join(f.grpc_message(p) for p in payloads)
         if stream.pending:
@@ -558,49 +570,40 @@ class H2Connection(asyncio.Protocol):
             del self._blocked[sid]
             self._send_data(stream, data)
             if not stream.pending and stream.pending_trailers is not None:
-                self._out.append(stream.pending_trailers)
+                self._end_stream(sid, stream.pending_trailers, not stream.remote_closed)
                 stream.pending_trailers = None
-                self._end(stream)
+                self._close_stream(stream)
 
-    def _trailers_only(self, sid: int, status: int, message: str) -> None:
-        fields = [
-            (b":status", b"200"),
-            (b"content-type", b"application/grpc"),
-            (b"grpc-status", str(status).encode()),
-            (b"grpc-message", f.percent_encode(message)),
-        ]
-        block = self._header_block(fields)
+    def _end_stream(self, sid: int, block: bytes, client_sending: bool) -> None:
+        """The stream's last HEADERS (END_STREAM), then RST_STREAM(NO_ERROR) if the client
+        is still sending (RFC 9113 8.1)."""
+        block = self._header_block(block)
         self._out.append(f.frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, sid, block))
+        if client_sending:
+            self._out.append(f.rst_stream(sid, f.NO_ERROR))
 
     def _finish(self, stream: _Stream, status: int, message: str) -> None:
-        """End the stream with grpc-status `status`: trailers (after any queued DATA), then
-        RST_STREAM(NO_ERROR) if the client is still sending (RFC 9113 8.1)."""
+        """End the stream with grpc-status `status`: trailers-only if nothing was sent,
+        else trailers after any DATA still waiting for window."""
         if stream.local_closed:
             return
         stream.local_closed = True
         if not stream.headers_sent:
-            self._trailers_only(stream.id, status, message)
-            self._end(stream)
-            return
-        fields = [(b"grpc-status", str(status).encode())]
-        if message:
-            fields.append((b"grpc-message", f.percent_encode(message)))
-        block = _OK_TRAILERS if status == 0 else f.encode_headers(fields)
-        block = self._header_block(None, block)
-        trailers = f.frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, stream.id, block)
+            block = _trailers_only(status, message)
+        elif status == 0:
+            block = _OK_TRAILERS
+        else:
+            fields = [(b"grpc-status", str(status).encode())]
+            if message:
+                fields.append((b"grpc-message", f.percent_encode(message)))
+            block = f.encode_headers(fields)
         if stream.pending:
-            stream.pending_trailers = trailers
+            stream.pending_trailers = block
             return
-        self._out.append(trailers)
-        self._end(stream)
-
-    def _end(self, stream: _Stream) -> None:
-        if not stream.remote_closed:
-            self._out.append(f.rst_stream(stream.id, f.NO_ERROR))
+        self._end_stream(stream.id, block, not stream.remote_closed)
         self._close_stream(stream)
 
     def _reset(self, stream: _Stream, code: int) -> None:
-        stream.local_closed = True
         self._out.append(f.rst_stream(stream.id, code))
         self._close_stream(stream)
 

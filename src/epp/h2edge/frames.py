@@ -109,10 +109,6 @@ class FrameReader:
         self._rest = bytes(buf[pos:]) if pos < end else b""
         return frames
 
-    @property
-    def buffered(self) -> int:
-        return len(self._rest)
-
 
 def frame(type_: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     return (
