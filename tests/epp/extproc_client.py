@@ -142,7 +142,9 @@ class ExtProcHarness:
     """A real ext_proc server (EXTPROC_SERVER: "h2" or "grpcio") with the picker's stream
     state machine, and one grpc.aio client channel."""
 
-    def __init__(self, eps: list[Endpoint], scheduler: Any, **ctx_args: Any) -> None:
+    def __init__(
+        self, eps: list[Endpoint], scheduler: Any, server: str | None = None, **ctx_args: Any
+    ) -> None:
         self.eps = eps
         self.scheduler = scheduler
         self.metrics = EppMetrics()
@@ -153,7 +155,7 @@ class ExtProcHarness:
             metrics=self.metrics,
             **ctx_args,
         )
-        self.kind = EXTPROC_SERVER
+        self.kind = server or EXTPROC_SERVER
         self.server: Any = None
         self.port = 0
         self.channel: grpc.aio.Channel | None = None
@@ -205,3 +207,11 @@ async def messages_of(call: Any) -> AsyncIterator[pb.ProcessingResponse]:
         if message is grpc.aio.EOF:
             return
         yield message
+
+
+async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    """Poll `predicate` until it holds (fails the test after `timeout` seconds)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)

@@ -18,15 +18,18 @@ import h2.settings
 import hpack
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from extproc_client import LeastWaitingScheduler, endpoints, request_body, request_headers
+from extproc_client import (
+    ExtProcHarness,
+    LeastWaitingScheduler,
+    endpoints,
+    request_body,
+    request_headers,
+    wait_until,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from epp.extproc import PickerContext
 from epp.h2edge import frames as f
-from epp.h2edge.server import H2ExtProcServer
-from epp.metrics import EppMetrics
-from epp.requests import RequestParser
 
 PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi " * 40}]}).encode()
@@ -52,27 +55,16 @@ def decode_messages(data: bytes) -> list[pb.ProcessingResponse]:
     return [pb.ProcessingResponse.FromString(m) for m in reader.feed(data)]
 
 
-class Picker:
-    def __init__(self) -> None:
-        self.scheduler = LeastWaitingScheduler()
-        self.metrics = EppMetrics()
-        self.eps = endpoints(("10.0.0.1", 8000, 0), ("10.0.0.2", 8000, 1))
-        ctx = PickerContext(self.scheduler, lambda: self.eps, RequestParser(), self.metrics)
-        self.server = H2ExtProcServer(ctx, health=lambda service: None)
-        self.port = 0
-
-    def gauge(self, name: str, **labels: str) -> float:
-        value = self.metrics.registry.get_sample_value(name, labels)
-        return 0.0 if value is None else value
-
-
 @pytest.fixture
-async def picker() -> AsyncIterator[Picker]:
-    p = Picker()
-    p.port = await p.server.bind("127.0.0.1", 0)
-    await p.server.start_serving()
-    yield p
-    await p.server.stop()
+async def picker() -> AsyncIterator[ExtProcHarness]:
+    eps = endpoints(("10.0.0.1", 8000, 0), ("10.0.0.2", 8000, 1))
+    async with ExtProcHarness(eps, LeastWaitingScheduler(), server="h2") as harness:
+        yield harness
+
+
+def sample(picker: ExtProcHarness, name: str, **labels: str) -> float:
+    value = picker.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
 
 
 class Client:
@@ -148,7 +140,7 @@ async def decision_stream(client: Client, body: bytes = CHAT, **send: object) ->
     return sid
 
 
-async def test_decision_then_ok_trailers_over_h2(picker: Picker) -> None:
+async def test_decision_then_ok_trailers_over_h2(picker: ExtProcHarness) -> None:
     client = await Client.connect(picker.port)
     sid = await decision_stream(client)
     await client.until(lambda: len(decode_messages(bytes(client.data.get(sid, b"")))) >= 2)
@@ -163,10 +155,10 @@ async def test_decision_then_ok_trailers_over_h2(picker: Picker) -> None:
     await client.until(lambda: client.ended(sid))
     assert client.trailers(sid)["grpc-status"] == "0"
     await client.close()
-    await wait_until(lambda: picker.gauge("llm_d_epp_inflight_streams") == 0)
+    await wait_until(lambda: sample(picker, "llm_d_epp_inflight_streams") == 0)
 
 
-async def test_small_client_window_and_frames_are_respected(picker: Picker) -> None:
+async def test_small_client_window_and_frames_are_respected(picker: ExtProcHarness) -> None:
     """h2 raises if we overrun its window or frame size; the 200 KB body re-emission must
     wait for credit and still arrive intact."""
     client = await Client.connect(picker.port, INITIAL_WINDOW_SIZE=1000, MAX_FRAME_SIZE=16384)
@@ -195,7 +187,7 @@ async def test_small_client_window_and_frames_are_respected(picker: Picker) -> N
     await client.close()
 
 
-async def test_unknown_method_and_non_grpc_requests_are_refused(picker: Picker) -> None:
+async def test_unknown_method_and_non_grpc_requests_are_refused(picker: ExtProcHarness) -> None:
     client = await Client.connect(picker.port)
     unknown = client.conn.get_next_available_stream_id()
     client.conn.send_headers(unknown, grpc_headers(path="/pkg.Svc/Nope"), end_stream=True)
@@ -215,7 +207,7 @@ async def test_unknown_method_and_non_grpc_requests_are_refused(picker: Picker) 
     await client.close()
 
 
-async def test_bad_messages_end_their_stream_only(picker: Picker) -> None:
+async def test_bad_messages_end_their_stream_only(picker: ExtProcHarness) -> None:
     client = await Client.connect(picker.port)
     garbage = client.conn.get_next_available_stream_id()
     client.conn.send_headers(garbage, grpc_headers())
@@ -231,13 +223,13 @@ async def test_bad_messages_end_their_stream_only(picker: Picker) -> None:
     assert client.trailers(garbage)["grpc-status"] == "13"
     assert client.trailers(compressed)["grpc-status"] == "12"
     assert client.trailers(cut)["grpc-status"] == "13"
-    assert picker.gauge("llm_d_epp_skipped_total", what="extproc_bad_message") == 2
+    assert sample(picker, "llm_d_epp_skipped_total", what="extproc_bad_message") == 2
     sid = await decision_stream(client, pad_length=7)  # padded DATA too
     await client.until(lambda: len(decode_messages(bytes(client.data.get(sid, b"")))) >= 2)
     await client.close()
 
 
-async def test_client_reset_releases_the_request(picker: Picker) -> None:
+async def test_client_reset_releases_the_request(picker: ExtProcHarness) -> None:
     client = await Client.connect(picker.port)
     sid = await decision_stream(client)
     await client.until(lambda: len(decode_messages(bytes(client.data.get(sid, b"")))) >= 2)
@@ -248,7 +240,7 @@ async def test_client_reset_releases_the_request(picker: Picker) -> None:
     await client.until(lambda: any(isinstance(e, h2.events.PingAckReceived) for e in client.events))
     await wait_until(lambda: len(picker.scheduler.completed) == 1)
     assert picker.scheduler.completed[0].status == 499
-    assert picker.gauge("llm_d_epp_inflight_streams") == 0
+    assert sample(picker, "llm_d_epp_inflight_streams") == 0
     await client.close()
 
 
@@ -274,7 +266,7 @@ async def read_frames(reader: asyncio.StreamReader, stop) -> list[f.Frame]:
     return seen
 
 
-async def test_header_block_split_over_continuation_frames(picker: Picker) -> None:
+async def test_header_block_split_over_continuation_frames(picker: ExtProcHarness) -> None:
     reader, writer = await raw_connection(picker.port)
     block = hpack.Encoder().encode(grpc_headers())
     half = len(block) // 2
@@ -321,7 +313,7 @@ async def test_header_block_split_over_continuation_frames(picker: Picker) -> No
     ],
 )
 async def test_protocol_errors_close_with_goaway_and_are_counted(
-    picker: Picker, wire: bytes, code: int
+    picker: ExtProcHarness, wire: bytes, code: int
 ) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", picker.port)
     writer.write(wire)
@@ -331,7 +323,7 @@ async def test_protocol_errors_close_with_goaway_and_are_counted(
     assert int.from_bytes(goaway.payload[4:8], "big") == code
     assert await reader.read() == b""  # and the connection is closed
     writer.close()
-    assert picker.gauge("llm_d_epp_skipped_total", what="extproc_h2_protocol_error") == 1
+    assert sample(picker, "llm_d_epp_skipped_total", what="extproc_h2_protocol_error") == 1
     client = await Client.connect(picker.port)  # the server itself is fine
     sid = await decision_stream(client)
     await client.until(lambda: len(decode_messages(bytes(client.data.get(sid, b"")))) >= 2)
@@ -354,7 +346,7 @@ _frames = st.tuples(
     with_stream=st.booleans(),
 )
 async def test_arbitrary_frames_never_break_the_server(
-    picker: Picker, frames_: list[tuple[int, int, int, bytes]], with_stream: bool
+    picker: ExtProcHarness, frames_: list[tuple[int, int, int, bytes]], with_stream: bool
 ) -> None:
     """Whatever frames follow the preface, the server answers or closes the connection with
     GOAWAY, never crashes, and leaks no stream once the client is gone."""
@@ -378,15 +370,8 @@ async def test_arbitrary_frames_never_break_the_server(
     )
     writer.close()
     await writer.wait_closed()
-    await wait_until(lambda: picker.gauge("llm_d_epp_inflight_streams") == 0)
+    await wait_until(lambda: sample(picker, "llm_d_epp_inflight_streams") == 0)
     client = await Client.connect(picker.port)
     sid = await decision_stream(client)
     await client.until(lambda: len(decode_messages(bytes(client.data.get(sid, b"")))) >= 2)
     await client.close()
-
-
-async def wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
