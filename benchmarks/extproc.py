@@ -7,8 +7,9 @@
    (16 KiB chunks, as Envoy forwards them) -> the decision and the re-emitted body, with a
    trivial scheduler (first endpoint), so the edge itself is measured: gRPC, buffering,
    msgspec parsing, header mutation, re-chunking.
-2. Latency added by Envoy + picker versus Envoy alone routing to the same fixed upstream,
-   measured side by side (requests interleaved A/B in one run).
+2. Latency added by Envoy + picker versus Envoy alone routing to the same fixed upstream:
+   Envoy alone, Envoy + the h2 picker and Envoy + the grpcio picker, requests interleaved
+   over the three in one run.
 
 Bodies: chat requests with ~1k- and ~8k-token prompts (4 characters per token).
 The picker and the upstream run in their own processes; the client in this one.
@@ -27,7 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from epp.extproc_wire import MAX_CHUNK_BYTES
 from epp.types import Endpoint, LLMRequest, ProfileResult, ResponseStats, SchedulingResult
 from kvindex.demo.envoy import EnvoyProcess
 
@@ -145,44 +148,81 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+WARMUP = 20  # streams / requests per variant excluded from every sample
+
+
+@dataclass(frozen=True, slots=True)
+class PickerProcess:
+    port: int
+    pid: int
+    tls: bool
+
+
+@dataclass(slots=True)
+class StreamSamples:
+    decision: list[float] = field(default_factory=list)  # first message written -> decision
+    full: list[float] = field(default_factory=list)  # ... -> the re-emitted body read
+    cpu_s: float = 0.0  # the picker's CPU seconds over the measured streams
+
+    def cpu_per_stream(self) -> float:
+        return self.cpu_s / len(self.decision)
+
+
+async def one_stream(
+    stub: Any, messages: list[pb.ProcessingRequest], body_responses: int
+) -> tuple[float, float]:
+    """(decision, decision + re-emitted body) seconds of one ext_proc stream."""
+    t0 = time.perf_counter()
+    call = stub.Process()
+    for m in messages:
+        await call.write(m)
+    first = await call.read()
+    t_decision = time.perf_counter()
+    assert first.HasField("request_headers"), first
+    for _ in range(body_responses):
+        await call.read()
+    t_body = time.perf_counter()
+    await call.done_writing()
+    while await call.read() != grpc.aio.EOF:
+        pass
+    return t_decision - t0, t_body - t0
+
+
 async def direct(
-    pickers: dict[str, tuple[int, int]], cert: bytes, body: bytes, n: int
-) -> dict[str, tuple[list[float], list[float], float]]:
-    """Streams alternated between the pickers (name -> (port, pid)); per picker the decision
-    latencies, decision + re-emitted body latencies, and its CPU seconds per stream."""
+    pickers: dict[str, PickerProcess],
+    cert: bytes,
+    messages_of: Callable[[int], list[pb.ProcessingRequest]],
+    n: int,
+) -> dict[str, StreamSamples]:
+    """Streams alternated between the pickers, stream i sending `messages_of(i)`; per picker
+    the latencies and its CPU seconds (/proc) over the streams after the warm-up."""
     credentials = grpc.ssl_channel_credentials(root_certificates=cert)
-    messages = request_messages(body)
-    expected_body_responses = -(-len(body) // 62_000)
-    out = {name: ([], [], 0.0) for name in pickers}
     channels = {
-        name: grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials)
-        for name, (port, _) in pickers.items()
+        name: grpc.aio.secure_channel(f"127.0.0.1:{p.port}", credentials)
+        if p.tls
+        else grpc.aio.insecure_channel(f"127.0.0.1:{p.port}")
+        for name, p in pickers.items()
     }
-    cpu = dict.fromkeys(pickers, 0.0)
+    stubs = {name: pb_grpc.ExternalProcessorStub(c) for name, c in channels.items()}
+    out = {name: StreamSamples() for name in pickers}
     try:
-        for i in range(n + 20):
-            for name, channel in channels.items():
-                pid = pickers[name][1]
+        for i in range(n + WARMUP):
+            messages = messages_of(i)
+            body = sum(len(m.request_body.body) for m in messages)
+            body_responses = -(-body // MAX_CHUNK_BYTES)
+            for name, stub in stubs.items():
+                pid = pickers[name].pid
                 c0 = cpu_seconds(pid)
-                t0 = time.perf_counter()
-                call = pb_grpc.ExternalProcessorStub(channel).Process()
-                for m in messages:
-                    await call.write(m)
-                await call.read()
-                t_decision = time.perf_counter()
-                for _ in range(expected_body_responses):
-                    await call.read()
-                t_body = time.perf_counter()
-                await call.done_writing()
-                await call.read()
-                if i >= 20:  # warm-up excluded
-                    out[name][0].append(t_decision - t0)
-                    out[name][1].append(t_body - t0)
-                    cpu[name] += cpu_seconds(pid) - c0
+                decision, full = await one_stream(stub, messages, body_responses)
+                if i >= WARMUP:
+                    samples = out[name]
+                    samples.cpu_s += cpu_seconds(pid) - c0
+                    samples.decision.append(decision)
+                    samples.full.append(full)
     finally:
         for channel in channels.values():
             await channel.close()
-    return {name: (d, f, cpu[name] / n) for name, (d, f, _) in out.items()}
+    return out
 
 
 def request_messages(body: bytes) -> list[pb.ProcessingRequest]:
@@ -212,13 +252,13 @@ async def state_machine(body: bytes, n: int) -> list[float]:
     ctx = PickerContext(FirstEndpointScheduler(), lambda: eps, RequestParser(), EppMetrics())
     messages = request_messages(body)
     out = []
-    for i in range(n + 20):
+    for i in range(n + WARMUP):
         t0 = time.perf_counter()
         stream = RequestStream(ctx)
         for m in messages:
             await stream.handle(m)
         stream.close()
-        if i >= 20:
+        if i >= WARMUP:
             out.append(time.perf_counter() - t0)
     return out
 
@@ -239,20 +279,31 @@ def envoy_alone(rendered: str) -> str:
 
 
 async def through_envoy(
-    with_picker: str, alone: str, body: bytes, n: int
-) -> tuple[list[float], list[float]]:
-    a, b = [], []
+    urls: dict[str, str], body_of: Callable[[int], bytes], n: int
+) -> dict[str, list[float]]:
+    """Requests interleaved over the Envoys (name -> URL), request i sending `body_of(i)`;
+    latencies per Envoy after the warm-up."""
+    out: dict[str, list[float]] = {name: [] for name in urls}
     headers = {"content-type": "application/json"}
     async with aiohttp.ClientSession() as http:
-        for i in range(n + 20):
-            for url, out in ((alone, a), (with_picker, b)):
+        for i in range(n + WARMUP):
+            body = body_of(i)
+            for name, url in urls.items():
                 t0 = time.perf_counter()
                 async with http.post(f"{url}/v1/chat/completions", data=body, headers=headers) as r:
                     await r.read()
                     assert r.status == 200, r.status
-                if i >= 20:
-                    out.append(time.perf_counter() - t0)
-    return a, b
+                if i >= WARMUP:
+                    out[name].append(time.perf_counter() - t0)
+    return out
+
+
+def stop_all(envoys: list[EnvoyProcess], processes: list[subprocess.Popen[bytes]]) -> None:
+    for envoy in envoys:
+        envoy.stop()
+    for process in reversed(processes):
+        process.terminate()
+        process.wait(10)
 
 
 def ms(x: float) -> str:
@@ -268,7 +319,7 @@ async def bench(args: argparse.Namespace) -> None:
     (workdir / "key.pem").write_bytes(key)
     upstream, up = spawn("--role", "upstream")
     processes = [upstream]
-    pickers: dict[str, tuple[int, int]] = {}
+    pickers: dict[str, PickerProcess] = {}
     for edge in EDGES:
         picker, ports = spawn(
             "--role",
@@ -283,7 +334,7 @@ async def bench(args: argparse.Namespace) -> None:
             str(workdir / "key.pem"),
         )
         processes.append(picker)
-        pickers[edge] = (ports["grpc"], ports["pid"])
+        pickers[edge] = PickerProcess(ports["grpc"], ports["pid"], tls=True)
     envoys: list[EnvoyProcess] = []
     try:
         print(
@@ -295,40 +346,40 @@ async def bench(args: argparse.Namespace) -> None:
             print(f"state machine only {label}: p50 {ms(p50)} p99 {ms(p99)}")
         for label, tokens in SIZES.items():
             body = chat_body(tokens)
-            results = await direct(pickers, cert, body, args.direct)
-            for edge, (decisions, full, cpu) in results.items():
-                d50, d99 = percentiles(decisions)
-                f50, f99 = percentiles(full)
+            messages = request_messages(body)
+            results = await direct(pickers, cert, lambda _, m=messages: m, args.direct)
+            for edge, samples in results.items():
+                d50, d99 = percentiles(samples.decision)
+                f50, f99 = percentiles(samples.full)
                 print(
                     f"direct gRPC {edge:6s} {label} ({len(body)} B): decision p50 {ms(d50)} "
                     f"p99 {ms(d99)}; decision+body p50 {ms(f50)} p99 {ms(f99)}; picker CPU "
-                    f"{ms(cpu)}/stream"
+                    f"{ms(samples.cpu_per_stream())}/stream"
                 )
         if not args.envoy:
             return
         fallback = up["ports"][0]
         alone = EnvoyProcess(
-            transform=envoy_alone, FALLBACK_PORT=fallback, EPP_PORT=pickers[EDGES[0]][0]
+            transform=envoy_alone, FALLBACK_PORT=fallback, EPP_PORT=pickers[EDGES[0]].port
         )
         envoys.append(alone.start())
+        urls = {"alone": alone.url}
         for edge in EDGES:
-            with_picker = EnvoyProcess(FALLBACK_PORT=fallback, EPP_PORT=pickers[edge][0])
-            envoys.append(with_picker.start())
-            for label, tokens in SIZES.items():
-                body = chat_body(tokens)
-                a, b = await through_envoy(with_picker.url, alone.url, body, args.envoy)
-                a50, a99 = percentiles(a)
-                b50, b99 = percentiles(b)
+            envoy = EnvoyProcess(FALLBACK_PORT=fallback, EPP_PORT=pickers[edge].port)
+            envoys.append(envoy.start())
+            urls[edge] = envoy.url
+        for label, tokens in SIZES.items():
+            body = chat_body(tokens)
+            latencies = await through_envoy(urls, lambda _, b=body: b, args.envoy)
+            a50, a99 = percentiles(latencies["alone"])
+            for edge in EDGES:
+                b50, b99 = percentiles(latencies[edge])
                 print(
                     f"envoy {edge:6s} {label}: alone p50 {ms(a50)} p99 {ms(a99)}; +picker p50 "
                     f"{ms(b50)} p99 {ms(b99)}; added p50 {ms(b50 - a50)} (ratio {b50 / a50:.2f})"
                 )
     finally:
-        for e in envoys:
-            e.stop()
-        for p in reversed(processes):
-            p.terminate()
-            p.wait(10)
+        stop_all(envoys, processes)
 
 
 def main() -> None:

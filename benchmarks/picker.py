@@ -38,18 +38,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-
 from benchmarks.extproc import (
-    cpu_seconds,
+    WARMUP,
+    PickerProcess,
+    direct,
     envoy_alone,
     ms,
     percentiles,
     request_messages,
     run_upstream,
+    stop_all,
+    through_envoy,
 )
 from kvindex.demo.envoy import EnvoyProcess
 from kvindex.demo.model import MODEL_NAME, write_model_dir
@@ -229,7 +228,7 @@ async def breakdown(server: Any, scheduler: Any, backend: Any, n: int) -> None:
     out: dict[str, dict[str, float]] = {}
     for size in SIZES:
         stages: dict[str, list[float]] = {}
-        for i in range(n + 20):
+        for i in range(n + WARMUP):
             bodies = [chat_body(size, 1_000_000 * stage + i) for stage in range(1, 6)]
             requests = [parser.parse(headers, b, None) for b in bodies[1:4]]
             messages_ = request_messages(bodies[4])
@@ -255,7 +254,7 @@ async def breakdown(server: Any, scheduler: Any, backend: Any, n: int) -> None:
             t.append(time.perf_counter())
             for name, t0, t1 in zip(STAGES, t[:-1], t[1:], strict=True):
                 stages.setdefault(name, []).append(t1 - t0)
-        out[size] = {k: statistics.median(v[20:]) for k, v in stages.items()}
+        out[size] = {k: statistics.median(v[WARMUP:]) for k, v in stages.items()}
     print(json.dumps({"breakdown": out}), file=sys.stderr, flush=True)
 
 
@@ -294,69 +293,6 @@ def spawn(
 # -- measurements ----------------------------------------------------------------------------
 
 
-async def one_stream(stub: Any, messages_: list[pb.ProcessingRequest]) -> float:
-    t0 = time.perf_counter()
-    call = stub.Process()
-    for m in messages_:
-        await call.write(m)
-    first = await call.read()
-    elapsed = time.perf_counter() - t0
-    assert first.HasField("request_headers"), first
-    await call.done_writing()
-    while await call.read() != grpc.aio.EOF:
-        pass
-    return elapsed
-
-
-async def direct(
-    pickers: dict[str, tuple[int, int]], cert: bytes, size: str, n: int
-) -> dict[str, tuple[list[float], float]]:
-    """Streams alternated between the pickers (name -> (port, pid)); per picker the decision
-    latencies and the picker's CPU seconds over its streams."""
-    credentials = grpc.ssl_channel_credentials(root_certificates=cert)
-    channels = {
-        name: grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        if name.startswith("plain")
-        else grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials)
-        for name, (port, _) in pickers.items()
-    }
-    stubs = {name: pb_grpc.ExternalProcessorStub(c) for name, c in channels.items()}
-    bodies = [request_messages(chat_body(size, i)) for i in range(n + 20)]
-    samples: dict[str, list[float]] = {name: [] for name in pickers}
-    cpu = dict.fromkeys(pickers, 0.0)
-    try:
-        for i, messages_ in enumerate(bodies):
-            for name, stub in stubs.items():
-                pid = pickers[name][1]
-                c0 = cpu_seconds(pid)
-                elapsed = await one_stream(stub, messages_)
-                if i >= 20:
-                    cpu[name] += cpu_seconds(pid) - c0
-                    samples[name].append(elapsed)
-    finally:
-        for c in channels.values():
-            await c.close()
-    return {name: (samples[name], cpu[name]) for name in pickers}
-
-
-async def through_envoy(urls: dict[str, str], size: str, n: int) -> dict[str, list[float]]:
-    """Requests interleaved over the Envoys (name -> URL); latencies per Envoy."""
-    out_: dict[str, list[float]] = {name: [] for name in urls}
-    headers = {"content-type": "application/json"}
-    async with aiohttp.ClientSession() as http:
-        for i in range(n + 20):
-            body = chat_body(size, 2_000_000 + i)
-            for name, url in urls.items():
-                out = out_[name]
-                t0 = time.perf_counter()
-                async with http.post(f"{url}/v1/chat/completions", data=body, headers=headers) as r:
-                    await r.read()
-                    assert r.status == 200, r.status
-                if i >= 20:
-                    out.append(time.perf_counter() - t0)
-    return out_
-
-
 def print_breakdown(name: str, stages: dict[str, dict[str, float]]) -> None:
     for size, values in stages.items():
         print(f"in-process breakdown, {name} picker, {size} (median):")
@@ -366,7 +302,7 @@ def print_breakdown(name: str, stages: dict[str, dict[str, float]]) -> None:
 
 async def bench(args: argparse.Namespace) -> None:
     from epp.tls import self_signed_certificate
-    from kvindex.demo.processes import free_port
+    from kvindex.demo.processes import PortReservation
 
     workdir = Path(tempfile.mkdtemp(prefix="epp-bench-"))
     cert, key = self_signed_certificate()
@@ -386,8 +322,9 @@ async def bench(args: argparse.Namespace) -> None:
     variants["plain grpcio"] = (["--plaintext", "--edge", "grpcio"], None, False)
     started = time.perf_counter()
     processes: list[subprocess.Popen[bytes]] = [upstream]
-    pickers: dict[str, tuple[int, int]] = {}
+    pickers: dict[str, PickerProcess] = {}
     envoys: list[EnvoyProcess] = []
+    reserved = PortReservation()  # the pickers' events ports, held until the end
     try:
         blocks = 0
         for name, (extra, src, wanted) in variants.items():
@@ -399,14 +336,14 @@ async def bench(args: argparse.Namespace) -> None:
                 "--upstream",
                 endpoints,
                 "--events",
-                f"tcp://127.0.0.1:{free_port()}",
+                f"tcp://127.0.0.1:{reserved.port()}",
                 *extra,
                 *(("--breakdown", str(args.breakdown)) if with_breakdown else ()),
                 stderr=subprocess.PIPE if with_breakdown else None,
                 src=src,
             )
             processes.append(process)
-            pickers[name] = (ports["grpc"], ports["pid"])
+            pickers[name] = PickerProcess(ports["grpc"], ports["pid"], "--plaintext" not in extra)
             blocks = ports["blocks"]
             if with_breakdown:
                 assert process.stderr is not None
@@ -420,29 +357,32 @@ async def bench(args: argparse.Namespace) -> None:
             f"envoy={args.envoy} breakdown={args.breakdown} per size; cores={os.cpu_count()}"
         )
         for size in SIZES:
-            results = await direct(pickers, cert, size, args.direct)
-            for name, (samples, cpu) in results.items():
-                p50, p99 = percentiles(samples)
-                rate = len(samples) / cpu if cpu else float("inf")
+            bodies = [request_messages(chat_body(size, i)) for i in range(args.direct + WARMUP)]
+            results = await direct(pickers, cert, bodies.__getitem__, args.direct)
+            for name, samples in results.items():
+                p50, p99 = percentiles(samples.decision)
+                cpu = samples.cpu_per_stream()
+                rate = 1 / cpu if cpu else float("inf")
                 print(
                     f"direct gRPC {name:12s} {size}: decision p50 {ms(p50)} p99 {ms(p99)}; "
-                    f"picker CPU {ms(cpu / len(samples))}/decision = {rate:.0f} decisions/s "
-                    "per core"
+                    f"picker CPU {ms(cpu)}/decision = {rate:.0f} decisions/s per core"
                 )
         if args.envoy:
             fallback = up["ports"][0]
             urls: dict[str, str] = {}
             alone = EnvoyProcess(
-                transform=envoy_alone, FALLBACK_PORT=fallback, EPP_PORT=pickers["tls h2"][0]
+                transform=envoy_alone, FALLBACK_PORT=fallback, EPP_PORT=pickers["tls h2"].port
             )
             envoys.append(alone.start())
             urls["alone"] = alone.url
             for name in ("tls h2", "tls grpcio"):
-                envoy = EnvoyProcess(FALLBACK_PORT=fallback, EPP_PORT=pickers[name][0])
+                envoy = EnvoyProcess(FALLBACK_PORT=fallback, EPP_PORT=pickers[name].port)
                 envoys.append(envoy.start())
                 urls[name] = envoy.url
             for size in SIZES:
-                results = await through_envoy(urls, size, args.envoy)
+                results = await through_envoy(
+                    urls, lambda i, size=size: chat_body(size, 2_000_000 + i), args.envoy
+                )
                 a50, a99 = percentiles(results["alone"])
                 line = [f"envoy {size}: alone p50 {ms(a50)} p99 {ms(a99)}"]
                 for name in ("tls h2", "tls grpcio"):
@@ -452,11 +392,8 @@ async def bench(args: argparse.Namespace) -> None:
                     )
                 print("; ".join(line))
     finally:
-        for e in envoys:
-            e.stop()
-        for p in reversed(processes):
-            p.terminate()
-            p.wait(10)
+        stop_all(envoys, processes)
+        reserved.close()
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ __all__ = [
     "ManagedProcess",
     "PortInUse",
     "PortReservation",
-    "free_port",
     "start_picker",
     "start_sim",
     "stop_process_group",
@@ -33,24 +32,17 @@ class PortInUse(RuntimeError):
     pass
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago, for a server bound in this process right away. For a
-    port handed to another process, use PortReservation."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 class PortReservation:
     """Loopback ports held for child processes until they have bound them.
 
-    A port from `free_port` is free again the moment it returns, and before a child process
-    binds it the kernel may hand it to someone else, most often as the ephemeral source port
-    of an outgoing connection: an engine's PUB socket redialling the picker's events port,
-    Envoy dialling the picker. Each reserved port stays bound with SO_REUSEADDR and never
-    listens; the kernel then gives it to no ephemeral bind or connect, while a server that
-    also sets SO_REUSEADDR (asyncio, aiohttp, gRPC, ZMQ, Envoy and redis-server all do) still
-    binds and listens on it. Close the reservation once the children are serving or gone."""
+    A port found free by binding port 0 is free again the moment that socket closes, and
+    before a child process binds it the kernel may hand it to someone else, most often as the
+    ephemeral source port of an outgoing connection: an engine's PUB socket redialling the
+    picker's events port, Envoy dialling the picker. Each reserved port stays bound with
+    SO_REUSEADDR and never listens; the kernel then gives it to no ephemeral bind or
+    connect, while a server that also sets SO_REUSEADDR (asyncio, aiohttp, gRPC, ZMQ, Envoy
+    and redis-server all do) still binds and listens on it. Close the reservation once the
+    children are serving or gone."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self._host = host
