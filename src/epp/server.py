@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 EXTPROC_SERVERS = ("h2", "grpcio")
+# A second picker on the same port must fail to bind, not share it.
+_GRPC_OPTIONS = [("grpc.so_reuseport", 0)]
 LIVENESS = "liveness"
 READINESS = "readiness"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -173,7 +175,7 @@ class PickerServer:
             self._h2 = H2ExtProcServer(self.context, self._health_status.get, ssl_context)
             self.ports["grpc"] = await self._h2.bind(c.host, c.grpc_port)
             return
-        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)
         extproc.add_to_server(self._grpc, self.context)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         address = f"{c.host}:{c.grpc_port}"
@@ -191,7 +193,7 @@ class PickerServer:
 
         await self._start_extproc()
 
-        self._health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self._health_grpc = grpc.aio.server(options=_GRPC_OPTIONS)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
         self.ports["health"] = self._health_grpc.add_insecure_port(f"{c.host}:{c.health_port}")
 
