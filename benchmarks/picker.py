@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -202,6 +203,7 @@ def run_picker(args: argparse.Namespace) -> None:
         await server.start()
         backend = scheduler.plugin("precise-prefix-cache-scorer").backend
         blocks = prefill(backend, endpoints)
+        gc.freeze()  # as `epp serve` does once started
         if args.breakdown:
             await breakdown(server, scheduler, backend, args.breakdown)
         print(json.dumps({**server.ports, "pid": os.getpid(), "blocks": blocks}), flush=True)

@@ -73,6 +73,19 @@ def _header_options(headers: Mapping[str, str]) -> list[base_pb2.HeaderValueOpti
     ]
 
 
+# The per-request builders below fill a message in place through its fields: nested
+# keyword constructors copy every submessage they are given (about 5x slower here).
+
+
+def _set_headers(mutation: pb.HeaderMutation, headers: Mapping[str, str]) -> None:
+    add = mutation.set_headers.add
+    for name, value in headers.items():
+        option = add()
+        option.header.key = name
+        option.header.raw_value = value.encode()
+        option.append_action = _OVERWRITE
+
+
 def decision_response(
     destination: str,
     header_value: str,
@@ -82,21 +95,13 @@ def decision_response(
     """The one decision: destination header `header_value` (overwriting anything the client
     sent), extra headers, route cache cleared, and `destination` (pick + fallbacks) in dynamic
     metadata. It answers the request headers, or (`on_body`, BUFFERED mode) the body."""
-    metadata = struct_pb2.Struct()
-    metadata.update({LB_NAMESPACE: {DESTINATION_HEADER: destination}})
-    common = pb.CommonResponse(
-        header_mutation=pb.HeaderMutation(
-            set_headers=_header_options({DESTINATION_HEADER: header_value, **extra_headers})
-        ),
-        clear_route_cache=True,
-    )
-    if on_body:
-        return pb.ProcessingResponse(
-            request_body=pb.BodyResponse(response=common), dynamic_metadata=metadata
-        )
-    return pb.ProcessingResponse(
-        request_headers=pb.HeadersResponse(response=common), dynamic_metadata=metadata
-    )
+    response = pb.ProcessingResponse()
+    common = (response.request_body if on_body else response.request_headers).response
+    _set_headers(common.header_mutation, {DESTINATION_HEADER: header_value, **extra_headers})
+    common.clear_route_cache = True
+    namespace = response.dynamic_metadata.fields[LB_NAMESPACE].struct_value
+    namespace.fields[DESTINATION_HEADER].string_value = destination
+    return response
 
 
 def request_headers_continue() -> pb.ProcessingResponse:
@@ -104,37 +109,29 @@ def request_headers_continue() -> pb.ProcessingResponse:
     return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=pb.CommonResponse()))
 
 
+def _streamed_body(body: pb.BodyResponse, chunk: bytes, end_of_stream: bool) -> None:
+    streamed = body.response.body_mutation.streamed_response
+    streamed.SetInParent()  # present even when empty (an empty last chunk)
+    streamed.body = chunk
+    streamed.end_of_stream = end_of_stream
+
+
 def request_body_chunks(body: bytes, end_of_stream: bool) -> Iterator[pb.ProcessingResponse]:
     """Re-emit the buffered request body (full-duplex mode) in chunks of at most
     MAX_CHUNK_BYTES; the last carries `end_of_stream` (false when trailers follow)."""
-    if not body:
-        yield pb.ProcessingResponse(
-            request_body=pb.BodyResponse(
-                response=pb.CommonResponse(
-                    body_mutation=pb.BodyMutation(
-                        streamed_response=pb.StreamedBodyResponse(
-                            body=b"", end_of_stream=end_of_stream
-                        )
-                    )
-                )
-            )
-        )
+    size = len(body)
+    if size <= MAX_CHUNK_BYTES:
+        response = pb.ProcessingResponse()
+        _streamed_body(response.request_body, body, end_of_stream)
+        yield response
         return
     view = memoryview(body)
-    for start in range(0, len(body), MAX_CHUNK_BYTES):
+    for start in range(0, size, MAX_CHUNK_BYTES):
+        response = pb.ProcessingResponse()
+        last = start + MAX_CHUNK_BYTES >= size
         chunk = bytes(view[start : start + MAX_CHUNK_BYTES])
-        last = start + MAX_CHUNK_BYTES >= len(body)
-        yield pb.ProcessingResponse(
-            request_body=pb.BodyResponse(
-                response=pb.CommonResponse(
-                    body_mutation=pb.BodyMutation(
-                        streamed_response=pb.StreamedBodyResponse(
-                            body=chunk, end_of_stream=end_of_stream and last
-                        )
-                    )
-                )
-            )
-        )
+        _streamed_body(response.request_body, chunk, end_of_stream and last)
+        yield response
 
 
 def continue_request_body() -> pb.ProcessingResponse:
@@ -159,19 +156,12 @@ def response_body_response(
 ) -> pb.ProcessingResponse:
     """Full-duplex mode: Envoy forwards only what the processor sends back, so the chunk is
     echoed as a streamed response. Other modes: CONTINUE leaves the body untouched."""
+    response = pb.ProcessingResponse()
     if not full_duplex:
-        return pb.ProcessingResponse(response_body=pb.BodyResponse(response=pb.CommonResponse()))
-    return pb.ProcessingResponse(
-        response_body=pb.BodyResponse(
-            response=pb.CommonResponse(
-                body_mutation=pb.BodyMutation(
-                    streamed_response=pb.StreamedBodyResponse(
-                        body=chunk, end_of_stream=end_of_stream
-                    )
-                )
-            )
-        )
-    )
+        response.response_body.response.SetInParent()
+        return response
+    _streamed_body(response.response_body, chunk, end_of_stream)
+    return response
 
 
 def response_trailers_response() -> pb.ProcessingResponse:

@@ -46,7 +46,9 @@ class EngineMetrics:
 @dataclass(slots=True)
 class Endpoint:
     """One schedulable model-server port. `key` is `ip:port`, the value of the destination
-    header and the engine identity kvindex uses."""
+    header and the engine identity kvindex uses. `address` and `port` are fixed once made
+    (a pod that moves is a new endpoint), so `key` is formatted once, not per read: the
+    scheduler reads it for every candidate of every request."""
 
     address: str
     port: int
@@ -55,11 +57,11 @@ class Endpoint:
     engine_type: str = "vllm"  # label llm-d.ai/engine-type
     pod_name: str = ""
     metrics: EngineMetrics = field(default_factory=EngineMetrics)
+    key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> str:
+    def __post_init__(self) -> None:
         host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{host}:{self.port}"
+        self.key = f"{host}:{self.port}"
 
 
 @dataclass(slots=True)

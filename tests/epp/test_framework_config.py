@@ -252,7 +252,19 @@ def test_config_file_path(tmp_path: pathlib.Path) -> None:
             "kind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n"
             "schedulingProfiles:\n- name: p\n  plugins:\n  - {pluginRef: queue-scorer, "
             "weight: -1}\n",
-            r"weight must be a number >= 0",
+            r"weight must be a finite number >= 0",
+        ),
+        (
+            "kind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n"
+            "schedulingProfiles:\n- name: p\n  plugins:\n  - {pluginRef: queue-scorer, "
+            "weight: .nan}\n",
+            r"queue-scorer\): weight must be a finite number >= 0",
+        ),
+        (
+            "kind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n"
+            "schedulingProfiles:\n- name: p\n  plugins:\n  - {pluginRef: queue-scorer, "
+            "weight: .inf}\n",
+            r"weight must be a finite number >= 0",
         ),
         (
             "kind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n- type: queue-scorer\n",

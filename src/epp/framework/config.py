@@ -6,6 +6,7 @@ the entry (`plugins[2] (type "queue-scorer"): parameter "foo": unknown parameter
 
 from __future__ import annotations
 
+import math
 import pathlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -337,8 +338,13 @@ def _parse_profiles(
             weight = ref.get("weight", 1)
             if weight is None:
                 weight = 1
-            if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
-                raise _fail(origin, f"{at} ({plugin_ref}): weight must be a number >= 0")
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, int | float)
+                or not math.isfinite(weight)
+                or weight < 0
+            ):
+                raise _fail(origin, f"{at} ({plugin_ref}): weight must be a finite number >= 0")
             kind = _kind_of(by_name[plugin_ref], registry)
             if issubclass(kind, ProfileHandler):
                 raise _fail(

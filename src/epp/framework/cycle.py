@@ -40,26 +40,19 @@ PREFIX_MATCH_KEY = "prefix-match"
 class CycleState:
     """A typed scratch dictionary for one `schedule` call."""
 
-    __slots__ = ("_data", "_keys", "now")
+    __slots__ = ("_data", "now")
 
     def __init__(self, now: float = 0.0) -> None:
         self._data: dict[str, Any] = {}
-        self._keys: dict[int, str] = {}
         self.now = now  # the scheduler clock at the start of the cycle
 
-    def key(self, endpoint: Endpoint) -> str:
-        """`endpoint.key`, computed once per cycle (the property formats a string)."""
-        k = self._keys.get(id(endpoint))
-        if k is None:
-            k = self._keys[id(endpoint)] = endpoint.key
-        return k
+    @staticmethod
+    def key(endpoint: Endpoint) -> str:
+        return endpoint.key
 
-    def keys(self, endpoints: list[Endpoint]) -> list[str]:
-        get = self._keys.get
-        out = [get(id(e)) for e in endpoints]
-        if None in out:
-            out = [self.key(e) for e in endpoints]
-        return out  # type: ignore[return-value]
+    @staticmethod
+    def keys(endpoints: list[Endpoint]) -> list[str]:
+        return [e.key for e in endpoints]
 
     def write(self, key: str, value: object) -> None:
         self._data[key] = value

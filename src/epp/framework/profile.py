@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -90,10 +89,13 @@ class SchedulingProfile:
                 self._failed(ext.SCORER, scorer)
                 continue
             w = ws.weight
-            for i, s in enumerate(result):
-                if s > 0.0:  # NaN compares False: scores 0
-                    totals[i] += w * (s if s < 1.0 else 1.0)
-        scored = [ScoredEndpoint(e, t) for e, t in zip(endpoints, totals, strict=True)]
+            # Clamped to [0, 1]; NaN compares False, so it scores 0. Weights are finite
+            # (the config loader checks), so totals are never NaN.
+            totals = [
+                (t + w * (s if s < 1.0 else 1.0)) if s > 0.0 else t
+                for t, s in zip(totals, result, strict=True)
+            ]
+        scored = list(map(ScoredEndpoint, endpoints, totals))
         if self._gates:
             # Gates narrow what the picker sees; each applies only if it leaves someone.
             keep = [True] * n
@@ -111,6 +113,5 @@ class SchedulingProfile:
             obs.plugin_duration(ext.PICKER, self.picker.type_name, self.picker.name, timer() - t0)
         if not picked:
             return None
-        keys = cycle.keys(endpoints)
-        scores = {k: t for k, t in zip(keys, totals, strict=True) if not math.isnan(t)}
+        scores = dict(zip(cycle.keys(endpoints), totals, strict=True))
         return ProfileResult(name=self.name, endpoints=picked, scores=scores)

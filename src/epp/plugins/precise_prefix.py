@@ -148,7 +148,10 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest, Lifecycle):
     ) -> list[float]:
         keys = cycle.keys(endpoints)
         fractions = await self.backend.score(request, keys)
-        scores = [min(1.0, max(0.0, float(fractions.get(k, 0.0)))) for k in keys]
+        # Returned as the backend gave them: the framework clamps scores to [0, 1] (and
+        # NaN to 0) when it weighs them; the match lengths below clamp their own.
+        get = fractions.get
+        scores = [get(k, 0.0) for k in keys]
         total = prompt_tokens(request)
         block = self.params.token_processor.block_size_tokens
         cycle.write(
@@ -157,7 +160,9 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest, Lifecycle):
                 prompt_tokens=total,
                 block_size_tokens=block,
                 matched_tokens={
-                    k: round(s * total) for k, s in zip(keys, scores, strict=True) if s > 0.0
+                    k: round(min(s, 1.0) * total)
+                    for k, s in zip(keys, scores, strict=True)
+                    if s > 0.0
                 },
                 source=self.type_name,
             ),

@@ -217,6 +217,8 @@ class SegmentedEncoder:
 
     def __init__(self, tokenizer: HFTokenizer, config: TokenizationCacheConfig) -> None:
         self._tok = tokenizer
+        # Without offsets (tokenizers >= 0.21): the same ids, ~20% faster on a fresh turn.
+        self._encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
         self.lru = SegmentLRU(config.max_bytes)
         spec = pipeline_spec(tokenizer)
         added = tokenizer.get_added_tokens_decoder()
@@ -331,7 +333,7 @@ class SegmentedEncoder:
                     found[piece] = ids
         if missing:
             for piece, enc in zip(
-                missing, self._tok.encode_batch(missing, add_special_tokens=False), strict=True
+                missing, self._encode_batch(missing, add_special_tokens=False), strict=True
             ):
                 ids = tuple(enc.ids)
                 found[piece] = ids
