@@ -3,7 +3,8 @@
 0. The state machine alone (RequestStream.handle in this process, no gRPC), for scale.
 1. Decision latency over a direct gRPC stream (TLS, as deployed), for each ext_proc edge
    (`h2`, the picker's own; `grpcio`), streams alternated between the two pickers, with the
-   picker's CPU per stream from /proc: request headers + body
+   picker's CPU per stream from /proc, once with grpc.aio's client and once with the lean
+   client of `benchmarks.h2client`: request headers + body
    (16 KiB chunks, as Envoy forwards them) -> the decision and the re-emitted body, with a
    trivial scheduler (first endpoint), so the edge itself is measured: gRPC, buffering,
    msgspec parsing, header mutation, re-chunking.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -41,6 +43,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from benchmarks.h2client import ExtProcClient
 from epp.extproc_wire import MAX_CHUNK_BYTES
 from epp.types import Endpoint, LLMRequest, ProfileResult, ResponseStats, SchedulingResult
 from kvindex.demo.envoy import EnvoyProcess
@@ -225,6 +228,100 @@ async def direct(
     return out
 
 
+# The lean client's pickers take turns in blocks: LEAN_BLOCK streams each, of which the
+# first LEAN_BLOCK_WARMUP are not counted. Alternating stream by stream, each picker would
+# find its caches filled by the others' streams (on these 2-core machines four resident
+# pickers then cost each other up to 2x per decision); a picker in service runs alone.
+LEAN_BLOCK = 50
+LEAN_BLOCK_WARMUP = 5
+
+
+def direct_lean(
+    pickers: dict[str, PickerProcess],
+    cert: bytes,
+    messages_of: Callable[[int], list[pb.ProcessingRequest]],
+    n: int,
+) -> dict[str, StreamSamples]:
+    """As `direct`, with the lean HTTP/2 client (`benchmarks.h2client`) instead of grpc.aio's:
+    `n` counted streams per picker, stream i sending `messages_of(i)`, the pickers taking
+    turns in blocks (see LEAN_BLOCK). Blocking: the client is a plain socket, so nothing else
+    runs in this process meanwhile."""
+    clients = {
+        name: ExtProcClient("127.0.0.1", p.port, root_certificates=cert if p.tls else None)
+        for name, p in pickers.items()
+    }
+    out = {name: StreamSamples() for name in pickers}
+    counted = LEAN_BLOCK - LEAN_BLOCK_WARMUP
+    try:
+        i = 0
+        while len(out[next(iter(out))].decision) < n:
+            for name, client in clients.items():
+                pid = pickers[name].pid
+                samples = out[name]
+                for j in range(LEAN_BLOCK_WARMUP + min(counted, n - len(samples.decision))):
+                    payloads = [m.SerializeToString() for m in messages_of(i + j)]
+                    c0 = cpu_seconds(pid)
+                    result = client.stream(payloads)
+                    if j >= LEAN_BLOCK_WARMUP:
+                        samples.cpu_s += cpu_seconds(pid) - c0
+                        samples.decision.append(result.decision_s)
+                        samples.full.append(result.full_s)
+            i += LEAN_BLOCK
+    finally:
+        for client in clients.values():
+            client.close()
+    return out
+
+
+@dataclass(slots=True)
+class Throughput:
+    decisions: int = 0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0  # the picker's
+
+    def per_core(self) -> float:
+        return self.decisions / self.cpu_s if self.cpu_s else float("inf")
+
+
+def concurrent(
+    pickers: dict[str, PickerProcess],
+    cert: bytes,
+    messages_of: Callable[[int], list[pb.ProcessingRequest]],
+    n: int,
+    concurrency: int,
+    rounds: int = 4,
+) -> dict[str, Throughput]:
+    """Throughput: per picker, `n` streams with `concurrency` in flight on one connection
+    (as Envoy multiplexes requests onto its ext_proc connection), the lean client sending
+    each as soon as a slot frees; the pickers take turns in `rounds` rounds. Decisions per
+    core = decisions / the picker's CPU seconds (/proc) over its rounds."""
+    out = {name: Throughput() for name in pickers}
+    warm = WARMUP * concurrency
+    # Stream i of the measured rounds sends messages_of(i); the warm-up its own (i >= n), so
+    # that what is measured was never seen before (a repeated turn is wholly cached).
+    payloads = [[m.SerializeToString() for m in messages_of(i)] for i in range(n + warm)]
+    per_round = max(1, n // rounds)
+    for p in pickers.values():  # warm-up, not counted
+        with contextlib.closing(
+            ExtProcClient("127.0.0.1", p.port, root_certificates=cert if p.tls else None)
+        ) as client:
+            client.concurrent(lambda i: payloads[n + i], warm, concurrency)
+    for r in range(rounds):
+        for name, p in pickers.items():
+            with contextlib.closing(
+                ExtProcClient("127.0.0.1", p.port, root_certificates=cert if p.tls else None)
+            ) as client:
+                c0 = cpu_seconds(p.pid)
+                wall, latencies = client.concurrent(
+                    lambda i, r=r: payloads[r * per_round + i], per_round, concurrency
+                )
+                t = out[name]
+                t.cpu_s += cpu_seconds(p.pid) - c0
+                t.wall_s += wall
+                t.decisions += len(latencies)
+    return out
+
+
 def request_messages(body: bytes) -> list[pb.ProcessingRequest]:
     headers = pb.ProcessingRequest(
         request_headers=pb.HttpHeaders(
@@ -347,15 +444,19 @@ async def bench(args: argparse.Namespace) -> None:
         for label, tokens in SIZES.items():
             body = chat_body(tokens)
             messages = request_messages(body)
-            results = await direct(pickers, cert, lambda _, m=messages: m, args.direct)
-            for edge, samples in results.items():
-                d50, d99 = percentiles(samples.decision)
-                f50, f99 = percentiles(samples.full)
-                print(
-                    f"direct gRPC {edge:6s} {label} ({len(body)} B): decision p50 {ms(d50)} "
-                    f"p99 {ms(d99)}; decision+body p50 {ms(f50)} p99 {ms(f99)}; picker CPU "
-                    f"{ms(samples.cpu_per_stream())}/stream"
-                )
+            by_client = {
+                "grpc.aio": await direct(pickers, cert, lambda _, m=messages: m, args.direct),
+                "lean": direct_lean(pickers, cert, lambda _, m=messages: m, args.direct),
+            }
+            for client, results in by_client.items():
+                for edge, samples in results.items():
+                    d50, d99 = percentiles(samples.decision)
+                    f50, f99 = percentiles(samples.full)
+                    print(
+                        f"direct gRPC, {client:8s} client, {edge:6s} {label} ({len(body)} B): "
+                        f"decision p50 {ms(d50)} p99 {ms(d99)}; decision+body p50 {ms(f50)} "
+                        f"p99 {ms(f99)}; picker CPU {ms(samples.cpu_per_stream())}/stream"
+                    )
         if not args.envoy:
             return
         fallback = up["ports"][0]

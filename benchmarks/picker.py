@@ -15,12 +15,19 @@ Measured:
    lookup, the other scorers and picker, the ext_proc state machine.
 2. Decision latency over a direct gRPC stream to the picker, with each ext_proc edge (the
    picker's own HTTP/2 edge `h2` and grpc.aio's server `grpcio`), TLS (as deployed) and
-   plaintext: four picker processes, streams alternated between them; decisions/s per core
-   = decisions / CPU seconds of the picker process (utime + stime from /proc/<pid>/stat).
-3. Latency added by Envoy + picker versus Envoy alone, for the TLS h2 and TLS grpcio
+   plaintext: four picker processes taking turns; decisions/s per core = decisions / CPU
+   seconds of the picker process (utime + stime from /proc/<pid>/stat). Two clients: the
+   lean HTTP/2 client of `benchmarks.h2client` (a few frame headers per stream, as Envoy's
+   C++ costs next to nothing here; pickers take turns in blocks of 10 streams) and
+   grpc.aio's (`--no-grpc-client` skips it; streams alternated one by one), whose own
+   Python cost on the same two cores is in its latencies.
+3. Throughput (`--concurrency`, `--throughput`): per picker, streams with `--concurrency` in
+   flight on one connection, as Envoy multiplexes them; decisions/s and per picker core.
+4. Latency added by Envoy + picker versus Envoy alone, for the TLS h2 and TLS grpcio
    pickers (requests interleaved over the three Envoys in one run).
 
-Run: python -m benchmarks.picker [--direct N] [--envoy N] [--breakdown N] [--baseline-src DIR]
+Run: python -m benchmarks.picker [--direct N] [--envoy N] [--breakdown N] [--concurrency K]
+     [--throughput N] [--no-grpc-client] [--baseline-src DIR]
 """
 
 from __future__ import annotations
@@ -42,7 +49,9 @@ from typing import Any
 from benchmarks.extproc import (
     WARMUP,
     PickerProcess,
+    concurrent,
     direct,
+    direct_lean,
     envoy_alone,
     ms,
     percentiles,
@@ -318,6 +327,16 @@ async def bench(args: argparse.Namespace) -> None:
         "tls h2": ([*tls_args, "--edge", "h2"], None, True)
     }
     if args.baseline_src:
+        built = Path(__file__).resolve().parent.parent / "src" / "kvindex"
+        if any(built.glob("_native*.so")) and not any(
+            (Path(args.baseline_src) / "kvindex").glob("_native*.so")
+        ):
+            # A `git archive` tree has no compiled index: its picker would fall back to the
+            # pure-Python one and the comparison would measure that.
+            raise SystemExit(
+                f"{args.baseline_src}/kvindex has no built _native extension; copy it: "
+                f"cp {built}/_native*.so {args.baseline_src}/kvindex/"
+            )
         variants["baseline-tls"] = (tls_args, args.baseline_src, True)
     variants["tls grpcio"] = ([*tls_args, "--edge", "grpcio"], None, False)
     variants["plain h2"] = (["--plaintext", "--edge", "h2"], None, False)
@@ -360,15 +379,43 @@ async def bench(args: argparse.Namespace) -> None:
         )
         for size in SIZES:
             bodies = [request_messages(chat_body(size, i)) for i in range(args.direct + WARMUP)]
-            results = await direct(pickers, cert, bodies.__getitem__, args.direct)
-            for name, samples in results.items():
-                p50, p99 = percentiles(samples.decision)
-                cpu = samples.cpu_per_stream()
-                rate = 1 / cpu if cpu else float("inf")
-                print(
-                    f"direct gRPC {name:12s} {size}: decision p50 {ms(p50)} p99 {ms(p99)}; "
-                    f"picker CPU {ms(cpu)}/decision = {rate:.0f} decisions/s per core"
+            clients = [("lean", direct_lean)]
+            if args.grpc_client:
+                clients.append(("grpc.aio", None))
+            for client, measure in clients:
+                if measure is None:
+                    results = await direct(pickers, cert, bodies.__getitem__, args.direct)
+                else:
+                    results = measure(
+                        pickers,
+                        cert,
+                        lambda i, size=size: request_messages(chat_body(size, i)),
+                        args.direct,
+                    )
+                for name, samples in results.items():
+                    p50, p99 = percentiles(samples.decision)
+                    cpu = samples.cpu_per_stream()
+                    rate = 1 / cpu if cpu else float("inf")
+                    print(
+                        f"direct gRPC, {client:8s} client, {name:12s} {size}: decision p50 "
+                        f"{ms(p50)} p99 {ms(p99)}; picker CPU {ms(cpu)}/decision = {rate:.0f} "
+                        "decisions/s per core"
+                    )
+            if args.concurrency:
+                rates = concurrent(
+                    pickers,
+                    cert,
+                    lambda i, size=size: request_messages(chat_body(size, 3_000_000 + i)),
+                    args.throughput,
+                    args.concurrency,
                 )
+                for name, t in rates.items():
+                    print(
+                        f"throughput, {args.concurrency} streams in flight, {name:12s} {size}: "
+                        f"{t.decisions / t.wall_s:.0f} decisions/s; picker CPU "
+                        f"{ms(t.cpu_s / t.decisions)}/decision = {t.per_core():.0f} decisions/s "
+                        "per core"
+                    )
         if args.envoy:
             fallback = up["ports"][0]
             urls: dict[str, str] = {}
@@ -410,6 +457,18 @@ def main() -> None:
         default="",
         help="also run a TLS picker importing epp/kvindex from this src directory (e.g. an "
         "older commit's `git archive`), alternated with the others for side-by-side numbers",
+    )
+    parser.add_argument(
+        "--grpc-client",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the direct streams with grpc.aio's client (besides the lean one)",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=8, help="throughput: streams in flight (0: skip)"
+    )
+    parser.add_argument(
+        "--throughput", type=int, default=1000, help="throughput: streams per picker and size"
     )
     parser.add_argument("--role", choices=("bench", "picker", "upstream"), default="bench")
     parser.add_argument("--upstream", default="")
