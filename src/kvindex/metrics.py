@@ -67,7 +67,8 @@ class IndexStatsCollector(Collector):
 class TokenizerCacheCollector(Collector):
     """The tokenizers' segment-cache counters by model, read at scrape time. ``stats``
     returns model -> an object with ``hits``, ``misses``, ``evictions``, ``entries``,
-    ``bytes``, ``uncached_calls`` (``kvindex.tokenize.CacheStats``)."""
+    ``bytes``, ``uncached_calls`` and the ``prefix_*`` memo figures
+    (``kvindex.tokenize.CacheStats``)."""
 
     def __init__(self, stats: Callable[[], dict[str, object]]) -> None:
         self._stats = stats
@@ -98,8 +99,29 @@ class TokenizerCacheCollector(Collector):
             GaugeMetricFamily(
                 PREFIX + "tokenizer_cache_bytes", "Segment cache bytes (approx.)", labels=["model"]
             ),
+            CounterMetricFamily(
+                PREFIX + "tokenizer_prefix_hits",
+                "Prompts whose long prefix came from the prefix memo",
+                labels=["model"],
+            ),
+            GaugeMetricFamily(
+                PREFIX + "tokenizer_prefix_entries", "Prefix memo entries", labels=["model"]
+            ),
+            GaugeMetricFamily(
+                PREFIX + "tokenizer_prefix_bytes", "Prefix memo bytes (approx.)", labels=["model"]
+            ),
         ]
-        fields = ("hits", "misses", "evictions", "uncached_calls", "entries", "bytes")
+        fields = (
+            "hits",
+            "misses",
+            "evictions",
+            "uncached_calls",
+            "entries",
+            "bytes",
+            "prefix_hits",
+            "prefix_entries",
+            "prefix_bytes",
+        )
         for model, stats in sorted(by_model.items()):
             for family, name in zip(families, fields, strict=True):
                 family.add_metric([model], float(getattr(stats, name, 0)))

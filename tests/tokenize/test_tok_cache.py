@@ -230,7 +230,7 @@ def test_plain_text_cuts_are_exact(
 
 
 def test_shared_completion_prefix_hits_chunks(load_cached: Any) -> None:
-    tok = load_cached("deepseek", TokenizationCacheConfig(chunk_chars=64))
+    tok = load_cached("deepseek", TokenizationCacheConfig(chunk_chars=64, prefix_memo_bytes=0))
     ref = load_cached("deepseek", TokenizationCacheConfig(enabled=False))
     prefix = "".join(f"Line {i}: the router keeps a block index.\n" for i in range(100))
     assert tok.encode(prefix + "Question one?") == ref.encode(prefix + "Question one?")
@@ -239,6 +239,28 @@ def test_shared_completion_prefix_hits_chunks(load_cached: Any) -> None:
     after = tok.cache_stats()
     assert after.hits - before.hits >= 50  # all chunks but the last came from the cache
     assert after.misses - before.misses == 1
+
+
+def test_shared_completion_prefix_comes_from_the_prefix_memo(load_cached: Any) -> None:
+    tok = load_cached("deepseek", TokenizationCacheConfig(chunk_chars=64))
+    ref = load_cached("deepseek", TokenizationCacheConfig(enabled=False))
+    prefix = "".join(f"Line {i}: the router keeps a block index.\n" for i in range(100))
+    assert tok.encode(prefix + "Question one?") == ref.encode(prefix + "Question one?")
+    before = tok.cache_stats()
+    assert before.prefix_entries == 1 and before.prefix_bytes > len(prefix)
+    assert tok.encode(prefix + "Question two?") == ref.encode(prefix + "Question two?")
+    after = tok.cache_stats()
+    # The prefix came whole from the memo: no chunk of it was looked up, only the new line.
+    assert after.prefix_hits - before.prefix_hits == 1
+    assert after.hits == before.hits and after.misses - before.misses == 1
+    # A text that diverges inside the prefix does not use it, and is still exact.
+    other = prefix[:2000] + "X" + prefix[2001:] + "Question three?"
+    assert tok.encode(other) == ref.encode(other)
+    assert tok.cache_stats().prefix_hits == after.prefix_hits
+    # The cut the prefix ends at holds only before a letter: "Line" after it, not " x".
+    odd = prefix + " x"
+    assert tok.encode(odd) == ref.encode(odd)
+    assert tok.cache_stats().prefix_hits == after.prefix_hits
 
 
 def test_gpt2_regex_is_not_approved_because_the_cut_would_be_wrong() -> None:
@@ -276,3 +298,81 @@ def test_single_pass_scan_when_tokens_cannot_overlap(load_cached: Any) -> None:
     assert [m.span() for m in deepseek._scan2.finditer(text)] == [
         m.span() for m in deepseek._step2.finditer(text)
     ]
+
+
+@pytest.fixture(scope="module")
+def memo_pairs(load_cached: Any) -> dict[str, tuple[LocalTokenizer, LocalTokenizer]]:
+    # Every prefix is long enough for the memo, chunks are tiny (many cut boundaries), and
+    # the memo is small enough to evict.
+    memo = TokenizationCacheConfig(
+        chunk_chars=4, prefix_min_chars=1, max_bytes=256 * 1024, prefix_memo_bytes=32 * 1024
+    )
+    off = TokenizationCacheConfig(enabled=False)
+    return {name: (load_cached(name, memo), load_cached(name, off)) for name in NAMES}
+
+
+@st.composite
+def memo_texts(draw: st.DrawFn, tokens: list[str]) -> tuple[str, list[str]]:
+    """A shared base and texts that extend it, or a cut of it, or diverge from it: pieces
+    of plain text, cut fragments, the tokenizer's added tokens and their beginnings (so a
+    prefix could end inside a token that the next text completes)."""
+    partial = [t[:k] for t in tokens for k in range(1, len(t))]
+    piece = st.one_of(
+        st.sampled_from(_CUT_FRAGMENTS),
+        st.text(max_size=6),
+        st.sampled_from(tokens),
+        st.sampled_from(partial or [""]),
+    )
+    text = st.lists(piece, max_size=12).map("".join)
+    base = draw(text)
+    cut = draw(st.integers(min_value=0, max_value=len(base)))
+    followers = draw(
+        st.lists(
+            st.one_of(
+                text.map(lambda tail: base + tail),
+                text.map(lambda tail: base[:cut] + tail),
+                text,
+            ),
+            min_size=1,
+            max_size=5,
+        )
+    )
+    return base, followers
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data(), add_special_tokens=st.booleans())
+def test_prefix_memo_is_exact(
+    name: str,
+    data: st.DataObject,
+    add_special_tokens: bool,
+    memo_pairs: dict[str, tuple[LocalTokenizer, LocalTokenizer]],
+) -> None:
+    cached, uncached = memo_pairs[name]
+    segments = cached._segments
+    assert segments is not None
+    # A sample of the added tokens (the longest first: those with the most prefixes).
+    tokens = sorted(segments._ids, key=lambda t: (-len(t), t))[:12] + sorted(segments._ids)[:12]
+    base, followers = data.draw(memo_texts(tokens))
+    for text in [base, *followers]:
+        assert cached.encode(text, add_special_tokens) == uncached.encode(
+            text, add_special_tokens
+        ), text
+
+
+def test_prefix_memo_keeps_its_byte_bound(load_cached: Any) -> None:
+    limit = 64 * 1024
+    tok = load_cached(
+        "chatml", TokenizationCacheConfig(prefix_memo_bytes=limit, prefix_min_chars=64)
+    )
+    for i in range(200):
+        system = f"System prompt {i}: " + "route by the longest cached prefix.\n" * 40
+        tok.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}]
+        )
+        assert tok.cache_stats().prefix_bytes <= limit
+    stats = tok.cache_stats()
+    assert 0 < stats.prefix_entries < 200

@@ -136,7 +136,13 @@ class _Continue:
                     return stop.value
 
 
-class H2Connection(asyncio.Protocol):
+class H2Connection(asyncio.BufferedProtocol):
+    # Reads land in one buffer per connection (BufferedProtocol): the transport fills it
+    # with recv_into, and asyncio's TLS layer decrypts every pending record into it in one
+    # pass, instead of allocating a 256 KiB bytes object per read (per TLS record with TLS).
+    # Frames are copied out of it as they are parsed, so it is free again after each read.
+    READ_BUFFER = 256 << 10
+
     def __init__(
         self,
         ctx: PickerContext,
@@ -150,6 +156,7 @@ class H2Connection(asyncio.Protocol):
         self.max_message = max_message
         self.transport: asyncio.Transport | None = None
         self.reader = f.FrameReader(MAX_FRAME_SIZE)
+        self._read_view = memoryview(bytearray(self.READ_BUFFER))
         self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST_SIZE)
         # hpack keeps its dynamic table in a deque; every change adds at the left or evicts
         # (shortens), so (length, first entry) tells whether it changed. None: unknown
@@ -193,7 +200,15 @@ class H2Connection(asyncio.Protocol):
         self._out.append(f.window_update(0, RECEIVE_WINDOW - f.DEFAULT_WINDOW))
         self._flush()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._read_view[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        """Bytes from the peer (`buffer_updated` passes a view of the read buffer, valid
+        only during the call: what is kept of it is copied)."""
         if self.closed:
             return
         try:
@@ -219,7 +234,7 @@ class H2Connection(asyncio.Protocol):
 
     # -- frames -----------------------------------------------------------------------
 
-    def _take_preface(self, data: bytes) -> bytes:
+    def _take_preface(self, data: bytes | memoryview) -> bytes:
         got = self._preface + data
         need = len(f.PREFACE)
         if not f.PREFACE.startswith(got[:need]):

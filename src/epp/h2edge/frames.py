@@ -84,7 +84,9 @@ class FrameReader:
         self._rest = b""
         self.max_frame_size = max_frame_size
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes | memoryview) -> list[Frame]:
+        """`data` may be a view of a buffer the caller reuses: frames and the unparsed
+        rest are copied out of it."""
         buf = self._rest + data if self._rest else data
         end = len(buf)
         pos = 0

@@ -124,7 +124,15 @@ class LocalTokenizer:
             return CacheStats()
         with self._segments.lru._lock:
             stats = self._segments.lru.stats
-            return CacheStats(**{f: getattr(stats, f) for f in stats.__slots__})
+            out = CacheStats(**{f: getattr(stats, f) for f in stats.__slots__})
+        memo = self._segments.memo
+        if memo is not None:
+            out.prefix_hits, out.prefix_entries, out.prefix_bytes = (
+                memo.hits,
+                memo.entries,
+                memo.bytes,
+            )
+        return out
 
     def chat_template_source(
         self, name_or_source: str | None = None, *, has_tools: bool = False

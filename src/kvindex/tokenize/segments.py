@@ -35,6 +35,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from kvindex.tokenize.cache_config import TokenizationCacheConfig
 from kvindex.tokenize.plain_cuts import chunks, plain_cuts_reason
+from kvindex.tokenize.prefix_memo import MemoPrefix, PrefixMemo
 
 _WRAPPING_POST_PROCESSORS = frozenset(
     {"TemplateProcessing", "BertProcessing", "RobertaProcessing", "ByteLevel"}
@@ -50,6 +51,9 @@ class CacheStats:
     entries: int = 0
     bytes: int = 0
     uncached_calls: int = 0  # calls tokenized whole because exactness could not be shown
+    prefix_hits: int = 0  # calls that took a long prefix's ids from the prefix memo
+    prefix_entries: int = 0
+    prefix_bytes: int = 0
 
 
 class SegmentLRU:
@@ -254,6 +258,21 @@ class SegmentedEncoder:
         self._wrap = self._measure_wrap(spec)
         self._chunk_chars = config.chunk_chars
         self.plain_cuts_reason = plain_cuts_reason(spec, [t.content for t in added.values()])
+        # The prefix memo needs each match's length (to know where the pieces end) and the
+        # proper prefixes of every added token (a prefix ending in one is not stored).
+        lengths: dict[int, int] = {}
+        for content, i in self._ids.items():
+            if lengths.setdefault(i, len(content)) != len(content):
+                lengths = {}  # one id, two contents of different lengths: no memo
+                break
+        self._token_len = lengths
+        self._token_heads = {c[:k] for c in self._ids for k in range(1, len(c))}
+        self._token_head_max = max((len(c) for c in self._ids), default=1) - 1
+        self.memo = (
+            PrefixMemo(config.prefix_memo_bytes, config.prefix_min_chars)
+            if config.prefix_memo_bytes > 0 and (lengths or not self._ids)
+            else None
+        )
 
     @property
     def exact(self) -> bool:
@@ -307,6 +326,51 @@ class SegmentedEncoder:
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if not self.exact or (add_special_tokens and self._wrap is None):
             return self._whole(text, add_special_tokens)
+        wrap = self._wrap if add_special_tokens else None
+        out: list[int] = list(wrap[0]) if wrap is not None else []
+        memo = self.memo
+        prefix = memo.find(text) if memo is not None else None
+        start = 0
+        if prefix is not None:
+            out.extend(prefix.ids)
+            start = len(prefix.text)
+            text_rest = text[start:]
+        else:
+            text_rest = text
+        pieces = self._pieces(text_rest)
+        found = self._lookup(pieces)
+        # Where the last segment starts (chars into text_rest, ids into out): the text
+        # before it is the prefix the memo may keep for the next request.
+        base = len(out)
+        offset, last_at, ids_before, cut_before = 0, -1, 0, False
+        previous_is_text = prefix is not None and prefix.needs_letter
+        lengths = self._token_len
+        for piece in pieces:
+            if isinstance(piece, int):
+                out.append(piece)
+                if lengths:
+                    offset += lengths[piece]
+                previous_is_text = False
+            else:
+                last_at, ids_before, cut_before = offset, len(out), previous_is_text
+                out.extend(found[piece])
+                offset += len(piece)
+                previous_is_text = True
+        if memo is not None and last_at > 0:
+            self._remember(
+                text,
+                start + last_at,
+                out,
+                base - len(prefix.ids) if prefix else base,
+                ids_before,
+                cut_before,
+            )
+        if wrap is not None:
+            out.extend(wrap[1])
+        return out
+
+    def _pieces(self, text: str) -> list[str | int]:
+        """The text cut at added tokens (ids) and, where proven exact, at plain cuts."""
         pieces: list[str | int] = []
         for part in self._cut(self._scan1, text):
             if isinstance(part, str) and self._scan2 is not None:
@@ -321,6 +385,10 @@ class SegmentedEncoder:
                     chunks(piece, self._chunk_chars) if isinstance(piece, str) else (piece,)
                 )
             ]
+        return pieces
+
+    def _lookup(self, pieces: list[str | int]) -> dict[str, tuple[int, ...]]:
+        """Ids of every text piece: from the LRU, the rest in one batch call."""
         missing: list[str] = []
         found: dict[str, tuple[int, ...]] = {}
         for piece in pieces:
@@ -338,14 +406,22 @@ class SegmentedEncoder:
                 ids = tuple(enc.ids)
                 found[piece] = ids
                 self.lru.put(piece, ids)
-        out: list[int] = []
-        if add_special_tokens and self._wrap is not None:
-            out.extend(self._wrap[0])
-        for piece in pieces:
-            if isinstance(piece, int):
-                out.append(piece)
-            else:
-                out.extend(found[piece])
-        if add_special_tokens and self._wrap is not None:
-            out.extend(self._wrap[1])
-        return out
+        return found
+
+    def _remember(
+        self, text: str, end: int, out: list[int], first: int, last: int, cut: bool
+    ) -> None:
+        """Offer text[:end] (ids out[first:last]) to the memo, if it may be reused exactly:
+        no suffix of it starts an added token (prefix_memo.py, point 1)."""
+        memo = self.memo
+        assert memo is not None
+        if end < memo.min_chars:
+            return
+        heads = self._token_heads
+        for k in range(1, min(self._token_head_max, end) + 1):
+            if text[end - k : end] in heads:
+                return
+        candidate = text[:end]
+        if memo.holds(candidate):
+            return
+        memo.put(MemoPrefix(candidate, tuple(out[first:last]), cut))
