@@ -75,7 +75,10 @@ class RequestStream:
         self.saw_request_headers = False
         self.started_at = time.monotonic()
         self.headers: dict[str, str] = {}
-        self.body = bytearray()
+        # The body's chunks as received, joined once to decide: one chunk (the usual case)
+        # is used as is, no copy.
+        self.body_chunks: list[bytes] = []
+        self.body_size = 0
         self.subset_hint: frozenset[str] | None = None
         default_mode = _FULL_DUPLEX if ctx.default_full_duplex else _UNSET_MODE
         self.request_body_mode: int = default_mode
@@ -134,13 +137,15 @@ class RequestStream:
             # Body sent neither full-duplex nor buffered: decided on the headers already.
             return [wire.continue_request_body()]
         chunk = message.request_body.body
-        if len(self.body) + len(chunk) > self.ctx.max_body_bytes:
+        if self.body_size + len(chunk) > self.ctx.max_body_bytes:
             return self._reject(
                 413,
                 "request-too-large",
                 f"request body exceeds the limit of {self.ctx.max_body_bytes} bytes",
             )
-        self.body += chunk
+        if chunk:
+            self.body_chunks.append(chunk)
+            self.body_size += len(chunk)
         eos = message.request_body.end_of_stream
         if eos or self.request_body_mode in _HELD_HEADER_MODES:
             # Buffered modes send the whole body (or all Envoy would buffer) at once, also
@@ -172,7 +177,7 @@ class RequestStream:
         self, body_follows: bool, trailers_follow: bool, body_parsed: bool = True
     ) -> Responses:
         self.decided = True
-        body = bytes(self.body)
+        body = b"".join(self.body_chunks)
         try:
             request = self.ctx.parser.parse(
                 self.headers, body, self.subset_hint, body_available=body_parsed
@@ -220,7 +225,7 @@ class RequestStream:
             return responses
         if body_follows:
             responses.extend(wire.request_body_chunks(body, end_of_stream=not trailers_follow))
-        self.body = bytearray()  # re-emitted; drop our copy (LLMRequest keeps raw_body)
+        self.body_chunks = []  # re-emitted; drop our copy (LLMRequest keeps raw_body)
         return responses
 
     # -- response path ----------------------------------------------------------------

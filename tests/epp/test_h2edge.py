@@ -187,6 +187,36 @@ async def test_small_client_window_and_frames_are_respected(picker: ExtProcHarne
     await client.close()
 
 
+async def test_large_windows_and_small_frames_are_respected(picker: ExtProcHarness) -> None:
+    """With the windows wide open, replies are framed straight from the messages (no
+    intermediate copies); h2 checks every frame against the 16 KiB frame size."""
+    client = await Client.connect(picker.port, INITIAL_WINDOW_SIZE=1 << 30, MAX_FRAME_SIZE=16384)
+    client.conn.increment_flow_control_window(1 << 30)
+    await client.flush()
+    big = json.dumps({"model": "m", "prompt": "y" * 150_001}).encode()
+    # Our SETTINGS and connection credit let it send the whole body at once.
+    await client.until(lambda: client.conn.outbound_flow_control_window > 2 * len(big))
+    sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(sid, grpc_headers())
+    payload = messages(request_headers(path="/v1/completions"), request_body(big, True))
+    for i in range(0, len(payload), 16000):
+        client.conn.send_data(sid, payload[i : i + 16000])
+    await client.flush()
+
+    def reemitted() -> bytes:
+        out = decode_messages(bytes(client.data.get(sid, b"")))
+        return b"".join(r.request_body.response.body_mutation.streamed_response.body for r in out)
+
+    await client.until(lambda: reemitted() == big)
+    sizes = [
+        e.flow_controlled_length
+        for e in client.events
+        if isinstance(e, h2.events.DataReceived) and e.stream_id == sid
+    ]
+    assert max(sizes) == 16384 and len(sizes) >= len(big) // 16384
+    await client.close()
+
+
 async def test_unknown_method_and_non_grpc_requests_are_refused(picker: ExtProcHarness) -> None:
     client = await Client.connect(picker.port)
     unknown = client.conn.get_next_available_stream_id()

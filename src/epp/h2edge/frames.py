@@ -112,6 +112,10 @@ class FrameReader:
         return frames
 
 
+def frame_header(type_: int, flags: int, stream_id: int, length: int) -> bytes:
+    return length.to_bytes(3, "big") + bytes((type_, flags)) + stream_id.to_bytes(4, "big")
+
+
 def frame(type_: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     return (
         len(payload).to_bytes(3, "big")
@@ -202,8 +206,13 @@ def encode_headers(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
 # -- gRPC message framing (length-prefixed messages) ---------------------------------
 
 
+def grpc_prefix(length: int) -> bytes:
+    """The 5-byte prefix of an uncompressed gRPC message of `length` bytes."""
+    return b"\x00" + length.to_bytes(4, "big")
+
+
 def grpc_message(payload: bytes) -> bytes:
-    return b"\x00" + len(payload).to_bytes(4, "big") + payload
+    return grpc_prefix(len(payload)) + payload
 
 
 class GrpcMessageReader:
@@ -216,16 +225,16 @@ class GrpcMessageReader:
         self._buf = bytearray()
         self.max_message = max_message
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes) -> list[bytes | memoryview]:
         buf = self._buf
         if not buf and len(data) >= 5:
             # Fast path: messages aligned with DATA payloads (what Envoy and grpc send).
             length = int.from_bytes(data[1:5], "big")
             if len(data) == 5 + length:
                 self._check(data[0], length)
-                return [data[5:]]
+                return [memoryview(data)[5:]]  # a view: the payload is not copied again
         buf += data
-        out: list[bytes] = []
+        out: list[bytes | memoryview] = []
         pos = 0
         while len(buf) - pos >= 5:
             length = int.from_bytes(buf[pos + 1 : pos + 5], "big")
