@@ -156,12 +156,13 @@ class ExtProcClient:
         data = b"".join(grpc_message(m) for m in messages)
         stream = _Stream(sid, data, time.perf_counter(), self.initial_window)
         self._streams[sid] = stream
-        self.sock.sendall(frame(HEADERS, END_HEADERS, sid, self._headers))
-        self._send_data(stream)
+        # HEADERS and what DATA the windows allow leave in one write, as a proxy that has
+        # the request body at hand writes them.
+        self._send_data(stream, [frame(HEADERS, END_HEADERS, sid, self._headers)])
         return stream
 
-    def _send_data(self, stream: _Stream) -> None:
-        out = []
+    def _send_data(self, stream: _Stream, out: list[bytes] | None = None) -> None:
+        out = out or []
         while stream.data:
             room = min(self.window, stream.window, self.max_frame)
             if room <= 0:
