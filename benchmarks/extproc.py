@@ -154,6 +154,29 @@ def cpu_seconds(pid: int) -> float:
 WARMUP = 20  # streams / requests per variant excluded from every sample
 
 
+def machine_speed() -> str:
+    """How fast this (shared, noisy) machine is right now: seconds for a loop of 10M Python
+    additions and for copying 256 MiB, best of three each. Printed before and after a run,
+    so that absolute figures of different runs can be read against each other (on this
+    project's machines they have varied by 1.6x within an hour)."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(10_000_000):
+            total += i
+        best = min(best, time.perf_counter() - t0)
+    # Memory: what the 8k-token path leans on most (bodies, ids, the index's table), and
+    # what neighbours on a shared host take first.
+    block = bytearray(256 << 20)
+    copy = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        bytes(block)
+        copy = min(copy, time.perf_counter() - t0)
+    return f"10M-addition loop {best:.2f} s, 256 MiB copy {copy * 1e3:.0f} ms"
+
+
 @dataclass(frozen=True, slots=True)
 class PickerProcess:
     port: int
@@ -436,7 +459,7 @@ async def bench(args: argparse.Namespace) -> None:
     try:
         print(
             f"direct={args.direct} envoy={args.envoy} per size; chunk {CHUNK} B; "
-            f"cores={os.cpu_count()}"
+            f"cores={os.cpu_count()}; machine: {machine_speed()}"
         )
         for label, tokens in SIZES.items():
             p50, p99 = percentiles(await state_machine(chat_body(tokens), args.direct))

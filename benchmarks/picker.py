@@ -53,6 +53,7 @@ from benchmarks.extproc import (
     direct,
     direct_lean,
     envoy_alone,
+    machine_speed,
     ms,
     percentiles,
     request_messages,
@@ -341,6 +342,12 @@ async def bench(args: argparse.Namespace) -> None:
     variants["tls grpcio"] = ([*tls_args, "--edge", "grpcio"], None, False)
     variants["plain h2"] = (["--plaintext", "--edge", "h2"], None, False)
     variants["plain grpcio"] = (["--plaintext", "--edge", "grpcio"], None, False)
+    if args.only:
+        wanted = {"tls h2", *(v.strip() for v in args.only.split(","))}
+        unknown = wanted - set(variants)
+        if unknown:
+            raise SystemExit(f"--only: unknown picker {sorted(unknown)}; known: {list(variants)}")
+        variants = {k: v for k, v in variants.items() if k in wanted}
     started = time.perf_counter()
     processes: list[subprocess.Popen[bytes]] = [upstream]
     pickers: dict[str, PickerProcess] = {}
@@ -375,7 +382,8 @@ async def bench(args: argparse.Namespace) -> None:
         print(
             f"engines={ENGINES} tenants={TENANTS} blocks in index={blocks} "
             f"(setup {time.perf_counter() - started:.0f} s); direct={args.direct} "
-            f"envoy={args.envoy} breakdown={args.breakdown} per size; cores={os.cpu_count()}"
+            f"envoy={args.envoy} breakdown={args.breakdown} per size; cores={os.cpu_count()}; "
+            f"machine: {machine_speed()}"
         )
         for size in SIZES:
             bodies = [request_messages(chat_body(size, i)) for i in range(args.direct + WARMUP)]
@@ -424,7 +432,8 @@ async def bench(args: argparse.Namespace) -> None:
             )
             envoys.append(alone.start())
             urls["alone"] = alone.url
-            for name in ("tls h2", "tls grpcio"):
+            behind_envoy = [name for name in ("tls h2", "tls grpcio") if name in pickers]
+            for name in behind_envoy:
                 envoy = EnvoyProcess(FALLBACK_PORT=fallback, EPP_PORT=pickers[name].port)
                 envoys.append(envoy.start())
                 urls[name] = envoy.url
@@ -434,12 +443,13 @@ async def bench(args: argparse.Namespace) -> None:
                 )
                 a50, a99 = percentiles(results["alone"])
                 line = [f"envoy {size}: alone p50 {ms(a50)} p99 {ms(a99)}"]
-                for name in ("tls h2", "tls grpcio"):
+                for name in behind_envoy:
                     b50, b99 = percentiles(results[name])
                     line.append(
                         f"+picker ({name}) p50 {ms(b50)} p99 {ms(b99)}, added p50 {ms(b50 - a50)}"
                     )
                 print("; ".join(line))
+        print(f"machine at the end: {machine_speed()}")
     finally:
         stop_all(envoys, processes)
         reserved.close()
@@ -469,6 +479,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--throughput", type=int, default=1000, help="throughput: streams per picker and size"
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="run only these pickers (comma-separated: tls grpcio, plain h2, plain grpcio, "
+        "baseline-tls), besides 'tls h2' (the deployed one), e.g. --only 'tls h2' alone: "
+        "resident pickers share the caches even when idle",
     )
     parser.add_argument("--role", choices=("bench", "picker", "upstream"), default="bench")
     parser.add_argument("--upstream", default="")
