@@ -281,8 +281,11 @@ def direct_lean(
             for name, client in clients.items():
                 pid = pickers[name].pid
                 samples = out[name]
-                for j in range(LEAN_BLOCK_WARMUP + min(counted, n - len(samples.decision))):
-                    payloads = [m.SerializeToString() for m in messages_of(i + j)]
+                size = LEAN_BLOCK_WARMUP + min(counted, n - len(samples.decision))
+                # Prepared before the block, so that the picker's streams follow each other
+                # as under load, not after the client's own work of making each request.
+                block = [[m.SerializeToString() for m in messages_of(i + j)] for j in range(size)]
+                for j, payloads in enumerate(block):
                     c0 = cpu_seconds(pid)
                     result = client.stream(payloads)
                     if j >= LEAN_BLOCK_WARMUP:

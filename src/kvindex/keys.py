@@ -121,3 +121,41 @@ def chain_keys(
         key = _xxh3(bytes(data) + extra.encode(), key) if extra else _xxh3(data, key)
         keys.append(key)
     return keys
+
+
+class SharedPrefixIds(list[int]):
+    """Token ids whose first `lead` entries are a prefix other prompts share (the
+    tokenizer's prefix memo hands these out). `lead_keys` belongs to that prefix and keeps,
+    per chain root and block size, the keys of its full blocks, so that the next prompt
+    starting with it hashes only what follows (`prefix_chain_keys`). A plain list otherwise;
+    the ids must not be changed in place (no one does)."""
+
+    __slots__ = ("lead", "lead_keys")
+
+    lead: int
+    lead_keys: dict[tuple[ContentKey, int], list[ContentKey]]
+
+
+# Roots (model, LoRA) x block sizes one shared prefix keeps keys for.
+_LEAD_KEY_SETS = 4
+
+
+def prefix_chain_keys(
+    parent: ContentKey, token_ids: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE
+) -> list[ContentKey]:
+    """`chain_keys(parent, token_ids, block_size)`, reusing the keys of a shared prefix's
+    full blocks when `token_ids` is a SharedPrefixIds (keys chain block by block, so the
+    blocks after them chain from the last one)."""
+    if not isinstance(token_ids, SharedPrefixIds):
+        return chain_keys(parent, token_ids, block_size)
+    full = token_ids.lead // block_size
+    if full == 0:
+        return chain_keys(parent, token_ids, block_size)
+    cache = token_ids.lead_keys
+    head = cache.get((parent, block_size))
+    if head is None:
+        head = chain_keys(parent, token_ids[: full * block_size], block_size)
+        if len(cache) >= _LEAD_KEY_SETS:
+            cache.clear()
+        cache[(parent, block_size)] = head
+    return head + chain_keys(head[-1], token_ids[full * block_size :], block_size)

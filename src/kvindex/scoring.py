@@ -22,7 +22,14 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from kvindex.index.base import BlockIndex, PrefixMatch
-from kvindex.keys import DEFAULT_BLOCK_SIZE, BlockExtra, ContentKey, chain_keys, root_key
+from kvindex.keys import (
+    DEFAULT_BLOCK_SIZE,
+    BlockExtra,
+    ContentKey,
+    chain_keys,
+    prefix_chain_keys,
+    root_key,
+)
 from kvindex.speculative import SpeculativeIndex
 
 __all__ = [
@@ -124,6 +131,8 @@ def prompt_keys(
     [0, 2**32)."""
     extras = [BlockExtra(cache_salt=cache_salt)] if cache_salt is not None else None
     try:
+        if extras is None:
+            return prefix_chain_keys(root_key(model, lora), token_ids, block_size)
         return chain_keys(root_key(model, lora), token_ids, block_size, extras)
     except (OverflowError, TypeError) as exc:
         raise InvalidPromptError(f"token ids must be integers in [0, 2**32): {exc}") from exc

@@ -7,7 +7,7 @@ import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvindex.keys import BlockExtra, chain_keys, root_key
+from kvindex.keys import BlockExtra, SharedPrefixIds, chain_keys, prefix_chain_keys, root_key
 
 
 def test_byte_layout_is_as_documented() -> None:
@@ -54,3 +54,29 @@ def test_token_out_of_range() -> None:
         chain_keys(0, [-1] * 16)
     with pytest.raises(OverflowError):
         chain_keys(0, [2**32] * 16)
+
+
+_ids = st.lists(st.integers(min_value=0, max_value=2**32 - 1), max_size=120)
+
+
+@given(
+    lead=_ids,
+    tails=st.lists(_ids, min_size=1, max_size=4),
+    block=st.sampled_from([1, 3, 16]),
+    roots=st.lists(st.integers(min_value=0, max_value=2**64 - 1), min_size=1, max_size=6),
+)
+def test_shared_prefix_keys_equal_the_full_chain(
+    lead: list[int], tails: list[list[int]], block: int, roots: list[int]
+) -> None:
+    """Prompts sharing one prefix (and its key cache) get exactly chain_keys' keys, for any
+    prefix length (on or off a block boundary), tail, block size and roots (more roots
+    than the cache keeps)."""
+    cache: dict[tuple[int, int], list[int]] = {}
+    for tail in tails:
+        for root in roots:
+            ids = SharedPrefixIds(lead + tail)
+            ids.lead, ids.lead_keys = len(lead), cache
+            assert prefix_chain_keys(root, ids, block) == chain_keys(root, lead + tail, block)
+    assert len(cache) <= 4
+    plain = lead + tails[0]
+    assert prefix_chain_keys(roots[0], plain, block) == chain_keys(roots[0], plain, block)

@@ -10,6 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kvindex.keys import SharedPrefixIds
+from kvindex.scoring import prompt_keys
 from kvindex.tokenize import TokenizationCacheConfig, load_tokenizer
 from kvindex.tokenize.local import LocalTokenizer
 
@@ -248,11 +250,20 @@ def test_shared_completion_prefix_comes_from_the_prefix_memo(load_cached: Any) -
     assert tok.encode(prefix + "Question one?") == ref.encode(prefix + "Question one?")
     before = tok.cache_stats()
     assert before.prefix_entries == 1 and before.prefix_bytes > len(prefix)
-    assert tok.encode(prefix + "Question two?") == ref.encode(prefix + "Question two?")
+    ids = tok.encode(prefix + "Question two?")
+    assert ids == ref.encode(prefix + "Question two?")
     after = tok.cache_stats()
+    # The ids say which prefix they share; its chain keys are kept and reused, and equal
+    # the keys of the plain ids.
+    assert isinstance(ids, SharedPrefixIds) and ids.lead > 0
+    assert prompt_keys("m", ids) == prompt_keys("m", list(ids))
+    again = tok.encode(prefix + "Question three?")
+    assert isinstance(again, SharedPrefixIds) and again.lead_keys is ids.lead_keys
+    assert ids.lead_keys and prompt_keys("m", again) == prompt_keys("m", list(again))
     # The prefix came whole from the memo: no chunk of it was looked up, only the new line.
     assert after.prefix_hits - before.prefix_hits == 1
     assert after.hits == before.hits and after.misses - before.misses == 1
+    after = tok.cache_stats()
     # A text that diverges inside the prefix does not use it, and is still exact.
     other = prefix[:2000] + "X" + prefix[2001:] + "Question three?"
     assert tok.encode(other) == ref.encode(other)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _ENTRY_OVERHEAD = 160  # bytes of bookkeeping per prefix, roughly
 _ASCII_LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
@@ -38,6 +38,12 @@ class MemoPrefix:
     text: str
     ids: tuple[int, ...]  # without the post-processor's wrapping
     needs_letter: bool  # ends at a plain-text cut: T[len(text)] must be an ASCII letter
+    # Chain keys of the prefix's full blocks, by (root, block size), filled by the scorer
+    # (kvindex.keys.prefix_chain_keys) through the SharedPrefixIds it is handed; per
+    # wrapping, as special tokens before it shift the blocks.
+    keys: dict[bool, dict[tuple[int, int], list[int]]] = field(
+        default_factory=lambda: {False: {}, True: {}}
+    )
 
 
 class PrefixMemo:
@@ -57,7 +63,8 @@ class PrefixMemo:
 
     @staticmethod
     def _cost(prefix: MemoPrefix) -> int:
-        return len(prefix.text) + 8 * len(prefix.ids) + _ENTRY_OVERHEAD
+        # + the chain keys the scorer may keep for it (one 8-byte int per 16 ids, x4 roots)
+        return len(prefix.text) + 10 * len(prefix.ids) + _ENTRY_OVERHEAD
 
     def find(self, text: str) -> MemoPrefix | None:
         """The longest stored prefix that `text` starts with and extends (never all of

@@ -33,6 +33,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from kvindex.keys import SharedPrefixIds
 from kvindex.tokenize.cache_config import TokenizationCacheConfig
 from kvindex.tokenize.plain_cuts import chunks, plain_cuts_reason
 from kvindex.tokenize.prefix_memo import MemoPrefix, PrefixMemo
@@ -327,15 +328,22 @@ class SegmentedEncoder:
         if not self.exact or (add_special_tokens and self._wrap is None):
             return self._whole(text, add_special_tokens)
         wrap = self._wrap if add_special_tokens else None
-        out: list[int] = list(wrap[0]) if wrap is not None else []
         memo = self.memo
         prefix = memo.find(text) if memo is not None else None
         start = 0
+        out: list[int]
         if prefix is not None:
-            out.extend(prefix.ids)
+            # The ids say which shared prefix they start with, so the scorer reuses its
+            # chain keys (kvindex.keys.prefix_chain_keys).
+            shared = SharedPrefixIds(wrap[0]) if wrap is not None else SharedPrefixIds()
+            shared.extend(prefix.ids)
+            shared.lead = len(shared)
+            shared.lead_keys = prefix.keys[wrap is not None]
+            out = shared
             start = len(prefix.text)
             text_rest = text[start:]
         else:
+            out = list(wrap[0]) if wrap is not None else []
             text_rest = text
         pieces = self._pieces(text_rest)
         found = self._lookup(pieces)
