@@ -387,3 +387,14 @@ def test_prefix_memo_keeps_its_byte_bound(load_cached: Any) -> None:
         assert tok.cache_stats().prefix_bytes <= limit
     stats = tok.cache_stats()
     assert 0 < stats.prefix_entries < 200
+
+
+def test_cached_ids_share_one_int_object_per_token(load_cached: Any) -> None:
+    # Two prompts tokenized apart: the ids they have in common are the same objects (the
+    # cache hands out one int per token id; CPython shares only ints up to 256 itself).
+    tok = load_cached("deepseek")
+    a = tok.encode("Routing keeps the longest prefix. " * 40 + "First.")
+    b = tok.encode("Other words first, then routing keeps the longest prefix. " * 3)
+    first = {x: x for x in a}
+    common = [x for x in b if x in first and x > 256]
+    assert common and all(x is first[x] for x in common)
