@@ -64,6 +64,30 @@ class IndexStatsCollector(Collector):
         return []
 
 
+# (CacheStats field, metric name after PREFIX, help, is a counter) of TokenizerCacheCollector.
+_TOKENIZER_CACHE_METRICS = (
+    ("hits", "tokenizer_cache_hits", "Segment cache hits", True),
+    ("misses", "tokenizer_cache_misses", "Segment cache misses", True),
+    ("evictions", "tokenizer_cache_evictions", "Segment cache evictions", True),
+    (
+        "uncached_calls",
+        "tokenizer_uncached_calls",
+        "Prompts tokenized whole (cache exactness not shown)",
+        True,
+    ),
+    ("entries", "tokenizer_cache_entries", "Segment cache entries", False),
+    ("bytes", "tokenizer_cache_bytes", "Segment cache bytes (approx.)", False),
+    (
+        "prefix_hits",
+        "tokenizer_prefix_hits",
+        "Prompts whose long prefix came from the prefix memo",
+        True,
+    ),
+    ("prefix_entries", "tokenizer_prefix_entries", "Prefix memo entries", False),
+    ("prefix_bytes", "tokenizer_prefix_bytes", "Prefix memo bytes (approx.)", False),
+)
+
+
 class TokenizerCacheCollector(Collector):
     """The tokenizers' segment-cache counters by model, read at scrape time. ``stats``
     returns model -> an object with ``hits``, ``misses``, ``evictions``, ``entries``,
@@ -78,53 +102,15 @@ class TokenizerCacheCollector(Collector):
             by_model = self._stats()
         except Exception:  # a broken tokenizer must not break /metrics
             return
-        families: list[GaugeMetricFamily | CounterMetricFamily] = [
-            CounterMetricFamily(
-                PREFIX + "tokenizer_cache_hits", "Segment cache hits", labels=["model"]
-            ),
-            CounterMetricFamily(
-                PREFIX + "tokenizer_cache_misses", "Segment cache misses", labels=["model"]
-            ),
-            CounterMetricFamily(
-                PREFIX + "tokenizer_cache_evictions", "Segment cache evictions", labels=["model"]
-            ),
-            CounterMetricFamily(
-                PREFIX + "tokenizer_uncached_calls",
-                "Prompts tokenized whole (cache exactness not shown)",
-                labels=["model"],
-            ),
-            GaugeMetricFamily(
-                PREFIX + "tokenizer_cache_entries", "Segment cache entries", labels=["model"]
-            ),
-            GaugeMetricFamily(
-                PREFIX + "tokenizer_cache_bytes", "Segment cache bytes (approx.)", labels=["model"]
-            ),
-            CounterMetricFamily(
-                PREFIX + "tokenizer_prefix_hits",
-                "Prompts whose long prefix came from the prefix memo",
-                labels=["model"],
-            ),
-            GaugeMetricFamily(
-                PREFIX + "tokenizer_prefix_entries", "Prefix memo entries", labels=["model"]
-            ),
-            GaugeMetricFamily(
-                PREFIX + "tokenizer_prefix_bytes", "Prefix memo bytes (approx.)", labels=["model"]
-            ),
+        families = [
+            (CounterMetricFamily if counter else GaugeMetricFamily)(
+                PREFIX + name, help_text, labels=["model"]
+            )
+            for _, name, help_text, counter in _TOKENIZER_CACHE_METRICS
         ]
-        fields = (
-            "hits",
-            "misses",
-            "evictions",
-            "uncached_calls",
-            "entries",
-            "bytes",
-            "prefix_hits",
-            "prefix_entries",
-            "prefix_bytes",
-        )
         for model, stats in sorted(by_model.items()):
-            for family, name in zip(families, fields, strict=True):
-                family.add_metric([model], float(getattr(stats, name, 0)))
+            for family, (field, *_) in zip(families, _TOKENIZER_CACHE_METRICS, strict=True):
+                family.add_metric([model], float(getattr(stats, field, 0)))
         yield from families
 
     def describe(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:

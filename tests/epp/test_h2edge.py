@@ -158,6 +158,30 @@ async def test_decision_then_ok_trailers_over_h2(picker: ExtProcHarness) -> None
     await wait_until(lambda: sample(picker, "llm_d_epp_inflight_streams") == 0)
 
 
+async def send_completion(client: Client, body: bytes, body_chunk: int) -> int:
+    """A /v1/completions ext_proc stream with `body` in request_body messages of at most
+    `body_chunk` bytes, sent in 16,000-byte DATA frames; returns the stream id."""
+    sid: int = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(sid, grpc_headers())
+    payload = messages(
+        request_headers(path="/v1/completions"),
+        *[
+            request_body(body[i : i + body_chunk], i + body_chunk >= len(body))
+            for i in range(0, len(body), body_chunk)
+        ],
+    )
+    for i in range(0, len(payload), 16000):
+        client.conn.send_data(sid, payload[i : i + 16000])
+    await client.flush()
+    return sid
+
+
+def reemitted(client: Client, sid: int) -> bytes:
+    """The request body the picker has sent back on stream `sid` so far."""
+    out = decode_messages(bytes(client.data.get(sid, b"")))
+    return b"".join(r.request_body.response.body_mutation.streamed_response.body for r in out)
+
+
 async def test_small_client_window_and_frames_are_respected(picker: ExtProcHarness) -> None:
     """h2 raises if we overrun its window or frame size; the 200 KB body re-emission must
     wait for credit and still arrive intact."""
@@ -166,24 +190,8 @@ async def test_small_client_window_and_frames_are_respected(picker: ExtProcHarne
         lambda: any(isinstance(e, h2.events.SettingsAcknowledged) for e in client.events)
     )
     big = json.dumps({"model": "m", "prompt": "x" * 200_000}).encode()
-    sid = client.conn.get_next_available_stream_id()
-    client.conn.send_headers(sid, grpc_headers())
-    payload = messages(
-        request_headers(path="/v1/completions"),
-        *[
-            request_body(big[i : i + 16384], i + 16384 >= len(big))
-            for i in range(0, len(big), 16384)
-        ],
-    )
-    for i in range(0, len(payload), 16000):
-        client.conn.send_data(sid, payload[i : i + 16000])
-    await client.flush()
-
-    def reemitted() -> bytes:
-        out = decode_messages(bytes(client.data.get(sid, b"")))
-        return b"".join(r.request_body.response.body_mutation.streamed_response.body for r in out)
-
-    await client.until(lambda: reemitted() == big)
+    sid = await send_completion(client, big, body_chunk=16384)
+    await client.until(lambda: reemitted(client, sid) == big)
     await client.close()
 
 
@@ -196,18 +204,8 @@ async def test_large_windows_and_small_frames_are_respected(picker: ExtProcHarne
     big = json.dumps({"model": "m", "prompt": "y" * 150_001}).encode()
     # Our SETTINGS and connection credit let it send the whole body at once.
     await client.until(lambda: client.conn.outbound_flow_control_window > 2 * len(big))
-    sid = client.conn.get_next_available_stream_id()
-    client.conn.send_headers(sid, grpc_headers())
-    payload = messages(request_headers(path="/v1/completions"), request_body(big, True))
-    for i in range(0, len(payload), 16000):
-        client.conn.send_data(sid, payload[i : i + 16000])
-    await client.flush()
-
-    def reemitted() -> bytes:
-        out = decode_messages(bytes(client.data.get(sid, b"")))
-        return b"".join(r.request_body.response.body_mutation.streamed_response.body for r in out)
-
-    await client.until(lambda: reemitted() == big)
+    sid = await send_completion(client, big, body_chunk=len(big))
+    await client.until(lambda: reemitted(client, sid) == big)
     sizes = [
         e.flow_controlled_length
         for e in client.events
