@@ -207,11 +207,3 @@ async def messages_of(call: Any) -> AsyncIterator[pb.ProcessingResponse]:
         if message is grpc.aio.EOF:
             return
         yield message
-
-
-async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
-    """Poll `predicate` until it holds (fails the test after `timeout` seconds)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)

@@ -20,6 +20,7 @@ from epp.endpoints import (
 )
 from epp.metrics import EppMetrics
 from epp.types import Role
+from tests.polling import wait_until_async as wait_for
 
 
 def test_static_list_and_ipv6() -> None:
@@ -95,13 +96,6 @@ def write(path: Path, doc: object) -> None:
     path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-
-
-async def wait_for(predicate, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 async def test_watched_file_updates_and_keeps_last_good_set(tmp_path: Path) -> None:

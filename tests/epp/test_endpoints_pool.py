@@ -29,6 +29,7 @@ from epp.discovery.pool import (
 from epp.endpoints import Datastore
 from epp.metrics import EppMetrics
 from epp.types import Role
+from tests.polling import wait_until_async as wait_for
 
 V1_POOL = {
     "apiVersion": "inference.networking.k8s.io/v1",
@@ -194,13 +195,6 @@ class FakeApiServer:
     async def stop(self) -> None:
         self.closing = True
         await self.runner.cleanup()
-
-
-async def wait_for(predicate, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from epp.endpoints import Datastore, make_endpoint
 from epp.engine_metrics import EngineMetricsScraper, filter_lines, parse_engine_metrics
 from epp.metrics import EppMetrics
 from epp.requests import ModelRegistry
+from tests.polling import wait_until_async as wait_for
 
 VLLM_PAGE = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -119,13 +120,6 @@ class MetricsServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.runner.cleanup()
-
-
-async def wait_for(predicate, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 async def test_scraper_updates_good_endpoints_and_keeps_stale_ones_stale() -> None:

@@ -29,6 +29,7 @@ from epp.types import (
     SchedulingResult,
 )
 from kvindex.demo.envoy import EnvoyProcess, find_envoy
+from tests.polling import wait_until_async as wait_for
 
 pytestmark = pytest.mark.skipif(find_envoy() is None, reason="envoy binary not installed")
 
@@ -190,13 +191,6 @@ async def stack(model_servers: list[ModelServer], extproc_server: str) -> AsyncI
 
 def chat(stream: bool = False, content: str = "hello") -> dict:
     return {"model": "m", "messages": [{"role": "user", "content": content}], "stream": stream}
-
-
-async def wait_for(predicate, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 async def test_requests_go_where_the_scheduler_picks(stack: Stack) -> None:

@@ -24,12 +24,12 @@ from extproc_client import (
     endpoints,
     request_body,
     request_headers,
-    wait_until,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from epp.h2edge import frames as f
+from tests.polling import wait_until_async as wait_until
 
 PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi " * 40}]}).encode()

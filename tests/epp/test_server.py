@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from epp.cli import build_parser
 from epp.commands import serve
 from epp.server import EXTPROC_SERVICE, PickerDeps, PickerServer, ServeConfig
+from tests.polling import wait_until_async as wait_for_async
 
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -50,13 +51,6 @@ async def health_status(port: int, service: str) -> int:
         stub = health_pb2_grpc.HealthStub(channel)
         response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         return response.status
-
-
-async def wait_for_async(predicate, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
 
 
 def tls_channel(server: PickerServer) -> grpc.aio.Channel:

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 from vllm_publisher import VllmPublisher, stored
 
 from kvindex.index.base import BlockIndex
 from kvindex.keys import chain_keys, root_key
 from kvindex.metrics import KvindexMetrics
+from tests.polling import wait_until
 
 PROBE_HASH = 0xFFFF_FFFF_FFFF_FF00  # >= 2**63: exercises uint64 hashes too
 PROBE_TOKENS = list(range(1000, 1016))
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
+# The name the kvindex tests call it by.
+wait_for = wait_until
 
 
 def metric(metrics: KvindexMetrics, name: str, **labels: str) -> float:

@@ -9,25 +9,21 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.polling import wait_until
 from tests.ports import free_port
 
 KVINDEX = [sys.executable, "-m", "kvindex.cli"]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    """`tests.polling.wait_until` with the longer default a server process start needs."""
+    wait_until(predicate, timeout, what, interval=0.02)
 
 
 def http(method: str, url: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
