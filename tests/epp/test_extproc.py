@@ -24,6 +24,7 @@ from extproc_client import (
 
 from epp.extproc_wire import MAX_CHUNK_BYTES
 from epp.types import SchedulingError
+from tests.polling import wait_until_async as wait_until
 
 pytestmark = pytest.mark.usefixtures("extproc_server")
 
@@ -310,14 +311,9 @@ async def test_client_disconnect_mid_stream_releases_the_request() -> None:
         for _ in range(3):
             await asyncio.wait_for(call.read(), 10)
         call.cancel()
-        deadline = asyncio.get_running_loop().time() + 10
-        while not scheduler.completed:
-            assert asyncio.get_running_loop().time() < deadline, "completion never reported"
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: scheduler.completed, what="the completion report")
         assert scheduler.completed[0].status == 499
-        while h.metrics.inflight_streams._value.get() != 0:
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: h.metrics.inflight_streams._value.get() == 0)
         assert h.metrics.client_disconnects._value.get() == 1
         # and the server still serves
         out = await h.exchange([request_headers("/v1/models", end_of_stream=True)], expect=1)
