@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import gc
 import signal
 import sys
 from typing import Any
@@ -215,6 +216,9 @@ async def serve(config: ServiceConfig) -> int:
                 return fail(f"gRPC port {config.grpc_port} is in use: change it with --grpc-port")
             return fail(f"HTTP port {config.http_port} is in use: change it with --http-port")
         return fail(f"cannot listen on {config.http_host}:{config.http_port}: {exc.strerror}")
+    # What start-up built (modules, tokenizers, templates) lives as long as the process:
+    # moved out of the collector's generations, full collections no longer walk it.
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
