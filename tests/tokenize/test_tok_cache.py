@@ -14,6 +14,7 @@ from kvindex.keys import SharedPrefixIds
 from kvindex.scoring import prompt_keys
 from kvindex.tokenize import TokenizationCacheConfig, load_tokenizer
 from kvindex.tokenize.local import LocalTokenizer
+from kvindex.tokenize.prefix_memo import MemoPrefix, PrefixMemo
 
 NAMES = ["deepseek", "llama3", "chatml", "mistral", "unigram", "wordpiece"]
 
@@ -398,3 +399,16 @@ def test_cached_ids_share_one_int_object_per_token(load_cached: Any) -> None:
     first = {x: x for x in a}
     common = [x for x in b if x in first and x > 256]
     assert common and all(x is first[x] for x in common)
+
+
+def test_a_prefix_many_prompts_share_survives_longer_ones() -> None:
+    # One system prompt, then many conversations: each stores a longer prefix of its own.
+    # The shared one is used by every prompt, so it stays while the others push in.
+    memo = PrefixMemo(max_bytes=1 << 20, min_chars=8, per_head=4)
+    system = "System: route by the longest cached prefix.\n"
+    memo.put(MemoPrefix(system, (1, 2, 3), needs_letter=True))
+    for i in range(20):
+        memo.put(MemoPrefix(f"{system}User {i} said hello.\n", (1, 2, 3, 4), needs_letter=True))
+        found = memo.find(f"{system}User {100 + i} asks again.")
+        assert found is not None and found.text == system
+    assert memo.entries <= 4 and memo.holds(system)

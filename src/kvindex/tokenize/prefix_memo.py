@@ -48,7 +48,8 @@ class MemoPrefix:
 
 class PrefixMemo:
     """Prefixes grouped by their first `head` characters, at most `per_head` each (most
-    recent first), the whole bounded by approximate bytes; thread-safe."""
+    recently stored or used first; the last is dropped), the whole bounded by approximate
+    bytes; thread-safe."""
 
     def __init__(self, max_bytes: int, min_chars: int, head: int = 64, per_head: int = 8) -> None:
         self.max_bytes = max_bytes
@@ -89,6 +90,11 @@ class PrefixMemo:
             if best is not None:
                 self.hits += 1
                 self._groups.move_to_end(key)
+                if group[0] is not best:
+                    # Most recently used first: a prefix many prompts share (a system prompt
+                    # before each conversation's turns) stays while the longer ones come and go.
+                    group.remove(best)
+                    group.insert(0, best)
             return best
 
     def holds(self, text: str) -> bool:
