@@ -109,6 +109,7 @@ class PickerServer:
         self._h2: H2ExtProcServer | None = None
         self._health_status: dict[str, int] = {}
         self._health_grpc: grpc.aio.Server | None = None
+        self._health_h2: H2ExtProcServer | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._expected_sources: set[str] = set()
@@ -149,9 +150,12 @@ class PickerServer:
     # -- start -------------------------------------------------------------------------
 
     async def _set_health(self, service: str, status: int) -> None:
-        # Mirrored for the h2 edge, which answers Health/Check on the ext_proc port itself.
+        # Mirrored for the h2 edge, which answers Health on its ports itself.
         self._health_status[service] = status
         await self.health.set(service, status)  # type: ignore[arg-type]
+        for server in (self._h2, self._health_h2):
+            if server is not None:
+                server.notify(service)
 
     def _tls_pair(self) -> tuple[bytes, bytes]:
         c = self.config
@@ -193,9 +197,17 @@ class PickerServer:
 
         await self._start_extproc()
 
-        self._health_grpc = grpc.aio.server(options=_GRPC_OPTIONS)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
-        self.ports["health"] = self._health_grpc.add_insecure_port(f"{c.host}:{c.health_port}")
+        if c.extproc_server == "h2":
+            # The same edge serves the health port (Check and Watch, plaintext as kubelet
+            # probes it): no grpcio server runs in the picker.
+            self._health_h2 = H2ExtProcServer(
+                self.context, self._health_status.get, serve_process=False, port_name="health"
+            )
+            self.ports["health"] = await self._health_h2.bind(c.host, c.health_port)
+        else:
+            self._health_grpc = grpc.aio.server(options=_GRPC_OPTIONS)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
+            self.ports["health"] = self._health_grpc.add_insecure_port(f"{c.host}:{c.health_port}")
 
         app = web.Application()
         app.router.add_get("/metrics", self._serve_metrics)
@@ -216,7 +228,10 @@ class PickerServer:
             await self._grpc.start()
         if self._h2 is not None:
             await self._h2.start_serving()
-        await self._health_grpc.start()
+        if self._health_grpc is not None:
+            await self._health_grpc.start()
+        if self._health_h2 is not None:
+            await self._health_h2.start_serving()
         self._tasks.append(asyncio.create_task(self.scraper.run(), name="engine-metrics"))
         log.info(
             "epp listening: ext_proc %s:%d (%s), health %d, metrics %d",
@@ -272,6 +287,8 @@ class PickerServer:
             await self._grpc.stop(grace)
         if self._h2 is not None:
             await self._h2.drain(grace)
+        if self._health_h2 is not None:
+            await self._health_h2.drain(0.0)  # Watch streams heard NOT_SERVING; now they end
         await self.close()
 
     async def close(self) -> None:
@@ -289,6 +306,8 @@ class PickerServer:
             await self._h2.stop()
         if self._health_grpc is not None:
             await self._health_grpc.stop(None)
+        if self._health_h2 is not None:
+            await self._health_h2.stop()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
             self._metrics_runner = None

@@ -4,6 +4,7 @@ endpoint sources, graceful drain, and the real `epp serve` process under SIGTERM
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -123,6 +124,73 @@ async def test_readiness_waits_for_the_endpoints_file(tmp_path: Path) -> None:
 
         await wait_for_async(ready)
         assert [e.key for e in server.datastore.endpoints()] == ["10.0.0.7:8000"]
+    finally:
+        await server.close()
+
+
+async def test_health_watch_follows_readiness_on_both_ports(
+    tmp_path: Path, extproc_server: str
+) -> None:
+    """grpc.health.v1 Watch (as grpc clients and meshes use it): the current status at once,
+    then each change; an unknown service is SERVICE_UNKNOWN and still watched; a drain ends
+    the streams after NOT_SERVING. On the health port and on the ext_proc port."""
+    path = tmp_path / "eps.json"
+    server = PickerServer(
+        config(
+            endpoints_file=str(path),
+            endpoints_file_interval_s=0.02,
+            secure_serving=False,
+            extproc_server=extproc_server,
+        ),
+        LeastWaitingScheduler(),
+    )
+    await server.start()
+    channels = [
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.ports[name]}") for name in ("health", "grpc")
+    ]
+    try:
+        calls = [
+            health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service="readiness")
+            )
+            for channel in channels
+        ]
+        unknown = health_pb2_grpc.HealthStub(channels[0]).Watch(
+            health_pb2.HealthCheckRequest(service="nope")
+        )
+        for call in calls:
+            assert (await asyncio.wait_for(call.read(), 10)).status == NOT_SERVING
+        first = await asyncio.wait_for(unknown.read(), 10)
+        assert first.status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        path.write_text(json.dumps(["10.0.0.7:8000"]))  # the pool is known: ready
+        for call in calls:
+            assert (await asyncio.wait_for(call.read(), 10)).status == SERVING
+        await server.drain(grace_s=1)  # grpcio keeps a Watch open for the whole grace
+        for call in calls:
+            assert (await asyncio.wait_for(call.read(), 10)).status == NOT_SERVING
+            with contextlib.suppress(grpc.aio.AioRpcError):  # ended or connection closed
+                assert await asyncio.wait_for(call.read(), 10) == grpc.aio.EOF
+        unknown.cancel()
+    finally:
+        for channel in channels:
+            await channel.close()
+        await server.close()
+
+
+async def test_the_health_port_serves_only_health(extproc_server: str) -> None:
+    server = PickerServer(
+        config(endpoints="10.0.0.1:8000", secure_serving=False, extproc_server=extproc_server),
+        LeastWaitingScheduler(),
+    )
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.ports['health']}") as channel:
+            call = pb_grpc.ExternalProcessorStub(channel).Process()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call.write(request_headers(end_of_stream=True))
+                await asyncio.wait_for(call.read(), 10)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert await health_status(server.ports["health"], "liveness") == SERVING
     finally:
         await server.close()
 

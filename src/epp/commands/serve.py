@@ -96,8 +96,8 @@ def register(subparsers: Any) -> None:
         "--extproc-server",
         choices=EXTPROC_SERVERS,
         default="h2",
-        help="what serves the ext_proc port: h2, the picker's own HTTP/2 gRPC edge (default; "
-        "about half the CPU per stream), or grpcio, grpc.aio's server",
+        help="what serves the ext_proc and health ports: h2, the picker's own HTTP/2 gRPC "
+        "edge (default; a third of the CPU per stream), or grpcio, grpc.aio's servers",
     )
     p.add_argument("--cert-path", help="PEM certificate for the ext_proc port")
     p.add_argument("--key-path", help="PEM private key for the ext_proc port")

@@ -48,6 +48,7 @@ _OK_TRAILERS = f.encode_headers([(b"grpc-status", b"0")])
 UNIMPLEMENTED = 12
 INTERNAL = 13
 NOT_FOUND = 5
+SERVICE_UNKNOWN = 3  # grpc.health.v1 ServingStatus
 
 _HEADER_CACHE_SIZE = 64
 
@@ -88,11 +89,13 @@ class _Stream:
         "send_window",
         "state",
         "unary",
+        "watch_sent",
+        "watched",
     )
 
     def __init__(self, stream_id: int, kind: str, send_window: int, max_message: int) -> None:
         self.id = stream_id
-        self.kind = kind  # "process" | "health"
+        self.kind = kind  # "process" | "health" | "watch"
         self.send_window = send_window
         self.reader = f.GrpcMessageReader(max_message)
         self.state: RequestStream | None = None
@@ -105,6 +108,10 @@ class _Stream:
         self.pending_trailers: bytes | None = None
         self.unary: bytes | memoryview | None = None
         self.received = 0  # DATA bytes not yet credited back to the client
+        # Health/Watch: the service watched (None until the request arrived) and the last
+        # status sent for it.
+        self.watched: str | None = None
+        self.watch_sent: int | None = None
 
 
 class _Continue:
@@ -149,9 +156,11 @@ class H2Connection(asyncio.BufferedProtocol):
         health: HealthLookup,
         on_close: Callable[[H2Connection], None],
         max_message: int,
+        serve_process: bool = True,
     ) -> None:
         self.ctx = ctx
         self.health = health
+        self.serve_process = serve_process  # False on the health port: Health only
         self._on_close = on_close
         self.max_message = max_message
         self.transport: asyncio.Transport | None = None
@@ -394,17 +403,15 @@ class H2Connection(asyncio.BufferedProtocol):
             self.ctx.metrics.skipped.labels(what="extproc_not_grpc").inc()
             self._end_stream(sid, f.encode_headers([(b":status", b"415")]), not end_stream)
             return
-        if path == PROCESS_PATH:
+        if path == PROCESS_PATH and self.serve_process:
             kind = "process"
         elif path == HEALTH_CHECK_PATH:
             kind = "health"
+        elif path == HEALTH_WATCH_PATH:
+            kind = "watch"
         else:
             self.ctx.metrics.skipped.labels(what="extproc_unknown_method").inc()
-            detail = (
-                "Health/Watch is served on the health port"
-                if path == HEALTH_WATCH_PATH
-                else f"method {path.decode('latin-1')} is not served here"
-            )
+            detail = f"method {path.decode('latin-1')} is not served here"
             self._end_stream(sid, _trailers_only(UNIMPLEMENTED, detail), not end_stream)
             return
         stream = _Stream(sid, kind, self.peer_initial_window, self.max_message)
@@ -459,6 +466,10 @@ class H2Connection(asyncio.BufferedProtocol):
     def _on_message(self, stream: _Stream, raw: bytes | memoryview) -> None:
         if stream.kind == "health":
             stream.unary = raw
+            return
+        if stream.kind == "watch":
+            if stream.watched is None:
+                self._start_watch(stream, raw)
             return
         if stream.busy:
             stream.backlog.append(raw)
@@ -521,6 +532,9 @@ class H2Connection(asyncio.BufferedProtocol):
             self._finish(stream, INTERNAL, "stream ended inside a message")
         elif stream.kind == "health":
             self._answer_health(stream)
+        elif stream.kind == "watch":
+            if stream.watched is None:  # the client half-closed without a request
+                self._start_watch(stream, b"")
         elif not stream.busy:
             self._finish(stream, 0, "")
 
@@ -537,6 +551,47 @@ class H2Connection(asyncio.BufferedProtocol):
         reply = health_pb2.HealthCheckResponse(status=status)  # type: ignore[arg-type]
         self._send_messages(stream, [reply.SerializeToString()])
         self._finish(stream, 0, "")
+
+    def _start_watch(self, stream: _Stream, raw: bytes | memoryview) -> None:
+        """Health/Watch: the current status at once, then each change (`notify_watchers`),
+        until the client cancels or the server stops. An unknown service is reported as
+        SERVICE_UNKNOWN and watched all the same (grpc.health.v1 semantics)."""
+        try:
+            request = health_pb2.HealthCheckRequest.FromString(raw)
+        except DecodeError:
+            self._finish(stream, INTERNAL, "malformed HealthCheckRequest")
+            return
+        stream.watched = request.service
+        self._send_watch(stream)
+
+    def _send_watch(self, stream: _Stream) -> None:
+        assert stream.watched is not None
+        status = self.health(stream.watched)
+        if status is None:
+            status = SERVICE_UNKNOWN
+        if status == stream.watch_sent:
+            return
+        stream.watch_sent = status
+        reply = health_pb2.HealthCheckResponse(status=status)  # type: ignore[arg-type]
+        self._send_messages(stream, [reply.SerializeToString()])
+
+    def notify_watchers(self, service: str) -> None:
+        """The status of `service` may have changed: tell its watchers on this connection."""
+        if self.closed:
+            return
+        for stream in list(self.streams.values()):
+            if stream.kind == "watch" and stream.watched == service and not stream.local_closed:
+                self._send_watch(stream)
+        self._flush()
+
+    def end_watches(self) -> None:
+        """End every Health/Watch stream (OK): a draining server has no more to say."""
+        if self.closed:
+            return
+        for stream in list(self.streams.values()):
+            if stream.kind == "watch":
+                self._finish(stream, 0, "")
+        self._flush()
 
     # -- sending ----------------------------------------------------------------------
 

@@ -44,17 +44,27 @@ class H2ExtProcServer:
         ctx: PickerContext,
         health: HealthLookup,
         ssl_context: ssl.SSLContext | None = None,
+        *,
+        serve_process: bool = True,
+        port_name: str = "ext_proc",
     ) -> None:
         self.ctx = ctx
         self.health = health
         self.ssl_context = ssl_context
+        # False for the health port: Health/Check and Health/Watch only.
+        self.serve_process = serve_process
+        self.port_name = port_name  # for errors: "ext_proc port ..." / "health port ..."
         self.connections: set[H2Connection] = set()
         self._server: asyncio.Server | None = None
         self.max_message = ctx.max_body_bytes + _MESSAGE_SLACK
 
     def _connection(self) -> H2Connection:
         connection = H2Connection(
-            self.ctx, self.health, self.connections.discard, max_message=self.max_message
+            self.ctx,
+            self.health,
+            self.connections.discard,
+            max_message=self.max_message,
+            serve_process=self.serve_process,
         )
         self.connections.add(connection)
         return connection
@@ -73,7 +83,9 @@ class H2ExtProcServer:
                 start_serving=False,
             )
         except OSError as exc:
-            raise OSError(exc.errno, f"ext_proc port {host}:{port}: {exc.strerror}") from exc
+            raise OSError(
+                exc.errno, f"{self.port_name} port {host}:{port}: {exc.strerror}"
+            ) from exc
         sockets = self._server.sockets
         return int(sockets[0].getsockname()[1]) if sockets else port
 
@@ -88,11 +100,17 @@ class H2ExtProcServer:
             self._server.close()
         for connection in list(self.connections):
             connection.goaway()
+            connection.end_watches()  # they would hold the drain for its whole grace
         waits = [c.idle.wait() for c in self.connections]
         if waits:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*waits), timeout=max(grace_s, 0.0))
         await self.stop()
+
+    def notify(self, service: str) -> None:
+        """The health status of `service` may have changed: tell the Watch streams."""
+        for connection in list(self.connections):
+            connection.notify_watchers(service)
 
     async def stop(self) -> None:
         if self._server is not None:
