@@ -37,7 +37,9 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "BlockExtra",
     "ContentKey",
+    "SharedPrefixIds",
     "chain_keys",
+    "prefix_chain_keys",
     "root_key",
 ]
 
