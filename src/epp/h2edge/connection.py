@@ -610,64 +610,50 @@ class H2Connection(asyncio.BufferedProtocol):
             stream.headers_sent = True
             block = self._header_block(_RESPONSE_HEADERS)
             self._out.append(f.frame(f.HEADERS, f.END_HEADERS, stream.id, block))
-        total = sum(5 + len(p) for p in payloads)
-        if not stream.pending and total <= min(self.peer_window, stream.send_window):
-            self._send_framed(stream, payloads, total)
-            return
-        data = b"".join(f.grpc_message(p) for p in payloads)
+        parts: list[bytes] = []
+        for payload in payloads:
+            parts += (f.grpc_prefix(len(payload)), payload)
         if stream.pending:
-            stream.pending += data
+            stream.pending += b"".join(parts)
             return
-        self._send_data(stream, data)
+        self._send_data(stream, parts)
 
-    def _send_framed(self, stream: _Stream, payloads: list[bytes], total: int) -> None:
-        """`payloads` as gRPC messages in DATA frames, all within the windows: frame headers,
-        message prefixes and views of the payloads go to the output list as they are, so the
-        one join in `_flush` is the only copy (a re-emitted 41 KB body would otherwise be
-        copied four more times on its way out)."""
+    def _send_data(self, stream: _Stream, parts: list[bytes]) -> None:
+        """`parts`, one after the other, in DATA frames within the peer's windows and frame
+        size; what does not fit waits in `stream.pending`. Frame headers and views of the
+        parts go to the output list as they are, so the one join in `_flush` is the only
+        copy (a re-emitted 41 KB body would otherwise be copied four more times)."""
         out = self._out
         sid = stream.id
-        max_frame = self.peer_max_frame
-        left = total  # bytes not yet given a frame header
+        left = sum(map(len, parts))  # bytes not yet given a frame
         room = 0  # bytes the current frame still takes
-        for payload in payloads:
-            for part in (f.grpc_prefix(len(payload)), memoryview(payload)):
-                pos, size = 0, len(part)
-                while pos < size:
-                    if room == 0:
-                        room = min(max_frame, left)
-                        left -= room
-                        out.append(f.frame_header(f.DATA, 0, sid, room))
-                    take = min(room, size - pos)
-                    out.append(part[pos : pos + take] if take < size else part)
-                    pos += take
-                    room -= take
-        self.peer_window -= total
-        stream.send_window -= total
-
-    def _send_data(self, stream: _Stream, data: bytes) -> None:
-        """DATA frames within the windows; what does not fit waits in `stream.pending`."""
-        pos, total = 0, len(data)
-        max_frame = self.peer_max_frame
-        out = self._out
-        while pos < total:
-            room = min(self.peer_window, stream.send_window, max_frame)
-            if room <= 0:
-                stream.pending += data[pos:]
-                self._blocked[stream.id] = stream
-                return
-            chunk = data[pos : pos + room]
-            out.append(f.frame(f.DATA, 0, stream.id, chunk))
-            self.peer_window -= len(chunk)
-            stream.send_window -= len(chunk)
-            pos += len(chunk)
+        for i, part in enumerate(parts):
+            view = memoryview(part)
+            pos, size = 0, len(view)
+            while pos < size:
+                if room == 0:
+                    room = min(self.peer_window, stream.send_window, self.peer_max_frame, left)
+                    if room <= 0:
+                        stream.pending += view[pos:]
+                        for rest in parts[i + 1 :]:
+                            stream.pending += rest
+                        self._blocked[sid] = stream
+                        return
+                    out.append(f.frame_header(f.DATA, 0, sid, room))
+                    self.peer_window -= room
+                    stream.send_window -= room
+                    left -= room
+                take = min(room, size - pos)
+                out.append(view[pos : pos + take])
+                pos += take
+                room -= take
 
     def _flush_blocked(self) -> None:
         for sid, stream in list(self._blocked.items()):
             data = bytes(stream.pending)
             stream.pending = bytearray()
             del self._blocked[sid]
-            self._send_data(stream, data)
+            self._send_data(stream, [data])
             if not stream.pending and stream.pending_trailers is not None:
                 self._end_stream(sid, stream.pending_trailers, not stream.remote_closed)
                 stream.pending_trailers = None
