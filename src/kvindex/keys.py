@@ -128,17 +128,18 @@ def chain_keys(
 class SharedPrefixIds(list[int]):
     """Token ids whose first `lead` entries are a prefix other prompts share (the
     tokenizer's prefix memo hands these out). `lead_keys` belongs to that prefix and keeps,
-    per chain root and block size, the keys of its full blocks, so that the next prompt
-    starting with it hashes only what follows (`prefix_chain_keys`). A plain list otherwise;
+    per (chain root, block size, lead), the keys of its full blocks, so that the next prompt
+    starting with it hashes only what follows (`prefix_chain_keys`); the lead length tells
+    the prefix with and without special tokens before it apart. A plain list otherwise;
     the ids must not be changed in place (no one does)."""
 
     __slots__ = ("lead", "lead_keys")
 
     lead: int
-    lead_keys: dict[tuple[ContentKey, int], list[ContentKey]]
+    lead_keys: dict[tuple[ContentKey, int, int], list[ContentKey]]
 
 
-# Roots (model, LoRA) x block sizes one shared prefix keeps keys for.
+# (Root, block size, lead) combinations one shared prefix keeps keys for.
 _LEAD_KEY_SETS = 4
 
 
@@ -154,10 +155,11 @@ def prefix_chain_keys(
     if full == 0:
         return chain_keys(parent, token_ids, block_size)
     cache = token_ids.lead_keys
-    head = cache.get((parent, block_size))
+    key = (parent, block_size, token_ids.lead)
+    head = cache.get(key)
     if head is None:
         head = chain_keys(parent, token_ids[: full * block_size], block_size)
         if len(cache) >= _LEAD_KEY_SETS:
             cache.clear()
-        cache[(parent, block_size)] = head
+        cache[key] = head
     return head + chain_keys(head[-1], token_ids[full * block_size :], block_size)

@@ -71,7 +71,7 @@ def test_shared_prefix_keys_equal_the_full_chain(
     """Prompts sharing one prefix (and its key cache) get exactly chain_keys' keys, for any
     prefix length (on or off a block boundary), tail, block size and roots (more roots
     than the cache keeps)."""
-    cache: dict[tuple[int, int], list[int]] = {}
+    cache: dict[tuple[int, int, int], list[int]] = {}
     for tail in tails:
         for root in roots:
             ids = SharedPrefixIds(lead + tail)

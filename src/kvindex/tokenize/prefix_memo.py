@@ -38,12 +38,9 @@ class MemoPrefix:
     text: str
     ids: tuple[int, ...]  # without the post-processor's wrapping
     needs_letter: bool  # ends at a plain-text cut: T[len(text)] must be an ASCII letter
-    # Chain keys of the prefix's full blocks, by (root, block size), filled by the scorer
-    # (kvindex.keys.prefix_chain_keys) through the SharedPrefixIds it is handed; per
-    # wrapping, as special tokens before it shift the blocks.
-    keys: dict[bool, dict[tuple[int, int], list[int]]] = field(
-        default_factory=lambda: {False: {}, True: {}}
-    )
+    # Chain keys of the prefix's full blocks, filled by the scorer through the
+    # SharedPrefixIds it is handed (kvindex.keys.prefix_chain_keys).
+    keys: dict[tuple[int, int, int], list[int]] = field(default_factory=dict)
 
 
 class PrefixMemo:

@@ -349,7 +349,7 @@ class SegmentedEncoder:
             shared = SharedPrefixIds(wrap[0]) if wrap is not None else SharedPrefixIds()
             shared.extend(prefix.ids)
             shared.lead = len(shared)
-            shared.lead_keys = prefix.keys[wrap is not None]
+            shared.lead_keys = prefix.keys
             out = shared
             start = len(prefix.text)
             text_rest = text[start:]
@@ -360,7 +360,6 @@ class SegmentedEncoder:
         found = self._lookup(pieces)
         # Where the last segment starts (chars into text_rest, ids into out): the text
         # before it is the prefix the memo may keep for the next request.
-        base = len(out)
         offset, last_at, ids_before, cut_before = 0, -1, 0, False
         previous_is_text = prefix is not None and prefix.needs_letter
         lengths = self._token_len
@@ -376,14 +375,8 @@ class SegmentedEncoder:
                 offset += len(piece)
                 previous_is_text = True
         if memo is not None and last_at > 0:
-            self._remember(
-                text,
-                start + last_at,
-                out,
-                base - len(prefix.ids) if prefix else base,
-                ids_before,
-                cut_before,
-            )
+            first = len(wrap[0]) if wrap is not None else 0  # the ids after the wrapping
+            self._remember(text, start + last_at, out, first, ids_before, cut_before)
         if wrap is not None:
             out.extend(wrap[1])
         return out
