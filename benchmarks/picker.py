@@ -389,46 +389,38 @@ async def bench(args: argparse.Namespace) -> None:
             f"machine: {machine_speed()}"
         )
         for size in SIZES:
-            bodies = [request_messages(chat_body(size, i)) for i in range(args.direct + WARMUP)]
-            clients = [("lean", direct_lean)]
+
+            def messages_of(i: int, size: str = size) -> list[Any]:
+                return request_messages(chat_body(size, i))
+
+            runs = [
+                ("lean client", direct_lean(pickers, cert, messages_of, args.direct)),
+                # The same requests again: each prompt is now wholly in the tokenization
+                # cache (a retried or repeated request), so no tokenizer call is left.
+                (
+                    "lean client, repeated prompts",
+                    direct_lean(pickers, cert, messages_of, args.direct),
+                ),
+            ]
             if args.grpc_client:
-                clients.append(("grpc.aio", None))
-            for client, measure in clients:
-                if measure is None:
-                    results = await direct(pickers, cert, bodies.__getitem__, args.direct)
-                else:
-                    results = measure(
-                        pickers,
-                        cert,
-                        lambda i, size=size: request_messages(chat_body(size, i)),
-                        args.direct,
+                bodies = [messages_of(i) for i in range(args.direct + WARMUP)]
+                grpc_aio = await direct(pickers, cert, bodies.__getitem__, args.direct)
+                runs.append(("grpc.aio client", grpc_aio))
+            for label, by_picker in runs:
+                for name, samples in by_picker.items():
+                    p50, p99 = percentiles(samples.decision)
+                    cpu = samples.cpu_per_stream()
+                    rate = 1 / cpu if cpu else float("inf")
+                    print(
+                        f"direct gRPC, {label:29s} {name:12s} {size}: decision p50 "
+                        f"{ms(p50)} p99 {ms(p99)}; picker CPU {ms(cpu)}/decision = "
+                        f"{rate:.0f} decisions/s per core"
                     )
-                runs = [(f"{client} client", results)]
-                if measure is not None:
-                    # The same requests again: each prompt is now wholly in the tokenization
-                    # cache (a retried or repeated request), so no tokenizer call is left.
-                    again = measure(
-                        pickers,
-                        cert,
-                        lambda i, size=size: request_messages(chat_body(size, i)),
-                        args.direct,
-                    )
-                    runs.append(("lean client, repeated prompts", again))
-                for label, by_picker in runs:
-                    for name, samples in by_picker.items():
-                        p50, p99 = percentiles(samples.decision)
-                        cpu = samples.cpu_per_stream()
-                        rate = 1 / cpu if cpu else float("inf")
-                        print(
-                            f"direct gRPC, {label:29s} {name:12s} {size}: decision p50 "
-                            f"{ms(p50)} p99 {ms(p99)}; picker CPU {ms(cpu)}/decision = "
-                            f"{rate:.0f} decisions/s per core"
-                        )
             if args.concurrency:
                 rates = concurrent(
                     pickers,
                     cert,
-                    lambda i, size=size: request_messages(chat_body(size, 3_000_000 + i)),
+                    lambda i: messages_of(3_000_000 + i),
                     args.throughput,
                     args.concurrency,
                 )
