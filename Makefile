@@ -1,40 +1,76 @@
 # The two commands of the README: `make demo` (the main job) and `make test` (the suite CI runs).
-# Both create the virtual environment and install the project on first use.
+# Both install from the lock (uv.lock) on first use, so a fresh clone on any day gets the same
+# versions: uv itself is bootstrapped with pip from a hash-checked pin (requirements/uv.txt),
+# then `uv sync --locked` builds .venv exactly as the lock says (and fails if pyproject.toml
+# changed without `make lock`).
 PYTHON ?= python3
 VENV ?= .venv
+UV_HOME ?= .uv
+UV := $(UV_HOME)/bin/uv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-dev
+# uv installs into $(VENV) instead of its default .venv when VENV is overridden.
+export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
+SYNC := $(UV) sync --locked --python $(PYTHON)
+DEV_STAMP := $(VENV)/.synced-dev
+DEMO_STAMP := $(VENV)/.synced-demo
+LOCK_INPUTS := uv.lock pyproject.toml setup.py $(wildcard src/kvindex/_native_c/*)
 
-.PHONY: demo test lint typecheck unit bench protos clean
+.PHONY: demo test lint typecheck unit bench protos lock freeze clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard src/kvindex/_native_c/*)
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+$(UV): requirements/uv.txt
+	test -x $(UV_HOME)/bin/python || $(PYTHON) -m venv $(UV_HOME)
+	$(UV_HOME)/bin/python -m pip install -q --disable-pip-version-check --require-hashes -r requirements/uv.txt
 	touch $@
 
-demo: $(STAMP)
+# The suite's environment: the runtime, the demo extra and the dev extra, exactly as locked.
+$(DEV_STAMP): $(UV) $(LOCK_INPUTS)
+	$(SYNC) --extra dev
+	touch $@ $(DEMO_STAMP)
+
+# The demo's environment: the runtime and the demo extra. --inexact leaves a dev environment's
+# extra packages in place (the dev extra includes the demo's), so the two commands never undo
+# each other's installs.
+$(DEMO_STAMP): $(UV) $(LOCK_INPUTS)
+	$(SYNC) --extra demo --inexact
+	touch $@
+
+demo: $(DEMO_STAMP)
 	$(BIN)/kvindex demo $(ARGS)
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests tools benchmarks
 	$(BIN)/ruff format --check src tests tools benchmarks
 
-typecheck: $(STAMP)
+typecheck: $(DEV_STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(DEV_STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck unit
 
-# make bench NAME=score [ARGS=...]: one benchmark of benchmarks/ (see benchmarks/RESULTS.md)
-bench: $(STAMP)
+# make bench NAME=score [ARGS=...]: one benchmark of benchmarks/ (see benchmarks/RESULTS.md).
+# The routing benchmark's peers (sglang-router, smg, vllm-router) come with the bench extra.
+bench: $(DEV_STAMP)
 	@test -n "$(NAME)" || { echo "usage: make bench NAME=<one of: $$(ls benchmarks | sed -n 's/\.py$$//p' | grep -v __init__ | tr '\n' ' ')> [ARGS=...]"; exit 2; }
+	$(SYNC) --extra dev --extra bench
 	$(BIN)/python -m benchmarks.$(NAME) $(ARGS)
 
-protos: $(STAMP)
+protos: $(DEV_STAMP)
 	$(BIN)/python tools/gen_protos.py
 
+# A deliberate refresh of every pin to the newest releases the ranges in pyproject.toml allow,
+# then the generated gRPC code for the new grpcio-tools. Commit uv.lock and src/kvindex/_proto
+# together, after `make test`.
+lock: $(UV)
+	$(UV) lock --upgrade
+	$(SYNC) --extra dev
+	touch $(DEV_STAMP) $(DEMO_STAMP)
+	$(BIN)/python tools/gen_protos.py
+
+# What .venv holds, one `name==version` a line (the same after any reinstall from the lock).
+freeze: $(UV)
+	@$(UV) pip freeze --python $(BIN)/python
+
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(UV_HOME) .mypy_cache .pytest_cache .ruff_cache

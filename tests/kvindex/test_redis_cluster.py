@@ -65,7 +65,9 @@ def test_cluster_down_at_start_up_then_up() -> None:
     try:
         assert index.lookup([11]) == {}
         health = index.health()
-        assert not health.ok and health.reason and "RedisClusterException" in health.reason
+        # Behaviour, not redis-py's class names (they change between releases): degraded,
+        # with the client's reason kept for /readyz and the logs.
+        assert not health.ok and health.reason
         assert not lease.tick() and lease.errors == 1
         cluster.start()
         deadline = time.monotonic() + 10

@@ -6,7 +6,7 @@ import warnings
 
 from kvindex._proto.indexer.v1 import indexer_pb2 as indexer_dot_v1_dot_indexer__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

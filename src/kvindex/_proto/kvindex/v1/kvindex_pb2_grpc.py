@@ -6,7 +6,7 @@ import warnings
 
 from kvindex._proto.kvindex.v1 import kvindex_pb2 as kvindex_dot_v1_dot_kvindex__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
