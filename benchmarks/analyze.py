@@ -12,11 +12,11 @@ import os
 import statistics
 import time
 
-from kvindex.analyze.policies import POLICY_NAMES
-from kvindex.analyze.readers import read_mooncake
-from kvindex.analyze.runner import run_point
-from kvindex.analyze.simulation import SimSettings, simulate
-from kvindex.analyze.traces import resolve_trace
+from kvtools.analyze.policies import POLICY_NAMES
+from kvtools.analyze.readers import read_mooncake
+from kvtools.analyze.runner import run_point
+from kvtools.analyze.simulation import SimSettings, simulate
+from kvtools.analyze.traces import resolve_trace
 
 
 def end_to_end(trace_name: str, jobs: int) -> float:

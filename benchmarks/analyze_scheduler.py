@@ -1,6 +1,6 @@
 """The precise-prefix policy over the full Mooncake conversation trace (12k requests, 8
 engines) scheduled by the builtin scorer model vs the picker's real framework
-(``--scheduler picker``, epp.analyze_adapter), side by side in one run: the cost of routing
+(``--scheduler picker``, kvtools.analyze.picker), side by side in one run: the cost of routing
 every decision through ``FrameworkScheduler.schedule`` on a private event loop.
 
     python -m benchmarks.analyze_scheduler [--repeats 5] [--trace mooncake-conversation]
@@ -12,9 +12,9 @@ import argparse
 import statistics
 import time
 
-from kvindex.analyze.readers import read_mooncake
-from kvindex.analyze.simulation import SimSettings, simulate
-from kvindex.analyze.traces import resolve_trace
+from kvtools.analyze.readers import read_mooncake
+from kvtools.analyze.simulation import SimSettings, simulate
+from kvtools.analyze.traces import resolve_trace
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from benchmarks.h2client import ExtProcClient
 from epp.extproc_wire import MAX_CHUNK_BYTES
 from epp.types import Endpoint, LLMRequest, ProfileResult, ResponseStats, SchedulingResult
-from kvindex.demo.envoy import EnvoyProcess
+from kvtools.demo.envoy import EnvoyProcess
 
 CHUNK = 16 << 10
 EDGES = ("h2", "grpcio")  # epp serve --extproc-server

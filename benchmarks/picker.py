@@ -64,8 +64,8 @@ from benchmarks.extproc import (
     stop_all,
     through_envoy,
 )
-from kvindex.demo.envoy import EnvoyProcess
-from kvindex.demo.model import MODEL_NAME, write_model_dir
+from kvtools.demo.envoy import EnvoyProcess
+from kvtools.demo.model import MODEL_NAME, write_model_dir
 
 SIZES = {"1k": 1024, "8k": 8192}
 ENGINES = 64
@@ -317,7 +317,7 @@ def print_breakdown(name: str, stages: dict[str, dict[str, float]]) -> None:
 
 async def bench(args: argparse.Namespace) -> None:
     from epp.tls import self_signed_certificate
-    from kvindex.demo.processes import PortReservation
+    from kvtools.demo.processes import PortReservation
 
     workdir = Path(tempfile.mkdtemp(prefix="epp-bench-"))
     cert, key = self_signed_certificate()

@@ -15,11 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvindex.demo.model import MODEL_NAME, write_model_dir
 from kvindex.index import MemoryIndex, Store, StoredBlock, Tier
 from kvindex.scoring import Scorer, prompt_keys
 from kvindex.service.score_api import ScoreQuery, ScoreService
 from kvindex.tokenize import TokenizationCacheConfig, TokenizerRegistry
+from kvtools.demo.model import MODEL_NAME, write_model_dir
 
 WORDS = [
     "cache",

@@ -13,11 +13,11 @@ import time
 
 import aiohttp
 
-from kvindex.sim.engine import EngineConfig
-from kvindex.sim.events import EventEncoding
-from kvindex.sim.http import KVEventsOptions, ServerConfig, SimServer
-from kvindex.sim.timing import TimingModel
-from kvindex.sim.tokenizer import ByteTokenizer
+from kvtools.sim.engine import EngineConfig
+from kvtools.sim.events import EventEncoding
+from kvtools.sim.http import KVEventsOptions, ServerConfig, SimServer
+from kvtools.sim.timing import TimingModel
+from kvtools.sim.tokenizer import ByteTokenizer
 
 
 async def one_run(encoding: EventEncoding, requests: int, concurrency: int, tokens: int) -> float:

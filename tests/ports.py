@@ -2,12 +2,12 @@
 
 A port from a bind to port 0 that is closed before a server (often another process) binds it
 can be taken in the meantime by an outgoing connection's ephemeral port; CI saw exactly that.
-These ports stay held (see kvindex.demo.processes.PortReservation) until the session ends, so
+These ports stay held (see kvtools.demo.processes.PortReservation) until the session ends, so
 a server that sets SO_REUSEADDR binds them and nothing else gets them, restarts included."""
 
 from __future__ import annotations
 
-from kvindex.demo.processes import PortReservation
+from kvtools.demo.processes import PortReservation
 
 __all__ = ["free_port"]
 

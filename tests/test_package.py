@@ -3,7 +3,7 @@ import pytest
 import epp
 import kvindex
 from epp import cli as epp_cli
-from kvindex import cli as kvindex_cli
+from kvtools import cli as kvindex_cli
 
 
 def test_versions() -> None:

@@ -1,5 +1,8 @@
-"""The `kvindex` command: one entry point; each subcommand lives in `kvindex.commands.<name>`
-and exposes `register(subparsers)`, which adds its parser and sets `func` (args -> exit code)."""
+"""The `kvindex` command's library commands: each lives in `kvindex.commands.<name>` and exposes
+`register(subparsers)`, which adds its parser and sets `func` (args -> exit code).
+
+The installed `kvindex` script is put together by `kvtools.cli`, which adds the tools' commands
+(`demo`, `analyze`) beside these; kvindex itself never imports the tools package."""
 
 from __future__ import annotations
 
@@ -11,8 +14,6 @@ from kvindex.commands import _cli
 
 # One line per subcommand module; each module owns its flags and its handler.
 COMMAND_MODULES: tuple[str, ...] = (
-    "kvindex.commands.analyze",
-    "kvindex.commands.demo",
     "kvindex.commands.doctor",
     "kvindex.commands.hash",
     "kvindex.commands.inspect",
@@ -21,14 +22,17 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra_modules: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser of the library's commands plus ``extra_modules`` (each with ``register``)."""
     return _cli.build_parser(
-        "kvindex", "Precise KV-cache block index for LLM serving clusters.", COMMAND_MODULES
+        "kvindex",
+        "Precise KV-cache block index for LLM serving clusters.",
+        (*COMMAND_MODULES, *extra_modules),
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return _cli.run(build_parser(), argv)
+def main(argv: Sequence[str] | None = None, extra_modules: Sequence[str] = ()) -> int:
+    return _cli.run(build_parser(extra_modules), argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from kvindex.cli import main
+from kvtools.cli import main
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvindex.analyze.cache import EngineKV
+from kvtools.analyze.cache import EngineKV
 
 ops = st.lists(
     st.tuples(st.booleans(), st.integers(0, 3), st.integers(0, 5), st.integers(0, 2)),

@@ -14,14 +14,14 @@ from typing import Any
 import msgspec
 import pytest
 
-from kvindex.analyze.capture import analyze_capture, default_capture_reader
-from kvindex.analyze.readers import detect_format
-from kvindex.cli import main
 from kvindex.engines import parse_topic
 from kvindex.index import MemoryIndex
 from kvindex.ingest import EventApplier, SeqAction, SequenceTracker
 from kvindex.keys import chain_keys, root_key
 from kvindex.wire import decode_batch
+from kvtools.analyze.capture import analyze_capture, default_capture_reader
+from kvtools.analyze.readers import detect_format
+from kvtools.cli import main
 
 MODEL = "m"
 T = list(range(64))
@@ -152,7 +152,7 @@ def test_cli_capture_format(
 ) -> None:
     # The capture *file* reader is a teammate's (not merged yet); here the CLI gets the same
     # frames from a reader function, the only seam between the two.
-    import kvindex.commands.analyze as command
+    import kvtools.commands.analyze as command
 
     capture = tmp_path / "events.capture"
     capture.write_bytes(b"\x00binary")
@@ -175,7 +175,7 @@ def test_cli_capture_format(
     ]
     assert main(args) == 0
     doc = json.loads(out.read_text())
-    assert doc["schema"] == "kvindex.analyze.capture/v1"
+    assert doc["schema"] == "kvtools.analyze.capture/v1"
     assert doc["engines"]["10.0.0.1:8000"]["stored"] == 3
     printed = capsys.readouterr().out
     assert "keys held by more than one engine: 2" in printed

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from kvindex.analyze.config import ConfigError, ProfileWeights, load_picker_config
-from kvindex.analyze.runner import SweepError, parse_sweep
-from kvindex.analyze.simulation import SimSettings
+from kvtools.analyze.config import ConfigError, ProfileWeights, load_picker_config
+from kvtools.analyze.runner import SweepError, parse_sweep
+from kvtools.analyze.simulation import SimSettings
 
 CONFIG = """
 apiVersion: inference.networking.x-k8s.io/v1alpha1

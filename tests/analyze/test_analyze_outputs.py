@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from kvindex.analyze.policies import POLICY_NAMES
-from kvindex.analyze.report import CSV_COLUMNS, SCHEMA
-from kvindex.cli import main
+from kvtools.analyze.policies import POLICY_NAMES
+from kvtools.analyze.report import CSV_COLUMNS, SCHEMA
+from kvtools.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 POLICY_KEYS = {
@@ -203,10 +203,10 @@ def test_config_file_warnings_and_bad_flags(
 
 
 def test_progress_counts_every_request() -> None:
-    from kvindex.analyze.readers import read_mooncake
-    from kvindex.analyze.runner import run_point
-    from kvindex.analyze.simulation import SimSettings
-    from kvindex.analyze.traces import resolve_trace
+    from kvtools.analyze.readers import read_mooncake
+    from kvtools.analyze.runner import run_point
+    from kvtools.analyze.simulation import SimSettings
+    from kvtools.analyze.traces import resolve_trace
 
     trace = read_mooncake(resolve_trace("mooncake-synthetic"), limit=700)
     steps: list[int] = []

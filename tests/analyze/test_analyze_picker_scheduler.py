@@ -1,5 +1,5 @@
 """``kvindex analyze --scheduler picker``: the precise-prefix policy routed by the picker's
-real scheduling framework (epp.analyze_adapter, found through the entry point), against the
+real scheduling framework (kvtools.analyze.picker, found through the entry point), against the
 analysis' own model of the scorers on hand-made traces with known answers."""
 
 from __future__ import annotations
@@ -11,19 +11,19 @@ from typing import Any
 import pytest
 from analyze_helpers import by_policy, write_mooncake
 
-from epp.analyze_adapter import make_scheduler
-from kvindex.analyze import schedulers
-from kvindex.analyze.model import Trace, TraceRequest
-from kvindex.analyze.policies import EngineView
-from kvindex.analyze.readers import mooncake_keys
-from kvindex.analyze.schedulers import (
+from kvtools.analyze import schedulers
+from kvtools.analyze.model import Trace, TraceRequest
+from kvtools.analyze.picker import make_scheduler
+from kvtools.analyze.policies import EngineView
+from kvtools.analyze.readers import mooncake_keys
+from kvtools.analyze.schedulers import (
     ENTRY_POINT_GROUP,
     SchedulerUnavailable,
     available_schedulers,
     load_scheduler_factory,
 )
-from kvindex.analyze.simulation import CostModel, SimSettings, simulate
-from kvindex.cli import main
+from kvtools.analyze.simulation import CostModel, SimSettings, simulate
+from kvtools.cli import main
 
 BT = 4
 GAP_MS = 100_000.0

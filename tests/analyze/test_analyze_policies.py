@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvindex.analyze.config import ProfileWeights
-from kvindex.analyze.model import Trace, TraceRequest
-from kvindex.analyze.policies import POLICY_NAMES
-from kvindex.analyze.readers import mooncake_keys
-from kvindex.analyze.simulation import SimSettings, simulate
+from kvtools.analyze.config import ProfileWeights
+from kvtools.analyze.model import Trace, TraceRequest
+from kvtools.analyze.policies import POLICY_NAMES
+from kvtools.analyze.readers import mooncake_keys
+from kvtools.analyze.simulation import SimSettings, simulate
 
 BT = 4  # tokens per block in the hand-made traces
 GAP_MS = 100_000.0  # far apart: every request has finished before the next arrives

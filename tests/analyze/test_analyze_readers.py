@@ -12,17 +12,17 @@ from analyze_helpers import write_mooncake
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvindex.analyze.readers import (
+from kvindex.keys import chain_keys, root_key
+from kvtools.analyze.readers import (
     TraceError,
     detect_format,
     mooncake_keys,
     read_mooncake,
     read_request_log,
 )
-from kvindex.analyze.tokenizer import join_messages, load_tokenizer
-from kvindex.analyze.traces import resolve_trace
-from kvindex.cli import main
-from kvindex.keys import chain_keys, root_key
+from kvtools.analyze.tokenizer import join_messages, load_tokenizer
+from kvtools.analyze.traces import resolve_trace
+from kvtools.cli import main
 
 
 def test_shipped_traces_resolve_and_are_detected() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from analyze_helpers import by_policy
 
-from kvindex.analyze.traces import SHIPPED_TRACES, resolve_trace
+from kvtools.analyze.traces import SHIPPED_TRACES, resolve_trace
 
 LIMIT = 2000
 

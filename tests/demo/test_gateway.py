@@ -16,10 +16,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from kvindex.demo.gateway import DirectGateway
-from kvindex.demo.model import MODEL_NAME, write_model_dir
-from kvindex.demo.policies import picker_config
-from kvindex.demo.processes import Engine, ManagedProcess, start_picker, start_sim
+from kvtools.demo.gateway import DirectGateway
+from kvtools.demo.model import MODEL_NAME, write_model_dir
+from kvtools.demo.policies import picker_config
+from kvtools.demo.processes import Engine, ManagedProcess, start_picker, start_sim
 from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(120)

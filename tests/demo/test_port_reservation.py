@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from kvindex.demo.processes import PortReservation
+from kvtools.demo.processes import PortReservation
 
 
 def _plain_bind(port: int) -> None:

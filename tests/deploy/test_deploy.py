@@ -327,7 +327,7 @@ def test_dockerfile_is_multi_stage_and_non_root() -> None:
 def test_standalone_envoy_config_is_the_tested_one() -> None:
     objects = render(DEPLOY / "overlays" / "standalone-envoy")
     shipped = _one(objects, "ConfigMap", "envoy-config")["data"]["envoy.yaml"]
-    # The same template the end-to-end tests render (kvindex/demo/envoy.py), at its defaults.
+    # The same template the end-to-end tests render (kvtools/demo/envoy.py), at its defaults.
     assert shipped == (DEPLOY / "envoy" / "envoy.yaml").read_text() == render_envoy()
     picker = _one(objects, "Deployment", "epp")
     ports = _container_ports(picker)

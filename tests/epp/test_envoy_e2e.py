@@ -28,7 +28,7 @@ from epp.types import (
     ResponseStats,
     SchedulingResult,
 )
-from kvindex.demo.envoy import EnvoyProcess, find_envoy
+from kvtools.demo.envoy import EnvoyProcess, find_envoy
 from tests.polling import wait_until_async as wait_for
 
 pytestmark = pytest.mark.skipif(find_envoy() is None, reason="envoy binary not installed")
@@ -478,6 +478,7 @@ async def test_epp_serve_with_the_framework_routes_to_the_least_loaded(
 
 
 def test_checked_in_envoy_yaml_is_the_rendered_default() -> None:
-    from kvindex.demo.envoy import RENDER_PY, load_renderer
+    from kvtools.demo import envoy_render
 
-    assert (RENDER_PY.parent / "envoy.yaml").read_text() == load_renderer().render()
+    checked_in = Path(__file__).resolve().parents[2] / "deploy" / "envoy" / "envoy.yaml"
+    assert checked_in.read_text() == envoy_render.render()

@@ -19,16 +19,16 @@ from epp.plugins.precise_prefix import PrecisePrefixParams
 from epp.precise import InProcessIndex, RemoteIndex, build_backend
 from epp.precise.options import backend_options
 from epp.types import Endpoint, LLMRequest
-from kvindex.demo.model import write_model_dir
 from kvindex.index import MemoryIndex
 from kvindex.ingest import EventApplier
 from kvindex.scoring import Scorer
 from kvindex.service.grpc_server import build_grpc_server
 from kvindex.service.score_api import ScoreService
-from kvindex.sim.events import BlockRemoved, block_stored, encode_batch
-from kvindex.sim.publisher import EventPublisher
 from kvindex.tokenize import load_tokenizer
 from kvindex.wire import decode_batch
+from kvtools.demo.model import write_model_dir
+from kvtools.sim.events import BlockRemoved, block_stored, encode_batch
+from kvtools.sim.publisher import EventPublisher
 from tests.ports import free_port
 
 MODEL = "demo-model"

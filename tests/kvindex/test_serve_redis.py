@@ -1,5 +1,5 @@
 """`kvindex serve --backend redis` end to end: real subprocesses on a real Redis, engines
-simulated by `kvindex.sim` publishers (ZMQ PUB + ROUTER replay buffers).
+simulated by `kvtools.sim` publishers (ZMQ PUB + ROUTER replay buffers).
 
 * replicas: two services on one Redis (unique prefix, cleaned up) both ingest the stream
   (every replica writes, docs/redis.md) and score identically; a third started later
@@ -23,8 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis_servers import RedisServerProcess, delete_prefix, shared_redis_url, unique_prefix
 from serve_process import ServeProcess, wait_for
 
-from kvindex.sim.events import BlockRemoved, BlockStored
-from kvindex.sim.publisher import EventPublisher
+from kvtools.sim.events import BlockRemoved, BlockStored
+from kvtools.sim.publisher import EventPublisher
 
 MODEL = "m"
 ENGINE = "127.0.0.1:8001"

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvindex.sim.api import BadRequest, parse_generation, parse_tokenize
-from kvindex.sim.tokenizer import ByteTokenizer, render_chat
+from kvtools.sim.api import BadRequest, parse_generation, parse_tokenize
+from kvtools.sim.tokenizer import ByteTokenizer, render_chat
 
 json_values = st.recursive(
     st.none()

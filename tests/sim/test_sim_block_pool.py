@@ -5,9 +5,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvindex.sim.block_pool import BlockPool, KVGroupSpec
-from kvindex.sim.events import AllBlocksCleared, BlockRemoved, BlockStored
 from kvindex.vllm_hash import RequestExtras, block_hashes
+from kvtools.sim.block_pool import BlockPool, KVGroupSpec
+from kvtools.sim.events import AllBlocksCleared, BlockRemoved, BlockStored
 
 BS = 4
 
@@ -141,7 +141,7 @@ def test_duplicate_physical_blocks_are_stored_and_removed_twice() -> None:
 
 
 def test_cpu_tier_lru_and_events() -> None:
-    from kvindex.sim.block_pool import CpuTier
+    from kvtools.sim.block_pool import CpuTier
 
     spec = KVGroupSpec(block_size=BS)
     pool = BlockPool(2, spec, offload=CpuTier(1, spec))

@@ -14,8 +14,8 @@ import urllib.request
 import pytest
 from simzmq import replay_request
 
-from kvindex.sim.cli import build_parser, main, server_configs
 from kvindex.vllm_hash import block_hashes, wire_value
+from kvtools.sim.cli import build_parser, main, server_configs
 
 
 def test_server_configs_offsets_binding_endpoints_per_engine() -> None:
@@ -94,7 +94,7 @@ def test_process_serves_and_stops() -> None:
         [
             sys.executable,
             "-m",
-            "kvindex.sim.cli",
+            "kvtools.sim.cli",
             "--engines",
             "2",
             "--base-port",

@@ -8,9 +8,9 @@ import pytest
 from kvindex.index import MemoryIndex
 from kvindex.ingest import EventApplier
 from kvindex.keys import BlockExtra, chain_keys, root_key
-from kvindex.sim.events import AllBlocksCleared, BlockRemoved, block_stored, encode_batch
 from kvindex.vllm_hash import block_hashes, wire_value
 from kvindex.wire import BlockStored, decode_batch
+from kvtools.sim.events import AllBlocksCleared, BlockRemoved, block_stored, encode_batch
 
 TOKENS = list(range(48))
 

@@ -8,14 +8,14 @@ import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvindex.sim.events import (
+from kvindex.vllm_hash import block_hashes, wire_value
+from kvtools.sim.events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     decode_map_batch,
     encode_batch,
 )
-from kvindex.vllm_hash import block_hashes, wire_value
 
 
 # Independent mirror of vLLM 0.33's map-encoded classes (tag field "type", defaults omitted).
@@ -155,7 +155,7 @@ def test_roundtrip_map(
 
 
 def test_block_stored_helper_matches_engine_defaults() -> None:
-    from kvindex.sim.events import block_stored
+    from kvtools.sim.events import block_stored
 
     assert block_stored(list(DIGESTS), list(range(32)), 16) == stored()
 

@@ -13,11 +13,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from simzmq import replay_request
 
-from kvindex.sim.engine import EngineConfig, SlidingWindowGroup
-from kvindex.sim.http import DP_RANK_HEADER, ENGINE_HEADER, KVEventsOptions, ServerConfig, SimServer
-from kvindex.sim.timing import TimingModel
-from kvindex.sim.tokenizer import ByteTokenizer, FileTokenizer, SimTokenizer
 from kvindex.vllm_hash import RequestExtras, request_block_hashes, wire_value
+from kvtools.sim.engine import EngineConfig, SlidingWindowGroup
+from kvtools.sim.http import DP_RANK_HEADER, ENGINE_HEADER, KVEventsOptions, ServerConfig, SimServer
+from kvtools.sim.timing import TimingModel
+from kvtools.sim.tokenizer import ByteTokenizer, FileTokenizer, SimTokenizer
 
 FAST = TimingModel(0.0, 0.0, 0.0)
 LOOPBACK = "tcp://127.0.0.1:*"

@@ -10,8 +10,8 @@ import msgspec
 import pytest
 from simzmq import Subscriber, replay_request
 
-from kvindex.sim.events import AllBlocksCleared, BlockRemoved
-from kvindex.sim.publisher import EventPublisher, offset_endpoint_port, should_bind
+from kvtools.sim.events import AllBlocksCleared, BlockRemoved
+from kvtools.sim.publisher import EventPublisher, offset_endpoint_port, should_bind
 
 Make = Callable[..., Subscriber]
 

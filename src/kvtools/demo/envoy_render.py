@@ -1,0 +1,1 @@
+../../../deploy/envoy/render.py
