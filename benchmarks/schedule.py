@@ -17,6 +17,7 @@ import statistics
 import time
 
 from epp.framework import RecordingObserver, SchedulerDeps, build_scheduler, load_config
+from epp.plugins import default_registry
 from epp.types import Endpoint, EngineMetrics, LLMRequest
 
 
@@ -58,7 +59,7 @@ async def measure(
 ) -> tuple[float, float]:
     rng = random.Random(n_endpoints)
     deps = SchedulerDeps(rng=random.Random(1), observer=RecordingObserver() if observed else None)
-    scheduler = build_scheduler(load_config(None), deps)
+    scheduler = build_scheduler(load_config(None, default_registry()), deps)
     endpoints = make_endpoints(n_endpoints, rng)
     requests = make_requests(decisions * 2, prompt_chars, rng)
     for r in requests[:decisions]:  # warm the prefix index

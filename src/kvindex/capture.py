@@ -23,6 +23,8 @@ from typing import IO, Any, Final
 
 import msgspec
 
+from kvindex.errors import KVIndexError
+
 __all__ = [
     "MAGIC",
     "CaptureError",
@@ -40,7 +42,7 @@ _LENGTH = struct.Struct(">I")
 _MAX_RECORD = 1 << 30
 
 
-class CaptureError(ValueError):
+class CaptureError(KVIndexError, ValueError):
     """A file that is not a readable kvindex capture."""
 
 

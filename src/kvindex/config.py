@@ -19,8 +19,12 @@ import msgspec
 import yaml
 
 from kvindex.discovery import EngineEntry
+from kvindex.engines import DEFAULT_KV_EVENTS_PORT
+from kvindex.errors import ConfigError
+from kvindex.keys import DEFAULT_BLOCK_SIZE
 
 __all__ = [
+    "DEFAULT_HTTP_PORT",
     "ConfigError",
     "KubernetesConfig",
     "ServiceConfig",
@@ -32,8 +36,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message says where and how to fix it."""
+DEFAULT_HTTP_PORT = 8080  # the score API and /metrics
 
 
 class KubernetesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -43,7 +46,7 @@ class KubernetesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     namespace: str = "default"
     serving_port: int = 8000  # the port the picker routes to (endpoint = podIP:serving_port)
     # kvEventsConfig.podDiscoveryConfig.socketPort: the engines' PUB port (connect mode).
-    socket_port: int = 5557
+    socket_port: int = DEFAULT_KV_EVENTS_PORT
     replay_port: int | None = None  # the engines' replay ROUTER port, if they run one
     model_label: str | None = None  # a pod label naming the served model
 
@@ -63,11 +66,13 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     engines: list[EngineEntry] = msgspec.field(default_factory=list)
     kubernetes: KubernetesConfig | None = None
     # ingest rules
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     default_model: str = ""
     index_groups: list[str] = msgspec.field(default_factory=lambda: ["full_attention"])
     # index
     backend: str = "memory"
+    # --backend redis: more client options (cluster, socket_timeout, connect_timeout,
+    # max_connections; kvindex.index.IndexConfig.redis_options)
     backend_options: dict[str, Any] = msgspec.field(default_factory=dict)
     index_max_keys: int = 100_000_000
     index_memory_budget: int | str | None = None  # bytes, or "4GiB", "512MB"
@@ -84,7 +89,7 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     speculative_ttl_s: float = 2.0  # 0 disables speculative entries
     # serving
     http_host: str = "0.0.0.0"
-    http_port: int = 8080
+    http_port: int = DEFAULT_HTTP_PORT
     grpc_port: int | None = None
     log_level: str = "info"
     log_format: str = "text"

@@ -20,6 +20,8 @@ from typing import Any, Protocol
 import msgspec
 import yaml
 
+from kvindex.errors import KVIndexError
+
 __all__ = [
     "DiscoveryHub",
     "EngineDiscovery",
@@ -95,7 +97,7 @@ def rank_sources(entry: EngineEntry, dp_port_stride: int = 1) -> list[RankSource
     ]
 
 
-class EnginesFileError(ValueError):
+class EnginesFileError(KVIndexError, ValueError):
     """An engines file that cannot be used (the message names the file and the entry)."""
 
 

@@ -12,10 +12,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["EngineId", "TopicError", "parse_topic"]
+from kvindex.errors import KVIndexError
+
+__all__ = [
+    "DEFAULT_KV_EVENTS_ENDPOINT",
+    "DEFAULT_KV_EVENTS_PORT",
+    "EngineId",
+    "TopicError",
+    "parse_topic",
+]
+
+# vLLM's default KV-event publisher endpoint (``--kv-events-config`` ``endpoint``) and its
+# port; llm-d's ``zmqEndpoint`` and ``podDiscoveryConfig.socketPort`` default to them too.
+DEFAULT_KV_EVENTS_PORT = 5557
+DEFAULT_KV_EVENTS_ENDPOINT = f"tcp://*:{DEFAULT_KV_EVENTS_PORT}"
 
 
-class TopicError(ValueError):
+class TopicError(KVIndexError, ValueError):
     """A topic that does not name an engine."""
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
+from kvindex.errors import KVIndexError
 from kvindex.index.base import BlockIndex, PrefixMatch
 from kvindex.keys import (
     DEFAULT_BLOCK_SIZE,
@@ -33,6 +34,7 @@ from kvindex.keys import (
 from kvindex.speculative import SpeculativeIndex
 
 __all__ = [
+    "DEFAULT_TIER_WEIGHTS",
     "EngineScore",
     "InvalidPromptError",
     "PromptTooLongError",
@@ -45,7 +47,7 @@ __all__ = [
 ]
 
 
-class ScoringError(ValueError):
+class ScoringError(KVIndexError, ValueError):
     """A prompt that cannot be scored; ``reason`` is a short machine-readable label."""
 
     reason = "invalid_prompt"
@@ -66,7 +68,11 @@ class PromptTooLongError(ScoringError):
 
 @dataclass(frozen=True, slots=True)
 class TierWeights:
-    """Weight of one matched block by the tier it is held in (llm-d: gpu 1.0, cpu 0.8)."""
+    """Weight of one matched block by the tier it is held in (llm-d: gpu 1.0, cpu 0.8).
+
+    These field defaults are the only place the default weights are written: the service
+    builds ``TierWeights(**config.tier_weights)`` (absent tiers keep them), and the picker's
+    precise-prefix scorer reads them from :data:`DEFAULT_TIER_WEIGHTS`."""
 
     gpu: float = 1.0
     cpu: float = 0.8
@@ -80,6 +86,9 @@ class TierWeights:
 
     def as_tuple(self) -> tuple[float, float, float]:
         return (self.gpu, self.cpu, self.storage)
+
+
+DEFAULT_TIER_WEIGHTS = TierWeights()
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,9 +19,11 @@ malformed events are skipped and counted in the result.
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 import msgspec
+
+from kvindex.errors import KVIndexError
 
 __all__ = [
     "AllBlocksCleared",
@@ -51,7 +53,9 @@ class Medium:
 
 
 # ---------------------------------------------------------------------------------------------
-# Normalised events: what the rest of kvindex consumes.
+# Normalised events: what the rest of kvindex consumes. Not the wire forms (those are declared
+# once, below): here ``medium`` and ``group_idx`` are never None and the fields are in the
+# order of this public API, which callers construct positionally.
 
 
 class BlockStored(msgspec.Struct, gc=False):
@@ -97,17 +101,26 @@ class DecodedBatch(msgspec.Struct, gc=False):
 
 
 # ---------------------------------------------------------------------------------------------
-# Array encoding: positional fields in vLLM's declaration order. Optional trailing fields give
-# the older, shorter forms; msgspec ignores extra trailing elements from newer releases.
+# Wire forms. Each event's fields are declared once, in vLLM's positional order (the array
+# encoding reads them by position, so this order is the wire order), generic over the block
+# hash type: ``int`` for the whole-batch fast path (what vLLM and SGLang publish by default; a
+# batch that decodes with int hashes needs no per-hash validation, msgpack ints fit in 64
+# bits) or ``EngineHash`` for any engine. The subclasses only pick the encoding.
+#
+# Every field but ``block_hashes`` has a default: map events may omit defaulted fields, older
+# engines send shorter arrays (newer trailing elements and unknown map keys are ignored). An
+# array too short to carry ``block_size`` decodes with block size 0, which the checks below
+# count as malformed, as they would count an event that failed to decode.
 
-_Hash = int | bytes
+_H = TypeVar("_H")  # the block hash type: int or EngineHash
+_E = TypeVar("_E")  # the event type of a batch
 
 
-class _ArrayStored(msgspec.Struct, array_like=True, tag="BlockStored", gc=False):
-    block_hashes: list[_Hash]
-    parent_block_hash: _Hash | None
-    token_ids: list[int]
-    block_size: int
+class _StoredFields(msgspec.Struct, Generic[_H], gc=False):
+    block_hashes: list[_H]
+    parent_block_hash: _H | None = None
+    token_ids: list[int] = msgspec.field(default_factory=list)
+    block_size: int = 0
     lora_id: int | None = None
     medium: str | None = None
     lora_name: str | None = None
@@ -117,152 +130,81 @@ class _ArrayStored(msgspec.Struct, array_like=True, tag="BlockStored", gc=False)
     kv_cache_spec_sliding_window: int | None = None
 
 
-class _ArrayRemoved(msgspec.Struct, array_like=True, tag="BlockRemoved", gc=False):
-    block_hashes: list[_Hash]
+class _RemovedFields(msgspec.Struct, Generic[_H], gc=False):
+    block_hashes: list[_H]
     medium: str | None = None
     group_idx: int | None = None
+
+
+# Array encoding: ``["BlockStored", f1, f2, ...]``.
+class _ArrayStored(_StoredFields[_H], array_like=True, tag="BlockStored"):
+    pass
+
+
+class _ArrayRemoved(_RemovedFields[_H], array_like=True, tag="BlockRemoved"):
+    pass
 
 
 class _ArrayCleared(msgspec.Struct, array_like=True, tag="AllBlocksCleared", gc=False):
     pass
 
 
-_ArrayEvent = _ArrayStored | _ArrayRemoved | _ArrayCleared
+# Map encoding: ``{"type": "BlockStored", "block_hashes": ..., ...}``.
+class _MapStored(_StoredFields[_H], tag_field="type", tag="BlockStored"):
+    pass
 
 
-# Map encoding: same names; required fields may still be None, defaulted ones absent.
-class _MapStored(msgspec.Struct, tag_field="type", tag="BlockStored", gc=False):
-    block_hashes: list[_Hash]
-    parent_block_hash: _Hash | None = None
-    token_ids: list[int] = msgspec.field(default_factory=list)
-    block_size: int = 0
-    lora_id: int | None = None
-    medium: str | None = None
-    lora_name: str | None = None
-    extra_keys: list[Any] | None = None
-    group_idx: int | None = None
-    kv_cache_spec_kind: str | None = None
-    kv_cache_spec_sliding_window: int | None = None
-
-
-class _MapRemoved(msgspec.Struct, tag_field="type", tag="BlockRemoved", gc=False):
-    block_hashes: list[_Hash]
-    medium: str | None = None
-    group_idx: int | None = None
+class _MapRemoved(_RemovedFields[_H], tag_field="type", tag="BlockRemoved"):
+    pass
 
 
 class _MapCleared(msgspec.Struct, tag_field="type", tag="AllBlocksCleared", gc=False):
     pass
 
 
-_MapEvent = _MapStored | _MapRemoved | _MapCleared
+_ArrayEvent = _ArrayStored[EngineHash] | _ArrayRemoved[EngineHash] | _ArrayCleared
+_MapEvent = _MapStored[EngineHash] | _MapRemoved[EngineHash] | _MapCleared
+_IntArrayEvent = _ArrayStored[int] | _ArrayRemoved[int] | _ArrayCleared
+_IntMapEvent = _MapStored[int] | _MapRemoved[int] | _MapCleared
 
 
-class _ArrayBatchOfArrays(msgspec.Struct, array_like=True, gc=False):
+# Batches: ``[ts, events, data_parallel_rank]``, or (one unreleased revision) a map.
+class _BatchFields(msgspec.Struct, Generic[_E], gc=False):
     ts: float
-    events: list[_ArrayEvent]
+    events: list[_E]
     data_parallel_rank: int | None = None
 
 
-class _ArrayBatchOfMaps(msgspec.Struct, array_like=True, gc=False):
-    ts: float
-    events: list[_MapEvent]
-    data_parallel_rank: int | None = None
+class _ArrayBatch(_BatchFields[_E], array_like=True):
+    pass
 
 
-class _ArrayBatchOfRaw(msgspec.Struct, array_like=True, gc=False):
-    ts: float
-    events: list[msgspec.Raw]
-    data_parallel_rank: int | None = None
+class _MapBatch(_BatchFields[_E]):
+    pass
 
 
-class _MapBatchOfRaw(msgspec.Struct, gc=False):
-    ts: float
-    events: list[msgspec.Raw]
-    data_parallel_rank: int | None = None
-
-
-# Int-hash variants of the fast-path types: the same fields with every block hash an int
-# (what vLLM and SGLang publish by default). A batch that decodes as one of these needs no
-# per-hash validation (msgpack ints fit in 64 bits); a batch with digest hashes fails them at
-# its first digest and takes the general types above.
-class _IntArrayStored(msgspec.Struct, array_like=True, tag="BlockStored", gc=False):
-    block_hashes: list[int]
-    parent_block_hash: int | None
-    token_ids: list[int]
-    block_size: int
-    lora_id: int | None = None
-    medium: str | None = None
-    lora_name: str | None = None
-    extra_keys: list[Any] | None = None
-    group_idx: int | None = None
-    kv_cache_spec_kind: str | None = None
-    kv_cache_spec_sliding_window: int | None = None
-
-
-class _IntArrayRemoved(msgspec.Struct, array_like=True, tag="BlockRemoved", gc=False):
-    block_hashes: list[int]
-    medium: str | None = None
-    group_idx: int | None = None
-
-
-class _IntMapStored(msgspec.Struct, tag_field="type", tag="BlockStored", gc=False):
-    block_hashes: list[int]
-    parent_block_hash: int | None = None
-    token_ids: list[int] = msgspec.field(default_factory=list)
-    block_size: int = 0
-    lora_id: int | None = None
-    medium: str | None = None
-    lora_name: str | None = None
-    extra_keys: list[Any] | None = None
-    group_idx: int | None = None
-    kv_cache_spec_kind: str | None = None
-    kv_cache_spec_sliding_window: int | None = None
-
-
-class _IntMapRemoved(msgspec.Struct, tag_field="type", tag="BlockRemoved", gc=False):
-    block_hashes: list[int]
-    medium: str | None = None
-    group_idx: int | None = None
-
-
-class _IntArrayBatchOfArrays(msgspec.Struct, array_like=True, gc=False):
-    ts: float
-    events: list[_IntArrayStored | _IntArrayRemoved | _ArrayCleared]
-    data_parallel_rank: int | None = None
-
-
-class _IntArrayBatchOfMaps(msgspec.Struct, array_like=True, gc=False):
-    ts: float
-    events: list[_IntMapStored | _IntMapRemoved | _MapCleared]
-    data_parallel_rank: int | None = None
-
-
-_decode_array_batch = msgspec.msgpack.Decoder(_ArrayBatchOfArrays).decode
-_decode_map_event_batch = msgspec.msgpack.Decoder(_ArrayBatchOfMaps).decode
-_decode_int_array_batch = msgspec.msgpack.Decoder(_IntArrayBatchOfArrays).decode
-_decode_int_map_batch = msgspec.msgpack.Decoder(_IntArrayBatchOfMaps).decode
-_decode_raw_array_batch = msgspec.msgpack.Decoder(_ArrayBatchOfRaw).decode
-_decode_raw_map_batch = msgspec.msgpack.Decoder(_MapBatchOfRaw).decode
+_decode_array_batch = msgspec.msgpack.Decoder(_ArrayBatch[_ArrayEvent]).decode
+_decode_map_event_batch = msgspec.msgpack.Decoder(_ArrayBatch[_MapEvent]).decode
+_decode_int_array_batch = msgspec.msgpack.Decoder(_ArrayBatch[_IntArrayEvent]).decode
+_decode_int_map_batch = msgspec.msgpack.Decoder(_ArrayBatch[_IntMapEvent]).decode
+_decode_raw_array_batch = msgspec.msgpack.Decoder(_ArrayBatch[msgspec.Raw]).decode
+_decode_raw_map_batch = msgspec.msgpack.Decoder(_MapBatch[msgspec.Raw]).decode
 _decode_array_event = msgspec.msgpack.Decoder(_ArrayEvent).decode
 _decode_map_event = msgspec.msgpack.Decoder(_MapEvent).decode
 _decode_any = msgspec.msgpack.Decoder().decode
 
 _KNOWN_TAGS: Final = frozenset({"BlockStored", "BlockRemoved", "AllBlocksCleared"})
 
-_STORED_TYPES: Final = (_ArrayStored, _MapStored, _IntArrayStored, _IntMapStored)
-_REMOVED_TYPES: Final = (_ArrayRemoved, _MapRemoved, _IntArrayRemoved, _IntMapRemoved)
+# Every wire form of an event, whatever its encoding and hash type (isinstance checks).
+_STORED_TYPES: Final = (_ArrayStored, _MapStored)
+_REMOVED_TYPES: Final = (_ArrayRemoved, _MapRemoved)
 _GPU: Final = Medium.GPU
 
-_DecodedEvent = (
-    _ArrayEvent | _MapEvent | _IntArrayStored | _IntArrayRemoved | _IntMapStored | _IntMapRemoved
-)
 
-
-def _normalise(event: _DecodedEvent) -> Event:
+def _normalise(event: _ArrayEvent | _MapEvent) -> Event:
     if isinstance(event, _STORED_TYPES):
         return BlockStored(
-            event.block_hashes,  # type: ignore[arg-type]  # list[int] is a list[EngineHash]
+            event.block_hashes,
             event.parent_block_hash,
             event.token_ids,
             event.block_size,
@@ -276,14 +218,14 @@ def _normalise(event: _DecodedEvent) -> Event:
         )
     if isinstance(event, _REMOVED_TYPES):
         return BlockRemoved(
-            event.block_hashes,  # type: ignore[arg-type]
+            event.block_hashes,
             event.medium or _GPU,
             event.group_idx or 0,
         )
     return AllBlocksCleared()
 
 
-def _valid_hashes(hashes: list[_Hash]) -> bool:
+def _valid_hashes(hashes: list[EngineHash]) -> bool:
     # Engine hashes are 64-bit ints (signed or unsigned) or 16/32-byte digests; msgpack ints
     # already fit in 64 bits, so only digest lengths need checking.
     # A plain loop, not all(genexpr): this runs for every block hash of every event (ingest
@@ -323,8 +265,7 @@ def _finish(
 
 def _finish_int(
     ts: float,
-    decoded: list[_IntArrayStored | _IntArrayRemoved | _ArrayCleared]
-    | list[_IntMapStored | _IntMapRemoved | _MapCleared],
+    decoded: list[_IntArrayEvent] | list[_IntMapEvent],
     rank: int | None,
 ) -> DecodedBatch:
     """Normalise and check a batch whose hashes are all ints, in one pass: the checks of
@@ -333,7 +274,7 @@ def _finish_int(
     append = events.append
     malformed = 0
     for e in decoded:
-        if isinstance(e, _IntArrayStored | _IntMapStored):
+        if isinstance(e, _STORED_TYPES):
             if not e.block_hashes or e.block_size <= 0:
                 malformed += 1
                 continue
@@ -352,7 +293,7 @@ def _finish_int(
                     e.lora_id,
                 )
             )
-        elif isinstance(e, _IntArrayRemoved | _IntMapRemoved):
+        elif isinstance(e, _REMOVED_TYPES):
             append(BlockRemoved(e.block_hashes, e.medium or _GPU, e.group_idx or 0))  # type: ignore[arg-type]
         else:
             append(AllBlocksCleared())
@@ -430,7 +371,7 @@ def decode_batch(payload: bytes) -> DecodedBatch:
     except _DECODE_ERRORS:
         pass
     # Slow path: mixed encodings, unknown event types, a map batch, or damage.
-    raw_batch: _ArrayBatchOfRaw | _MapBatchOfRaw
+    raw_batch: _BatchFields[msgspec.Raw]
     try:
         raw_batch = _decode_raw_array_batch(payload)
     except _DECODE_ERRORS:
@@ -456,7 +397,7 @@ def decode_batch(payload: bytes) -> DecodedBatch:
 # Frames.
 
 
-class FrameError(ValueError):
+class FrameError(KVIndexError, ValueError):
     """A multipart message that is not a KV-event message."""
 
 

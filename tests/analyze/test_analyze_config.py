@@ -1,4 +1,5 @@
-"""EndpointPickerConfig weights and --weights / --sweep parsing."""
+"""The EndpointPickerConfig the prefix policies schedule with (PickerSetup), --weights and
+--sweep parsing. The configs are loaded by the picker's own loader."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtools.analyze.config import ConfigError, ProfileWeights, load_picker_config
+from kvtools.analyze.config import ConfigError, PickerSetup
 from kvtools.analyze.runner import SweepError, parse_sweep
 from kvtools.analyze.simulation import SimSettings
 
@@ -18,12 +19,6 @@ plugins:
 - name: kv
   type: kv-cache-utilization-scorer
 - type: precise-prefix-cache-scorer
-  parameters:
-    indexerConfig: {}
-- type: prefix-cache-scorer
-  name: approx
-  parameters: {lruCapacityPerServer: 1000, blockSizeTokens: 64}
-- type: lora-affinity-scorer
 - type: load-aware-scorer
   parameters: {threshold: 10}
 - type: max-score-picker
@@ -36,51 +31,101 @@ schedulingProfiles:
     weight: 0.5
   - pluginRef: precise-prefix-cache-scorer
     weight: 4
-  - pluginRef: lora-affinity-scorer
-    weight: 1
   - pluginRef: max-score-picker
-- name: other
-  plugins:
-  - pluginRef: approx
-    weight: 2
-  - pluginRef: load-aware-scorer
-    weight: 1
 """
 
 
-def test_weights_from_config(tmp_path: Path) -> None:
+def plugin_types(setup: PickerSetup, kind: str) -> dict[str, str]:
+    config = setup.load(kind)  # type: ignore[arg-type]
+    return {spec.name: spec.type_name for spec in config.plugins}
+
+
+def test_defaults_are_the_pickers_defaults() -> None:
+    setup = PickerSetup()
+    assert setup.scorer_weights("precise") == {
+        "prefix": 3.0,
+        "queue": 2.0,
+        "kv_utilization": 2.0,
+        "load_aware": 0.0,
+        "active_request": 0.0,
+        "running_requests": 0.0,
+    }
+    assert plugin_types(setup, "approximate")["prefix-cache-scorer"] == "prefix-cache-scorer"
+    assert plugin_types(setup, "precise")["prefix-cache-scorer"] == "precise-prefix-cache-scorer"
+
+
+def test_config_file_weights_and_prefix_scorer_per_policy(tmp_path: Path) -> None:
     path = tmp_path / "epp.yaml"
     path.write_text(CONFIG)
-    w = load_picker_config(path)
-    assert (w.prefix, w.queue, w.kv_utilization, w.load_aware) == (4, 1, 0.5, 0)
-    assert any("lora-affinity-scorer" in warning for warning in w.warnings)
-    other = load_picker_config(path, "other")
-    assert (other.prefix, other.queue, other.load_aware) == (2, 0, 1)
-    assert (other.lru_capacity_per_server, other.block_size_tokens) == (1000, 64)
-    assert other.load_aware_threshold == 10
-    with pytest.raises(ConfigError, match="nope"):
-        load_picker_config(path, "nope")
-    path.write_text(
-        "plugins: [{type: queue-scorer}]\nschedulingProfiles:\n- plugins:\n  - pluginRef: missing\n"
+    setup = PickerSetup.from_file(path)
+    assert setup.scorer_weights("precise") == {
+        "prefix": 4.0,
+        "queue": 1.0,
+        "kv_utilization": 0.5,
+        "load_aware": 0.0,
+        "active_request": 0.0,
+        "running_requests": 0.0,
+    }
+    # The file names the precise scorer; approximate-prefix runs the approximate one in its
+    # place (same name, same weight, its own defaults).
+    approximate = plugin_types(setup, "approximate")
+    assert approximate["precise-prefix-cache-scorer"] == "prefix-cache-scorer"
+    assert setup.scorer_weights("approximate")["prefix"] == 4.0
+
+
+def test_weight_overrides_set_add_and_remove_scorers(tmp_path: Path) -> None:
+    path = tmp_path / "epp.yaml"
+    path.write_text(CONFIG)
+    setup = (
+        PickerSetup.from_file(path)
+        .with_weight("prefix", 7)
+        .with_weight("kv", 0)
+        .with_weight("running", 1.5)
     )
-    with pytest.raises(ConfigError, match="missing"):
-        load_picker_config(path)
+    assert setup.scorer_weights("precise") == {
+        "prefix": 7.0,
+        "queue": 1.0,
+        "kv_utilization": 0.0,
+        "load_aware": 0.0,
+        "active_request": 0.0,
+        "running_requests": 1.5,
+    }
+    assert plugin_types(setup, "precise")["running-requests-size-scorer"] == (
+        "running-requests-size-scorer"
+    )
+    # A later override of the same weight wins.
+    assert setup.with_weight("prefix", 2).scorer_weights("precise")["prefix"] == 2.0
+    # A prefix scorer added by --weights is the policy's own kind.
+    bare = PickerSetup().with_weight("prefix", 0).with_weight("prefix", 5)
+    assert plugin_types(bare, "approximate")["prefix-cache-scorer"] == "prefix-cache-scorer"
 
 
-def test_defaults() -> None:
-    w = ProfileWeights()
-    assert (w.queue, w.kv_utilization, w.prefix) == (2, 2, 3)
+def test_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown scorer weight 'bogus'"):
+        PickerSetup().with_weight("bogus", 1)
+    with pytest.raises(ConfigError, match=">= 0"):
+        PickerSetup().with_weight("prefix", -1)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        PickerSetup.from_file(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CONFIG.replace("queue-scorer\n", "no-such-scorer\n", 1))
+    with pytest.raises(ConfigError, match="no-such-scorer"):
+        PickerSetup.from_file(bad)
+    good = tmp_path / "epp.yaml"
+    good.write_text(CONFIG)
+    with pytest.raises(ConfigError, match="no scheduling profile 'nope'"):
+        PickerSetup.from_file(good, "nope")
 
 
-def test_sweeps() -> None:
-    base = SimSettings()
-    s = parse_sweep("engines=4,8,16")
-    assert [s.apply(base, v).engines for v in s.values] == [4, 8, 16]
-    s = parse_sweep("weights=prefix:1,3,5")
-    assert [s.apply(base, v).weights.prefix for v in s.values] == [1, 3, 5]
-    assert s.label(3) == "prefix=3"
-    s = parse_sweep("capacity=100,200")
-    assert s.apply(base, 100).capacity_for(512) == 100
-    for bad in ("engines", "foo=1", "engines=0", "weights=1,2", "weights=bogus:1", "capacity=x"):
+def test_parse_sweep() -> None:
+    spec = parse_sweep("engines=4,8")
+    assert spec.parameter == "engines" and spec.values == (4.0, 8.0)
+    assert spec.apply(SimSettings(), 8).engines == 8
+    weights = parse_sweep("weights=kv:0,1")
+    assert weights.weight == "kv_utilization"
+    swept = weights.apply(SimSettings(), 1)
+    assert swept.picker.scorer_weights("precise")["kv_utilization"] == 1.0
+    assert weights.apply(SimSettings(), 0).picker.scorer_weights("precise")["kv_utilization"] == 0
+    for bad in ("engines=0", "capacity=1.5", "weights=prefix", "weights=nope:1", "x=1", "engines="):
         with pytest.raises(SweepError):
             parse_sweep(bad)

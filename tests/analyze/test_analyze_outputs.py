@@ -195,7 +195,14 @@ def test_config_file_warnings_and_bad_flags(
     doc = json.loads(out.read_text())
     assert doc["points"][0]["settings"]["weights"]["prefix"] == 5
     assert doc["points"][0]["settings"]["weights"]["queue"] == 0
-    assert any("session-affinity-scorer" in w for w in doc["warnings"])
+    # Every scorer is the picker's own plugin: nothing is modelled, nothing to warn of.
+    assert doc["warnings"] == []
+    # A profile without a prefix scorer is worth a warning: both prefix policies ignore
+    # the prefix then.
+    args += ["--weights", "prefix=0"]
+    assert main(args) == 0
+    doc = json.loads(out.read_text())
+    assert any("no prefix scorer" in w for w in doc["warnings"])
     assert main(["analyze", "--trace", "mooncake-synthetic", "--policies", "nope"]) == 2
     assert main(["analyze", "--trace", "mooncake-synthetic", "--sweep", "x=1"]) == 2
     assert main(["analyze", "--trace", "mooncake-synthetic", "--weights", "prefix"]) == 2

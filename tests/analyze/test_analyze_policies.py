@@ -8,13 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtools.analyze.config import ProfileWeights
+from kvtools.analyze.config import PickerSetup
 from kvtools.analyze.model import Trace, TraceRequest
 from kvtools.analyze.policies import POLICY_NAMES
 from kvtools.analyze.readers import mooncake_keys
 from kvtools.analyze.simulation import SimSettings, simulate
 
-BT = 4  # tokens per block in the hand-made traces
+BT = 16  # tokens per block in the hand-made traces (the approximate scorer's block size)
 GAP_MS = 100_000.0  # far apart: every request has finished before the next arrives
 
 
@@ -122,7 +122,7 @@ def test_precise_without_events_yet_cannot_see_the_prefix() -> None:
     # The follow-up arrives before the first request's store events reach the index: its
     # prefix score is 0 on both engines; with the prefix weight alone, it ties (random).
     trace = trace_of([[*X, 101], [*X, 102]], gap_ms=10_000)
-    weights = ProfileWeights(prefix=1, queue=0, kv_utilization=0)
+    weights = PickerSetup().with_weight("queue", 0).with_weight("kv", 0).with_weight("prefix", 1)
     seen = set()
     for seed in range(12):
         hits, _ = run(
@@ -132,25 +132,36 @@ def test_precise_without_events_yet_cannot_see_the_prefix() -> None:
             capacity_blocks=100,
             seed=seed,
             event_delay_ms=1e9,
-            weights=weights,
+            picker=weights,
         )
         seen.add(hits)
     assert seen == {0, 2}  # sometimes lucky, sometimes not
     hits, _ = run(
-        trace, "precise-prefix", engines=2, capacity_blocks=100, event_delay_ms=0, weights=weights
+        trace, "precise-prefix", engines=2, capacity_blocks=100, event_delay_ms=0, picker=weights
     )
     assert hits == 2
 
 
 def test_approximate_prefix_forgets_beyond_its_lru() -> None:
-    # lruCapacityPerServer is in 16-token blocks: 2 * 16 tokens = 8 blocks of 4 tokens.
-    weights = ProfileWeights(prefix=1, queue=0, kv_utilization=0, lru_capacity_per_server=2)
+    # lruCapacityPerServer is in the scorer's 16-token blocks: 8 of the trace's blocks.
+    config = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: prefix-cache-scorer
+  parameters: {lruCapacityPerServer: 8}
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: prefix-cache-scorer, weight: 1}
+"""
+    weights = PickerSetup(config, "lru-8")
     filler = [[200 + 10 * i + j for j in range(3)] for i in range(3)]  # 9 unique blocks
     keys = [[*X, 101], *filler, [*X, 102]]
     result = simulate(
         trace_of(keys),
         "approximate-prefix",
-        SimSettings(engines=1, capacity_blocks=100, weights=weights),
+        SimSettings(engines=1, capacity_blocks=100, picker=weights),
     )
     assert result.hit_blocks == 2  # one engine: the cache still has X, routing is moot
     # With two engines the history of X is gone by the time it returns: all ties.
@@ -159,7 +170,7 @@ def test_approximate_prefix_forgets_beyond_its_lru() -> None:
         r = simulate(
             trace_of(keys),
             "approximate-prefix",
-            SimSettings(engines=2, capacity_blocks=100, weights=weights, seed=seed),
+            SimSettings(engines=2, capacity_blocks=100, picker=weights, seed=seed),
         )
         seen.add(r.hit_blocks)
     assert 0 in seen
@@ -174,7 +185,7 @@ def test_ttft_and_queueing_follow_the_cost_model() -> None:
         requests=[request(0.0, [1, 2], 0), request(0.0, [3, 4], 0)],
     )
     result = simulate(trace, "round-robin", SimSettings(engines=1, capacity_blocks=100))
-    prefill = 15.0 + 8 * 0.05
+    prefill = 15.0 + 2 * BT * 0.05
     assert result.ttft_samples == pytest.approx([prefill, 2 * prefill])
     assert result.queue_ms.mean == pytest.approx(prefill / 2)
 
@@ -246,3 +257,36 @@ def test_wire_ingest_decides_exactly_like_direct_ops(
     assert wire.ttft_samples == ops.ttft_samples
     assert wire.index_keys == ops.index_keys
     assert wire.ingest_skipped == {}
+
+
+@settings(max_examples=15, deadline=None)
+@given(requests_strategy, st.integers(2, 4), st.integers(0, 3))
+def test_approximate_scorer_at_trace_block_size_decides_as_at_its_own(
+    rows: list[tuple[int, int, int, int, int]], engines: int, seed: int
+) -> None:
+    # The analysis runs the approximate scorer at the trace's block size (64 tokens here,
+    # 4x its own 16) with its LRU scaled to the same tokens: the same routing as hashing
+    # every 16-token block.
+    from kvtools.analyze import config as analyze_config
+
+    trace = generated_trace(rows)
+    trace = Trace(
+        trace.source,
+        trace.format,
+        64,
+        requests=[
+            TraceRequest(r.arrival_ms, len(r.keys) * 64, r.output_tokens, r.keys, r.tokens, r.model)
+            for r in trace.requests
+        ],
+    )
+    base = SimSettings(engines=engines, capacity_blocks=50, seed=seed)
+    coarse = simulate(trace, "approximate-prefix", base)
+    original = analyze_config._coarsen_approximate
+    analyze_config._coarsen_approximate = lambda *args: None  # type: ignore[assignment]
+    try:
+        fine = simulate(trace, "approximate-prefix", base)
+    finally:
+        analyze_config._coarsen_approximate = original
+    assert [e.requests for e in coarse.engines] == [e.requests for e in fine.engines]
+    assert coarse.hit_blocks == fine.hit_blocks
+    assert coarse.ttft_samples == fine.ttft_samples

@@ -46,12 +46,13 @@ def test_wheel_carries_the_demo_and_runs_from_elsewhere(tmp_path: Path) -> None:
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    site = str(tmp_path / "site")
     code = (
         "import kvtools.demo.envoy as e, kvtools.cli as c; "
-        "assert e.__file__.startswith(%r), e.__file__; "
+        f"assert e.__file__.startswith({site!r}), e.__file__; "
         "print(e.envoy_render.render(EPP_PORT=1234)); "
         "c.build_parser().parse_args(['demo', '--help'])"
-    ) % str(tmp_path / "site")
+    )
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     result = subprocess.run(
         [sys.executable, "-c", code],

@@ -17,6 +17,7 @@ import yaml
 from deploy.envoy.render import render as render_envoy
 from epp.discovery.kubernetes import REQUIRED_RBAC
 from epp.framework import load_config
+from epp.plugins import default_registry
 from tests.deploy.k8s_schema import SchemaError, validate
 from tests.deploy.kustomize_lite import render, strategic_merge
 
@@ -234,7 +235,7 @@ def test_picker_config_is_an_endpoint_picker_config(rendered: tuple[str, list[Ob
     types = {p["type"] for p in config["plugins"]}
     assert "precise-prefix-cache-scorer" in types
     # The picker's own loader accepts it (types, parameters, references).
-    load_config(_one(objects, "ConfigMap", "epp-config")["data"]["config.yaml"])
+    load_config(_one(objects, "ConfigMap", "epp-config")["data"]["config.yaml"], default_registry())
     picker = _one(objects, "Deployment", "epp")
     mounts = {
         m["name"]: m["mountPath"] for c in _containers(picker) for m in c.get("volumeMounts", [])

@@ -14,6 +14,8 @@ from epp.framework import (
     load_config,
 )
 from epp.framework.params import parse_duration
+from epp.framework.registry import Registry
+from epp.plugins import default_registry, load, pickers, profile_handlers
 from epp.plugins.pickers import MaxScorePicker
 from epp.plugins.prefix import PrefixCacheScorer, PrefixParams
 
@@ -115,7 +117,7 @@ schedulingProfiles:
 
 
 def test_defaults_match_the_documented_default_profile() -> None:
-    config = load_config(None)
+    config = load_config(None, default_registry())
     assert config.profile_handler == "single-profile-handler"
     (profile,) = config.profiles
     weights = {r.plugin_ref: r.weight for r in profile.plugins}
@@ -130,7 +132,7 @@ def test_defaults_match_the_documented_default_profile() -> None:
 
 
 def test_gie_default_shape_loads_with_old_api_version_and_aliases() -> None:
-    config = load_config(GIE_DEFAULT)
+    config = load_config(GIE_DEFAULT, default_registry())
     assert config.api_version == "inference.networking.x-k8s.io/v1alpha1"
     spec = config.plugin("kv-cache-scorer")
     assert spec.type_name == "kv-cache-utilization-scorer"
@@ -142,7 +144,7 @@ def test_gie_default_shape_loads_with_old_api_version_and_aliases() -> None:
 
 
 def test_pd_shape_with_saturation_and_feature_gates() -> None:
-    config = load_config(LLMD_PD)
+    config = load_config(LLMD_PD, default_registry())
     assert [p.name for p in config.profiles] == ["prefill", "decode"]
     assert config.profile_handler == "pd-profile-handler"
     assert config.saturation.queue_depth_threshold == 8
@@ -154,18 +156,19 @@ def test_pd_shape_with_saturation_and_feature_gates() -> None:
 
 
 def test_cache_tracking_mode_needs_a_backend_factory() -> None:
-    config = load_config(LLMD_CACHE_TRACKING)
+    config = load_config(LLMD_CACHE_TRACKING, default_registry())
     params = config.plugin("prefix-cache-scorer").parameters
     assert params.token_processor.block_size_tokens == 16  # top-level default
     assert params.indexer.extra["tokenProcessorConfig"]["blockSize"] == 64  # passed through
-    with pytest.raises(ConfigError, match=r"prefix_backend_factory is not set"):
+    with pytest.raises(ConfigError, match=r"SchedulerDeps.extras has no PREFIX_BACKEND_FACTORY"):
         build_scheduler(config, SchedulerDeps())
 
 
 def test_no_profiles_gives_a_default_profile_with_every_plugin_and_a_picker() -> None:
     config = load_config(
         "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n"
-        "plugins:\n- type: prefix-cache-scorer\n  parameters:\n    blockSizeTokens: 5\n"
+        "plugins:\n- type: prefix-cache-scorer\n  parameters:\n    blockSizeTokens: 5\n",
+        default_registry(),
     )
     (profile,) = config.profiles
     assert profile.name == "default"
@@ -179,7 +182,8 @@ def test_no_profiles_gives_a_default_profile_with_every_plugin_and_a_picker() ->
 def test_profile_without_picker_gets_max_score_picker() -> None:
     config = load_config(
         "kind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n"
-        "schedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: queue-scorer\n"
+        "schedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: queue-scorer\n",
+        default_registry(),
     )
     assert [r.plugin_ref for r in config.profiles[0].plugins] == [
         "queue-scorer",
@@ -193,7 +197,8 @@ def test_named_instances_of_one_type() -> None:
         "- {type: max-score-picker, name: top3, parameters: {maxNumOfEndpoints: 3}}\n"
         "- {type: queue-scorer}\n"
         "schedulingProfiles:\n- name: p\n  plugins:\n"
-        "  - {pluginRef: queue-scorer}\n  - {pluginRef: top3}\n"
+        "  - {pluginRef: queue-scorer}\n  - {pluginRef: top3}\n",
+        default_registry(),
     )
     assert config.plugin("top3").parameters.max_num_of_endpoints == 3
 
@@ -201,10 +206,10 @@ def test_named_instances_of_one_type() -> None:
 def test_config_file_path(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "epp.yaml"
     path.write_text(GIE_DEFAULT)
-    assert load_config(path).source == str(path)
-    assert load_config(str(path)).source == str(path)
+    assert load_config(path, default_registry()).source == str(path)
+    assert load_config(str(path), default_registry()).source == str(path)
     with pytest.raises(ConfigError, match="cannot read config file"):
-        load_config(tmp_path / "missing.yaml")
+        load_config(tmp_path / "missing.yaml", default_registry())
 
 
 @pytest.mark.parametrize(
@@ -295,7 +300,7 @@ def test_config_file_path(tmp_path: pathlib.Path) -> None:
 )
 def test_bad_configs_fail_naming_the_entry(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        load_config(text)
+        load_config(text, default_registry())
 
 
 def test_pd_handler_needs_its_profiles() -> None:
@@ -304,11 +309,13 @@ def test_pd_handler_needs_its_profiles() -> None:
         "schedulingProfiles:\n- name: decode\n  plugins: [{pluginRef: decode-filter}]\n"
     )
     with pytest.raises(ConfigError, match=r"profile 'prefill' is not defined"):
-        build_scheduler(load_config(text))
+        build_scheduler(load_config(text, default_registry()))
 
 
 def test_ignored_sections_are_reported() -> None:
-    config = load_config("kind: EndpointPickerConfig\ndata: {}\nflowControl: {maxBytes: 1}\n")
+    config = load_config(
+        "kind: EndpointPickerConfig\ndata: {}\nflowControl: {maxBytes: 1}\n", default_registry()
+    )
     assert config.ignored_sections == ("data", "flowControl")
 
 
@@ -321,8 +328,50 @@ def test_durations(text: str, seconds: float) -> None:
 
 
 def test_empty_text_means_defaults_and_description_lists_the_effective_config() -> None:
-    assert load_config("  \n") == load_config(None)
-    text = describe_config(load_config(GIE_DEFAULT))
+    assert load_config("  \n", default_registry()) == load_config(None, default_registry())
+    text = describe_config(load_config(GIE_DEFAULT, default_registry()))
     assert "plugin kv-cache-scorer: kv-cache-utilization-scorer (as kv-cache-scorer)" in text
     assert "profile default: queue-scorer*1, kv-cache-scorer*1, prefix-cache-scorer*3" in text
     assert "metricsStalenessThreshold=0.2s" in text
+
+
+def test_an_empty_config_file_means_the_defaults(tmp_path: pathlib.Path) -> None:
+    # `epp serve --config empty.yaml` must not build a profile without scorers (a random
+    # pick): an empty file, or one with only comments, is the default config.
+    defaults = load_config(None, default_registry())
+    for text in ("", "\n\n", "# nothing configured yet\n"):
+        path = tmp_path / "empty.yaml"
+        path.write_text(text)
+        for source in (path, str(path)):
+            config = load_config(source, default_registry())
+            assert config.plugins == defaults.plugins
+            assert config.profiles == defaults.profiles
+            assert "(empty: the defaults)" in config.source
+
+
+def test_a_registry_without_defaults_defaults_nothing_and_says_what_is_missing() -> None:
+    # The defaulting rules are the registry's (llm-d's in epp.plugins), not the framework's.
+    registry = Registry()
+    for module in (load, pickers, profile_handlers):
+        module.register(registry)
+    with pytest.raises(
+        ConfigError, match=r"profile 'default' has no picker \(types: max-score-picker, "
+    ):
+        load_config(None, registry)
+    scorer_only = (
+        "plugins:\n- type: queue-scorer\n"
+        "schedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: queue-scorer\n"
+    )
+    with pytest.raises(ConfigError, match=r"profile 'p' has no picker"):
+        load_config(scorer_only, registry)
+    with_picker = scorer_only.replace(
+        "- type: queue-scorer\n", "- type: queue-scorer\n- type: max-score-picker\n"
+    )
+    with_picker += "  - pluginRef: max-score-picker\n"
+    with pytest.raises(ConfigError, match=r"no profile handler is configured .*single-profile"):
+        load_config(with_picker, registry)
+    config = load_config(with_picker, default_registry())
+    assert config.profile_handler == "single-profile-handler"
+    assert config.registry is default_registry()
+    handled = with_picker.replace("plugins:\n", "plugins:\n- type: single-profile-handler\n", 1)
+    assert build_scheduler(load_config(handled, registry)).plugin("single-profile-handler")

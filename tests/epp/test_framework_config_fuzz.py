@@ -81,7 +81,7 @@ documents = st.fixed_dictionaries(
 def test_any_document_loads_or_fails_with_config_error(document: dict[str, Any]) -> None:
     text = yaml.safe_dump(document) + "\n"
     try:
-        config = load_config(text)
+        config = load_config(text, default_registry())
     except ConfigError:
         return
     with contextlib.suppress(ConfigError):

@@ -9,7 +9,8 @@ from collections.abc import Mapping, Sequence
 import pytest
 
 from epp.framework import SchedulerDeps, build_scheduler, load_config
-from epp.plugins.precise_prefix import PrecisePrefixParams
+from epp.plugins import default_registry
+from epp.plugins.precise_prefix import PREFIX_BACKEND_FACTORY, PrecisePrefixParams
 from epp.types import LLMRequest
 
 DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "epp-config.md"
@@ -33,9 +34,9 @@ def test_the_doc_has_examples() -> None:
 
 @pytest.mark.parametrize("text", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
 def test_doc_example_loads_and_builds(text: str) -> None:
-    config = load_config(text)
+    config = load_config(text, default_registry())
 
     def factory(params: PrecisePrefixParams) -> NullBackend:
         return NullBackend()
 
-    build_scheduler(config, SchedulerDeps(prefix_backend_factory=factory))
+    build_scheduler(config, SchedulerDeps(extras={PREFIX_BACKEND_FACTORY: factory}))

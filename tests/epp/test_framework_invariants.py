@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epp.framework import SchedulerDeps, build_scheduler, load_config
+from epp.plugins import default_registry
 from epp.types import Endpoint, EngineMetrics, LLMRequest, ResponseStats, Role, SchedulingError
 
 EVERYTHING = """\
@@ -97,7 +98,8 @@ def test_decisions_pick_from_candidates_or_raise_scheduling_error(
     steps: list[tuple[list[Endpoint], LLMRequest, float]],
 ) -> None:
     scheduler = build_scheduler(
-        load_config(EVERYTHING), SchedulerDeps(clock=lambda: 50.0, rng=random.Random(0))
+        load_config(EVERYTHING, default_registry()),
+        SchedulerDeps(clock=lambda: 50.0, rng=random.Random(0)),
     )
 
     async def run() -> None:

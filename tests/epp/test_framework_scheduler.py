@@ -9,7 +9,9 @@ import random
 import pytest
 
 from epp.framework import (
+    ConfigError,
     CycleState,
+    DepKey,
     PluginType,
     RecordingObserver,
     ResponseComplete,
@@ -20,7 +22,7 @@ from epp.framework import (
 )
 from epp.framework.params import Params
 from epp.framework.registry import BuildContext, Registry
-from epp.plugins import new_registry
+from epp.plugins import default_registry, new_registry
 from epp.types import (
     Endpoint,
     EngineMetrics,
@@ -122,7 +124,7 @@ def scheduler_from(text: str, **deps: object) -> tuple[Scheduler, object]:
     registry = registry_with_test_plugins()
     config = load_config(text, registry)
     d = SchedulerDeps(clock=FakeClock(), rng=random.Random(7), **deps)  # type: ignore[arg-type]
-    s = build_scheduler(config, d, registry)
+    s = build_scheduler(config, d)
     return s, s
 
 
@@ -258,5 +260,29 @@ async def test_max_score_ties_are_broken_at_random_but_reproducibly() -> None:
 
 
 def test_framework_scheduler_satisfies_the_protocol() -> None:
-    s: Scheduler = build_scheduler(load_config(None))
+    s: Scheduler = build_scheduler(load_config(None, default_registry()))
     assert callable(s.schedule)
+
+
+def test_a_plugin_declares_its_own_dependency_and_the_builder_supplies_it() -> None:
+    # What the precise prefix scorer does with its backend factory, for any plugin type.
+    table_key: DepKey[dict[str, float]] = DepKey("fixed-table")
+
+    def build(name: str, _a: None, ctx: BuildContext) -> Scorer:
+        table = ctx.deps.get(table_key)
+        if table is None:
+            raise ConfigError("fixed-from-deps needs its table")
+        return FixedScorer(name, table, False)
+
+    registry = new_registry()
+    registry.register(PluginType("fixed-from-deps", FixedScorer, lambda p: None, build))
+    config = load_config("plugins: [{type: fixed-from-deps}]\n", registry)
+    with pytest.raises(ConfigError, match="needs its table"):
+        build_scheduler(config, SchedulerDeps())
+    other_key_same_name: DepKey[dict[str, float]] = DepKey("fixed-table")
+    with pytest.raises(ConfigError, match="needs its table"):
+        build_scheduler(config, SchedulerDeps(extras={other_key_same_name: {}}))
+    table = {"10.0.0.2:8000": 1.0}
+    s = build_scheduler(config, SchedulerDeps(extras={table_key: table}))
+    assert s.plugin("fixed-from-deps").table is table  # type: ignore[attr-defined]
+    assert repr(table_key) == "DepKey('fixed-table')"

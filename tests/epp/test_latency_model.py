@@ -12,6 +12,7 @@ from epp.framework import CycleState, SchedulerDeps, build_scheduler, load_confi
 from epp.latency import LatencyModel, LatencyModelFormatError, RecursiveLeastSquares
 from epp.latency.model import QuantileTracker, features
 from epp.latency.store import load_model, save_model
+from epp.plugins import default_registry
 from epp.plugins.predicted_latency import PredictedLatencyParams, PredictedLatencyScorer
 from epp.types import (
     Endpoint,
@@ -184,7 +185,8 @@ async def test_slo_gate_restricts_the_pick_even_against_heavier_scorers() -> Non
         "- type: predicted-latency-scorer\n  parameters: {minSamples: 1}\n"
         "schedulingProfiles:\n- name: default\n  plugins:\n"
         "  - {pluginRef: kv-cache-utilization-scorer, weight: 100}\n"
-        "  - {pluginRef: predicted-latency-scorer, weight: 1}\n"
+        "  - {pluginRef: predicted-latency-scorer, weight: 1}\n",
+        default_registry(),
     )
     s = build_scheduler(config, SchedulerDeps(rng=random.Random(0)))
     scorer = s.plugin("predicted-latency-scorer")

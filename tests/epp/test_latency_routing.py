@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass, field
 
 from epp.framework import RecordingObserver, SchedulerDeps, build_scheduler, load_config
+from epp.plugins import default_registry
 from epp.types import Endpoint, EngineMetrics, LLMRequest, ResponseStats
 
 QUEUE_ONLY = """\
@@ -62,7 +63,7 @@ async def simulate(config: str, n: int = 1500, rate: float = 1.8) -> list[float]
     clock = [0.0]
     observer = RecordingObserver()
     scheduler = build_scheduler(
-        load_config(config),
+        load_config(config, default_registry()),
         SchedulerDeps(clock=lambda: clock[0], rng=random.Random(7), observer=observer),
     )
     servers = [

@@ -9,6 +9,7 @@ import pytest
 
 from epp.framework import CycleState, SchedulerDeps, build_scheduler, load_config
 from epp.framework.params import Params
+from epp.plugins import default_registry
 from epp.plugins.filters import ByLabelFilter, LabelSelectorFilter, _parse_by_label, _parse_selector
 from epp.types import Endpoint, EngineMetrics, LLMRequest, Role, SchedulingError
 
@@ -50,7 +51,7 @@ def req(rid: str, prompt: str) -> LLMRequest:
 
 
 async def test_pd_runs_prefill_only_for_long_uncached_prompts() -> None:
-    s = build_scheduler(load_config(PD), SchedulerDeps(rng=random.Random(0)))
+    s = build_scheduler(load_config(PD, default_registry()), SchedulerDeps(rng=random.Random(0)))
     pool = [pod(1, Role.PREFILL, waiting=3), pod(2, Role.PREFILL), pod(3, Role.DECODE)]
     short = await s.schedule(req("a", "x" * 100), pool)  # 25 tokens < 50
     assert short.primary_profile == "decode"
@@ -70,7 +71,7 @@ async def test_pd_runs_prefill_only_for_long_uncached_prompts() -> None:
 
 
 async def test_pd_without_decode_endpoints_is_503() -> None:
-    s = build_scheduler(load_config(PD))
+    s = build_scheduler(load_config(PD, default_registry()))
     with pytest.raises(SchedulingError) as err:
         await s.schedule(req("a", "x"), [pod(1, Role.PREFILL)])
     assert err.value.status == 503 and "decode" in err.value.message
@@ -81,7 +82,7 @@ async def test_disagg_alias_and_threshold_parameter() -> None:
         "type: pd-profile-handler\n  parameters: {deciderPluginName: prefix-based-pd-decider}",
         "type: disagg-profile-handler\n  name: pd-profile-handler\n  parameters: {threshold: 10}",
     )
-    config = load_config(text)
+    config = load_config(text, default_registry())
     assert config.plugin("pd-profile-handler").type_name == "pd-profile-handler"
     s = build_scheduler(config)
     result = await s.schedule(req("a", "z" * 100), [pod(1, Role.PREFILL), pod(2, Role.BOTH)])
@@ -89,7 +90,7 @@ async def test_disagg_alias_and_threshold_parameter() -> None:
 
 
 def test_role_filters() -> None:
-    s = build_scheduler(load_config(PD))
+    s = build_scheduler(load_config(PD, default_registry()))
     pool = [pod(1, Role.PREFILL), pod(2, Role.DECODE), pod(3, Role.BOTH)]
     r = req("a", "")
     prefill = s.plugin("prefill-filter").filter(CycleState(), r, pool)  # type: ignore[attr-defined]

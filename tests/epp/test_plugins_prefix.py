@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epp.framework import CycleState, SchedulerDeps, build_scheduler, load_config
-from epp.plugins.precise_prefix import PrecisePrefixParams
+from epp.plugins import default_registry
+from epp.plugins.precise_prefix import PREFIX_BACKEND_FACTORY, PrecisePrefixParams
 from epp.plugins.prefix import (
     SWEEP_EVERY,
     PrefixCacheScorer,
@@ -17,6 +18,7 @@ from epp.plugins.prefix import (
     PrefixParams,
     block_hashes,
 )
+from epp.plugins.shared import prefix_match
 from epp.types import Endpoint, EngineMetrics, LLMRequest, ProfileResult, SchedulingResult
 
 NOW = 50.0
@@ -67,7 +69,7 @@ def test_scorer_learns_from_its_own_picks() -> None:
     cycle = CycleState()
     scores = s.score(cycle, second, eps)
     assert scores == [0.0, 8 / 11]
-    info = cycle.prefix_match()
+    info = prefix_match(cycle)
     assert info is not None and info.hit_tokens("10.0.0.2:8000") == 8 * 4
     assert info.prompt_tokens == len(second.prompt or "") // 4
     assert s.score(CycleState(), first, eps) == [0.0, 1.0]
@@ -177,10 +179,12 @@ async def test_precise_scorer_delegates_to_backend_and_records_speculative_picks
         backends.append(InMemoryPrefixBackend(params))
         return backends[-1]
 
-    config = load_config(PRECISE)
+    config = load_config(PRECISE, default_registry())
     s = build_scheduler(
         config,
-        SchedulerDeps(clock=lambda: NOW, rng=random.Random(1), prefix_backend_factory=factory),
+        SchedulerDeps(
+            clock=lambda: NOW, rng=random.Random(1), extras={PREFIX_BACKEND_FACTORY: factory}
+        ),
     )
     (backend,) = backends
     p = backend.params
@@ -216,7 +220,10 @@ async def test_backend_failure_is_counted_and_the_request_still_placed() -> None
         return backends[-1]
 
     text = PRECISE.replace("speculativeIndexing: true", "speculativeIndexing: false")
-    s = build_scheduler(load_config(text), SchedulerDeps(prefix_backend_factory=factory))
+    s = build_scheduler(
+        load_config(text, default_registry()),
+        SchedulerDeps(extras={PREFIX_BACKEND_FACTORY: factory}),
+    )
     result = await s.schedule(text_req("hello"), [ep(1), ep(2)])
     assert result.endpoints
     assert s.stats.errors == {"precise-prefix-cache-scorer": 1}

@@ -6,8 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from epp.framework import CycleState, PrefixMatchInfo
-from epp.framework.cycle import PREFIX_MATCH_KEY
+from epp.framework import CycleState
 from epp.plugins.affinity import (
     LoraAffinityScorer,
     SessionAffinityScorer,
@@ -28,6 +27,7 @@ from epp.plugins.load import (
     QueueScorer,
     RunningRequestsSizeScorer,
 )
+from epp.plugins.shared import PREFIX_MATCH_KEY, PrefixMatchInfo
 from epp.types import (
     Endpoint,
     EngineMetrics,

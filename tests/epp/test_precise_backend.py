@@ -15,6 +15,7 @@ import yaml
 
 from epp.framework import load_config
 from epp.framework.config import ConfigError
+from epp.plugins import default_registry
 from epp.plugins.precise_prefix import PrecisePrefixParams
 from epp.precise import InProcessIndex, RemoteIndex, build_backend
 from epp.precise.options import backend_options
@@ -46,7 +47,7 @@ def params(**overrides: Any) -> PrecisePrefixParams:
             {"name": "default", "plugins": [{"pluginRef": "precise-prefix-cache-scorer"}]}
         ],
     }
-    config = load_config(yaml.safe_dump(doc))
+    config = load_config(yaml.safe_dump(doc), default_registry())
     spec = next(p for p in config.plugins if p.type_name == "precise-prefix-cache-scorer")
     assert isinstance(spec.parameters, PrecisePrefixParams)
     return spec.parameters

@@ -18,6 +18,7 @@ from epp.extproc import PickerContext, RequestStream
 from epp.framework import build_scheduler, load_config
 from epp.h2edge.server import H2ExtProcServer
 from epp.metrics import EppMetrics
+from epp.plugins import default_registry
 from epp.requests import RequestParser
 from epp.types import Endpoint
 
@@ -46,7 +47,7 @@ def saved_garbage() -> Iterator[list[object]]:
 
 def context() -> PickerContext:
     # The default profile (queue, kv-cache utilization, approximate prefix, max-score).
-    scheduler = build_scheduler(load_config(None))
+    scheduler = build_scheduler(load_config(None, default_registry()))
     return PickerContext(scheduler, lambda: ENDPOINTS, RequestParser(), EppMetrics())
 
 

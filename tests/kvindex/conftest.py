@@ -1,5 +1,7 @@
 """Fixtures shared by the kvindex tests. `index_factory` is parametrised over every index
-backend, so one behaviour suite runs against all of them."""
+backend, so one behaviour suite runs against all of them, each built by
+`kvindex.index.make_index`: the tests exercise the objects the services use (the
+LockedIndex, and for Redis the service's RedisBackend over a RedisIndex)."""
 
 from __future__ import annotations
 
@@ -16,53 +18,79 @@ from redis_servers import (
     unique_prefix,
 )
 
-from kvindex.index import BlockIndex, MemoryIndex
+from kvindex.index import BlockIndex, IndexConfig, LockedIndex, MemoryIndex, make_index
 from kvindex.index.native import NATIVE_AVAILABLE, NativeIndex
-from kvindex.index.redis import RedisIndex, RedisIndexConfig, redis_client_from_url
+from kvindex.index.redis import RedisIndex, redis_client_from_url
+from kvindex.service.redis_backend import RedisBackend
 
 IndexFactory = Callable[[], BlockIndex]
 
 
-def _memory() -> Iterator[IndexFactory]:
-    yield MemoryIndex
+def _redis_index(index: LockedIndex) -> RedisIndex:
+    assert isinstance(index.inner, RedisBackend)
+    return index.inner.redis
+
+
+def _python() -> Iterator[IndexFactory]:
+    def make() -> BlockIndex:
+        index = make_index(IndexConfig(backend="python"))
+        assert type(index.inner) is MemoryIndex
+        return index
+
+    yield make
 
 
 def _native() -> Iterator[IndexFactory]:
     # `make test` installs editable, which compiles the extension: its absence is a failure.
     assert NATIVE_AVAILABLE, "kvindex._native is not built (pip install -e . needs gcc)"
-    yield NativeIndex
+
+    def make() -> BlockIndex:
+        index = make_index(IndexConfig(backend="native"))
+        assert isinstance(index.inner, NativeIndex)
+        return index
+
+    yield make
 
 
 # -- Redis (servers in redis_servers.py) ------------------------------------------------------
 
 
 def _redis_real() -> Iterator[IndexFactory]:
-    client = redis.Redis.from_url(shared_redis_url())
-    prefixes: list[str] = []
+    # From the URL, as `kvindex serve --backend redis` builds it (its own connection pool).
+    url = shared_redis_url()
+    made: list[LockedIndex] = []
 
     def make() -> BlockIndex:
-        prefixes.append(unique_prefix())
-        return RedisIndex(client, RedisIndexConfig(prefix=prefixes[-1]))
+        config = IndexConfig(backend="redis", redis_url=url, redis_prefix=unique_prefix())
+        made.append(make_index(config))
+        _redis_index(made[-1])
+        return made[-1]
 
     yield make
-    for prefix in prefixes:
-        delete_prefix(client, prefix)
+    client = redis.Redis.from_url(url)
+    for index in made:
+        delete_prefix(client, _redis_index(index).config.prefix)
+        index.close()
     client.close()
 
 
 def _redis_cluster() -> Iterator[IndexFactory]:
+    # One cluster client shared by every index (a client per index would rediscover slots).
     client = redis_client_from_url(shared_cluster().url)
     assert isinstance(client, redis.RedisCluster)
-    indexes: list[RedisIndex] = []
+    made: list[LockedIndex] = []
 
     def make() -> BlockIndex:
-        indexes.append(RedisIndex(client, RedisIndexConfig(prefix=unique_prefix())))
-        return indexes[-1]
+        config = IndexConfig(backend="redis", redis_prefix=unique_prefix())
+        made.append(make_index(config, redis_client=client))
+        _redis_index(made[-1])
+        return made[-1]
 
     yield make
-    for index in indexes:
-        node = client.get_node_from_key(index.schema.epoch)
-        keys = list(client.scan_iter(match=index.schema.all_patterns, target_nodes=node))
+    for index in made:
+        schema = _redis_index(index).schema
+        node = client.get_node_from_key(schema.epoch)
+        keys = list(client.scan_iter(match=schema.all_patterns, target_nodes=node))
         if keys:
             client.delete(*keys)
     client.close()
@@ -73,13 +101,21 @@ def _redis_fake() -> Iterator[IndexFactory]:
     # scripts fall back to arithmetic) in-process: fast, and a second implementation to
     # disagree with.
     client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    yield lambda: RedisIndex(client, RedisIndexConfig(prefix=unique_prefix()))
+
+    def make() -> BlockIndex:
+        index = make_index(
+            IndexConfig(backend="redis", redis_prefix=unique_prefix()), redis_client=client
+        )
+        _redis_index(index)
+        return index
+
+    yield make
     client.close()
 
 
 # Each backend registers a generator yielding a factory; it cleans up after the test.
 BACKENDS: dict[str, Callable[[], Iterator[IndexFactory]]] = {
-    "memory": _memory,
+    "python": _python,
     "native": _native,
     "redis": _redis_real,
     "redis-cluster": _redis_cluster,

@@ -1,6 +1,7 @@
 """NativeIndex (the C core) against MemoryIndex (the pure-Python reference): the same results
 for every operation sequence, including eviction, plus the C core's input checking and a
-leak check. The shared behaviour suite also runs over it (conftest.BACKENDS["native"])."""
+leak check. The shared behaviour suite also runs over it (conftest.BACKENDS["native"], built by
+make_index)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from kvindex.index import (
     StoredBlock,
     Tier,
 )
-from kvindex.index.native import NATIVE_AVAILABLE, NativeIndex, fastest_memory_index
+from kvindex.index.factory import IndexConfig, make_index
+from kvindex.index.native import NATIVE_AVAILABLE, NativeIndex
 
 pytestmark = pytest.mark.skipif(not NATIVE_AVAILABLE, reason="kvindex._native not built")
 
@@ -217,8 +219,8 @@ def test_no_leak_over_repeated_churn() -> None:
     assert index.stats().approx_bytes <= before_c * 1.5 + 100_000
 
 
-def test_fastest_memory_index_is_native() -> None:
-    assert isinstance(fastest_memory_index(), NativeIndex)
+def test_the_memory_backend_is_native() -> None:
+    assert isinstance(make_index(IndexConfig(backend="memory")).inner, NativeIndex)
 
 
 def test_without_the_extension_python_serves(
@@ -228,8 +230,9 @@ def test_without_the_extension_python_serves(
     import kvindex.index.native as native_module
 
     monkeypatch.setattr(native_module, "_native", None)
+    monkeypatch.setattr(native_module, "NATIVE_AVAILABLE", False)
     with caplog.at_level("WARNING", logger="kvindex.index"):
-        index = fastest_memory_index(MemoryIndexConfig(max_keys=10))
+        index = make_index(IndexConfig(backend="native", max_keys=10)).inner
     assert type(index) is MemoryIndex
     assert "not built" in caplog.text
     with pytest.raises(RuntimeError, match="not built"):

@@ -8,18 +8,18 @@ from ingest_helpers import keys_for, probe, wait_for
 from vllm_publisher import VllmPublisher, removed, stored
 
 from kvindex.config import ServiceConfig
-from kvindex.index import PrefixMatch
+from kvindex.index import PrefixMatch, make_index
 from kvindex.index.native import NATIVE_AVAILABLE, NativeIndex
-from kvindex.service.app import BACKENDS, IndexService
+from kvindex.service.app import IndexService, index_config
 
 pytestmark = pytest.mark.skipif(not NATIVE_AVAILABLE, reason="kvindex._native not built")
 
 
 def test_backend_factory_applies_capacity_flags() -> None:
-    index = BACKENDS["native"](ServiceConfig(backend="native", index_max_keys=1234))
+    index = make_index(index_config(ServiceConfig(backend="native", index_max_keys=1234))).inner
     assert isinstance(index, NativeIndex) and index.max_keys == 1234
     budget = ServiceConfig(backend="native", index_memory_budget="60KB")
-    budgeted = BACKENDS["native"](budget)
+    budgeted = make_index(index_config(budget)).inner
     assert isinstance(budgeted, NativeIndex) and budgeted.max_keys == 1000
 
 

@@ -13,7 +13,7 @@ from vllm_publisher import VllmPublisher, stored
 
 from kvindex.config import ConfigError, ServiceConfig, load_config, parse_size
 from kvindex.index import MemoryIndex
-from kvindex.service.app import IndexService, register_backend
+from kvindex.service.app import IndexService
 
 
 class DegradableIndex(MemoryIndex):
@@ -80,18 +80,13 @@ async def test_readyz_fails_without_sockets() -> None:
         await service.stop()
 
 
-def test_backend_registry() -> None:
-    made: list[ServiceConfig] = []
-
-    def factory(config: ServiceConfig) -> MemoryIndex:
-        made.append(config)
-        return MemoryIndex()
-
-    register_backend("test-backend", factory)
-    IndexService(ServiceConfig(backend="test-backend"))
-    assert made
-    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+def test_backend_comes_from_the_factory_and_errors_name_the_flag() -> None:
+    service = IndexService(ServiceConfig(backend="python"))
+    assert type(service.index.inner) is MemoryIndex
+    with pytest.raises(ConfigError, match=r"--backend 'nope': unknown index backend"):
         IndexService(ServiceConfig(backend="nope"))
+    with pytest.raises(ConfigError, match=r"backend_options \['bogus'\]: unknown options"):
+        IndexService(ServiceConfig(backend="redis", backend_options={"bogus": 1}))
 
 
 def test_config_file_and_flag_precedence(tmp_path: Path) -> None:

@@ -13,11 +13,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from simzmq import replay_request
 
+from kvindex.tokenize import Tokenizer
 from kvindex.vllm_hash import RequestExtras, request_block_hashes, wire_value
 from kvtools.sim.engine import EngineConfig, SlidingWindowGroup
 from kvtools.sim.http import DP_RANK_HEADER, ENGINE_HEADER, KVEventsOptions, ServerConfig, SimServer
 from kvtools.sim.timing import TimingModel
-from kvtools.sim.tokenizer import ByteTokenizer, FileTokenizer, SimTokenizer
+from kvtools.sim.tokenizer import ByteTokenizer, FileTokenizer
 
 FAST = TimingModel(0.0, 0.0, 0.0)
 LOOPBACK = "tcp://127.0.0.1:*"
@@ -34,7 +35,7 @@ def deepseek() -> FileTokenizer:
 async def start() -> AsyncIterator[Start]:
     servers: list[SimServer] = []
 
-    async def make(tokenizer: SimTokenizer | None = None, dp: int = 1, **engine: Any) -> SimServer:
+    async def make(tokenizer: Tokenizer | None = None, dp: int = 1, **engine: Any) -> SimServer:
         engine.setdefault("timing", FAST)
         cfg = ServerConfig(
             engine=EngineConfig(**engine),

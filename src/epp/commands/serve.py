@@ -14,14 +14,22 @@ from typing import Any
 
 from epp import framework
 from epp.metrics import PrometheusObserver
-from epp.plugins.precise_prefix import PrecisePrefixParams, PrefixIndexBackend
+from epp.plugins import default_registry
+from epp.plugins.precise_prefix import (
+    PREFIX_BACKEND_FACTORY,
+    PrecisePrefixParams,
+    PrefixBackendFactory,
+    PrefixIndexBackend,
+)
 from epp.server import EXTPROC_SERVERS, PickerDeps, PickerServer, SchedulerFactory, ServeConfig
 from epp.types import Endpoint, Scheduler
 
 log = logging.getLogger("epp.serve")
 
+_DEFAULTS = ServeConfig()  # the flags' defaults are ServeConfig's, written there only
 
-def prefix_backend_factory(deps: PickerDeps) -> Callable[[PrecisePrefixParams], PrefixIndexBackend]:
+
+def prefix_backend_factory(deps: PickerDeps) -> PrefixBackendFactory:
     """The precise-prefix-cache-scorer's index: kvindex in this process (its metrics on the
     picker's registry; with `discoverPods`, fed the endpoints the picker knows) or a kvindex
     sidecar over gRPC (`indexerConfig.remoteIndex`)."""
@@ -42,13 +50,13 @@ def framework_scheduler(config_path: str | None, deps: PickerDeps) -> Scheduler:
     """The scheduling framework from an EndpointPickerConfig file (its defaults without one),
     reporting plugin timings and latency predictions to the picker's metrics."""
     try:
-        config = framework.load_config(config_path)
+        config = framework.load_config(config_path, default_registry())
         log.info("scheduler config: %s", framework.describe_config(config).replace(chr(10), "; "))
         return framework.build_scheduler(
             config,
             framework.SchedulerDeps(
                 observer=PrometheusObserver(deps.metrics),
-                prefix_backend_factory=prefix_backend_factory(deps),
+                extras={PREFIX_BACKEND_FACTORY: prefix_backend_factory(deps)},
             ),
         )
     except framework.ConfigError as exc:
@@ -82,10 +90,22 @@ def register(subparsers: Any) -> None:
         "gateway speaking the endpoint picker protocol).",
     )
     p.add_argument("--config", help="EndpointPickerConfig YAML (default: built-in profile)")
-    p.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
-    p.add_argument("--grpc-port", type=int, default=9002, help="ext_proc port (9002)")
-    p.add_argument("--health-port", type=int, default=9003, help="gRPC health port (9003)")
-    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus port (9090)")
+    p.add_argument("--host", default=_DEFAULTS.host, help="listen address (default %(default)s)")
+    p.add_argument(
+        "--grpc-port", type=int, default=_DEFAULTS.grpc_port, help="ext_proc port (%(default)s)"
+    )
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=_DEFAULTS.health_port,
+        help="gRPC health port (%(default)s)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_DEFAULTS.metrics_port,
+        help="Prometheus port (%(default)s)",
+    )
     p.add_argument(
         "--secure-serving",
         action=argparse.BooleanOptionalAction,
@@ -108,17 +128,20 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--metrics-interval",
         type=float,
-        default=0.05,
-        help="engine /metrics scrape tick in seconds (0.05)",
+        default=_DEFAULTS.metrics_interval_s,
+        help="engine /metrics scrape tick in seconds (%(default)s)",
     )
     p.add_argument(
-        "--metrics-timeout", type=float, default=0.5, help="per-scrape timeout in seconds (0.5)"
+        "--metrics-timeout",
+        type=float,
+        default=_DEFAULTS.metrics_timeout_s,
+        help="per-scrape timeout in seconds (%(default)s)",
     )
     p.add_argument(
         "--max-body-bytes",
         type=int,
-        default=10 << 20,
-        help="largest request body accepted, else 413 (10 MiB)",
+        default=_DEFAULTS.max_body_bytes,
+        help=f"largest request body accepted, else 413 ({_DEFAULTS.max_body_bytes >> 20} MiB)",
     )
     p.add_argument(
         "--destination-header",
@@ -129,7 +152,10 @@ def register(subparsers: Any) -> None:
         "address); dynamic metadata always carries the list",
     )
     p.add_argument(
-        "--drain-timeout", type=float, default=30.0, help="seconds to finish streams on SIGTERM"
+        "--drain-timeout",
+        type=float,
+        default=_DEFAULTS.drain_timeout_s,
+        help="seconds to finish streams on SIGTERM (%(default)s)",
     )
     p.add_argument(
         "--lora-adapter",

@@ -1,5 +1,8 @@
 """The scheduling framework: plugin extension points, the EndpointPickerConfig loader, and
-the scheduler that runs profiles of filters, weighted scorers and a picker per request."""
+the scheduler that runs profiles of filters, weighted scorers and a picker per request.
+
+It knows no concrete plugin: the caller passes a `Registry` (`epp.plugins.default_registry()`
+for the built-ins) and supplies plugin-specific dependencies in `SchedulerDeps.extras`."""
 
 from epp.framework.build import build_scheduler
 from epp.framework.config import (
@@ -12,8 +15,8 @@ from epp.framework.config import (
     describe_config,
     load_config,
 )
-from epp.framework.cycle import PREFIX_MATCH_KEY, CycleState, PrefixMatchInfo
-from epp.framework.deps import SchedulerDeps
+from epp.framework.cycle import CycleState
+from epp.framework.deps import DepKey, SchedulerDeps
 from epp.framework.observer import RecordingObserver, SchedulerObserver
 from epp.framework.params import ParamError, Params
 from epp.framework.plugin import (
@@ -28,15 +31,16 @@ from epp.framework.plugin import (
     ScoredEndpoint,
     Scorer,
 )
-from epp.framework.registry import BuildContext, PluginType, Registry
+from epp.framework.registry import BuildContext, ConfigDefaults, PluginType, Registry
 from epp.framework.saturation import SaturationDetector
 from epp.framework.scheduler import FrameworkScheduler
 
 __all__ = [
-    "PREFIX_MATCH_KEY",
     "BuildContext",
+    "ConfigDefaults",
     "ConfigError",
     "CycleState",
+    "DepKey",
     "Filter",
     "FrameworkScheduler",
     "Lifecycle",
@@ -48,7 +52,6 @@ __all__ = [
     "PluginSpec",
     "PluginType",
     "PreRequest",
-    "PrefixMatchInfo",
     "ProfileHandler",
     "ProfilePluginRef",
     "ProfileSpec",

@@ -6,20 +6,16 @@ from epp.framework.config import ConfigError, PickerConfig
 from epp.framework.deps import SchedulerDeps
 from epp.framework.plugin import Filter, Picker, Plugin, ProfileHandler, Scorer
 from epp.framework.profile import PluginCallStats, SchedulingProfile, WeightedScorer
-from epp.framework.registry import BuildContext, Registry
+from epp.framework.registry import BuildContext
 from epp.framework.saturation import SaturationDetector
 from epp.framework.scheduler import FrameworkScheduler
 
 
-def build_scheduler(
-    config: PickerConfig, deps: SchedulerDeps | None = None, registry: Registry | None = None
-) -> FrameworkScheduler:
-    """Instantiate every plugin and profile. Raises ConfigError naming the entry when a
-    builder cannot satisfy its configuration (e.g. a missing backend factory)."""
-    if registry is None:
-        from epp.plugins import default_registry
-
-        registry = default_registry()
+def build_scheduler(config: PickerConfig, deps: SchedulerDeps | None = None) -> FrameworkScheduler:
+    """Instantiate every plugin and profile with the registry `config` was loaded with.
+    Raises ConfigError naming the entry when a builder cannot satisfy its configuration
+    (e.g. a missing backend factory)."""
+    registry = config.registry
     deps = deps or SchedulerDeps()
     ctx = BuildContext(deps, (p.name for p in config.profiles))
     for spec in config.plugins:

@@ -2,7 +2,10 @@
 
 Everything is checked here, before any plugin is built: the document shape, each plugin's
 type and parameters (through its registered parser), each profile's references. Errors name
-the entry (`plugins[2] (type "queue-scorer"): parameter "foo": unknown parameter ...`)."""
+the entry (`plugins[2] (type "queue-scorer"): parameter "foo": unknown parameter ...`).
+
+The plugin types, and what a config that leaves things out defaults to, come from the
+`Registry` the caller passes (`epp.plugins.default_registry()` for the built-ins)."""
 
 from __future__ import annotations
 
@@ -21,8 +24,6 @@ from epp.framework.registry import PluginType, Registry
 API_VERSIONS = ("llm-d.ai/v1alpha1", "inference.networking.x-k8s.io/v1alpha1")
 KIND = "EndpointPickerConfig"
 DEFAULT_PROFILE = "default"
-DEFAULT_PICKER = "max-score-picker"
-DEFAULT_PROFILE_HANDLER = "single-profile-handler"
 
 # Sections of llm-d's format this picker does not implement; accepted and listed in
 # `PickerConfig.ignored_sections` so the caller can log them.
@@ -36,27 +37,6 @@ KNOWN_SECTIONS = (
     "featureGates",
     *IGNORED_SECTIONS,
 )
-
-DEFAULT_CONFIG_YAML = """\
-apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: prefix-cache-scorer
-- type: single-profile-handler
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-  - pluginRef: prefix-cache-scorer
-    weight: 3
-  - pluginRef: max-score-picker
-"""
 
 
 class ConfigError(ValueError):
@@ -97,6 +77,8 @@ class PickerConfig:
     plugins: tuple[PluginSpec, ...]
     profiles: tuple[ProfileSpec, ...]
     profile_handler: str  # plugin name
+    # The registry the plugins were parsed with; `build_scheduler` builds them with it.
+    registry: Registry = field(compare=False, repr=False)
     saturation: SaturationConfig = SaturationConfig()
     feature_gates: frozenset[str] = frozenset()
     ignored_sections: tuple[str, ...] = ()
@@ -111,23 +93,24 @@ class PickerConfig:
         raise KeyError(name)
 
 
-def load_config(
-    source: str | pathlib.Path | None, registry: Registry | None = None
-) -> PickerConfig:
-    """Parse an EndpointPickerConfig. `None` gives the defaults; a `Path`, or a string that
-    names an existing file, is read; any other string is the YAML text itself."""
-    if registry is None:
-        from epp.plugins import default_registry
-
-        registry = default_registry()
+def load_config(source: str | pathlib.Path | None, registry: Registry) -> PickerConfig:
+    """Parse an EndpointPickerConfig against `registry`'s plugin types. `None` gives the
+    registry's default config; a `Path`, or a string that names an existing file, is read;
+    any other string is the YAML text itself."""
     if source is None or (isinstance(source, str) and not source.strip()):
         # No config, or empty config text (an unset --config-text): the defaults.
-        return _parse_document(yaml.safe_load(DEFAULT_CONFIG_YAML), registry, "<defaults>")
+        defaults = yaml.safe_load(registry.defaults.config_yaml)
+        return _parse_document(defaults, registry, "<defaults>")
     text, origin = _read_source(source)
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{origin}: invalid YAML: {exc}") from None
+    if document is None:
+        # An empty file (or only comments) means the defaults, never a profile without
+        # scorers, which would pick at random.
+        defaults = yaml.safe_load(registry.defaults.config_yaml)
+        return _parse_document(defaults, registry, f"{origin} (empty: the defaults)")
     return _parse_document(document, registry, origin)
 
 
@@ -176,17 +159,23 @@ def _parse_document(document: object, registry: Registry, origin: str) -> Picker
     profiles, defaulted_profile = _parse_profiles(
         document.get("schedulingProfiles"), by_name, registry, origin
     )
-    # Every profile needs a picker: add a max-score-picker to those without (llm-d does).
-    if any(not _has_kind(p, by_name, registry, Picker) for p in profiles):
-        if DEFAULT_PICKER not in by_name:
-            spec = _make_spec(registry, DEFAULT_PICKER, DEFAULT_PICKER, None, "<default>", origin)
+    # Every profile needs a picker: add the registry's default picker to those without (llm-d
+    # adds a max-score-picker).
+    lacking = [p.name for p in profiles if not _has_kind(p, by_name, registry, Picker)]
+    if lacking:
+        picker = registry.defaults.picker
+        if not picker:
+            known = ", ".join(_types_of_kind(registry, Picker)) or "none registered"
+            raise _fail(origin, f"profile {lacking[0]!r} has no picker (types: {known})")
+        if picker not in by_name:
+            spec = _make_spec(registry, picker, picker, None, "<default>", origin)
             specs.append(spec)
             by_name[spec.name] = spec
-            defaulted.append(DEFAULT_PICKER)
+            defaulted.append(picker)
         profiles = [
             p
             if _has_kind(p, by_name, registry, Picker)
-            else ProfileSpec(p.name, (*p.plugins, ProfilePluginRef(DEFAULT_PICKER, 1.0)))
+            else ProfileSpec(p.name, (*p.plugins, ProfilePluginRef(picker, 1.0)))
             for p in profiles
         ]
     handler = _resolve_profile_handler(specs, profiles, registry, origin, defaulted)
@@ -200,6 +189,7 @@ def _parse_document(document: object, registry: Registry, origin: str) -> Picker
         plugins=tuple(specs),
         profiles=tuple(profiles),
         profile_handler=handler,
+        registry=registry,
         saturation=_parse_saturation(document.get("saturationDetector"), origin),
         feature_gates=_parse_feature_gates(document.get("featureGates"), origin),
         ignored_sections=tuple(k for k in IGNORED_SECTIONS if k in document),
@@ -273,6 +263,15 @@ def _kind_of(spec: PluginSpec, registry: Registry) -> type:
     plugin_type: PluginType[Any] | None = registry.get(spec.type_name)
     assert plugin_type is not None  # validated in _make_spec
     return plugin_type.cls
+
+
+def _types_of_kind(registry: Registry, kind: type) -> list[str]:
+    """The registered type names whose plugins are a `kind` (for error messages)."""
+    return [
+        name
+        for name in registry.type_names()
+        if (t := registry.get(name)) is not None and issubclass(t.cls, kind)
+    ]
 
 
 def _has_kind(
@@ -378,14 +377,20 @@ def _resolve_profile_handler(
         )
     if handlers:
         return handlers[0].name
+    known = ", ".join(_types_of_kind(registry, ProfileHandler)) or "none registered"
     if len(profiles) > 1:
         raise _fail(
             origin,
             f"{len(profiles)} scheduling profiles need a profile handler "
-            "(add e.g. pd-profile-handler to plugins)",
+            f"(add one to plugins; types: {known})",
         )
-    defaulted.append(DEFAULT_PROFILE_HANDLER)
-    return DEFAULT_PROFILE_HANDLER
+    handler = registry.defaults.profile_handler
+    if not handler:
+        raise _fail(
+            origin, f"no profile handler is configured (add one to plugins; types: {known})"
+        )
+    defaulted.append(handler)
+    return handler
 
 
 def _parse_saturation(raw: object, origin: str) -> SaturationConfig:

@@ -1,40 +1,17 @@
 """Per-request scratch state shared by the plugins of one scheduling cycle (llm-d's
-CycleState): a scorer writes what it learned (prefix matches), later plugins read it."""
+CycleState): a scorer writes what it learned (prefix matches), later plugins read it.
+
+The framework defines no keys: a plugin family that shares data declares its key and value
+type with its plugins (e.g. `epp.plugins.shared.PREFIX_MATCH_KEY`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from epp.types import Endpoint
 
 T = TypeVar("T")
-
-
-@dataclass(slots=True)
-class PrefixMatchInfo:
-    """What a prefix scorer found for this request. `matched_tokens[key]` is the length of
-    the cached prefix on that endpoint (0 when absent); `prompt_tokens` the prompt length in
-    tokens (estimated from characters when the request is not tokenized)."""
-
-    prompt_tokens: int
-    block_size_tokens: int
-    matched_tokens: dict[str, int] = field(default_factory=dict)
-    source: str = ""  # plugin type that wrote it
-
-    def hit_tokens(self, endpoint_key: str) -> int:
-        return self.matched_tokens.get(endpoint_key, 0)
-
-    def uncached_tokens(self, endpoint_key: str) -> int:
-        return max(0, self.prompt_tokens - self.hit_tokens(endpoint_key))
-
-    def any_hit(self) -> bool:
-        return any(v > 0 for v in self.matched_tokens.values())
-
-
-# Well-known keys.
-PREFIX_MATCH_KEY = "prefix-match"
 
 
 class CycleState:
@@ -60,6 +37,3 @@ class CycleState:
     def read(self, key: str, kind: type[T]) -> T | None:
         value = self._data.get(key)
         return value if isinstance(value, kind) else None
-
-    def prefix_match(self) -> PrefixMatchInfo | None:
-        return self.read(PREFIX_MATCH_KEY, PrefixMatchInfo)

@@ -1,5 +1,8 @@
 """Plugin types by name: a parameter parser (pure, run at config load so bad parameters fail
-early) and a builder (run by `build_scheduler` with the injected dependencies)."""
+early) and a builder (run by `build_scheduler` with the injected dependencies).
+
+The framework registers no types itself: whoever assembles a registry (`epp.plugins` for the
+built-ins) registers them and says what the loader defaults to (`ConfigDefaults`)."""
 
 from __future__ import annotations
 
@@ -45,8 +48,20 @@ class PluginType(Generic[P]):
     summary: str = ""
 
 
+@dataclass(frozen=True)
+class ConfigDefaults:
+    """What `load_config` fills in where a config leaves it out (llm-d's defaulting). These
+    name plugin types, so they come with the registry; empty means no defaulting (the loader
+    then reports what is missing)."""
+
+    config_yaml: str = ""  # the document used when there is no config (None or blank text)
+    picker: str = ""  # plugin type added to every profile without a picker
+    profile_handler: str = ""  # plugin type used when none is configured (one profile)
+
+
 class Registry:
-    def __init__(self) -> None:
+    def __init__(self, defaults: ConfigDefaults = ConfigDefaults()) -> None:
+        self.defaults = defaults
         self._types: dict[str, PluginType[Any]] = {}
         self._aliases: dict[str, str] = {}
 

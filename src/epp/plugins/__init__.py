@@ -1,10 +1,11 @@
-"""The built-in plugin types, registered under llm-d's type names."""
+"""The built-in plugin types, registered under llm-d's type names, and the registry that
+holds them with llm-d's defaults (what `load_config` fills in where a config is silent)."""
 
 from __future__ import annotations
 
 from functools import cache
 
-from epp.framework.registry import Registry
+from epp.framework.registry import ConfigDefaults, Registry
 from epp.plugins import (
     affinity,
     filters,
@@ -31,8 +32,40 @@ _MODULES = (
 )
 
 
+# The configuration without one (`load_config(None, registry)`): GIE's default profile.
+DEFAULT_CONFIG_YAML = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+- type: single-profile-handler
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+  - pluginRef: max-score-picker
+"""
+
+# llm-d's defaulting: a profile without a picker gets a max-score-picker; a config without a
+# profile handler (and one profile) gets a single-profile-handler.
+DEFAULTS = ConfigDefaults(
+    config_yaml=DEFAULT_CONFIG_YAML,
+    picker=pickers.MaxScorePicker.type_name,
+    profile_handler=profile_handlers.SingleProfileHandler.type_name,
+)
+
+
 def new_registry() -> Registry:
-    registry = Registry()
+    """A fresh registry with the built-in types and llm-d's defaults (add your types to it)."""
+    registry = Registry(DEFAULTS)
     for module in _MODULES:
         module.register(registry)
     return registry

@@ -12,6 +12,7 @@ from epp.framework.cycle import CycleState
 from epp.framework.params import Params
 from epp.framework.plugin import PreRequest, ResponseComplete, Scorer, Scores
 from epp.framework.registry import BuildContext, PluginType, Registry
+from epp.plugins.shared import prefix_match
 from epp.types import Endpoint, LLMRequest, ResponseStats, SchedulingResult
 
 
@@ -130,7 +131,7 @@ class NoHitLRUScorer(Scorer, PreRequest):
         self._cold_key = _COLD_KEY + name
 
     def score(self, cycle: CycleState, request: LLMRequest, endpoints: list[Endpoint]) -> Scores:
-        info = cycle.prefix_match()
+        info = prefix_match(cycle)
         cold = info is None or not info.any_hit()
         cycle.write(self._cold_key, cold)
         n = len(endpoints)

@@ -1,23 +1,29 @@
 """precise-prefix-cache-scorer: the prefix-cache score from the KV-event index.
 
 The scoring is delegated to a `PrefixIndexBackend` (kvindex in production, in-process or
-over its sidecar service), built by `SchedulerDeps.prefix_backend_factory(params)`. This
+over its sidecar service), built by the factory the caller supplies in `SchedulerDeps.extras`
+under `PREFIX_BACKEND_FACTORY` (called with the parsed parameters). This
 module stays pure: it parses the parameters, awaits the backend, and shares what it found
 through the cycle state."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from epp.framework.config import ConfigError
-from epp.framework.cycle import PREFIX_MATCH_KEY, CycleState, PrefixMatchInfo
+from epp.framework.cycle import CycleState
+from epp.framework.deps import DepKey
 from epp.framework.params import Params
 from epp.framework.plugin import Lifecycle, PreRequest, Scorer
 from epp.framework.registry import BuildContext, PluginType, Registry
 from epp.plugins._request import prompt_tokens
+from epp.plugins.shared import PREFIX_MATCH_KEY, PrefixMatchInfo
 from epp.types import Endpoint, LLMRequest, SchedulingResult
+from kvindex.engines import DEFAULT_KV_EVENTS_PORT
+from kvindex.keys import DEFAULT_BLOCK_SIZE
+from kvindex.scoring import DEFAULT_TIER_WEIGHTS
 
 
 class PrefixIndexBackend(Protocol):
@@ -38,7 +44,7 @@ class PrefixIndexBackend(Protocol):
 
 @dataclass(frozen=True)
 class TokenProcessorConfig:
-    block_size_tokens: int = 16
+    block_size_tokens: int = DEFAULT_BLOCK_SIZE
     hash_seed: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -52,7 +58,7 @@ class IndexerConfig:
 
 @dataclass(frozen=True)
 class PodDiscoveryConfig:
-    socket_port: int = 5557
+    socket_port: int = DEFAULT_KV_EVENTS_PORT
 
 
 @dataclass(frozen=True)
@@ -73,16 +79,24 @@ class PrecisePrefixParams:
     kv_events: KVEventsConfig = KVEventsConfig()
     speculative_indexing: bool = False
     speculative_ttl_s: float = 2.0
-    tier_weights: Mapping[str, float] = field(default_factory=lambda: {"gpu": 1.0, "cpu": 0.8})
+    tier_weights: Mapping[str, float] = field(
+        default_factory=lambda: {"gpu": DEFAULT_TIER_WEIGHTS.gpu, "cpu": DEFAULT_TIER_WEIGHTS.cpu}
+    )
+
+
+PrefixBackendFactory = Callable[[PrecisePrefixParams], PrefixIndexBackend]
+
+# The dependency this scorer needs: `SchedulerDeps(extras={PREFIX_BACKEND_FACTORY: factory})`.
+PREFIX_BACKEND_FACTORY: DepKey[PrefixBackendFactory] = DepKey("prefix-backend-factory")
 
 
 def parse_precise_params(params: Params) -> PrecisePrefixParams:
     """Top-level names are strict; inside the three nested configs, names this module does
     not interpret are kept in `extra` for the backend (kvindex owns their meaning)."""
     tp = params.nested("tokenProcessorConfig")
-    block = tp.integer("blockSizeTokens", 16, min=1)
+    block = tp.integer("blockSizeTokens", DEFAULT_BLOCK_SIZE, min=1)
     if not tp.has("blockSizeTokens"):
-        block = tp.integer("blockSize", 16, min=1)  # llm-d's README spelling
+        block = tp.integer("blockSize", DEFAULT_BLOCK_SIZE, min=1)  # llm-d's README spelling
     else:
         tp.ignore("blockSize")
     token_processor = TokenProcessorConfig(block, tp.string("hashSeed", ""), tp.remaining())
@@ -98,7 +112,8 @@ def parse_precise_params(params: Params) -> PrecisePrefixParams:
 
     kv = params.nested("kvEventsConfig")
     disc = kv.nested("podDiscoveryConfig")
-    pod_discovery = PodDiscoveryConfig(disc.integer("socketPort", 5557, min=1, max=65535))
+    socket_port = disc.integer("socketPort", DEFAULT_KV_EVENTS_PORT, min=1, max=65535)
+    pod_discovery = PodDiscoveryConfig(socket_port)
     disc.finish()
     kv_events = KVEventsConfig(
         zmq_endpoint=kv.string("zmqEndpoint", ""),
@@ -111,8 +126,8 @@ def parse_precise_params(params: Params) -> PrecisePrefixParams:
     )
     tiers = params.nested("tierWeights")
     tier_weights = {
-        "gpu": tiers.number("gpu", 1.0, min=0.0, max=1.0),
-        "cpu": tiers.number("cpu", 0.8, min=0.0, max=1.0),
+        "gpu": tiers.number("gpu", DEFAULT_TIER_WEIGHTS.gpu, min=0.0, max=1.0),
+        "cpu": tiers.number("cpu", DEFAULT_TIER_WEIGHTS.cpu, min=0.0, max=1.0),
     }
     for tier in list(tiers.remaining()):
         tier_weights[tier] = tiers.number(tier, 0.0, min=0.0, max=1.0)
@@ -178,11 +193,11 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest, Lifecycle):
 
 
 def build_precise(name: str, params: PrecisePrefixParams, ctx: BuildContext) -> Scorer:
-    factory = ctx.deps.prefix_backend_factory
+    factory = ctx.deps.get(PREFIX_BACKEND_FACTORY)
     if factory is None:
         raise ConfigError(
             "precise-prefix-cache-scorer needs a KV-event index backend; none is available "
-            "(SchedulerDeps.prefix_backend_factory is not set)"
+            "(SchedulerDeps.extras has no PREFIX_BACKEND_FACTORY)"
         )
     return PrecisePrefixCacheScorer(name, params, factory(params))
 

@@ -31,6 +31,7 @@ from epp.framework.registry import BuildContext, PluginType, Registry
 from epp.latency.model import LatencyModel, LatencyPrediction, features
 from epp.latency.store import LatencyModelFormatError, load_model, save_model
 from epp.plugins._request import prompt_tokens
+from epp.plugins.shared import prefix_match
 from epp.types import Endpoint, LLMRequest, ResponseStats, SchedulingResult
 
 SLO_TTFT_HEADER = "x-slo-ttft-ms"
@@ -166,7 +167,7 @@ class PredictedLatencyScorer(Scorer, PreRequest, ResponseComplete, Lifecycle):
         return flag != "false"
 
     def _features(self, cycle: CycleState, request: LLMRequest, endpoint: Endpoint) -> list[float]:
-        info = cycle.prefix_match()
+        info = prefix_match(cycle)
         total = info.prompt_tokens if info is not None else prompt_tokens(request)
         uncached = info.uncached_tokens(cycle.key(endpoint)) if info is not None else total
         m = endpoint.metrics

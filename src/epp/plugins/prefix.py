@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import xxhash
 
-from epp.framework.cycle import PREFIX_MATCH_KEY, CycleState, PrefixMatchInfo
+from epp.framework.cycle import CycleState
 from epp.framework.params import Params
 from epp.framework.plugin import PreRequest, Scorer, Scores
 from epp.framework.registry import BuildContext, PluginType, Registry
 from epp.plugins._request import CHARS_PER_TOKEN, prompt_text
 from epp.plugins.precise_prefix import PrecisePrefixParams, build_precise, parse_precise_params
+from epp.plugins.shared import PREFIX_MATCH_KEY, PrefixMatchInfo
 from epp.types import Endpoint, LLMRequest, SchedulingResult
 
 _HASHES_KEY = "prefix-cache-scorer/hashes/"

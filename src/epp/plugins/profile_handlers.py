@@ -12,6 +12,7 @@ from epp.framework.plugin import Plugin, PreRequest, ProfileHandler
 from epp.framework.registry import BuildContext, PluginType, Registry
 from epp.plugins._request import prompt_tokens
 from epp.plugins.common import no_parameters
+from epp.plugins.shared import prefix_match
 from epp.types import LLMRequest, ProfileResult, SchedulingError, SchedulingResult
 
 PREFILLER_HEADER = "x-prefiller-host-port"
@@ -76,7 +77,7 @@ class PrefixBasedPDDecider(Plugin):
         total = prompt_tokens(request)
         if total < self.non_cached_tokens:
             return False
-        info = cycle.prefix_match()
+        info = prefix_match(cycle)
         cached = info.hit_tokens(decode_key) if info is not None else 0
         return total - cached >= self.non_cached_tokens
 

@@ -18,29 +18,24 @@ from epp.precise.options import BackendOptions
 from epp.precise.query import score_query
 from epp.types import Endpoint, LLMRequest
 from kvindex.discovery import EngineEntry
-from kvindex.index import BlockIndex, MemoryIndexConfig
-from kvindex.index.locked import LockedIndex
-from kvindex.index.native import fastest_memory_index
-from kvindex.ingest import IngestConfig
+from kvindex.engines import DEFAULT_KV_EVENTS_ENDPOINT
+from kvindex.index import BlockIndex, IndexConfig
+from kvindex.indexer import Indexer, IndexerConfig
 from kvindex.ingest_service import IngestService, IngestServiceConfig
 from kvindex.metrics import KvindexMetrics
-from kvindex.scoring import Scorer, ScoringConfig, TierWeights
-from kvindex.service.score_api import ScoreMetrics, ScoreRequestError, ScoreService
-from kvindex.speculative import SpeculativeConfig, SpeculativeIndex
-from kvindex.tokenize import TokenizerRegistry
+from kvindex.scoring import DEFAULT_TIER_WEIGHTS, TierWeights
+from kvindex.service.score_api import ScoreRequestError
 
 log = logging.getLogger("epp.precise")
 
 API = "epp"  # the label kvindex's score metrics carry for calls from the picker
-DEFAULT_BIND = "tcp://*:5557"
+DEFAULT_BIND = DEFAULT_KV_EVENTS_ENDPOINT
 
 
-def _index(options: BackendOptions) -> BlockIndex:
+def _index_config(options: BackendOptions) -> IndexConfig:
     if options.redis_address:
-        from kvindex.index.redis import RedisIndex
-
-        return RedisIndex.from_url(options.redis_address)
-    return fastest_memory_index(MemoryIndexConfig(max_keys=options.in_memory_size))
+        return IndexConfig(backend="redis", redis_url=options.redis_address)
+    return IndexConfig(max_keys=options.in_memory_size)
 
 
 class InProcessIndex:
@@ -56,8 +51,26 @@ class InProcessIndex:
         index: BlockIndex | None = None,
     ) -> None:
         self.params = params
-        block = params.token_processor.block_size_tokens
-        self.index = LockedIndex(index if index is not None else _index(options))
+        weights = params.tier_weights
+        self.indexer = Indexer(
+            IndexerConfig(
+                index=_index_config(options),
+                block_size=params.token_processor.block_size_tokens,
+                default_model=options.default_model,
+                tokenizers=options.tokenizers,
+                lora_adapters=options.lora_to_base,
+                weights=TierWeights(
+                    gpu=weights.get("gpu", DEFAULT_TIER_WEIGHTS.gpu),
+                    cpu=weights.get("cpu", DEFAULT_TIER_WEIGHTS.cpu),
+                    storage=weights.get("storage", DEFAULT_TIER_WEIGHTS.storage),
+                ),
+                speculative_ttl_s=params.speculative_ttl_s if params.speculative_indexing else 0,
+            ),
+            registry=registry,
+            index=index,
+        )
+        self.index = self.indexer.index
+        self.service = self.indexer.service
         kv = params.kv_events
         self._discover = kv.discover_pods
         self._socket_port = kv.pod_discovery.socket_port
@@ -67,39 +80,14 @@ class InProcessIndex:
                 topic_filter=kv.topic_filter,
             ),
             self.index,
-            IngestConfig(block_size=block, default_model=options.default_model),
+            self.indexer.config.ingest_config(),
             KvindexMetrics(registry),
         )
-        weights = params.tier_weights
-        speculative = (
-            SpeculativeIndex(SpeculativeConfig(ttl_s=params.speculative_ttl_s))
-            if params.speculative_indexing
-            else None
-        )
-        scorer = Scorer(
-            self.index,
-            ScoringConfig(
-                block_size=block,
-                weights=TierWeights(
-                    gpu=weights.get("gpu", 1.0),
-                    cpu=weights.get("cpu", 0.8),
-                    storage=weights.get("storage", 0.5),
-                ),
-            ),
-            speculative,
-        )
-        self.tokenizers = (
-            TokenizerRegistry(options.tokenizers, options.lora_to_base)
-            if options.tokenizers
-            else None
-        )
-        self.service = ScoreService(scorer, self.tokenizers, metrics=ScoreMetrics(registry))
         self._subscribe_endpoints = subscribe_endpoints
         self._warned: set[str] = set()
 
     async def start(self) -> None:
-        if self.tokenizers is not None:
-            self.tokenizers.preload()  # a tokenizer that cannot load fails the start
+        self.indexer.load_tokenizers()  # a tokenizer that cannot load fails the start
         self.ingest.open()
         self.ingest.start()
         if self._discover and self._subscribe_endpoints is not None:
@@ -108,6 +96,7 @@ class InProcessIndex:
 
     async def stop(self) -> None:
         self.ingest.stop()
+        self.indexer.close()
 
     def _endpoints_changed(self, endpoints: Sequence[Endpoint]) -> None:
         entries: Mapping[str, EngineEntry] = {

@@ -16,6 +16,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from kvindex.config import DEFAULT_HTTP_PORT
+from kvindex.errors import KVIndexError
+
 __all__ = ["fetch_report", "register", "render_report"]
 
 
@@ -27,7 +30,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--index-url",
-        default="http://127.0.0.1:8080",
+        default=f"http://127.0.0.1:{DEFAULT_HTTP_PORT}",
         help="base URL of the kvindex service HTTP API (default %(default)s)",
     )
     parser.add_argument("--model", required=True, help="model (or LoRA adapter) name")
@@ -61,7 +64,7 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-class DoctorError(Exception):
+class DoctorError(KVIndexError):
     """A failure the CLI reports as one message naming the fix."""
 
 

@@ -10,7 +10,9 @@ import json
 import sys
 from typing import Any
 
+from kvindex.errors import KVIndexError
 from kvindex.vllm_hash import (
+    DEFAULT_SHA256_SEED,
     HASH_ALGOS,
     MultiModalItem,
     RequestExtras,
@@ -21,7 +23,7 @@ from kvindex.vllm_hash import (
 )
 
 
-class InputError(ValueError):
+class InputError(KVIndexError, ValueError):
     """Bad command-line input; the message names the fix."""
 
 
@@ -133,7 +135,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--algo", default="sha256_cbor", help=f"one of {', '.join(HASH_ALGOS)}")
     parser.add_argument(
         "--seed",
-        help="NONE_HASH seed string (default: PYTHONHASHSEED, else vllm-none-hash for sha256*)",
+        help=f"NONE_HASH seed string (default: PYTHONHASHSEED, else {DEFAULT_SHA256_SEED} for "
+        "sha256*)",
     )
     parser.add_argument("--lora", help="LoRA adapter NAME or NAME:PATH")
     parser.add_argument("--cache-salt", help="cache_salt of the request (first block only)")

@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 
 from kvindex.config import (
+    DEFAULT_HTTP_PORT,
     ConfigError,
     ServiceConfig,
     load_config,
@@ -27,6 +28,8 @@ from kvindex.config import (
     parse_tier_weights,
 )
 from kvindex.discovery import EnginesFileError
+from kvindex.engines import DEFAULT_KV_EVENTS_PORT
+from kvindex.keys import DEFAULT_BLOCK_SIZE
 from kvindex.service.logs import configure_logging
 
 EXIT_CONFIG = 2
@@ -58,7 +61,11 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
     )
     add("--topic-filter", help="SUB topic prefix (default kv@)")
     add("--dp-port-stride", type=int, help="port step between DP ranks (default 1; 0: same)")
-    add("--block-size", type=int, help="canonical block size in tokens (default 16)")
+    add(
+        "--block-size",
+        type=int,
+        help=f"canonical block size in tokens (default {DEFAULT_BLOCK_SIZE})",
+    )
     add("--default-model", help="model of engines whose topic names none")
     add(
         "--index-groups",
@@ -102,12 +109,20 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
     add("--index-max-keys", type=int, help="capacity bound in (key, tier) slots")
     add("--index-memory-budget", metavar="SIZE", help="memory bound, e.g. 4GiB")
     add("--http-host", help="HTTP listen address (default 0.0.0.0)")
-    add("--http-port", type=int, help="HTTP port of the score API and /metrics (default 8080)")
+    add(
+        "--http-port",
+        type=int,
+        help=f"HTTP port of the score API and /metrics (default {DEFAULT_HTTP_PORT})",
+    )
     add("--grpc-port", type=int, help="gRPC port of the score API (default: no gRPC)")
     add("--k8s-selector", metavar="LABELS", help="discover engine pods by label selector")
     add("--k8s-namespace", help="namespace of the engine pods (default default)")
     add("--k8s-serving-port", type=int, help="engine serving port (default 8000)")
-    add("--k8s-socket-port", type=int, help="engine ZMQ PUB port (default 5557)")
+    add(
+        "--k8s-socket-port",
+        type=int,
+        help=f"engine ZMQ PUB port (default {DEFAULT_KV_EVENTS_PORT})",
+    )
     add("--k8s-replay-port", type=int, help="engine replay ROUTER port (default none)")
     add("--log-level", help="debug, info, warning, error (default info)")
     add("--log-format", choices=["text", "json"], help="key=value text or JSON lines")

@@ -1,4 +1,5 @@
-"""Block index backends behind one contract (:class:`BlockIndex`)."""
+"""Block index backends behind one contract (:class:`BlockIndex`), built by
+:func:`make_index` (kvindex.index.factory)."""
 
 from kvindex.index.base import (
     BlockIndex,
@@ -11,13 +12,18 @@ from kvindex.index.base import (
     StoredBlock,
     Tier,
 )
+from kvindex.index.factory import IndexConfig, IndexConfigError, make_index, wrap_index
+from kvindex.index.locked import LockedIndex
 from kvindex.index.memory import MemoryIndex, MemoryIndexConfig
 
 __all__ = [
     "BlockIndex",
     "Clear",
+    "IndexConfig",
+    "IndexConfigError",
     "IndexOp",
     "IndexStats",
+    "LockedIndex",
     "MemoryIndex",
     "MemoryIndexConfig",
     "PrefixMatch",
@@ -25,4 +31,6 @@ __all__ = [
     "Store",
     "StoredBlock",
     "Tier",
+    "make_index",
+    "wrap_index",
 ]

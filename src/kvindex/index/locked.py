@@ -60,3 +60,9 @@ class LockedIndex:
         """The inner backend's health report (None: healthy), if it has one."""
         check = getattr(self.inner, "health", None)
         return None if check is None else check()  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Release the inner backend's connections, if it has any (the Redis backend)."""
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()

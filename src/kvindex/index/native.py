@@ -11,17 +11,16 @@ test_native_index.py runs both side by side under hypothesis), including its evi
 * ``stats().approx_bytes`` is computed from the C tables' allocated sizes;
 * ``memory_budget_bytes`` caps ``max_keys`` with the native per-entry cost.
 
-Not thread-safe on its own (like MemoryIndex): the service wraps it in ``LockedIndex``.
+Not thread-safe on its own (like MemoryIndex): :func:`kvindex.index.make_index` (backend
+``memory`` or ``native``) wraps it in ``LockedIndex``, and falls back to MemoryIndex with a
+warning when the extension is not built.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Collection, Sequence
-from typing import TYPE_CHECKING
 
 from kvindex.index.base import (
-    BlockIndex,
     Clear,
     IndexOp,
     IndexStats,
@@ -29,27 +28,16 @@ from kvindex.index.base import (
     Remove,
     Store,
 )
-from kvindex.index.memory import MemoryIndex, MemoryIndexConfig
+from kvindex.index.memory import MemoryIndexConfig
 from kvindex.keys import ContentKey
 from kvindex.wire import EngineHash
-
-if TYPE_CHECKING:
-    from kvindex.config import ServiceConfig
 
 try:
     from kvindex import _native
 except ImportError:  # built without a compiler: the pure-Python index serves instead
     _native = None  # type: ignore[assignment]
 
-__all__ = [
-    "NATIVE_AVAILABLE",
-    "NATIVE_BYTES_PER_ENTRY",
-    "NativeIndex",
-    "fastest_memory_index",
-    "native_backend",
-]
-
-log = logging.getLogger("kvindex.index")
+__all__ = ["NATIVE_AVAILABLE", "NATIVE_BYTES_PER_ENTRY", "NativeIndex"]
 
 NATIVE_AVAILABLE = _native is not None
 
@@ -60,7 +48,7 @@ NATIVE_BYTES_PER_ENTRY = 60
 
 class NativeIndex:
     """:class:`kvindex.index.base.BlockIndex` over the C core. Raises RuntimeError when the
-    extension was not built (see :func:`fastest_memory_index` for the fallback)."""
+    extension was not built (:func:`kvindex.index.make_index` falls back instead)."""
 
     def __init__(self, config: MemoryIndexConfig | None = None) -> None:
         if _native is None:
@@ -150,20 +138,3 @@ class NativeIndex:
             evictions=evictions,
             approx_bytes=approx_bytes,
         )
-
-
-def fastest_memory_index(config: MemoryIndexConfig | None = None) -> BlockIndex:
-    """NativeIndex when the extension is built, else MemoryIndex (with a warning)."""
-    if _native is not None:
-        return NativeIndex(config)
-    log.warning("kvindex._native is not built; using the pure-Python MemoryIndex")
-    return MemoryIndex(config)
-
-
-def native_backend(config: ServiceConfig) -> BlockIndex:
-    """The ``--backend native`` service backend (falls back to python, with a warning)."""
-    return fastest_memory_index(
-        MemoryIndexConfig(
-            max_keys=config.index_max_keys, memory_budget_bytes=config.memory_budget_bytes()
-        )
-    )

@@ -36,6 +36,7 @@ from redis.commands.core import Script
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
+from kvindex.errors import KVIndexError
 from kvindex.index import redis_scripts
 from kvindex.index.base import (
     BlockIndex,
@@ -81,7 +82,7 @@ BYTES_PER_MAP_ENTRY = 68
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
-class IndexUnavailable(Exception):
+class IndexUnavailable(KVIndexError):
     """Redis could not apply the batch (unreachable, timed out, out of memory, read-only
     replica, or degraded and backing off). The batch is all-or-nothing, and nothing unless
     the call timed out (Redis may run it when it resumes): the caller should request a

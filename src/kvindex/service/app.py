@@ -1,13 +1,15 @@
 """Assembly of the kvindex service: index backend, ingest thread, discovery, and the aiohttp
 app serving ``/metrics``, ``/healthz`` and ``/readyz``.
 
+The index comes from :func:`kvindex.index.make_index` (``--backend memory|native|python|redis``
+and the capacity and ``--redis-*`` flags, via :func:`index_config`; ``backend_options`` are
+more Redis client options), locked and with its metrics on the service's registry; its
+errors are reported with the flag to fix. ``IndexService(config, index=...)`` takes any
+other :class:`BlockIndex` instead, wrapped the same way. A backend may implement
+``health() -> str | None`` (None = healthy); ``/readyz`` reports it as ``index``.
+
 Extension points (small on purpose):
 
-* ``BACKENDS`` / :func:`register_backend`: index backends by ``--backend`` name
-  (``memory`` here). ``BACKEND_MODULES`` names modules imported on first use of a backend
-  (``redis`` -> ``kvindex.index.redis``, which calls ``register_backend("redis", factory)``
-  at import; ``ServiceConfig.backend_options`` carries its settings). A backend may implement
-  ``health() -> str | None`` (None = healthy); ``/readyz`` reports it as ``index``.
 * :meth:`IndexService.add_routes`: ``installer(app, service)`` adds routes (``/v1/score``,
   ``/v1/debug``) to :attr:`IndexService.http_app` before :meth:`IndexService.start`.
 * :attr:`IndexService.grpc_servicers`: ``installer(server, service)`` callables; when any are
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import importlib
 import json
 import logging
 from collections.abc import Callable
@@ -31,71 +32,47 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kvindex.config import ServiceConfig
+from kvindex.config import ConfigError, ServiceConfig
 from kvindex.discovery import DiscoveryHub, EngineDiscovery, FileDiscovery, StaticDiscovery
 from kvindex.index.base import BlockIndex
-from kvindex.index.locked import LockedIndex
-from kvindex.index.memory import MemoryIndex, MemoryIndexConfig
-from kvindex.index.native import native_backend
+from kvindex.index.factory import IndexConfig, IndexConfigError, make_index, wrap_index
 from kvindex.ingest import IngestConfig
 from kvindex.ingest_service import IngestService, IngestServiceConfig
 from kvindex.metrics import KvindexMetrics
 
-__all__ = [
-    "BACKENDS",
-    "BACKEND_MODULES",
-    "GrpcInstaller",
-    "IndexService",
-    "RouteInstaller",
-    "register_backend",
-]
+__all__ = ["GrpcInstaller", "IndexService", "RouteInstaller", "index_config"]
 
 log = logging.getLogger("kvindex.service")
 
-BackendFactory = Callable[[ServiceConfig], BlockIndex]
 RouteInstaller = Callable[[web.Application, "IndexService"], None]
 GrpcInstaller = Callable[[Any, "IndexService"], None]  # (grpc.aio.Server, service)
 ReadinessCheck = Callable[[], str | None]
 
 
-def _python_backend(config: ServiceConfig) -> BlockIndex:
-    return MemoryIndex(
-        MemoryIndexConfig(
-            max_keys=config.index_max_keys, memory_budget_bytes=config.memory_budget_bytes()
-        )
-    )
-
-
-# `memory` is the in-memory index at its fastest: the C core when it is built (it is by
-# `pip install` wherever a compiler exists), else pure Python with a warning. `python` and
-# `native` name one implementation each.
-BACKENDS: dict[str, BackendFactory] = {
-    "memory": native_backend,
-    "native": native_backend,
-    "python": _python_backend,
+# IndexConfig field -> the ServiceConfig flag (or file key) that sets it.
+_INDEX_FLAGS = {
+    "backend": "--backend",
+    "max_keys": "--index-max-keys",
+    "memory_budget_bytes": "--index-memory-budget",
+    "redis_url": "--redis-url",
+    "redis_prefix": "--redis-prefix",
+    "redis_ttl_s": "--redis-ttl",
+    "redis_backoff_max_s": "redis_backoff_max_s",
+    "redis_options": "backend_options",
 }
 
-# Backends living in their own module, imported on first use; the module calls
-# register_backend(name, factory) at import time.
-BACKEND_MODULES: dict[str, str] = {"redis": "kvindex.index.redis"}
 
-
-def register_backend(name: str, factory: BackendFactory) -> None:
-    BACKENDS[name] = factory
-
-
-def backend_factory(name: str) -> BackendFactory:
-    if name not in BACKENDS and name in BACKEND_MODULES:
-        try:
-            importlib.import_module(BACKEND_MODULES[name])
-        except ImportError as exc:
-            raise ValueError(f"backend {name!r} (--backend) is not available: {exc}") from exc
-    try:
-        return BACKENDS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown backend {name!r} (--backend): one of {sorted(BACKENDS)}"
-        ) from None
+def index_config(config: ServiceConfig) -> IndexConfig:
+    return IndexConfig(
+        backend=config.backend,
+        max_keys=config.index_max_keys,
+        memory_budget_bytes=config.memory_budget_bytes(),
+        redis_url=config.redis_url,
+        redis_prefix=config.redis_prefix,
+        redis_ttl_s=config.redis_ttl_s,
+        redis_backoff_max_s=config.redis_backoff_max_s,
+        redis_options=dict(config.backend_options),
+    )
 
 
 def ingest_config(config: ServiceConfig) -> IngestConfig:
@@ -146,10 +123,15 @@ class IndexService:
     ) -> None:
         self.config = config
         self.metrics = KvindexMetrics()
-        if index is None:
-            index = backend_factory(config.backend)(config)
-        self.index = LockedIndex(index)
-        self.metrics.watch_index(self.index.stats)
+        registry = self.metrics.registry
+        if index is not None:
+            self.index = wrap_index(index, registry=registry)
+        else:
+            try:
+                self.index = make_index(index_config(config), registry=registry)
+            except IndexConfigError as exc:
+                flag = _INDEX_FLAGS.get(exc.field, exc.field)
+                raise ConfigError(f"{flag} {exc.value!r}: {exc.detail}") from exc
         self.ingest = IngestService(
             ingest_service_config(config), self.index, ingest_config(config), self.metrics
         )

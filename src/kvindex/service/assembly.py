@@ -1,7 +1,8 @@
 """The complete sidecar service that ``kvindex serve`` runs: :class:`IndexService` (backend,
 ingest, discovery, ``/metrics`` ``/healthz`` ``/readyz``) plus the tokenizer registry, the
 scorer with speculative entries, the HTTP score routes, the gRPC services (served once
-ready), the doctor's event statistics and, for ``--backend redis``, the Redis fault wiring.
+ready), the doctor's event statistics and, for ``--backend redis``, the Redis fault wiring
+(the backend itself and its health metrics come from :func:`kvindex.index.make_index`).
 
 Everything is built from one :class:`~kvindex.config.ServiceConfig` (flags and file share
 its loader) and all metrics land on the service's one registry::
@@ -22,12 +23,13 @@ from grpc_health.v1 import health_pb2
 from kvindex.config import ServiceConfig
 from kvindex.discovery import EngineDiscovery
 from kvindex.doctor import EngineEventStats
+from kvindex.errors import KVIndexError
 from kvindex.ingest_service import IngestService
 from kvindex.metrics import TokenizerCacheCollector
 from kvindex.scoring import Scorer, ScoringConfig, TierWeights
-from kvindex.service.app import BACKENDS, IndexService, register_backend
+from kvindex.service.app import IndexService
 from kvindex.service.grpc_server import HealthServicer, add_grpc_services, mark_serving
-from kvindex.service.redis_backend import RedisBackend, RedisHealthCollector, redis_backend
+from kvindex.service.redis_backend import RedisBackend
 from kvindex.service.score_api import ScoreMetrics, ScoreService, ScoreServiceConfig
 from kvindex.service.score_http import add_score_routes
 from kvindex.speculative import SpeculativeConfig, SpeculativeIndex
@@ -37,13 +39,10 @@ __all__ = ["AssemblyError", "KvindexServer", "build_service", "event_stats", "lo
 
 log = logging.getLogger("kvindex.service")
 
-if "redis" not in BACKENDS:
-    register_backend("redis", redis_backend)
-
 HEALTH_SYNC_INTERVAL_S = 0.5  # how often gRPC health follows /readyz
 
 
-class AssemblyError(Exception):
+class AssemblyError(KVIndexError):
     """The service cannot be built; the message names the fix (``kvindex serve`` exits 2)."""
 
 
@@ -136,7 +135,6 @@ class KvindexServer:
             ingest = self.service.ingest
             # Rule 2 of docs/redis.md: Redis lost its data -> replay every engine in full.
             backend.on_reset(lambda _old, _new: ingest.request_full_replay())
-            self.service.metrics.registry.register(RedisHealthCollector(backend))
         self._health_task: asyncio.Task[None] | None = None
         self._serving: bool | None = None
 

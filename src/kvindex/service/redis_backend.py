@@ -1,6 +1,7 @@
 """``--backend redis`` for the service: a :class:`RedisIndex` behind the service's backend
-interface (``health() -> str | None`` for ``/readyz``), its health as metrics, and the
-registration in :data:`kvindex.service.app.BACKENDS`.
+interface (``health() -> str | None`` for ``/readyz``) and its health as metrics. Both are
+built by :func:`kvindex.index.make_index` (``IndexConfig(backend="redis")``), the one place
+index backends are made.
 
 Writer model (docs/redis.md, "Writer model"): every replica writes. Each replica subscribes
 to every engine and applies its batches; writes are set-like and atomic, so N replicas
@@ -14,14 +15,13 @@ from collections.abc import Collection, Iterable, Sequence
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kvindex.config import ServiceConfig
-from kvindex.index.base import BlockIndex, IndexOp, IndexStats, PrefixMatch
+from kvindex.index.base import IndexOp, IndexStats, PrefixMatch
 from kvindex.index.redis import IndexHealth, RedisIndex, ResetCallback
 from kvindex.keys import ContentKey
 from kvindex.metrics import PREFIX
 from kvindex.wire import EngineHash
 
-__all__ = ["RedisBackend", "RedisHealthCollector", "redis_backend"]
+__all__ = ["RedisBackend", "RedisHealthCollector"]
 
 
 class RedisBackend:
@@ -100,22 +100,3 @@ class RedisHealthCollector(Collector):
 
     def describe(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         return []
-
-
-def redis_backend(config: ServiceConfig) -> BlockIndex:
-    """The ``redis`` backend factory: connects lazily (a Redis that is down at start-up
-    gives a degraded, not a failed, service)."""
-    ttl = config.redis_ttl_s or None  # 0: never expire
-    try:
-        index = RedisIndex.from_url(
-            config.redis_url,
-            prefix=config.redis_prefix,
-            ttl_seconds=ttl,
-            backoff_max_s=config.redis_backoff_max_s,
-        )
-    except ValueError as exc:
-        raise ValueError(
-            f"--redis-url {config.redis_url!r}: {exc} (e.g. redis://host:6379/0, "
-            "rediss://..., unix:///path, redis+cluster://host:7000, or host:port)"
-        ) from exc
-    return RedisBackend(index)

@@ -6,10 +6,12 @@ The edges only decode their wire format into a :class:`ScoreQuery`, call
 through a worker thread) and map a :class:`ScoreRequestError` to their status codes with
 :data:`HTTP_STATUS` / the gRPC table in :mod:`kvindex.service.grpc_server`.
 
-Tokenizers are reached through two small protocols (what this module calls, nothing more);
-``kvindex.tokenize.TokenizerRegistry`` satisfies them. Errors raised by a tokenizer source are
-classified by class name (``UnknownModelError``, ``TokenizerLoadError``, ``ChatTemplateError``,
-``TokenizationError``) so this module does not depend on the tokenize package.
+Tokenizers are reached through :class:`TokenizerSource` (model -> base model and a
+:class:`kvindex.tokenize.Tokenizer`, the one tokenizer protocol, imported for type checking
+only); ``kvindex.tokenize.TokenizerRegistry`` satisfies it. Errors raised by a tokenizer
+source are classified by class name (``UnknownModelError``, ``TokenizerLoadError``,
+``ChatTemplateError``, ``TokenizationError``) so this module does not load the tokenize
+package at run time.
 """
 
 from __future__ import annotations
@@ -19,11 +21,16 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from kvindex.errors import KVIndexError
 from kvindex.scoring import Scorer, ScoreResult, ScoringError
+
+if TYPE_CHECKING:
+    # Not at run time: importing the tokenize package loads tokenizers, jinja2 and aiohttp.
+    from kvindex.tokenize.protocol import Tokenizer
 
 _T = TypeVar("_T")
 _log = logging.getLogger(__name__)
@@ -37,20 +44,8 @@ __all__ = [
     "ScoreService",
     "ScoreServiceConfig",
     "Tokenized",
-    "TokenizerLike",
     "TokenizerSource",
 ]
-
-
-class TokenizerLike(Protocol):
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
-
-    def apply_chat_template(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        add_generation_prompt: bool = True,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-    ) -> list[int]: ...
 
 
 class TokenizerSource(Protocol):
@@ -60,7 +55,7 @@ class TokenizerSource(Protocol):
         """The base model of ``model`` (itself for a base model)."""
         ...
 
-    def get(self, model: str) -> TokenizerLike: ...
+    def get(self, model: str) -> Tokenizer: ...
 
 
 class ErrorKind(Enum):
@@ -82,7 +77,7 @@ HTTP_STATUS: dict[ErrorKind, int] = {
 }
 
 
-class ScoreRequestError(Exception):
+class ScoreRequestError(KVIndexError):
     """A request that cannot be served; ``kind`` picks the status, ``reason`` is a short label
     (the metric label), the message says what was wrong and how to fix it."""
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from kvindex.errors import KVIndexError
 
-class TokenizationError(Exception):
+
+class TokenizationError(KVIndexError):
     """Base class: the request could not be turned into token ids."""
 
 

@@ -1,44 +1,55 @@
-"""The picker's scheduling framework as a ``kvindex analyze`` scheduler (entry point
-``kvtools.analyze.schedulers: picker``): ``kvindex analyze --scheduler picker`` routes the
-precise-prefix policy with the real plugins an EndpointPickerConfig names, instead of the
-analysis' re-implementation of their formulas.
+"""The picker's own scheduling framework choosing for the analysis' prefix policies.
 
-Engine ``i`` of the simulation is endpoint ``10.0.0.{i}:8000`` (for i >= 256, more octets);
-its metrics are the engine's view at the moment of the decision (``updated_at`` = now, so
-nothing counts as stale). The precise-prefix-cache-scorer's backend answers from the
-analysis index through ``prefix_scores``. The framework is async; one private event loop,
-reused across decisions, drives it.
+Engine ``i`` of the simulation is endpoint ``10.x.y.z:8000`` (the address spells ``i``); its
+metrics are the engine's view at the moment of the decision (``updated_at`` = now, so nothing
+counts as stale). A request's prompt is one token per prompt token, each analysis block's
+tokens all equal to its content key: the approximate ``prefix-cache-scorer`` then hashes
+exactly the prefix structure of the trace (chained hashes of equal blocks, in its own block
+size), and prompt-length-based plugins see the prompt's real size. The
+``precise-prefix-cache-scorer``'s backend answers from the analysis index (fed by the
+simulated engines' events) through ``prefix_scores``. The framework is async; one private
+event loop, reused across decisions, drives it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-import re
 import time
 import weakref
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
-from epp.framework import SchedulerDeps, build_scheduler, load_config
-from epp.framework.config import DEFAULT_CONFIG_YAML
-from epp.plugins.precise_prefix import PrecisePrefixParams
-from epp.types import Endpoint, EngineMetrics, LLMRequest
-from kvindex.keys import ContentKey
-from kvtools.analyze.schedulers import PrefixScores
-
-if TYPE_CHECKING:
-    from kvtools.analyze.policies import EngineView
-
-__all__ = ["ANALYSIS_DEFAULT_CONFIG", "PickerAnalysisScheduler", "make_scheduler"]
-
-# The picker's defaults (epp.framework.config.DEFAULT_CONFIG_YAML) with the precise scorer in
-# place of the approximate one: what the analysis' precise-prefix policy stands for.
-ANALYSIS_DEFAULT_CONFIG = re.sub(
-    r"(?<![\w-])prefix-cache-scorer", "precise-prefix-cache-scorer", DEFAULT_CONFIG_YAML
+from epp import (
+    Endpoint,
+    EngineMetrics,
+    LLMRequest,
+    PickerConfig,
+    ResponseStats,
+    SchedulerDeps,
+    build_scheduler,
 )
+from epp.plugins.precise_prefix import PREFIX_BACKEND_FACTORY, PrecisePrefixParams
+from kvindex.keys import ContentKey
+
+__all__ = ["PORT", "EngineLoad", "PickerScheduler", "PrefixScores", "endpoint_address"]
 
 PORT = 8000
+
+PrefixScores = Callable[[Sequence[ContentKey], Sequence[int]], Sequence[float]]
+"""``(request keys, engine indices) -> matched / total blocks`` per listed engine, from the
+analysis index."""
+
+
+class EngineLoad(Protocol):
+    """What the picker reads of one engine (metrics at the decision: no scrape lag)."""
+
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def running(self) -> int: ...
+    @property
+    def kv_usage(self) -> float: ...
 
 
 def endpoint_address(engine: int) -> str:
@@ -46,7 +57,7 @@ def endpoint_address(engine: int) -> str:
 
 
 class _Decision:
-    """The request being scheduled: what the backend needs beyond the LLMRequest."""
+    """The request being scheduled: what the precise backend needs beyond the LLMRequest."""
 
     keys: Sequence[ContentKey] = ()
 
@@ -77,30 +88,41 @@ class _AnalysisIndexBackend:
         return None
 
 
-class PickerAnalysisScheduler:
-    """``choose(keys, engines)`` through ``FrameworkScheduler.schedule``."""
+class PickerScheduler:
+    """``choose(keys, engines)`` through ``FrameworkScheduler.schedule`` for ``config``."""
 
-    def __init__(self, config_path: str | None, n_engines: int, prefix_scores: PrefixScores):
-        source = ANALYSIS_DEFAULT_CONFIG if config_path is None else config_path
-        self.config = load_config(source)
+    def __init__(
+        self,
+        config: PickerConfig,
+        n_engines: int,
+        block_tokens: int,
+        rng: random.Random,
+        prefix_scores: PrefixScores | None = None,
+    ) -> None:
+        self.block_tokens = block_tokens
         self._decision = _Decision()
         self._addresses = [endpoint_address(i) for i in range(n_engines)]
         self._slot = {f"{a}:{PORT}": i for i, a in enumerate(self._addresses)}
-        self.block_size = 16  # tokens per analysis key, as the precise scorer is configured
+        extras: dict[Any, object] = {}
+        if prefix_scores is not None:
+            scores = prefix_scores
 
-        def backend(params: PrecisePrefixParams) -> _AnalysisIndexBackend:
-            self.block_size = params.token_processor.block_size_tokens
-            return _AnalysisIndexBackend(prefix_scores, self._slot, self._decision)
+            def backend(params: PrecisePrefixParams) -> _AnalysisIndexBackend:
+                return _AnalysisIndexBackend(scores, self._slot, self._decision)
 
-        deps = SchedulerDeps(rng=random.Random(0), prefix_backend_factory=backend)
-        self.scheduler = build_scheduler(self.config, deps)
+            extras[PREFIX_BACKEND_FACTORY] = backend
+        deps = SchedulerDeps(rng=random.Random(rng.random()), extras=extras)
+        self.scheduler = build_scheduler(config, deps)
         self._loop = asyncio.new_event_loop()
         self._loop.run_until_complete(self.scheduler.start())
         # The simulation drops its policy without closing it: close the loop with it.
         weakref.finalize(self, self._loop.close)
-        self._count = 0
+        self._open: dict[int, LLMRequest] = {}
 
-    def choose(self, keys: Sequence[ContentKey], engines: Sequence[EngineView]) -> int:
+    def choose(
+        self, request_id: int, keys: Sequence[ContentKey], engines: Sequence[EngineLoad]
+    ) -> int:
+        """The engine for trace request ``request_id``; ``finished`` tells when it is done."""
         now = time.monotonic()
         endpoints = [
             Endpoint(
@@ -112,25 +134,25 @@ class PickerAnalysisScheduler:
             )
             for i, e in enumerate(engines)
         ]
-        self._count += 1
-        # Token values are irrelevant (the backend scores by keys); the length lets
-        # prompt-length-based plugins see the prompt's size.
+        tokens: list[int] = []
+        for key in keys:
+            tokens += [key] * self.block_tokens
         request = LLMRequest(
-            request_id=f"analysis-{self._count}",
-            path="/v1/completions",
-            token_ids=[0] * (len(keys) * self.block_size),
+            request_id=f"analysis-{request_id}", path="/v1/completions", token_ids=tokens
         )
         self._decision.keys = keys
         result = self._loop.run_until_complete(self.scheduler.schedule(request, endpoints))
+        self._open[request_id] = request
         return self._slot[result.endpoints[0].key]
+
+    def finished(self, request_id: int, engine: int) -> None:
+        """The request's response ended: plugins that track requests in flight learn it."""
+        request = self._open.pop(request_id, None)
+        if request is not None:
+            served = f"{self._addresses[engine]}:{PORT}"
+            self.scheduler.on_response_complete(request, ResponseStats(served=served))
 
     def close(self) -> None:
         if not self._loop.is_closed():
             self._loop.run_until_complete(self.scheduler.stop())
             self._loop.close()
-
-
-def make_scheduler(
-    config_path: str | None, n_engines: int, prefix_scores: PrefixScores
-) -> PickerAnalysisScheduler:
-    return PickerAnalysisScheduler(config_path, n_engines, prefix_scores)

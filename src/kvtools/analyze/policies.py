@@ -1,9 +1,11 @@
-"""Routing policies the simulation compares, and the picker's scorers (formulas of llm-d's
-EndpointPickerConfig scorers, /work/shared/reference/endpoint-picker.md section 4).
+"""Routing policies the simulation compares.
 
-A policy sees the cluster as the picker would: per-engine waiting queue, running requests,
-KV usage and the requests it has in flight there; prefix policies add their own view of the
-caches (routing history, or the real ``MemoryIndex`` fed by the engines' events).
+Baselines (random, round-robin, least-loaded, the oracle) are plain rules. The two prefix
+policies are the picker itself (``kvtools.analyze.picker``) with the EndpointPickerConfig of
+``kvtools.analyze.config``: approximate-prefix with the picker's ``prefix-cache-scorer``
+(learns from its own routing, never of evictions), precise-prefix with the
+``precise-prefix-cache-scorer`` over the real ``MemoryIndex`` fed by the simulated engines'
+store/evict events.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from kvindex.index import MemoryIndex, Remove, Store, StoredBlock, Tier
 from kvindex.ingest import EventApplier, IngestConfig
 from kvindex.keys import ContentKey
 from kvindex.wire import decode_batch
-from kvtools.analyze.config import ProfileWeights
+from kvtools.analyze.config import PickerSetup, PrefixKind
 from kvtools.analyze.model import TraceRequest
-from kvtools.analyze.schedulers import ExternalScheduler, SchedulerFactory
+from kvtools.analyze.picker import PickerScheduler, PrefixScores
 
 __all__ = [
     "INGEST_MODES",
@@ -30,7 +32,6 @@ __all__ = [
     "Policy",
     "PolicyContext",
     "make_policy",
-    "score_engines",
 ]
 
 
@@ -42,7 +43,6 @@ class EngineView:
     waiting: int = 0
     running: int = 0
     kv_usage: float = 0.0
-    in_flight: int = 0  # routed by this picker and not finished
 
 
 class Policy(Protocol):
@@ -50,9 +50,15 @@ class Policy(Protocol):
     oracle: bool  # one unbounded cache shared by all engines (upper bound)
     wants_events: bool  # receives the engines' store/evict events
 
-    def choose(self, keys: Sequence[ContentKey], engines: Sequence[EngineView]) -> int: ...
+    def choose(
+        self, request: int, keys: Sequence[ContentKey], engines: Sequence[EngineView]
+    ) -> int:
+        """The engine for trace request ``request`` (its index in the trace)."""
+        ...
 
-    def routed(self, engine: int, keys: Sequence[ContentKey]) -> None: ...
+    def finished(self, request: int, engine: int) -> None:
+        """``request``'s response ended on ``engine``."""
+        ...
 
     def stored(
         self, now_ms: float, engine: int, request: TraceRequest, positions: Sequence[int]
@@ -61,44 +67,6 @@ class Policy(Protocol):
         ...
 
     def removed(self, now_ms: float, engine: int, keys: Sequence[ContentKey]) -> None: ...
-
-
-# -- scorers ---------------------------------------------------------------------------------
-
-
-def _min_max_low_is_good(values: Sequence[float]) -> list[float]:
-    """(max - v) / (max - min); all equal: 1 for everyone (queue/running scorers)."""
-    hi, lo = max(values), min(values)
-    if hi == lo:
-        return [1.0] * len(values)
-    return [(hi - v) / (hi - lo) for v in values]
-
-
-def score_engines(
-    weights: ProfileWeights, engines: Sequence[EngineView], prefix: Sequence[float]
-) -> list[float]:
-    """sum(weight * score) per engine; ``prefix[i]`` is matched / total prompt blocks."""
-    n = len(engines)
-    total = [weights.prefix * p for p in prefix] if weights.prefix else [0.0] * n
-    if weights.queue:
-        for i, s in enumerate(_min_max_low_is_good([e.waiting for e in engines])):
-            total[i] += weights.queue * s
-    if weights.kv_utilization:
-        for i, e in enumerate(engines):
-            total[i] += weights.kv_utilization * (1.0 - e.kv_usage)
-    if weights.running_requests:
-        for i, s in enumerate(_min_max_low_is_good([e.running for e in engines])):
-            total[i] += weights.running_requests * s
-    if weights.load_aware:
-        threshold = weights.load_aware_threshold
-        for i, e in enumerate(engines):
-            total[i] += weights.load_aware * max(0.0, 0.5 * (1.0 - e.waiting / threshold))
-    if weights.active_request:
-        most = max(e.in_flight for e in engines)
-        for i, e in enumerate(engines):
-            score = 1.0 if most == 0 else (most - e.in_flight) / most
-            total[i] += weights.active_request * score
-    return total
 
 
 def _pick_max(scores: Sequence[float], rng: random.Random) -> int:
@@ -120,7 +88,7 @@ class _Base:
         self.n = n_engines
         self.rng = rng
 
-    def routed(self, engine: int, keys: Sequence[ContentKey]) -> None:
+    def finished(self, request: int, engine: int) -> None:
         return None
 
     def stored(
@@ -135,7 +103,9 @@ class _Base:
 class RandomPolicy(_Base):
     name = "random"
 
-    def choose(self, keys: Sequence[ContentKey], engines: Sequence[EngineView]) -> int:
+    def choose(
+        self, request: int, keys: Sequence[ContentKey], engines: Sequence[EngineView]
+    ) -> int:
         return self.rng.randrange(self.n)
 
 
@@ -146,7 +116,9 @@ class RoundRobinPolicy(_Base):
         super().__init__(n_engines, rng)
         self._next = 0
 
-    def choose(self, keys: Sequence[ContentKey], engines: Sequence[EngineView]) -> int:
+    def choose(
+        self, request: int, keys: Sequence[ContentKey], engines: Sequence[EngineView]
+    ) -> int:
         engine = self._next
         self._next = (engine + 1) % self.n
         return engine
@@ -157,7 +129,9 @@ class LeastLoadedPolicy(_Base):
 
     name = "least-loaded"
 
-    def choose(self, keys: Sequence[ContentKey], engines: Sequence[EngineView]) -> int:
+    def choose(
+        self, request: int, keys: Sequence[ContentKey], engines: Sequence[EngineView]
+    ) -> int:
         return _pick_max([-(e.waiting + e.running) for e in engines], self.rng)
 
 
@@ -169,44 +143,40 @@ class OraclePolicy(LeastLoadedPolicy):
     oracle = True
 
 
-class ApproximatePrefixPolicy(_Base):
-    """History-based prefix scoring (gateways without KV events): remembers the blocks it sent
-    to each endpoint in a per-endpoint LRU of ``lruCapacityPerServer`` blocks, never learns
-    of evictions."""
+class _PickerPolicy(_Base):
+    """The picker's framework with ``setup``'s config for ``kind``'s prefix scorer."""
 
-    name = "approximate-prefix"
+    kind: PrefixKind = "approximate"
 
     def __init__(
-        self, n_engines: int, rng: random.Random, weights: ProfileWeights, block_tokens: int
+        self,
+        n_engines: int,
+        rng: random.Random,
+        setup: PickerSetup,
+        block_tokens: int,
+        prefix_scores: PrefixScores | None = None,
     ) -> None:
         super().__init__(n_engines, rng)
-        self.weights = weights
-        tokens = weights.lru_capacity_per_server * weights.block_size_tokens
-        self.capacity = max(1, tokens // block_tokens)
-        self._lru: list[dict[ContentKey, None]] = [{} for _ in range(n_engines)]
+        self.picker = PickerScheduler(
+            setup.load(self.kind, block_tokens), n_engines, block_tokens, rng, prefix_scores
+        )
 
-    def choose(self, keys: Sequence[ContentKey], engines: Sequence[EngineView]) -> int:
-        total = len(keys)
-        prefix = [0.0] * self.n
-        if total:
-            for i, lru in enumerate(self._lru):
-                matched = 0
-                for key in keys:
-                    if key not in lru:
-                        break
-                    matched += 1
-                prefix[i] = matched / total
-        return _pick_max(score_engines(self.weights, engines, prefix), self.rng)
+    def choose(
+        self, request: int, keys: Sequence[ContentKey], engines: Sequence[EngineView]
+    ) -> int:
+        return self.picker.choose(request, keys, engines)
 
-    def routed(self, engine: int, keys: Sequence[ContentKey]) -> None:
-        lru = self._lru[engine]
-        for key in keys:
-            lru.pop(key, None)
-            lru[key] = None
-        excess = len(lru) - self.capacity
-        if excess > 0:
-            for key in [k for _, k in zip(range(excess), lru, strict=False)]:
-                del lru[key]
+    def finished(self, request: int, engine: int) -> None:
+        self.picker.finished(request, engine)
+
+
+class ApproximatePrefixPolicy(_PickerPolicy):
+    """The picker with its approximate ``prefix-cache-scorer`` (gateways without KV events):
+    remembers the blocks it sent to each endpoint in a per-endpoint LRU, never learns of
+    evictions."""
+
+    name = "approximate-prefix"
+    kind = "approximate"
 
 
 def _runs(positions: Sequence[int]) -> list[tuple[int, int]]:
@@ -288,28 +258,25 @@ class WireEventSink:
 INGEST_MODES = ("wire", "ops")
 
 
-class PrecisePrefixPolicy(_Base):
-    """The real :class:`MemoryIndex`, fed by the simulated engines' store/evict events
-    (``wire``: encoded as vLLM sends them, decoded and ingested by ``EventApplier``;
-    ``ops``: ``Store``/``Remove`` ops straight into ``BlockIndex.apply``), scored with the
-    profile weights, or, given a ``scheduler_factory`` (``--scheduler picker``), by that
-    scheduler, which asks this index for the prefix fractions."""
+class PrecisePrefixPolicy(_PickerPolicy):
+    """The picker with its ``precise-prefix-cache-scorer``, whose backend is the real
+    :class:`MemoryIndex` fed by the simulated engines' store/evict events (``wire``: encoded
+    as vLLM sends them, decoded and ingested by ``EventApplier``; ``ops``: ``Store``/``Remove``
+    ops straight into ``BlockIndex.apply``)."""
 
     name = "precise-prefix"
+    kind = "precise"
     wants_events = True
 
     def __init__(
         self,
         n_engines: int,
         rng: random.Random,
-        weights: ProfileWeights,
+        setup: PickerSetup,
+        block_tokens: int,
         chain_block: int,
         ingest: str = "wire",
-        scheduler_factory: SchedulerFactory | None = None,
-        scheduler_config: str | None = None,
     ) -> None:
-        super().__init__(n_engines, rng)
-        self.weights = weights
         self.index = MemoryIndex()
         if ingest not in INGEST_MODES:
             raise ValueError(f"unknown ingest mode {ingest!r} (one of {', '.join(INGEST_MODES)})")
@@ -318,27 +285,16 @@ class PrecisePrefixPolicy(_Base):
         )
         self._names = [f"engine-{i}" for i in range(n_engines)]
         self._slot = {name: i for i, name in enumerate(self._names)}
-        self.scheduler: ExternalScheduler | None = None
-        if scheduler_factory is not None:
-            self.scheduler = scheduler_factory(scheduler_config, n_engines, self.prefix_scores)
+        super().__init__(n_engines, rng, setup, block_tokens, self.prefix_scores)
 
-    def _prefix(self, keys: Sequence[ContentKey]) -> list[float]:
+    def prefix_scores(self, keys: Sequence[ContentKey], engines: Sequence[int]) -> list[float]:
+        """The index's matched / total blocks for ``engines``."""
         prefix = [0.0] * self.n
         if keys:
             total = len(keys)
             for name, match in self.index.lookup(keys).items():
                 prefix[self._slot[name]] = match.blocks / total
-        return prefix
-
-    def prefix_scores(self, keys: Sequence[ContentKey], engines: Sequence[int]) -> list[float]:
-        """The index's matched / total blocks for ``engines`` (the external scheduler's view)."""
-        prefix = self._prefix(keys)
         return [prefix[i] for i in engines]
-
-    def choose(self, keys: Sequence[ContentKey], engines: Sequence[EngineView]) -> int:
-        if self.scheduler is not None:
-            return self.scheduler.choose(keys, engines)
-        return _pick_max(score_engines(self.weights, engines, self._prefix(keys)), self.rng)
 
     def stored(
         self, now_ms: float, engine: int, request: TraceRequest, positions: Sequence[int]
@@ -353,13 +309,10 @@ class PrecisePrefixPolicy(_Base):
 class PolicyContext:
     n_engines: int
     rng: random.Random
-    weights: ProfileWeights
-    block_tokens: int  # tokens per key (cost model, approximate LRU size)
+    picker: PickerSetup
+    block_tokens: int  # prompt tokens per key
     chain_block: int  # TraceRequest.tokens entries per key (wire events)
     ingest: str = "wire"
-    # Precise-prefix only: an external scheduler (entry point) and its config file.
-    scheduler_factory: SchedulerFactory | None = None
-    scheduler_config: str | None = None
 
 
 PolicyFactory = Callable[[PolicyContext], Policy]
@@ -369,16 +322,10 @@ _FACTORIES: dict[str, PolicyFactory] = {
     "round-robin": lambda c: RoundRobinPolicy(c.n_engines, c.rng),
     "least-loaded": lambda c: LeastLoadedPolicy(c.n_engines, c.rng),
     "approximate-prefix": lambda c: ApproximatePrefixPolicy(
-        c.n_engines, c.rng, c.weights, c.block_tokens
+        c.n_engines, c.rng, c.picker, c.block_tokens
     ),
     "precise-prefix": lambda c: PrecisePrefixPolicy(
-        c.n_engines,
-        c.rng,
-        c.weights,
-        c.chain_block,
-        c.ingest,
-        c.scheduler_factory,
-        c.scheduler_config,
+        c.n_engines, c.rng, c.picker, c.block_tokens, c.chain_block, c.ingest
     ),
     "oracle": lambda c: OraclePolicy(c.n_engines, c.rng),
 }

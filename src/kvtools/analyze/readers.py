@@ -15,13 +15,15 @@ import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from kvindex.keys import DEFAULT_BLOCK_SIZE, chain_keys, root_key
 from kvtools.analyze.model import Trace, TraceRequest
-from kvtools.analyze.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:
+    from kvindex.tokenize import Tokenizer
 
 __all__ = [
     "MOONCAKE_BLOCK_TOKENS",
@@ -193,7 +195,7 @@ def _timestamp_ms(value: Any) -> float | None:
     return None
 
 
-def _token_ids(row: dict[str, Any], tokenizer: TextTokenizer | None) -> tuple[str, list[int]]:
+def _token_ids(row: dict[str, Any], tokenizer: Tokenizer | None) -> tuple[str, list[int]]:
     """(field, tokens); raises ValueError naming the problem."""
     if "token_ids" in row:
         ids = row["token_ids"]
@@ -220,7 +222,7 @@ def _token_ids(row: dict[str, Any], tokenizer: TextTokenizer | None) -> tuple[st
 def read_request_log(
     path: Path,
     *,
-    tokenizer: TextTokenizer | None = None,
+    tokenizer: Tokenizer | None = None,
     block_tokens: int = DEFAULT_BLOCK_SIZE,
     limit: int | None = None,
     skip_bad_lines: bool = False,

@@ -51,7 +51,6 @@ CSV_COLUMNS = (
 
 
 def settings_dict(settings: SimSettings, block_tokens: int) -> dict[str, Any]:
-    weights = settings.weights
     return {
         "engines": settings.engines,
         "capacity_blocks": settings.capacity_for(block_tokens),
@@ -60,11 +59,11 @@ def settings_dict(settings: SimSettings, block_tokens: int) -> dict[str, Any]:
         "speed": settings.speed,
         "seed": settings.seed,
         "precise_ingest": settings.precise_ingest,
-        "scheduler": settings.scheduler,
-        "scheduler_config": settings.scheduler_config,
-        "weights": weights.as_dict(),
-        "lru_capacity_per_server": weights.lru_capacity_per_server,
-        "prefix_block_size_tokens": weights.block_size_tokens,
+        "picker_config": settings.picker.source,
+        "picker_profile": settings.picker.profile,
+        # The precise-prefix policy's profile; approximate-prefix's differs only in the
+        # prefix scorer's type.
+        "weights": settings.picker.scorer_weights("precise"),
     }
 
 

@@ -9,7 +9,7 @@ import multiprocessing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from kvtools.analyze.config import apply_weight_override, weight_name
+from kvtools.analyze.config import ConfigError, weight_name
 from kvtools.analyze.metrics import PolicyResult
 from kvtools.analyze.model import Trace
 from kvtools.analyze.simulation import SimSettings, simulate
@@ -39,9 +39,7 @@ class SweepSpec:
         if self.parameter == "capacity":
             return replace(settings, capacity_blocks=int(value))
         assert self.weight is not None
-        return replace(
-            settings, weights=apply_weight_override(settings.weights, self.weight, value)
-        )
+        return replace(settings, picker=settings.picker.with_weight(self.weight, value))
 
 
 def parse_sweep(text: str) -> SweepSpec:
@@ -60,7 +58,7 @@ def parse_sweep(text: str) -> SweepSpec:
             raise SweepError(f"--sweep {text!r}: weights sweeps name a scorer, e.g. prefix:1,3,5")
         try:
             weight = weight_name(weight_raw.strip())
-        except ValueError as e:
+        except ConfigError as e:
             raise SweepError(f"--sweep {text!r}: {e}") from e
     try:
         values = tuple(float(v) for v in raw.split(",") if v.strip())

@@ -25,7 +25,7 @@ from typing import Any
 
 from kvindex.keys import ContentKey
 from kvtools.analyze.cache import EngineKV
-from kvtools.analyze.config import ProfileWeights
+from kvtools.analyze.config import PickerSetup
 from kvtools.analyze.metrics import PolicyResult, summarise
 from kvtools.analyze.model import Trace
 from kvtools.analyze.policies import (
@@ -33,11 +33,6 @@ from kvtools.analyze.policies import (
     PolicyContext,
     PrecisePrefixPolicy,
     make_policy,
-)
-from kvtools.analyze.schedulers import (
-    BUILTIN_SCHEDULER,
-    SchedulerFactory,
-    load_scheduler_factory,
 )
 
 __all__ = ["CostModel", "SimSettings", "simulate"]
@@ -65,13 +60,10 @@ class SimSettings:
     event_delay_ms: float = 50.0
     speed: float = 1.0  # >1 compresses time (arrivals come faster)
     seed: int = 0
-    weights: ProfileWeights = field(default_factory=ProfileWeights)
+    # The EndpointPickerConfig the prefix policies schedule with (the picker's framework).
+    picker: PickerSetup = field(default_factory=PickerSetup)
     windows: int = 60  # buckets of the hit-rate-over-time series
     precise_ingest: str = "wire"  # "wire" (vLLM msgpack -> EventApplier) or "ops"
-    # Who chooses for precise-prefix: "builtin" (score_engines with ``weights``) or the name
-    # of a registered provider (schedulers.py), configured by ``scheduler_config``.
-    scheduler: str = BUILTIN_SCHEDULER
-    scheduler_config: str | None = None  # EndpointPickerConfig path (None: its defaults)
 
     def capacity_for(self, block_tokens: int) -> int:
         if self.capacity_blocks is not None:
@@ -112,19 +104,8 @@ def simulate(
         and any(len(r.tokens) != len(r.keys) * trace.chain_block for r in reqs)
     ):
         raise ValueError("wire ingest needs every request's tokens; use precise_ingest='ops'")
-    factory: SchedulerFactory | None = None
-    if policy_name == "precise-prefix" and settings.scheduler != BUILTIN_SCHEDULER:
-        # Resolved here, in the process that simulates (settings stay picklable for --jobs).
-        factory = load_scheduler_factory(settings.scheduler)
     context = PolicyContext(
-        settings.engines,
-        rng,
-        settings.weights,
-        bt,
-        trace.chain_block,
-        settings.precise_ingest,
-        factory,
-        settings.scheduler_config,
+        settings.engines, rng, settings.picker, bt, trace.chain_block, settings.precise_ingest
     )
     policy = make_policy(policy_name, context)
     capacity = settings.capacity_for(bt)
@@ -213,8 +194,7 @@ def simulate(
         now, _, kind, a, payload = heapq.heappop(heap)
         if kind == _ARRIVE:
             keys = reqs[a].keys
-            e = policy.choose(keys, views)
-            policy.routed(e, keys)
+            e = policy.choose(a, keys, views)
             eng = engines[e]
             engine_of[a] = e
             eng.requests += 1
@@ -228,7 +208,6 @@ def simulate(
                 shared.update(keys)
             eng.waiting.append(a)
             eng.view.waiting += 1
-            eng.view.in_flight += 1
             eng.max_waiting = max(eng.max_waiting, eng.view.waiting)
             try_start(now, e)
             arrived += 1
@@ -253,7 +232,7 @@ def simulate(
             eng = engines[e]
             finish[a] = now
             eng.view.running -= 1
-            eng.view.in_flight -= 1
+            policy.finished(a, e)
             if eng.kv is not None:
                 announce_removed(now, e, eng.kv.release(reqs[a].keys, out_blocks[a]))
                 eng.view.kv_usage = eng.kv.usage()

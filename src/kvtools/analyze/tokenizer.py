@@ -5,25 +5,17 @@ enough for prefix analysis: equal conversations give equal prefixes."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["JoinedChatTokenizer", "TextTokenizer", "join_messages", "load_tokenizer"]
+if TYPE_CHECKING:  # kvindex.tokenize (jinja2, aiohttp) loads only when a tokenizer is loaded
+    from kvindex.tokenize import Tokenizer
 
-
-class TextTokenizer(Protocol):
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
-
-    def apply_chat_template(
-        self,
-        messages: Sequence[dict[str, Any]],
-        add_generation_prompt: bool = True,
-        tools: Sequence[dict[str, Any]] | None = None,
-    ) -> list[int]: ...
+__all__ = ["JoinedChatTokenizer", "join_messages", "load_tokenizer"]
 
 
-def join_messages(messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+def join_messages(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
     """The fallback chat format: ``<|role|>\\ncontent\\n`` per message, then ``<|assistant|>\\n``
     when a generation prompt is asked for. Content given as a list of parts keeps its text
     parts. Good enough for prefix analysis: equal conversations give equal prefixes."""
@@ -33,7 +25,7 @@ def join_messages(messages: Sequence[dict[str, Any]], add_generation_prompt: boo
         content = message.get("content", "")
         if isinstance(content, list):
             content = "".join(
-                str(part.get("text", "")) for part in content if isinstance(part, dict)
+                str(part.get("text", "")) for part in content if isinstance(part, Mapping)
             )
         out.append(f"<|{role}|>\n{content}\n")
     if add_generation_prompt:
@@ -44,7 +36,7 @@ def join_messages(messages: Sequence[dict[str, Any]], add_generation_prompt: boo
 class JoinedChatTokenizer:
     """A tokenizer without a chat template, with :func:`join_messages` standing in for it."""
 
-    def __init__(self, inner: TextTokenizer) -> None:
+    def __init__(self, inner: Tokenizer) -> None:
         self._inner = inner
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -52,14 +44,14 @@ class JoinedChatTokenizer:
 
     def apply_chat_template(
         self,
-        messages: Sequence[dict[str, Any]],
+        messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
-        tools: Sequence[dict[str, Any]] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         return self._inner.encode(join_messages(messages, add_generation_prompt))
 
 
-def load_tokenizer(path: str | Path) -> TextTokenizer:
+def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer for ``--tokenizer SPEC`` (a tokenizer.json file, a model directory, or a
     model in the Hugging Face cache, as ``kvindex.tokenize`` loads them). Without a chat
     template, chat messages fall back to :func:`join_messages`."""

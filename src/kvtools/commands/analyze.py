@@ -21,12 +21,7 @@ from kvtools.analyze.capture_report import (
     write_capture_csv,
     write_capture_html,
 )
-from kvtools.analyze.config import (
-    ConfigError,
-    ProfileWeights,
-    apply_weight_override,
-    load_picker_config,
-)
+from kvtools.analyze.config import ConfigError, PickerSetup
 from kvtools.analyze.metrics import reuse_ceiling
 from kvtools.analyze.model import Trace
 from kvtools.analyze.policies import POLICY_NAMES
@@ -39,11 +34,6 @@ from kvtools.analyze.readers import (
 )
 from kvtools.analyze.report import build_document, print_tables, write_csv, write_html
 from kvtools.analyze.runner import SweepError, parse_sweep, run_sweep
-from kvtools.analyze.schedulers import (
-    BUILTIN_SCHEDULER,
-    SchedulerUnavailable,
-    load_scheduler_factory,
-)
 from kvtools.analyze.simulation import CostModel, SimSettings
 from kvtools.analyze.tokenizer import load_tokenizer
 from kvtools.analyze.traces import SHIPPED_TRACES, resolve_trace
@@ -51,6 +41,7 @@ from kvtools.analyze.traces import SHIPPED_TRACES, resolve_trace
 __all__ = ["register", "run"]
 
 EXIT_INPUT = 2
+PICKER_SCHEDULER = "picker"
 
 
 def register(subparsers: Any) -> None:
@@ -126,18 +117,24 @@ def register(subparsers: Any) -> None:
         "--config",
         type=Path,
         default=None,
-        help="EndpointPickerConfig YAML with the scorer weights",
+        help="EndpointPickerConfig YAML the prefix policies schedule with, through the "
+        "picker's own framework (default: the picker's defaults)",
     )
-    sim.add_argument("--profile", default=None, help="scheduling profile (default: first)")
+    sim.add_argument(
+        "--profile", default=None, help="scheduling profile --weights change (default: all)"
+    )
     sim.add_argument(
         "--scheduler",
-        default=BUILTIN_SCHEDULER,
-        help="who chooses for precise-prefix: builtin (the analysis' model of the scorers, "
-        "weights from --config/--weights) or a registered provider, e.g. picker (the "
-        "picker's own scheduling framework built from --config)",
+        default=PICKER_SCHEDULER,
+        choices=(PICKER_SCHEDULER,),
+        help="who chooses for the prefix policies: the picker's scheduling framework (the "
+        "only scheduler; kept for scripts that name it)",
     )
     sim.add_argument(
-        "--weights", default=None, help="override weights, e.g. prefix=3,queue=2,kv_utilization=2"
+        "--weights",
+        default=None,
+        help="override scorer weights in the config, e.g. prefix=3,queue=2,kv_utilization=2 "
+        "(0 removes a scorer)",
     )
     sim.add_argument(
         "--sweep", default=None, help="engines=4,8,16 | capacity=N,... | weights=prefix:1,3,5"
@@ -166,10 +163,11 @@ def _fail(console: Console, message: str) -> int:
     return EXIT_INPUT
 
 
-def _weights(args: argparse.Namespace) -> ProfileWeights:
-    weights = ProfileWeights()
+def _picker_setup(args: argparse.Namespace) -> PickerSetup:
     if args.config is not None:
-        weights = load_picker_config(args.config, args.profile)
+        setup = PickerSetup.from_file(args.config, args.profile)
+    else:
+        setup = PickerSetup(profile=args.profile)
     if args.weights:
         for item in args.weights.split(","):
             name, sep, value = item.partition("=")
@@ -179,26 +177,20 @@ def _weights(args: argparse.Namespace) -> ProfileWeights:
                 number = float(value)
             except ValueError as e:
                 raise ConfigError(f"--weights {item!r}: weight must be a number") from e
-            weights = apply_weight_override(weights, name.strip(), number)
-    return weights
+            setup = setup.with_weight(name.strip(), number)
+    setup.validate()
+    return setup
 
 
-def _check_scheduler(args: argparse.Namespace, weight_sweep: bool) -> None:
-    """Fail before simulating: the provider must load and accept the config."""
-    if args.weights or weight_sweep:
-        raise ConfigError(
-            f"--weights and --sweep weights=... change the builtin scheduler's weights only; "
-            f"with --scheduler {args.scheduler} put the weights in the --config file"
-        )
-    factory = load_scheduler_factory(args.scheduler)
-    config = None if args.config is None else str(args.config)
-    try:
-        probe = factory(config, args.engines, lambda keys, engines: [0.0] * len(engines))
-    except Exception as e:  # the provider's own config errors, reported as input errors
-        raise ConfigError(f"--scheduler {args.scheduler}: {e}") from e
-    close = getattr(probe, "close", None)
-    if callable(close):
-        close()
+def _picker_warnings(picker: PickerSetup, policies: list[str]) -> list[str]:
+    if not {"approximate-prefix", "precise-prefix"} & set(policies):
+        return []
+    if picker.scorer_weights("precise")["prefix"] == 0:
+        return [
+            f"{picker.source}: the profile has no prefix scorer: approximate-prefix and "
+            "precise-prefix route by the other scorers alone"
+        ]
+    return []
 
 
 def _read_trace(args: argparse.Namespace, path: Path, fmt: str) -> Trace:
@@ -278,16 +270,13 @@ def run(args: argparse.Namespace) -> int:
             return _fail(console, "--engines and --capacity must be at least 1")
         if args.speed <= 0:
             return _fail(console, "--speed must be > 0")
-        weights = _weights(args)
+        picker = _picker_setup(args)
         sweep = parse_sweep(args.sweep) if args.sweep else None
-        if args.scheduler != BUILTIN_SCHEDULER:
-            _check_scheduler(args, sweep is not None and sweep.parameter == "weights")
         trace = _read_trace(args, path, fmt)
     except (
         TraceError,
         ConfigError,
         SweepError,
-        SchedulerUnavailable,
         FileNotFoundError,
         RuntimeError,
     ) as e:
@@ -308,11 +297,9 @@ def run(args: argparse.Namespace) -> int:
         event_delay_ms=args.event_delay,
         speed=args.speed,
         seed=args.seed,
-        weights=weights,
+        picker=picker,
         windows=args.windows,
         precise_ingest=args.precise_ingest,
-        scheduler=args.scheduler,
-        scheduler_config=None if args.config is None else str(args.config),
     )
     n_points = 1 if sweep is None else len(sweep.values)
     jobs = args.jobs if args.jobs > 0 else (os.cpu_count() or 1)
@@ -323,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
         points = run_sweep(
             trace, policies, settings, sweep, jobs, lambda n: progress.advance(task, n)
         )
-    warnings = list(weights.warnings)
+    warnings = _picker_warnings(picker, policies)
     document = build_document(trace, points, sweep, reuse_ceiling(trace), warnings)
     if args.json:
         _write_json(document, args.json)

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import yaml
+
+from epp.plugins import DEFAULT_CONFIG_YAML
+from kvindex.keys import DEFAULT_BLOCK_SIZE
 
 __all__ = ["POLICIES", "Policy", "picker_config"]
 
@@ -29,40 +35,36 @@ POLICIES: dict[str, Policy] = {
     ),
 }
 
-_PRECISE = """\
-apiVersion: llm-d.ai/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-  - type: queue-scorer
-  - type: kv-cache-utilization-scorer
-  - type: precise-prefix-cache-scorer
-    parameters:
-      tokenProcessorConfig:
-        blockSizeTokens: 16
-        tokenizers:
-          {model}: {model_dir}
-      kvEventsConfig:
-        zmqEndpoint: {events}
-      speculativeIndexing: true
-      speculativeTTL: 2s
-  - type: max-score-picker
-schedulingProfiles:
-  - name: default
-    plugins:
-      - pluginRef: queue-scorer
-        weight: 2
-      - pluginRef: kv-cache-utilization-scorer
-        weight: 2
-      - pluginRef: precise-prefix-cache-scorer
-        weight: 3
-      - pluginRef: max-score-picker
-"""
+
+def _precise_document(model: str, model_dir: Path, events: str) -> dict[str, Any]:
+    """The picker's default config with the precise scorer in the approximate one's place,
+    tokenizing with the demo model and fed by the engines' events."""
+    doc: dict[str, Any] = yaml.safe_load(DEFAULT_CONFIG_YAML)
+    for plugin in doc["plugins"]:
+        if plugin["type"] == "prefix-cache-scorer":
+            plugin["type"] = "precise-prefix-cache-scorer"
+            plugin["parameters"] = {
+                "tokenProcessorConfig": {
+                    "blockSizeTokens": DEFAULT_BLOCK_SIZE,
+                    "tokenizers": {model: str(model_dir)},
+                },
+                "kvEventsConfig": {"zmqEndpoint": events},
+                "speculativeIndexing": True,
+                "speculativeTTL": "2s",
+            }
+    for profile in doc["schedulingProfiles"]:
+        for ref in profile["plugins"]:
+            if ref["pluginRef"] == "prefix-cache-scorer":
+                ref["pluginRef"] = "precise-prefix-cache-scorer"
+    return doc
 
 
 def picker_config(policy: str, *, model: str, model_dir: Path, events_endpoint: str) -> str:
-    """The EndpointPickerConfig of a picker policy ("" = the picker's built-in default)."""
+    """The EndpointPickerConfig of a picker policy: the picker's own default config
+    (approximate), or the same with the precise scorer."""
     if policy == "approximate":
-        return ""
+        return DEFAULT_CONFIG_YAML
     if policy == "precise":
-        return _PRECISE.format(model=model, model_dir=model_dir, events=events_endpoint)
+        doc = _precise_document(model, model_dir, events_endpoint)
+        return yaml.safe_dump(doc, sort_keys=False)
     raise ValueError(f"policy {policy!r} runs no picker")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvtools.sim.tokenizer import SimTokenizer
+if TYPE_CHECKING:
+    from kvindex.tokenize import Tokenizer
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -71,7 +72,7 @@ def _is_token_list(value: object) -> bool:
     )
 
 
-def completion_prompt_tokens(body: Mapping[str, Any], tokenizer: SimTokenizer) -> list[int]:
+def completion_prompt_tokens(body: Mapping[str, Any], tokenizer: Tokenizer) -> list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and not _is_token_list(prompt):
         prompt = prompt[0]  # a batch of one
@@ -87,7 +88,7 @@ def completion_prompt_tokens(body: Mapping[str, Any], tokenizer: SimTokenizer) -
     )
 
 
-def chat_prompt_tokens(body: Mapping[str, Any], tokenizer: SimTokenizer) -> list[int]:
+def chat_prompt_tokens(body: Mapping[str, Any], tokenizer: Tokenizer) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list", "bad_messages", "messages")
@@ -109,7 +110,7 @@ def parse_generation(
     chat: bool,
     base_model: str,
     loras: Mapping[str, str],
-    tokenizer: SimTokenizer,
+    tokenizer: Tokenizer,
 ) -> ParsedRequest:
     body = _require_mapping(body_obj)
     lora = resolve_model(body, base_model, loras)
@@ -144,7 +145,7 @@ def parse_generation(
 
 
 def parse_tokenize(
-    body_obj: object, base_model: str, loras: Mapping[str, str], tokenizer: SimTokenizer
+    body_obj: object, base_model: str, loras: Mapping[str, str], tokenizer: Tokenizer
 ) -> list[int]:
     body = _require_mapping(body_obj)
     resolve_model(body, base_model, loras)

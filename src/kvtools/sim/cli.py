@@ -9,15 +9,20 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import zmq
 
+from kvindex.engines import DEFAULT_KV_EVENTS_ENDPOINT
 from kvindex.vllm_hash import HASH_ALGOS, check_algo, default_seed
 from kvtools.sim.engine import EngineConfig, SlidingWindowGroup
 from kvtools.sim.http import KVEventsOptions, ServerConfig, SimServer
 from kvtools.sim.publisher import offset_endpoint_port, should_bind
 from kvtools.sim.timing import TimingModel
-from kvtools.sim.tokenizer import SimTokenizer, load_tokenizer
+from kvtools.sim.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from kvindex.tokenize import Tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-loras", type=int, default=4)
     a(
         "--kv-events-endpoint",
-        default="tcp://*:5557",
+        default=DEFAULT_KV_EVENTS_ENDPOINT,
         help="PUB endpoint ('none' disables); binding endpoints get +i*dp-size per engine",
     )
     a("--kv-replay-endpoint", default=None, help="ROUTER replay endpoint (always binds)")
@@ -130,7 +135,7 @@ def apply_kv_events_config(args: argparse.Namespace) -> None:
     for key in ("endpoint", "replay_endpoint", "topic"):
         if key in cfg and cfg[key] is not None and not isinstance(cfg[key], str):
             raise ValueError(f"--kv-events-config {key} must be a string")
-    args.kv_events_endpoint = cfg.get("endpoint", "tcp://*:5557") if enabled else "none"
+    args.kv_events_endpoint = cfg.get("endpoint", DEFAULT_KV_EVENTS_ENDPOINT) if enabled else "none"
     args.kv_replay_endpoint = cfg.get("replay_endpoint", args.kv_replay_endpoint)
     if "topic" in cfg:  # vLLM's default topic is "", which we keep if asked for explicitly
         args.kv_topic = cfg["topic"]
@@ -206,7 +211,7 @@ def server_configs(args: argparse.Namespace) -> list[tuple[ServerConfig, int]]:
 
 
 async def start_servers(
-    configs: Sequence[tuple[ServerConfig, int]], tokenizer: SimTokenizer, host: str = "127.0.0.1"
+    configs: Sequence[tuple[ServerConfig, int]], tokenizer: Tokenizer, host: str = "127.0.0.1"
 ) -> list[SimServer]:
     """Start one SimServer per (config, port); on failure stop the ones already started."""
     servers: list[SimServer] = []

