@@ -2,12 +2,12 @@
 
 The Datastore holds one `Endpoint` per `ip:port`. Each source replaces its own set; an
 endpoint that stays keeps its object, so the metrics scraped for it survive an update. The
-InferencePool source lives in `epp.discovery`.
+InferencePool source lives in `epp.discovery`. The `ip:port` parser and the file watch are
+the index's (`kvindex.hostport`, `kvindex.filewatch`): one discovery stack for both.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -19,6 +19,9 @@ import yaml
 
 from epp.metrics import EppMetrics
 from epp.types import Endpoint, Role
+from kvindex.filewatch import WatchedFile, poll_every
+from kvindex.hostport import HostPortError
+from kvindex.hostport import split_host_port as _split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +59,12 @@ def make_endpoint(
 
 
 def split_host_port(text: str) -> tuple[str, int]:
-    """`ip:port` or `[v6]:port` -> (address, port)."""
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-    else:
-        host, sep, port_text = text.rpartition(":")
-    if not sep or not host:
-        raise EndpointSpecError(f"endpoint {text!r} must be ip:port (or [ipv6]:port)")
+    """`ip:port` or `[v6]:port` -> (address, port) (`kvindex.hostport`, raising
+    EndpointSpecError)."""
     try:
-        port = int(port_text)
-    except ValueError:
-        raise EndpointSpecError(f"endpoint {text!r} has a non-numeric port") from None
-    if not 0 < port < 65536:
-        raise EndpointSpecError(f"endpoint {text!r}: port must be 1..65535")
-    return host, port
+        return _split_host_port(text)
+    except HostPortError as exc:
+        raise EndpointSpecError(str(exc)) from None
 
 
 def parse_static(spec: str) -> list[Endpoint]:
@@ -178,8 +172,9 @@ class Datastore:
 
 
 class EndpointsFileSource:
-    """Watches an endpoints file by polling its mtime and size. An invalid file keeps the last
-    good set; the error is logged and counted (`endpoint_source_errors_total{source=file}`)."""
+    """Watches an endpoints file by polling its mtime and size (`kvindex.filewatch`, on the
+    event loop). An invalid file keeps the last good set; the error is logged and counted
+    (`endpoint_source_errors_total{source=file}`)."""
 
     SOURCE = "file"
 
@@ -194,47 +189,40 @@ class EndpointsFileSource:
         self.datastore = datastore
         self.metrics = metrics
         self.interval_s = interval_s
-        self._seen: tuple[int, int] | None = None
-        self.last_error: str | None = None
-        self.loads = 0
+        self.file = WatchedFile(self.path, self._parse)
+        self._logged: str | None = None
+
+    @property
+    def last_error(self) -> str | None:
+        return self.file.last_error
+
+    @property
+    def loads(self) -> int:
+        return self.file.loads
+
+    def _parse(self, text: str) -> list[Endpoint]:
+        try:
+            return parse_endpoints_document(text)
+        except EndpointSpecError as exc:
+            raise EndpointSpecError(f"{self.path}: {exc}") from None
 
     def poll(self) -> bool:
         """Reload if the file changed; True when a new set was applied."""
-        try:
-            stat = self.path.stat()
-        except OSError as exc:
-            return self._fail(f"cannot read {self.path}: {exc.strerror}", None)
-        signature = (stat.st_mtime_ns, stat.st_size)
-        if signature == self._seen:
-            return False
-        try:
-            text = self.path.read_text(encoding="utf-8")
-            endpoints = parse_endpoints_document(text)
-        except (OSError, UnicodeDecodeError) as exc:
-            return self._fail(f"cannot read {self.path}: {exc}", signature)
-        except EndpointSpecError as exc:
-            return self._fail(f"{self.path}: {exc}", signature)
-        self._seen = signature
-        self.last_error = None
-        self.loads += 1
+        return self.file.poll(self._loaded, self._failed)
+
+    def _loaded(self, endpoints: list[Endpoint]) -> None:
+        self._logged = None
         self.datastore.replace(self.SOURCE, endpoints)
         log.info("endpoints file %s: %d endpoints", self.path, len(endpoints))
-        return True
 
-    def _fail(self, message: str, signature: tuple[int, int] | None) -> bool:
-        if signature == self._seen and message == self.last_error:
-            return False  # the same failure as last poll: reported already
-        self._seen = signature
-        if message != self.last_error:
+    def _failed(self, message: str) -> None:
+        if message != self._logged:
             log.error("keeping the last good endpoints: %s", message)
-        self.last_error = message
+        self._logged = message
         self.metrics.endpoint_source_errors.labels(source=self.SOURCE).inc()
-        return False
 
     async def run(self) -> None:
-        while True:
-            self.poll()
-            await asyncio.sleep(self.interval_s)
+        await poll_every(self.poll, self.interval_s)
 
 
 def dump_endpoints(endpoints: Iterable[Endpoint]) -> str:

@@ -4,13 +4,16 @@ Sources (all behind :class:`EngineDiscovery`): a static list, a watched engines 
 (:class:`FileDiscovery`, polled by mtime) and Kubernetes pods
 (:mod:`kvindex.discovery_k8s`). :class:`DiscoveryHub` merges the sources and hands the union
 to a callback (the ingest service connects to new engines and purges those that left).
+
+The mechanics are shared with the picker (``epp``): ``ip:port`` parsing in
+:mod:`kvindex.hostport`, the file watch in :mod:`kvindex.filewatch`, the pod list + watch in
+:mod:`kvindex.podwatch`. This module holds only what is particular to engines.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +24,8 @@ import msgspec
 import yaml
 
 from kvindex.errors import KVIndexError
+from kvindex.filewatch import PollingThread, WatchedFile
+from kvindex.hostport import HostPortError, split_host_port
 
 __all__ = [
     "DiscoveryHub",
@@ -33,6 +38,7 @@ __all__ = [
     "offset_endpoint",
     "parse_engines_document",
     "parse_engines_file",
+    "parse_engines_text",
 ]
 
 log = logging.getLogger("kvindex.discovery")
@@ -102,9 +108,10 @@ class EnginesFileError(KVIndexError, ValueError):
 
 
 def _check_entry(entry: EngineEntry, where: str) -> None:
-    host, sep, port = entry.endpoint.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise EnginesFileError(f"{where}: endpoint {entry.endpoint!r} is not ip:port")
+    try:
+        split_host_port(entry.endpoint)
+    except HostPortError as exc:
+        raise EnginesFileError(f"{where}: {exc}") from None
     if entry.dp_size < 1:
         raise EnginesFileError(f"{where}: dp_size must be >= 1")
     for name, url in (("zmq", entry.zmq), ("replay", entry.replay)):
@@ -132,13 +139,18 @@ def parse_engines_document(data: Any, origin: str = "<engines>") -> list[EngineE
     return entries
 
 
-def parse_engines_file(path: str | Path) -> list[EngineEntry]:
-    text = Path(path).read_text()
+def parse_engines_text(text: str, path: str | Path) -> list[EngineEntry]:
+    """The entries of an engines file's text (JSON when ``path`` ends in ``.json``, else
+    YAML); errors name ``path``."""
     try:
         data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise EnginesFileError(f"{path}: {exc}") from exc
     return parse_engines_document(data, str(path))
+
+
+def parse_engines_file(path: str | Path) -> list[EngineEntry]:
+    return parse_engines_text(Path(path).read_text(), path)
 
 
 class EngineDiscovery(Protocol):
@@ -173,61 +185,39 @@ class StaticDiscovery:
 
 
 class FileDiscovery:
-    """An engines file (YAML or JSON), re-read when its mtime or size changes. An invalid
-    file is logged and counted; the last good set stays."""
+    """An engines file (YAML or JSON), re-read when its mtime or size changes
+    (:class:`~kvindex.filewatch.WatchedFile` on a :class:`~kvindex.filewatch.PollingThread`).
+    An invalid or missing file is logged and counted; the last good set stays."""
 
     name = "file"
 
     def __init__(self, path: str | Path, interval_s: float = 1.0) -> None:
         self.path = Path(path)
         self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._stamp: tuple[int, int] | None = None
+        self.file = WatchedFile(self.path, lambda text: parse_engines_text(text, self.path))
+        self._thread: PollingThread | None = None
 
     def load_now(self) -> list[EngineEntry]:
         """Parse the file once (startup validation); raises EnginesFileError / OSError."""
-        entries = parse_engines_file(self.path)
-        st = os.stat(self.path)
-        self._stamp = (st.st_mtime_ns, st.st_size)
-        return entries
+        return parse_engines_file(self.path)
 
     def start(self, on_change: OnChange, on_error: OnError) -> None:
-        def poll_once() -> None:
-            try:
-                st = os.stat(self.path)
-            except OSError as exc:
-                if self._stamp is not None:
-                    on_error(f"{self.path}: {exc.strerror}")
-                    self._stamp = None
-                return
-            stamp = (st.st_mtime_ns, st.st_size)
-            if stamp == self._stamp:
-                return
-            self._stamp = stamp
-            try:
-                entries = parse_engines_file(self.path)
-            except (EnginesFileError, OSError, UnicodeDecodeError) as exc:
-                log.warning(
-                    "event=engines_file_invalid error=%r (keeping the last good set)", str(exc)
-                )
-                on_error(str(exc))
-                return
+        def loaded(entries: list[EngineEntry]) -> None:
             on_change(_by_endpoint(entries))
 
-        def run() -> None:
-            while not self._stop.is_set():
-                poll_once()
-                self._stop.wait(self.interval_s)
+        def failed(message: str) -> None:
+            log.warning("event=engines_file_invalid error=%r (keeping the last good set)", message)
+            on_error(message)
 
-        self._stamp = None
-        self._thread = threading.Thread(target=run, name="kvindex-engines-file", daemon=True)
+        self.file.reset()
+        self._thread = PollingThread(
+            "kvindex-engines-file", lambda: self.file.poll(loaded, failed), self.interval_s
+        )
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.stop(timeout=5)
 
 
 class DiscoveryHub:

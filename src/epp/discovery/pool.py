@@ -5,18 +5,20 @@ and is not being deleted; each of the pool's target ports on such a pod is its o
 `podIP:port` (how data-parallel ranks are exposed). Reads `inference.networking.k8s.io/v1`
 (`spec.selector.matchLabels`, `spec.targetPorts[].number`) and the older
 `inference.networking.x-k8s.io/v1alpha2` (`spec.selector` as a plain label map,
-`spec.targetPortNumber`)."""
+`spec.targetPortNumber`). The pod records and the events (`PodInfo`, `PodEvent`, `PodsListed`)
+are the shared pod watcher's (`kvindex.podwatch`); pool selection is this module's."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 from epp.endpoints import Datastore, EndpointSpecError, make_endpoint
 from epp.metrics import EppMetrics
 from epp.types import Endpoint
+from kvindex.podwatch import PodEvent, PodInfo, PodsListed, pod_is_serving
 
 log = logging.getLogger(__name__)
 
@@ -31,28 +33,6 @@ class PoolSpecError(ValueError):
 class PoolSpec:
     selector: Mapping[str, str]
     target_ports: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class PodInfo:
-    name: str
-    labels: Mapping[str, str] = field(default_factory=dict)
-    ip: str = ""
-    ready: bool = False
-    deleting: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class PodEvent:
-    kind: Literal["ADDED", "MODIFIED", "DELETED"]
-    pod: PodInfo
-
-
-@dataclass(frozen=True, slots=True)
-class PodsListed:
-    """A full (re-)list: replaces every pod known so far."""
-
-    pods: tuple[PodInfo, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +120,7 @@ class PoolReconciler:
         return self.synced_pool and self.synced_pods
 
     def _eligible(self, pod: PodInfo, spec: PoolSpec) -> bool:
-        if not pod.ready or pod.deleting or not pod.ip:
+        if not pod_is_serving(pod):
             return False
         return all(pod.labels.get(k) == v for k, v in spec.selector.items())
 
