@@ -9,9 +9,7 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import msgspec
 import pytest
 
 from kvindex.engines import parse_topic
@@ -22,6 +20,7 @@ from kvindex.wire import decode_batch
 from kvtools.analyze.capture import analyze_capture, default_capture_reader
 from kvtools.analyze.readers import detect_format
 from kvtools.cli import main
+from tests.events import RawEvent, encode_batch, removed, stored
 
 MODEL = "m"
 T = list(range(64))
@@ -37,25 +36,9 @@ class Frame:
     payload: bytes
 
 
-def stored(hashes: list[int], parent: int | None, tokens: list[int]) -> dict[str, Any]:
-    return {
-        "type": "BlockStored",
-        "block_hashes": hashes,
-        "parent_block_hash": parent,
-        "token_ids": tokens,
-        "block_size": 16,
-        "lora_id": None,
-        "medium": "GPU",
-        "lora_name": None,
-    }
-
-
-def removed(hashes: list[int]) -> dict[str, Any]:
-    return {"type": "BlockRemoved", "block_hashes": hashes, "medium": "GPU"}
-
-
-def payload(*events: dict[str, Any]) -> bytes:
-    return msgspec.msgpack.encode([0.0, list(events), None])
+def payload(*events: RawEvent) -> bytes:
+    """A captured batch: ts 0, every field its events carry written out."""
+    return encode_batch(events, ts=0.0, omit_defaults=False)
 
 
 FRAMES = [

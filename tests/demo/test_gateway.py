@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from kvtools.demo.gateway import DirectGateway
 from kvtools.demo.model import MODEL_NAME, write_model_dir
 from kvtools.demo.policies import picker_config
 from kvtools.demo.processes import Engine, ManagedProcess, start_picker, start_sim
+from tests.metrics import scrape, total
 from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,10 +39,7 @@ class Picker:
 
     def metric(self, name: str) -> float:
         """Sum of a metric's samples (all label sets) from the picker's /metrics."""
-        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
-            text = response.read().decode()
-        pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", re.M)
-        return sum(float(v) for v in pattern.findall(text))
+        return total(scrape(self.metrics_url), name)
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from epp.h2edge import frames as f
+from tests.metrics import sample
 from tests.polling import wait_until_async as wait_until
 
 PROCESS = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
@@ -60,11 +61,6 @@ async def picker() -> AsyncIterator[ExtProcHarness]:
     eps = endpoints(("10.0.0.1", 8000, 0), ("10.0.0.2", 8000, 1))
     async with ExtProcHarness(eps, LeastWaitingScheduler(), server="h2") as harness:
         yield harness
-
-
-def sample(picker: ExtProcHarness, name: str, **labels: str) -> float:
-    value = picker.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
 
 
 class Client:
@@ -155,7 +151,7 @@ async def test_decision_then_ok_trailers_over_h2(picker: ExtProcHarness) -> None
     await client.until(lambda: client.ended(sid))
     assert client.trailers(sid)["grpc-status"] == "0"
     await client.close()
-    await wait_until(lambda: sample(picker, "llm_d_epp_inflight_streams") == 0)
+    await wait_until(lambda: sample(picker.metrics, "llm_d_epp_inflight_streams") == 0)
 
 
 async def send_completion(client: Client, body: bytes, body_chunk: int) -> int:
@@ -248,7 +244,7 @@ async def test_bad_messages_end_their_stream_only(picker: ExtProcHarness) -> Non
     assert client.trailers(garbage)["grpc-status"] == "13"
     assert client.trailers(compressed)["grpc-status"] == "12"
     assert client.trailers(cut)["grpc-status"] == "13"
-    assert sample(picker, "llm_d_epp_skipped_total", what="extproc_bad_message") == 2
+    assert sample(picker.metrics, "llm_d_epp_skipped_total", what="extproc_bad_message") == 2
     sid = await decision_stream(client, pad_length=7)  # padded DATA too
     await client.until(lambda: len(decode_messages(bytes(client.data.get(sid, b"")))) >= 2)
     await client.close()
@@ -265,7 +261,7 @@ async def test_client_reset_releases_the_request(picker: ExtProcHarness) -> None
     await client.until(lambda: any(isinstance(e, h2.events.PingAckReceived) for e in client.events))
     await wait_until(lambda: len(picker.scheduler.completed) == 1)
     assert picker.scheduler.completed[0].status == 499
-    assert sample(picker, "llm_d_epp_inflight_streams") == 0
+    assert sample(picker.metrics, "llm_d_epp_inflight_streams") == 0
     await client.close()
 
 
@@ -348,7 +344,7 @@ async def test_protocol_errors_close_with_goaway_and_are_counted(
     assert int.from_bytes(goaway.payload[4:8], "big") == code
     assert await reader.read() == b""  # and the connection is closed
     writer.close()
-    assert sample(picker, "llm_d_epp_skipped_total", what="extproc_h2_protocol_error") == 1
+    assert sample(picker.metrics, "llm_d_epp_skipped_total", what="extproc_h2_protocol_error") == 1
     client = await Client.connect(picker.port)  # the server itself is fine
     sid = await decision_stream(client)
     await client.until(lambda: len(decode_messages(bytes(client.data.get(sid, b"")))) >= 2)
@@ -395,7 +391,7 @@ async def test_arbitrary_frames_never_break_the_server(
     )
     writer.close()
     await writer.wait_closed()
-    await wait_until(lambda: sample(picker, "llm_d_epp_inflight_streams") == 0)
+    await wait_until(lambda: sample(picker.metrics, "llm_d_epp_inflight_streams") == 0)
     client = await Client.connect(picker.port)
     sid = await decision_stream(client)
     await client.until(lambda: len(decode_messages(bytes(client.data.get(sid, b"")))) >= 2)

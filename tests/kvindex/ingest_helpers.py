@@ -1,25 +1,23 @@
-"""Shared helpers of the ingest tests: polling with deadlines, metric reads, free ports."""
+"""Shared helpers of the ingest tests: polling with deadlines, metric reads, probe batches."""
 
 from __future__ import annotations
 
-from vllm_publisher import VllmPublisher, stored
+from vllm_publisher import VllmPublisher
 
 from kvindex.index.base import BlockIndex
 from kvindex.keys import chain_keys, root_key
-from kvindex.metrics import KvindexMetrics
+from tests.events import stored
+from tests.metrics import sample
 from tests.polling import wait_until
 
 PROBE_HASH = 0xFFFF_FFFF_FFFF_FF00  # >= 2**63: exercises uint64 hashes too
 PROBE_TOKENS = list(range(1000, 1016))
 
 
-# The name the kvindex tests call it by.
+# The names the kvindex tests call them by. metric(metrics, name, **labels): one sample of a
+# KvindexMetrics registry, 0.0 when absent.
 wait_for = wait_until
-
-
-def metric(metrics: KvindexMetrics, name: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(name, labels or None)
-    return 0.0 if value is None else value
+metric = sample
 
 
 def keys_for(tokens: list[int], model: str = "m") -> list[int]:

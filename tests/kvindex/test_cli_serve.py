@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 from ingest_helpers import wait_for
-from vllm_publisher import VllmPublisher, stored
+from vllm_publisher import VllmPublisher
 
+from tests.events import stored
 from tests.ports import free_port
 
 KVINDEX = [sys.executable, "-m", "kvindex.cli"]

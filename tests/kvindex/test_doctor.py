@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from score_fixtures import Registry, deepseek, payload, store_prompt, stored_event
+from score_fixtures import BATCH_TS, Registry, deepseek, store_prompt, stored_event
 
 from kvindex import cli
 from kvindex.doctor import EngineEventStats, compare_tokens, diagnose, has_port
@@ -23,6 +23,7 @@ from kvindex.scoring import Scorer
 from kvindex.service.score_api import ScoreMetrics, ScoreService
 from kvindex.service.score_http import add_score_routes
 from kvindex.wire import decode_batch
+from tests.events import encode_batch
 
 MODEL = "deepseek-ai/DeepSeek-V3"
 TEXT = "The quarterly numbers show steady growth across every region. " * 20
@@ -49,7 +50,8 @@ def test_report_blocks_matches_and_warnings() -> None:
     store_prompt(index, "10.0.0.2", MODEL, tokens[:32], medium="CPU")  # topic without port
     applier = EventApplier(index)
     event, _ = stored_event(list(range(5000, 5024)), block_size=24)
-    skipped = applier.apply_batch("10.0.0.3:8000", decode_batch(payload(event)), MODEL).skipped
+    batch = decode_batch(encode_batch([event], ts=BATCH_TS, omit_defaults=False))
+    skipped = applier.apply_batch("10.0.0.3:8000", batch, MODEL).skipped
     events = [
         EngineEventStats("10.0.0.1:8000", MODEL, batches=3, events={"BlockStored": 2}, last_seq=2),
         EngineEventStats("10.0.0.3:8000", MODEL, batches=1, skipped=dict(skipped)),

@@ -27,6 +27,7 @@ from kvindex.service.grpc_server import (
 )
 from kvindex.service.score_api import ScoreMetrics, ScoreService
 from kvindex.speculative import SpeculativeIndex
+from tests.metrics import sample
 
 MODEL = "deepseek-ai/DeepSeek-V3"
 ADAPTER = "sql-lora"
@@ -73,8 +74,7 @@ async def served() -> AsyncIterator[Served]:
 
 
 def errors(registry: CollectorRegistry, api: str, reason: str) -> float:
-    value = registry.get_sample_value("kvindex_score_errors_total", {"api": api, "reason": reason})
-    return value or 0.0
+    return sample(registry, "kvindex_score_errors_total", api=api, reason=reason)
 
 
 async def test_score_tokens_prompt_and_chat(served: Served) -> None:

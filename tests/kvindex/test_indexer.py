@@ -9,7 +9,6 @@ import fakeredis
 import pytest
 from prometheus_client import CollectorRegistry
 from tokenizers import Tokenizer, models, pre_tokenizers
-from vllm_publisher import cleared, encode_batch, removed, stored
 
 import kvindex
 from kvindex import (
@@ -25,6 +24,7 @@ from kvindex import (
 from kvindex.index import LockedIndex, MemoryIndex
 from kvindex.service.redis_backend import RedisBackend
 from kvindex.service.score_api import ErrorKind
+from tests.events import cleared, encode_batch, removed, stored
 
 E1, E2 = "10.0.0.1:8000", "10.0.0.2:8000"
 TOKENS = list(range(100, 164))  # 4 blocks of 16

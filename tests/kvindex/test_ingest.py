@@ -1,39 +1,19 @@
 from __future__ import annotations
 
-from typing import Any
-
-import msgspec
-
 from kvindex.engines import EngineId, parse_topic
 from kvindex.index import MemoryIndex
 from kvindex.ingest import EventApplier, IngestConfig, SeqAction, SequenceTracker
 from kvindex.keys import BlockExtra, chain_keys, root_key
-from kvindex.wire import decode_batch
+from kvindex.wire import DecodedBatch, decode_batch
+from tests.events import RawEvent, encode_batch, stored
 
 MODEL = "m"
 T = list(range(64))
 
 
-def batch(*events: list[Any]) -> Any:
-    return decode_batch(msgspec.msgpack.encode([0.0, list(events), None]))
-
-
-def stored(
-    hashes: list[int], parent: int | None, tokens: list[int], size: int = 16, **kw: Any
-) -> list[Any]:
-    return [
-        "BlockStored",
-        hashes,
-        parent,
-        tokens,
-        size,
-        None,
-        kw.get("medium", "GPU"),
-        kw.get("lora"),
-        kw.get("extra"),
-        kw.get("group", 0),
-        kw.get("kind"),
-    ]
+def batch(*events: RawEvent) -> DecodedBatch:
+    """Array-encoded events through the real decoder, up to ``kv_cache_spec_kind``."""
+    return decode_batch(encode_batch(events, "array", ts=0.0, width=10))
 
 
 def prompt_keys(tokens: list[int], lora: str | None = None, salt: str | None = None) -> list[int]:
@@ -57,7 +37,7 @@ def test_store_chain_across_batches_and_remove() -> None:
 
 def test_engine_block_size_multiple_splits() -> None:
     index, applier = setup()
-    counts = applier.apply_batch("e:1", batch(stored([1], None, T, size=64)), MODEL)
+    counts = applier.apply_batch("e:1", batch(stored([1], None, T, block_size=64)), MODEL)
     assert counts.stored_blocks == 1
     assert index.lookup(prompt_keys(T))["e:1"].blocks == 4
     applier.apply_batch("e:1", batch(["BlockRemoved", [1]]), MODEL)
@@ -69,8 +49,8 @@ def test_skips_are_counted() -> None:
     counts = applier.apply_batch(
         "e:1",
         batch(
-            stored([1], None, T[:24], size=24),  # not a multiple of 16
-            stored([2], None, T[:16], kind="sliding_window", group=1),
+            stored([1], None, T[:24], block_size=24),  # not a multiple of 16
+            stored([2], None, T[:16], kv_cache_spec_kind="sliding_window", group_idx=1),
             stored([3], None, T[:20]),  # token count mismatch
             stored([4], None, T[:16], medium="NVME"),
         ),
@@ -94,26 +74,30 @@ def test_sliding_window_indexed_when_configured() -> None:
     applier = EventApplier(
         index, IngestConfig(indexed_kinds=frozenset({"full_attention", "sliding_window"}))
     )
-    applier.apply_batch("e:1", batch(stored([2], None, T[:16], kind="sliding_window")), MODEL)
+    applier.apply_batch(
+        "e:1", batch(stored([2], None, T[:16], kv_cache_spec_kind="sliding_window")), MODEL
+    )
     assert index.lookup(prompt_keys(T[:16]))["e:1"].blocks == 1
 
 
 def test_partial_block_after_full_ones() -> None:
     _index, applier = setup()
-    applier.apply_batch("e:1", batch(stored([1], None, T[:32], size=32)), MODEL)
-    counts = applier.apply_batch("e:1", batch(stored([2], 1, T[32:48], size=16)), MODEL)
+    applier.apply_batch("e:1", batch(stored([1], None, T[:32], block_size=32)), MODEL)
+    counts = applier.apply_batch("e:1", batch(stored([2], 1, T[32:48], block_size=16)), MODEL)
     assert counts.skipped == {"partial_block": 1}
 
 
 def test_lora_and_salt_meet_request_keys() -> None:
     index, applier = setup()
     extra = [["ad", "salt1"], ["ad"]]
-    applier.apply_batch("e:1", batch(stored([1, 2], None, T[:32], lora="ad", extra=extra)), MODEL)
+    applier.apply_batch(
+        "e:1", batch(stored([1, 2], None, T[:32], lora_name="ad", extra_keys=extra)), MODEL
+    )
     assert index.lookup(prompt_keys(T[:32], lora="ad", salt="salt1"))["e:1"].blocks == 2
     assert index.lookup(prompt_keys(T[:32], lora="ad")) == {}
     assert index.lookup(prompt_keys(T[:32], salt="salt1")) == {}
     # Salt alone (no LoRA) on the first block.
-    applier.apply_batch("f:1", batch(stored([5], None, T[:16], extra=[["s2"]])), MODEL)
+    applier.apply_batch("f:1", batch(stored([5], None, T[:16], extra_keys=[["s2"]])), MODEL)
     assert "f:1" in index.lookup(prompt_keys(T[:16], salt="s2"))
 
 

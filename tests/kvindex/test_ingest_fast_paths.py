@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 import pytest
 
 from kvindex import ingest as ingest_module
@@ -13,17 +12,15 @@ from kvindex import keys as keys_module
 from kvindex.index import MemoryIndex, Tier
 from kvindex.ingest import EventApplier
 from kvindex.keys import chain_keys, root_key
-from kvindex.wire import decode_batch
+from kvindex.wire import DecodedBatch, decode_batch
+from tests.events import RawEvent, encode_batch, stored
 
 T = list(range(32))
 
 
-def batch(*events: Any) -> Any:
-    return decode_batch(msgspec.msgpack.encode([0.0, list(events), None]))
-
-
-def stored(h: int, parent: int | None, medium: Any = "GPU", lora: str | None = None) -> Any:
-    return ["BlockStored", [h], parent, T[:16], 16, None, medium, lora]
+def batch(*events: RawEvent) -> DecodedBatch:
+    """Array-encoded events through the real decoder."""
+    return decode_batch(encode_batch(events, "array", ts=0.0))
 
 
 @pytest.mark.parametrize(
@@ -32,7 +29,9 @@ def stored(h: int, parent: int | None, medium: Any = "GPU", lora: str | None = N
 )
 def test_media_of_any_case_map_to_their_tier(medium: str | None, tier: Tier) -> None:
     index = MemoryIndex()
-    counts = EventApplier(index).apply_batch("e:1", batch(stored(1, None, medium)), "m")
+    counts = EventApplier(index).apply_batch(
+        "e:1", batch(stored([1], None, T[:16], medium=medium)), "m"
+    )
     assert counts.skipped == {} and counts.stored_blocks == 1
     match = index.lookup(chain_keys(root_key("m"), T[:16]))["e:1"]
     assert match.blocks == 1 and match.by_tier[tier] == 1
@@ -40,7 +39,7 @@ def test_media_of_any_case_map_to_their_tier(medium: str | None, tier: Tier) -> 
 
 def test_unknown_medium_skipped_and_counted_on_store_and_remove() -> None:
     counts = EventApplier(MemoryIndex()).apply_batch(
-        "e:1", batch(stored(1, None, "NVME"), ["BlockRemoved", [1], "tape"]), "m"
+        "e:1", batch(stored([1], None, T[:16], medium="NVME"), ["BlockRemoved", [1], "tape"]), "m"
     )
     assert counts.skipped == {"unknown_medium": 2}
     assert counts.events == {"BlockStored": 1, "BlockRemoved": 1}
@@ -49,7 +48,12 @@ def test_unknown_medium_skipped_and_counted_on_store_and_remove() -> None:
 def test_event_counts_by_type() -> None:
     counts = EventApplier(MemoryIndex()).apply_batch(
         "e:1",
-        batch(stored(1, None), stored(2, 1), ["BlockRemoved", [2]], ["AllBlocksCleared"]),
+        batch(
+            stored([1], None, T[:16]),
+            stored([2], 1, T[:16]),
+            ["BlockRemoved", [2]],
+            ["AllBlocksCleared"],
+        ),
         "m",
     )
     assert counts.events == {"BlockStored": 2, "BlockRemoved": 1, "AllBlocksCleared": 1}
@@ -62,7 +66,7 @@ def test_chain_roots_stay_right_past_the_cache_bound() -> None:
     models = [f"model-{i}" for i in range(ingest_module._MAX_CACHED_ROOTS + 10)]
     for i, model in enumerate(models):
         lora = "adapter" if i % 2 else None
-        applier.apply_batch(f"e:{i}", batch(stored(i, None, lora=lora)), model)
+        applier.apply_batch(f"e:{i}", batch(stored([i], None, T[:16], lora_name=lora)), model)
     assert len(applier._roots) <= ingest_module._MAX_CACHED_ROOTS
     for i, model in enumerate(models[-20:] + models[:5]):
         lora = "adapter" if models.index(model) % 2 else None
@@ -78,7 +82,7 @@ def test_keys_with_and_without_the_c_chain_keys_agree(
         monkeypatch.setattr(keys_module, "_native_chain_keys", None)
     index = MemoryIndex()
     applier = EventApplier(index)
-    applier.apply_batch("e:1", batch(stored(1, None), stored(2, 1)), "m")
+    applier.apply_batch("e:1", batch(stored([1], None, T[:16]), stored([2], 1, T[:16])), "m")
     keys = chain_keys(root_key("m"), T[:16])
     keys += chain_keys(keys[-1], T[:16])
     assert index.lookup(keys)["e:1"].blocks == 2
@@ -106,16 +110,16 @@ def test_pending_gauge_follows_held_events_batch_by_batch() -> None:
     topic = b"kv@10.0.0.1:8000@m"
 
     def send(seq: int, *events: Any) -> float | None:
-        payload = msgspec.msgpack.encode([float(seq + 1), list(events), None])
+        payload = encode_batch(events, "array", ts=float(seq + 1))
         service.handle(LiveMessage("test", Frame(topic, seq, payload), 0.0))
         return metrics.registry.get_sample_value(
             "kvindex_ingest_pending_events", {"engine": "10.0.0.1:8000"}
         )
 
-    assert send(0, stored(1, None)) == 0
-    assert send(1, stored(3, 2)) == 1  # parent 2 unknown: held
+    assert send(0, stored([1], None, T[:16])) == 0
+    assert send(1, stored([3], 2, T[:16])) == 1  # parent 2 unknown: held
     assert send(2, ["BlockRemoved", [99]]) == 1
-    assert send(3, stored(2, 1)) == 0  # 2 arrives: 3 resolves
-    assert send(4, stored(4, 3)) == 0
+    assert send(3, stored([2], 1, T[:16])) == 0  # 2 arrives: 3 resolves
+    assert send(4, stored([4], 3, T[:16])) == 0
     assert metrics.registry.get_sample_value("kvindex_ingest_batches_total") == 5
     service.subscriber.close()

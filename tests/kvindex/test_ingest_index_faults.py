@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ingest_helpers import wait_for
+from ingest_helpers import metric, wait_for
 from redis_servers import RedisServerProcess, unique_prefix
 
 from kvindex.discovery import EngineEntry
@@ -23,8 +23,9 @@ from kvindex.keys import chain_keys, root_key
 from kvindex.service.redis_backend import RedisBackend
 from kvindex.subscriber import LiveMessage, ReplayMessage
 from kvindex.wire import Frame
-from kvtools.sim.events import BlockStored, encode_batch
+from kvtools.sim.events import encode_batch
 from kvtools.sim.publisher import EventPublisher
+from tests.events import sim_stored
 
 ENGINE = "127.0.0.1:8001"
 TOPIC = f"kv@{ENGINE}@m".encode()
@@ -34,8 +35,7 @@ SOURCE = "tcp://127.0.0.1:5557"
 def payload(seq: int) -> bytes:
     """Batch ``seq`` stores one block of its own (tokens seq*16 ..), hash 100 + seq."""
     tokens = list(range(seq * 16, seq * 16 + 16))
-    event = BlockStored([100 + seq], None, tokens, 16, None, "GPU", None)
-    return encode_batch(time.time(), [event], None)
+    return encode_batch(time.time(), sim_stored(tokens, 100 + seq), None)
 
 
 def key(seq: int) -> int:
@@ -80,22 +80,20 @@ def held(service: IngestService, seq: int) -> bool:
     return ENGINE in service.index.lookup([key(seq)])
 
 
-def metric(service: IngestService, name: str, **labels: str) -> float:
-    value = service.metrics.registry.get_sample_value(name, labels or None)
-    return 0.0 if value is None else value
-
-
 def recover_when_healthy(service: IngestService) -> None:
     """Drive check_recovery until it starts the replay (the index backs off for a moment
     after its last failure)."""
     deadline = time.monotonic() + 10
     requested = metric(
-        service, "kvindex_ingest_replays_total", reason="index_reset", outcome="requested"
+        service.metrics, "kvindex_ingest_replays_total", reason="index_reset", outcome="requested"
     )
     while time.monotonic() < deadline:
         service.check_recovery(time.monotonic())
         now = metric(
-            service, "kvindex_ingest_replays_total", reason="index_reset", outcome="requested"
+            service.metrics,
+            "kvindex_ingest_replays_total",
+            reason="index_reset",
+            outcome="requested",
         )
         if now > requested:
             return
@@ -113,12 +111,17 @@ def test_an_outage_then_a_failure_during_the_recovery_replay(
     redis_server.stop()
     ingest.handle(live(3))  # refused: the engine recovers
     ingest.handle(live(4))  # deferred, not queued
-    assert metric(ingest, "kvindex_ingest_index_unavailable_total") == 1
-    assert metric(ingest, "kvindex_ingest_deferred_batches_total") == 1
+    assert metric(ingest.metrics, "kvindex_ingest_index_unavailable_total") == 1
+    assert metric(ingest.metrics, "kvindex_ingest_deferred_batches_total") == 1
     assert ingest.engine_activity()[0].recovering == "index_recovery"
     ingest.check_recovery(time.monotonic())  # still down: nothing requested
     assert (
-        metric(ingest, "kvindex_ingest_replays_total", reason="index_recovery", outcome="requested")
+        metric(
+            ingest.metrics,
+            "kvindex_ingest_replays_total",
+            reason="index_recovery",
+            outcome="requested",
+        )
         == 0
     )
 
@@ -131,7 +134,10 @@ def test_an_outage_then_a_failure_during_the_recovery_replay(
     redis_server.stop()  # dies again in the middle of the replay
     ingest.handle(replayed(2))  # refused: the replay is cancelled
     assert (
-        metric(ingest, "kvindex_ingest_replays_total", reason="index_reset", outcome="failed") == 1
+        metric(
+            ingest.metrics, "kvindex_ingest_replays_total", reason="index_reset", outcome="failed"
+        )
+        == 1
     )
     ingest.handle(replayed(3))  # a late answer of the cancelled replay: ignored
     ingest.handle(live(6))  # deferred
@@ -145,10 +151,15 @@ def test_an_outage_then_a_failure_during_the_recovery_replay(
     assert all(held(ingest, s) for s in range(8))
     assert ingest.engine_activity()[0].recovering is None
     assert (
-        metric(ingest, "kvindex_ingest_replays_total", reason="index_reset", outcome="succeeded")
+        metric(
+            ingest.metrics,
+            "kvindex_ingest_replays_total",
+            reason="index_reset",
+            outcome="succeeded",
+        )
         == 1
     )
-    assert metric(ingest, "kvindex_ingest_internal_errors_total") == 0
+    assert metric(ingest.metrics, "kvindex_ingest_internal_errors_total") == 0
 
 
 def test_a_hung_redis_that_resumes_with_its_data_gets_a_recovery_replay(
@@ -173,10 +184,10 @@ def test_a_hung_redis_that_resumes_with_its_data_gets_a_recovery_replay(
             service.check_recovery(time.monotonic())
         finally:
             redis_server.signal(signal.SIGCONT)
-        assert metric(service, "kvindex_ingest_index_unavailable_total") == 1
+        assert metric(service.metrics, "kvindex_ingest_index_unavailable_total") == 1
         labels = {"reason": "index_recovery", "outcome": "requested"}
         deadline = time.monotonic() + 10
-        while metric(service, "kvindex_ingest_replays_total", **labels) == 0:
+        while metric(service.metrics, "kvindex_ingest_replays_total", **labels) == 0:
             assert time.monotonic() < deadline, "no recovery replay"
             service.check_recovery(time.monotonic())
             time.sleep(0.01)
@@ -186,7 +197,7 @@ def test_a_hung_redis_that_resumes_with_its_data_gets_a_recovery_replay(
         assert held(service, 0) and held(service, 1)
         assert index.health().resets == 0
         done = {"reason": "index_recovery", "outcome": "succeeded"}
-        assert metric(service, "kvindex_ingest_replays_total", **done) == 1
+        assert metric(service.metrics, "kvindex_ingest_replays_total", **done) == 1
     finally:
         service.stop()
         index.close()
@@ -209,11 +220,10 @@ def test_an_engine_that_leaves_while_redis_is_down_is_purged_once_it_is_back(
     service.start()
     try:
         service.update_engines({ENGINE: EngineEntry(ENGINE, zmq=publisher.bound_endpoint)})
-        tokens = list(range(16))
-        event = BlockStored([100], None, tokens, 16, None, "GPU", None)
+        events = sim_stored(list(range(16)), 100)
 
         def indexed() -> bool:
-            publisher.publish([event])
+            publisher.publish(events)
             return index.engines() == [ENGINE]
 
         wait_for(indexed, what="the engine's block in Redis")
@@ -221,15 +231,15 @@ def test_an_engine_that_leaves_while_redis_is_down_is_purged_once_it_is_back(
         service.update_engines({})
         wait_for(
             lambda: (
-                metric(service, "kvindex_discovery_purges_total") == 1
-                and metric(service, "kvindex_ingest_index_unavailable_total") >= 1
+                metric(service.metrics, "kvindex_discovery_purges_total") == 1
+                and metric(service.metrics, "kvindex_ingest_index_unavailable_total") >= 1
             ),
             what="the purge refused while Redis is down",
         )
         server.start()  # AOF: the engine's block is back
         wait_for(lambda: index.engines() == [], what="the purge retried")
         assert index.health().resets == 0
-        assert metric(service, "kvindex_ingest_internal_errors_total") == 0
+        assert metric(service.metrics, "kvindex_ingest_internal_errors_total") == 0
     finally:
         service.stop()
         publisher.close()

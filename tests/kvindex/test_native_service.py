@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 from ingest_helpers import keys_for, probe, wait_for
-from vllm_publisher import VllmPublisher, removed, stored
+from vllm_publisher import VllmPublisher
 
 from kvindex.config import ServiceConfig
 from kvindex.index import PrefixMatch, make_index
 from kvindex.index.native import NATIVE_AVAILABLE, NativeIndex
 from kvindex.service.app import IndexService, index_config
+from tests.events import removed, stored
 
 pytestmark = pytest.mark.skipif(not NATIVE_AVAILABLE, reason="kvindex._native not built")
 

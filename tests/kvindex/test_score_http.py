@@ -20,6 +20,7 @@ from kvindex.scoring import Scorer, ScoringConfig
 from kvindex.service.score_api import ScoreMetrics, ScoreService, ScoreServiceConfig
 from kvindex.service.score_http import add_score_routes
 from kvindex.speculative import SpeculativeIndex
+from tests.metrics import sample
 
 MODEL = "deepseek-ai/DeepSeek-V3"
 ADAPTER = "sql-lora"
@@ -37,10 +38,7 @@ class Api:
         return response.status, await response.json()
 
     def errors(self, reason: str) -> float:
-        value = self.registry.get_sample_value(
-            "kvindex_score_errors_total", {"api": "http", "reason": reason}
-        )
-        return value or 0.0
+        return sample(self.registry, "kvindex_score_errors_total", api="http", reason=reason)
 
 
 async def start(service: ScoreService, index: MemoryIndex, **kw: Any) -> AsyncIterator[Api]:

@@ -23,10 +23,10 @@ from kvindex._proto.kvindex.v1 import kvindex_pb2, kvindex_pb2_grpc
 from kvindex.tokenize import Tokenizer, load_tokenizer
 from kvtools.demo.model import write_model_dir
 from kvtools.sim.engine import EngineConfig
-from kvtools.sim.events import BlockStored
 from kvtools.sim.http import KVEventsOptions, ServerConfig, SimServer
 from kvtools.sim.publisher import EventPublisher
 from kvtools.sim.tokenizer import load_tokenizer as load_sim_tokenizer
+from tests.events import sim_stored
 from tests.ports import free_port
 
 MODEL = "demo-model"
@@ -41,26 +41,6 @@ MESSAGES = [
     {"role": "system", "content": "You are a terse assistant that answers in one line."},
     {"role": "user", "content": "Explain KV-cache aware routing for LLM serving. " * 6},
 ]
-
-
-def stored(
-    tokens: list[int], first_hash: int, lora: str | None = None, salt: str | None = None
-) -> list[Any]:
-    """One engine storing the full blocks of ``tokens`` as one chain."""
-    n = len(tokens) // BS
-    extra = [(salt,)] + [None] * (n - 1) if salt is not None else None
-    return [
-        BlockStored(
-            block_hashes=list(range(first_hash, first_hash + n)),
-            parent_block_hash=None,
-            token_ids=tokens[: n * BS],
-            block_size=BS,
-            lora_id=1 if lora else None,
-            medium="GPU",
-            lora_name=lora,
-            extra_keys=extra,
-        )
-    ]
 
 
 @dataclass
@@ -145,8 +125,8 @@ def test_scores_by_token_ids_prompt_and_chat(cluster: Cluster) -> None:
     chat = {"model": MODEL, "messages": MESSAGES}
     prompt_ids, chat_ids = cluster.ids(prompt), cluster.ids(chat)
     assert len(prompt_ids) >= 4 * BS and len(chat_ids) >= 4 * BS
-    cluster.publish_until(cluster.a, stored(prompt_ids, 1_000), prompt)
-    cluster.publish_until(cluster.b, stored(chat_ids, 2_000), chat)
+    cluster.publish_until(cluster.a, sim_stored(prompt_ids, 1_000), prompt)
+    cluster.publish_until(cluster.b, sim_stored(chat_ids, 2_000), chat)
 
     by_prompt = cluster.server.score(prompt)
     by_tokens = cluster.server.score({"model": MODEL, "token_ids": prompt_ids})
@@ -164,8 +144,8 @@ def test_lora_and_cache_salt_key_separately(cluster: Cluster) -> None:
     salted_ids = cluster.ids({"model": MODEL, "prompt": "salted tenant prompt " * 20})
     lora_body = {"model": ADAPTER, "token_ids": lora_ids}
     salted_body = {"model": MODEL, "token_ids": salted_ids, "cache_salt": "tenant-1"}
-    cluster.publish_until(cluster.a, stored(lora_ids, 3_000, lora=ADAPTER), lora_body)
-    cluster.publish_until(cluster.b, stored(salted_ids, 4_000, salt="tenant-1"), salted_body)
+    cluster.publish_until(cluster.a, sim_stored(lora_ids, 3_000, lora=ADAPTER), lora_body)
+    cluster.publish_until(cluster.b, sim_stored(salted_ids, 4_000, salt="tenant-1"), salted_body)
 
     assert cluster.server.score(lora_body)[ENGINE_A] == len(lora_ids) // BS
     # The same ids under the base model or an explicit lora field.
@@ -181,7 +161,7 @@ def test_lora_and_cache_salt_key_separately(cluster: Cluster) -> None:
 def test_grpc_scores_match_http(cluster: Cluster) -> None:
     body = {"model": MODEL, "prompt": PROMPT}
     ids = cluster.ids(body)
-    cluster.publish_until(cluster.a, stored(ids, 1_000), body)
+    cluster.publish_until(cluster.a, sim_stored(ids, 1_000), body)
     http_scores = cluster.server.score(body)
     with grpc.insecure_channel(f"127.0.0.1:{cluster.server.grpc_port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -213,7 +193,7 @@ def test_grpc_scores_match_http(cluster: Cluster) -> None:
 
 def test_debug_shows_event_stats_and_doctor_prints_a_report(cluster: Cluster) -> None:
     body = {"model": MODEL, "prompt": PROMPT}
-    cluster.publish_until(cluster.a, stored(cluster.ids(body), 1_000), body)
+    cluster.publish_until(cluster.a, sim_stored(cluster.ids(body), 1_000), body)
     status, report = cluster.server.get(f"/v1/debug?model={MODEL}&prompt=hello%20world")
     assert status == 200, report
     events = {e["engine"]: e for e in report["events"]}
@@ -229,7 +209,7 @@ def test_debug_shows_event_stats_and_doctor_prints_a_report(cluster: Cluster) ->
     ids = cluster.ids(body)
 
     def no_port_seen() -> bool:
-        cluster.no_port.publish(stored(ids, 9_000))
+        cluster.no_port.publish(sim_stored(ids, 9_000))
         status, data = cluster.server.get(f"/v1/debug?model={MODEL}&prompt=x")
         return status == 200 and any(e["engine"] == NO_PORT for e in data["events"])
 
@@ -238,7 +218,7 @@ def test_debug_shows_event_stats_and_doctor_prints_a_report(cluster: Cluster) ->
     assert ("engine_without_port", NO_PORT) in {
         (w["code"], w["engine"]) for w in report["warnings"]
     }
-    assert cluster.server.metric("kvindex_ingest_topic_without_port_total", f'engine="{NO_PORT}"')
+    assert cluster.server.metric("kvindex_ingest_topic_without_port_total", engine=NO_PORT)
     done = subprocess.run(
         [
             *KVINDEX,
@@ -269,11 +249,11 @@ def test_bad_input_is_refused_and_counted(cluster: Cluster) -> None:
     status, data = server.post("/v1/score", {"model": MODEL})
     assert status == 400
     for reason in ("unknown_model", "bad_json", "prompt_too_long"):
-        assert server.metric("kvindex_score_errors_total", f'api="http",reason="{reason}"') >= 1
-    assert server.metric("kvindex_score_requests_total", 'api="http",method="score",outcome="ok"')
-    lookups = server.metric("kvindex_tokenizer_cache_hits_total", f'model="{MODEL}"')
-    lookups += server.metric("kvindex_tokenizer_cache_misses_total", f'model="{MODEL}"')
-    lookups += server.metric("kvindex_tokenizer_uncached_calls_total", f'model="{MODEL}"')
+        assert server.metric("kvindex_score_errors_total", api="http", reason=reason) >= 1
+    assert server.metric("kvindex_score_requests_total", api="http", method="score", outcome="ok")
+    lookups = server.metric("kvindex_tokenizer_cache_hits_total", model=MODEL)
+    lookups += server.metric("kvindex_tokenizer_cache_misses_total", model=MODEL)
+    lookups += server.metric("kvindex_tokenizer_uncached_calls_total", model=MODEL)
     assert lookups > 0  # the tokenizers' cache on the same registry
 
 

@@ -23,27 +23,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis_servers import RedisServerProcess, delete_prefix, shared_redis_url, unique_prefix
 from serve_process import ServeProcess, wait_for
 
-from kvtools.sim.events import BlockRemoved, BlockStored
+from kvtools.sim.events import BlockRemoved
 from kvtools.sim.publisher import EventPublisher
+from tests.events import sim_stored
 
 MODEL = "m"
 ENGINE = "127.0.0.1:8001"
 BS = 16
-
-
-def stored(tokens: list[int], first_hash: int) -> list[Any]:
-    n = len(tokens) // BS
-    return [
-        BlockStored(
-            block_hashes=list(range(first_hash, first_hash + n)),
-            parent_block_hash=None,
-            token_ids=tokens,
-            block_size=BS,
-            lora_id=None,
-            medium="GPU",
-            lora_name=None,
-        )
-    ]
 
 
 def prompt(seed: int, blocks: int = 4) -> list[int]:
@@ -55,7 +41,7 @@ def settle(server: ServeProcess, publisher: EventPublisher) -> None:
     assert publisher.flush()
     last = publisher.next_seq - 1
     wait_for(
-        lambda: server.metric("kvindex_ingest_last_seq", f'engine="{ENGINE}"') == last,
+        lambda: server.metric("kvindex_ingest_last_seq", engine=ENGINE) == last,
         what=f"batch {last} applied",
     )
 
@@ -65,7 +51,7 @@ def index_first_prompt(server: ServeProcess, publisher: EventPublisher) -> list[
     tokens = prompt(1)
 
     def landed() -> bool:
-        publisher.publish(stored(tokens, 100))
+        publisher.publish(sim_stored(tokens, 100))
         return server.score(body(tokens)).get(ENGINE) == 4
 
     wait_for(landed, what="blocks indexed in Redis")
@@ -124,7 +110,7 @@ def test_replicas_share_one_redis(tmp_path: Path, publisher: EventPublisher) -> 
         tokens = prompt(1)
 
         def both_hold_it() -> bool:
-            publisher.publish(stored(tokens, 100))
+            publisher.publish(sim_stored(tokens, 100))
             return all(s.score(body(tokens)).get(ENGINE) == 4 for s in servers)
 
         wait_for(both_hold_it, what="both replicas index the stream")
@@ -172,7 +158,7 @@ def test_redis_restart_mid_stream_is_recovered_by_replay(
         wait_for(lambda: grpc_status(server) == NOT_SERVING, what="gRPC health NOT_SERVING")
 
         during = prompt(2)
-        publisher.publish(stored(during, 200))  # refused by the index: replayed later
+        publisher.publish(sim_stored(during, 200))  # refused by the index: replayed later
         wait_for(
             lambda: server.metric("kvindex_ingest_index_unavailable_total") >= 1,
             what="the batch refused while Redis is down",
@@ -191,14 +177,14 @@ def test_redis_restart_mid_stream_is_recovered_by_replay(
         )
         assert server.metric("kvindex_index_resets_total") >= 1
         assert server.metric("kvindex_index_degraded") == 0.0
-        replayed = 'reason="index_reset",outcome="succeeded"'
+        replayed = {"reason": "index_reset", "outcome": "succeeded"}
         wait_for(
-            lambda: server.metric("kvindex_ingest_replays_total", replayed) >= 1,
+            lambda: server.metric("kvindex_ingest_replays_total", **replayed) >= 1,
             what="the full replay counted",
         )
 
         after = prompt(3)
-        publisher.publish(stored(after, 300))  # once: a live event after recovery lands
+        publisher.publish(sim_stored(after, 300))  # once: a live event after recovery lands
         wait_for(lambda: server.score(body(after)).get(ENGINE) == 4, what="a later event")
     finally:
         code = server.stop()
@@ -216,8 +202,8 @@ def test_without_a_replay_endpoint_the_outage_is_counted_as_lost(
         settle(server, publisher)
         private_redis.stop()
         wait_for(lambda: server.get("/readyz")[0] == 503, what="/readyz degraded")
-        publisher.publish(stored(prompt(2), 200))
-        publisher.publish(stored(prompt(3), 300))
+        publisher.publish(sim_stored(prompt(2), 200))
+        publisher.publish(sim_stored(prompt(3), 300))
         wait_for(
             lambda: (
                 server.metric("kvindex_ingest_index_unavailable_total") == 1
@@ -232,7 +218,7 @@ def test_without_a_replay_endpoint_the_outage_is_counted_as_lost(
             what="the refused and the deferred batch counted as lost",
         )
         after = prompt(4)
-        publisher.publish(stored(after, 400))
+        publisher.publish(sim_stored(after, 400))
         wait_for(lambda: server.score(body(after)).get(ENGINE) == 4, what="a later event")
         assert ENGINE not in server.score(body(before))  # lost with Redis's data
         assert "no replay endpoint" in server.logs()
@@ -253,7 +239,7 @@ def test_redis_losing_its_data_without_an_outage_triggers_a_full_replay(
         tokens = prompt(5)
 
         def landed() -> bool:
-            publisher.publish(stored(tokens, 500))
+            publisher.publish(sim_stored(tokens, 500))
             return server.score(body(tokens)).get(ENGINE) == 4
 
         wait_for(landed, what="blocks indexed in Redis")
@@ -266,9 +252,9 @@ def test_redis_losing_its_data_without_an_outage_triggers_a_full_replay(
             ),
             what="rebuilt by replay",
         )
-        replayed = 'reason="index_reset",outcome="succeeded"'
+        replayed = {"reason": "index_reset", "outcome": "succeeded"}
         wait_for(
-            lambda: server.metric("kvindex_ingest_replays_total", replayed) == 1,
+            lambda: server.metric("kvindex_ingest_replays_total", **replayed) == 1,
             what="one full replay",
         )
         assert server.metric("kvindex_ingest_index_unavailable_total") == 0

@@ -9,11 +9,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 from ingest_helpers import probe, wait_for
-from vllm_publisher import VllmPublisher, stored
+from vllm_publisher import VllmPublisher
 
 from kvindex.config import ConfigError, ServiceConfig, load_config, parse_size
 from kvindex.index import MemoryIndex
 from kvindex.service.app import IndexService
+from tests.events import stored
 
 
 class DegradableIndex(MemoryIndex):

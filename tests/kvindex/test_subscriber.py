@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import zmq
 from ingest_helpers import keys_for, metric, probe, wait_for
-from vllm_publisher import Ev, VllmPublisher, cleared, encode_batch, removed, stored
+from vllm_publisher import VllmPublisher
 
 from kvindex.index import MemoryIndex
 from kvindex.index.locked import LockedIndex
 from kvindex.ingest_service import IngestService, IngestServiceConfig
 from kvindex.metrics import KvindexMetrics
+from tests.events import Ev, cleared, encode_batch, frame, removed, stored
 from tests.ports import free_port
 
 T = list(range(64))
@@ -246,8 +247,8 @@ def test_garbage_frames_and_payloads_counted(bind: Harness) -> None:
     topic = pub.topic
     pub.send_raw([topic, b"\x00" * 8])  # two frames
     pub.send_raw([topic, b"\x01\x02\x03", b"x"])  # 3-byte seq
-    pub.send_raw([topic, (10**6).to_bytes(8, "big"), b"\xc1garbage"])  # undecodable
-    pub.send_raw([b"kv@", (1).to_bytes(8, "big"), b"\x93\x00\x90\xc0"])  # no engine in topic
+    pub.send_raw(frame(topic, 10**6, b"\xc1garbage"))  # undecodable
+    pub.send_raw(frame(b"kv@", 1, b"\x93\x00\x90\xc0"))  # no engine in topic
     pub.publish(Ev("SomethingNew", {"x": 1}), stored([5], None, T[:16]))
     wait_for(lambda: bind.index.resolve(ENGINE, 5) is not None, what="valid batch after garbage")
     assert bind.m("kvindex_ingest_malformed_frames_total", reason="frame_count") == 1
@@ -331,7 +332,7 @@ def test_bind_mode_over_ipc(harness_factory: type[Harness], tmp_path: Path) -> N
         def seen() -> bool:
             nonlocal seq
             payload = encode_batch([stored([9], None, T[:16])])
-            pub.send_multipart([b"kv@10.0.0.3:8000@m", seq.to_bytes(8, "big"), payload])
+            pub.send_multipart(frame(b"kv@10.0.0.3:8000@m", seq, payload))
             seq += 1
             return h.index.resolve("10.0.0.3:8000", 9) is not None
 

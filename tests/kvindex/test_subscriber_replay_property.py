@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ingest_helpers import metric, probe, wait_for
-from vllm_publisher import Ev, VllmPublisher, cleared, encode_batch, removed, stored
+from vllm_publisher import VllmPublisher
 
 from kvindex.index import MemoryIndex
 from kvindex.index.locked import LockedIndex
@@ -19,6 +19,7 @@ from kvindex.ingest import EventApplier
 from kvindex.ingest_service import IngestService, IngestServiceConfig
 from kvindex.metrics import KvindexMetrics
 from kvindex.wire import decode_batch
+from tests.events import Ev, cleared, encode_batch, removed, stored
 from tests.ports import free_port
 
 ENGINE = "127.0.0.1:8000"

@@ -7,7 +7,8 @@
   0 per publisher and restarts at 0 on :meth:`VllmPublisher.restart`.
 * Payload: msgpack ``[ts, events, data_parallel_rank]``. Events in the map encoding of 0.33
   (``{"type": ..., fields}``, defaulted fields omitted) or the older array encoding
-  (``["BlockStored", every field positional, trailing Nones included]``).
+  (``["BlockStored", every field positional, trailing Nones included]``); the events and
+  their encodings are tests/events.py's.
 * Replay: a ROUTER (always binds) on its own thread answers ``[b"", start8]`` with every
   buffered batch whose seq >= start as ``[b"", topic, seq8, payload]`` (``reply_form="new"``)
   or ``[b"", seq8, payload]`` (``"old"``), then the end marker: seq -1 as 8 signed big-endian
@@ -24,97 +25,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 import zmq
 
-END_SEQ = (-1).to_bytes(8, "big", signed=True)
+from tests.events import END_SEQ, Encoding, Ev, encode_batch, frame, seq8, stored
 
-# BlockStored fields in vLLM's declaration order, with their defaults (None: required).
-_STORED_REQUIRED = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id")
-_STORED_DEFAULTED = (
-    ("medium", None),
-    ("lora_name", None),
-    ("extra_keys", None),
-    ("group_idx", 0),
-    ("kv_cache_spec_kind", "full_attention"),
-    ("kv_cache_spec_sliding_window", None),
-    ("locality", None),
-    ("ownership", None),
-    ("session_id", None),
-    ("lookahead_token_ids", None),
-)
-_REMOVED_REQUIRED = ("block_hashes", "medium")
-_REMOVED_DEFAULTED = (("group_idx", 0), ("locality", None), ("ownership", None))
-
-
-@dataclass
-class Ev:
-    """One event, independent of encoding."""
-
-    type: str
-    fields: dict[str, Any]
-
-
-def stored(
-    hashes: list[Any],
-    parent: Any,
-    tokens: list[int],
-    block_size: int = 16,
-    **extra: Any,
-) -> Ev:
-    fields: dict[str, Any] = {
-        "block_hashes": hashes,
-        "parent_block_hash": parent,
-        "token_ids": tokens,
-        "block_size": block_size,
-        "lora_id": None,
-        "medium": "GPU",
-    }
-    fields.update(extra)
-    return Ev("BlockStored", fields)
-
-
-def removed(hashes: list[Any], medium: str | None = "GPU", **extra: Any) -> Ev:
-    return Ev("BlockRemoved", {"block_hashes": hashes, "medium": medium, **extra})
-
-
-def cleared() -> Ev:
-    return Ev("AllBlocksCleared", {})
-
-
-def encode_event(event: Ev, encoding: str) -> Any:
-    if event.type == "BlockStored":
-        required, defaulted = _STORED_REQUIRED, _STORED_DEFAULTED
-    elif event.type == "BlockRemoved":
-        required, defaulted = _REMOVED_REQUIRED, _REMOVED_DEFAULTED
-    elif event.type == "AllBlocksCleared":
-        required, defaulted = (), ()
-    else:  # an event type kvindex does not know: both encodings carry the tag first
-        if encoding == "map":
-            return {"type": event.type, **event.fields}
-        return [event.type, *event.fields.values()]
-    if encoding == "map":
-        out: dict[str, Any] = {"type": event.type}
-        for name in required:
-            out[name] = event.fields.get(name)
-        for name, default in defaulted:
-            value = event.fields.get(name, default)
-            if value != default:  # omit_defaults
-                out[name] = value
-        return out
-    # Array form (vLLM <= 0.25): every field positional; the older release had the first 7.
-    names = list(required) + [name for name, _ in defaulted[:2]]
-    return [event.type, *(event.fields.get(name) for name in names)]
-
-
-def encode_batch(
-    events: list[Ev], encoding: str = "map", dp_rank: int | None = None, ts: float | None = None
-) -> bytes:
-    body = [encode_event(e, encoding) for e in events]
-    return msgspec.msgpack.encode([time.time() if ts is None else ts, body, dp_rank])
+# `stored` is re-exported for the tests that still import it from here.
+__all__ = ["VllmPublisher", "binds", "stored"]
 
 
 def binds(endpoint: str) -> bool:
@@ -127,7 +45,7 @@ class VllmPublisher:
         endpoint: str,
         topic: str = "kv@127.0.0.1:8000@m",
         replay_endpoint: str | None = None,
-        encoding: str = "map",
+        encoding: Encoding = "map",
         reply_form: str = "new",
         buffer_steps: int = 10_000,
         dp_rank: int | None = None,
@@ -175,7 +93,7 @@ class VllmPublisher:
             self.seq += 1
             self._buffer.append((seq, payload))
         if not drop:
-            self.pub.send_multipart([self.topic, seq.to_bytes(8, "big"), payload])
+            self.pub.send_multipart(frame(self.topic, seq, payload))
             self.sent.append(seq)
         return seq
 
@@ -232,11 +150,10 @@ class VllmPublisher:
                 with self._lock:
                     batches = [(s, p) for s, p in self._buffer if s >= start]
                 for seq, payload in batches:
-                    seq8 = seq.to_bytes(8, "big")
                     if self.reply_form == "new":
-                        router.send_multipart([identity, b"", self.topic, seq8, payload])
+                        router.send_multipart([identity, b"", *frame(self.topic, seq, payload)])
                     else:
-                        router.send_multipart([identity, b"", seq8, payload])
+                        router.send_multipart([identity, b"", seq8(seq), payload])
                 if self.reply_form == "new":
                     router.send_multipart([identity, b"", b"", END_SEQ, b""])
                 else:

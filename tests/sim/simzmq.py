@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 import zmq
 
-END_SEQ = (-1).to_bytes(8, "big", signed=True)
+from tests.events import END_SEQ, seq8
 
 
 @dataclass
@@ -34,7 +34,7 @@ def replay_request(
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(endpoint)
     try:
-        dealer.send_multipart([b"", start.to_bytes(8, "big")])
+        dealer.send_multipart([b"", seq8(start)])
         out: list[Frames] = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -10,7 +10,6 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from simzmq import replay_request
 
 from kvindex.tokenize import Tokenizer
@@ -19,6 +18,7 @@ from kvtools.sim.engine import EngineConfig, SlidingWindowGroup
 from kvtools.sim.http import DP_RANK_HEADER, ENGINE_HEADER, KVEventsOptions, ServerConfig, SimServer
 from kvtools.sim.timing import TimingModel
 from kvtools.sim.tokenizer import ByteTokenizer, FileTokenizer
+from tests.metrics import metric_families
 
 FAST = TimingModel(0.0, 0.0, 0.0)
 LOOPBACK = "tcp://127.0.0.1:*"
@@ -194,9 +194,7 @@ async def test_metrics_parse_with_vllm_names(start: Start) -> None:
     server = await start(block_size=4, num_gpu_blocks=64, lora_adapters={"sql": "/a/sql"})
     await post(server, "/v1/completions", {"prompt": "a" * 20, "max_tokens": 1})
     await post(server, "/v1/completions", {"prompt": "a" * 20, "max_tokens": 1})
-    families = {
-        f.name: f for f in text_string_to_metric_families(await get_text(server, "/metrics"))
-    }
+    families = metric_families(await get_text(server, "/metrics"))
     for name in (
         "vllm:num_requests_waiting",
         "vllm:num_requests_running",
@@ -229,9 +227,7 @@ async def test_queueing_and_running_lora_metrics(start: Start) -> None:
     )
     deadline = asyncio.get_running_loop().time() + 10
     while True:
-        fams = {
-            f.name: f for f in text_string_to_metric_families(await get_text(server, "/metrics"))
-        }
+        fams = metric_families(await get_text(server, "/metrics"))
         running = fams["vllm:num_requests_running"].samples[0].value
         waiting = fams["vllm:num_requests_waiting"].samples[0].value
         if running == 1 and waiting == 1:
@@ -353,7 +349,7 @@ async def test_models_health_and_bad_requests(start: Start) -> None:
         assert got == status and message in err["error"]["message"], (body, err)
     got, err, _ = await post(server, "/v1/chat/completions", {"messages": []})
     assert got == 400 and "messages" in err["error"]["message"]
-    fams = {f.name: f for f in text_string_to_metric_families(await get_text(server, "/metrics"))}
+    fams = metric_families(await get_text(server, "/metrics"))
     by_reason = {
         s.labels["reason"]: s.value
         for s in fams["kvsim_bad_requests"].samples
@@ -399,7 +395,7 @@ async def test_cpu_offload_tier(start: Start) -> None:
     # Evicted from GPU, still on CPU: the prefix is served from the offload tier.
     _, out, _ = await post(server, "/v1/completions", first)
     assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 12
-    fams = {f.name: f for f in text_string_to_metric_families(await get_text(server, "/metrics"))}
+    fams = metric_families(await get_text(server, "/metrics"))
     assert fams["vllm:cache_config_info"].samples[0].labels["num_cpu_blocks"] == "16"
 
 
@@ -411,5 +407,5 @@ async def test_every_hash_algo_on_the_wire(start: Start, algo: str) -> None:
     (ev,) = flat_events(server)
     expected = request_block_hashes(prompt, 4, RequestExtras(), algo, "42")  # type: ignore[arg-type]
     assert ev["block_hashes"] == [wire_value(d) for d in expected]
-    fams = {f.name: f for f in text_string_to_metric_families(await get_text(server, "/metrics"))}
+    fams = metric_families(await get_text(server, "/metrics"))
     assert fams["vllm:cache_config_info"].samples[0].labels["prefix_caching_hash_algo"] == algo
