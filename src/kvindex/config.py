@@ -19,7 +19,7 @@ import msgspec
 import yaml
 
 from kvindex.discovery import EngineEntry
-from kvindex.engines import DEFAULT_KV_EVENTS_PORT
+from kvindex.engines import DEFAULT_KV_EVENTS_PORT, DEFAULT_MAX_ENGINES, MAX_ENGINES_LIMIT
 from kvindex.errors import ConfigError
 from kvindex.keys import DEFAULT_BLOCK_SIZE
 
@@ -60,6 +60,8 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     replay_endpoints: dict[str, str] = msgspec.field(default_factory=dict)
     replay_timeout_s: float = 2.0
     repair_interval_s: float = 30.0
+    # engines (topics) tracked at once; a new one beyond is refused and counted
+    max_engines: int = DEFAULT_MAX_ENGINES
     # discovery
     engines_file: str | None = None
     engines_file_interval_s: float = 1.0
@@ -243,6 +245,8 @@ def _validate(config: ServiceConfig) -> None:
         raise bad("block_size", "block-size", "must be a positive number of tokens")
     if config.dp_port_stride < 0:
         raise bad("dp_port_stride", "dp-port-stride", "must be >= 0")
+    if not 1 <= config.max_engines <= MAX_ENGINES_LIMIT:
+        raise bad("max_engines", "max-engines", f"must be in [1, {MAX_ENGINES_LIMIT}]")
     if not 0 <= config.http_port < 65536:
         raise bad("http_port", "http-port", f"{config.http_port} is not a port")
     if config.grpc_port is not None and not 0 <= config.grpc_port < 65536:

@@ -17,6 +17,9 @@ from kvindex.errors import KVIndexError
 __all__ = [
     "DEFAULT_KV_EVENTS_ENDPOINT",
     "DEFAULT_KV_EVENTS_PORT",
+    "DEFAULT_MAX_ENGINES",
+    "DEFAULT_MAX_TOPIC_BYTES",
+    "MAX_ENGINES_LIMIT",
     "EngineId",
     "TopicError",
     "parse_topic",
@@ -26,6 +29,14 @@ __all__ = [
 # port; llm-d's ``zmqEndpoint`` and ``podDiscoveryConfig.socketPort`` default to them too.
 DEFAULT_KV_EVENTS_PORT = 5557
 DEFAULT_KV_EVENTS_ENDPOINT = f"tcp://*:{DEFAULT_KV_EVENTS_PORT}"
+# Engines (topic endpoints) tracked at once. Every engine costs a stream, an activity record
+# and metric label values, so an invented topic per frame must not grow them without end.
+DEFAULT_MAX_ENGINES = 4096
+# The most any index can hold: the C index's engine slots (native.h MAX_SLOTS; a test checks).
+MAX_ENGINES_LIMIT = 65_536
+# llm-d's topics are kv@<ip>:<port>@<model>; a longer one is refused before it is parsed,
+# logged or kept anywhere.
+DEFAULT_MAX_TOPIC_BYTES = 1024
 
 
 class TopicError(KVIndexError, ValueError):

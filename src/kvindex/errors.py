@@ -12,7 +12,7 @@ index raises :class:`kvindex.index.redis.IndexUnavailable`, the read path
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "KVIndexError"]
+__all__ = ["ConfigError", "EngineLimitError", "KVIndexError"]
 
 
 class KVIndexError(Exception):
@@ -21,3 +21,9 @@ class KVIndexError(Exception):
 
 class ConfigError(KVIndexError, ValueError):
     """A configuration that cannot be used; the message says where and how to fix it."""
+
+
+class EngineLimitError(KVIndexError, OverflowError):
+    """An index asked to hold more engines than it has slots for (the C index's 65,536;
+    ``kvindex.engines.MAX_ENGINES_LIMIT``). Purged engines free their slots; the ingest's
+    ``max_engines`` keeps a service below the limit."""

@@ -40,11 +40,18 @@ import math
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kvindex.discovery import EngineEntry, RankSource, rank_sources
-from kvindex.engines import EngineId, TopicError, parse_topic
+from kvindex.engines import (
+    DEFAULT_MAX_ENGINES,
+    DEFAULT_MAX_TOPIC_BYTES,
+    EngineId,
+    TopicError,
+    parse_topic,
+)
 from kvindex.index.base import BlockIndex, Clear
 from kvindex.index.redis import IndexUnavailable
 from kvindex.ingest import EventApplier, IngestConfig, SeqAction, SequenceTracker
@@ -80,6 +87,8 @@ class IngestServiceConfig:
     replay_timeout_s: float = 2.0  # without any reply for this long, a replay has failed
     repair_interval_s: float = 30.0  # at most one unknown-parent replay per engine per this
     max_buffered_batches: int = 10_000  # live batches held while a replay runs
+    max_engines: int = DEFAULT_MAX_ENGINES  # engines tracked at once (a new one beyond: dropped)
+    max_topic_bytes: int = DEFAULT_MAX_TOPIC_BYTES  # longer topics are dropped unparsed
     poll_interval_ms: int = 20
     health_check_interval_s: float = 0.2  # probe of a failed index while engines wait
 
@@ -160,6 +169,9 @@ class IngestService:
         self.tracker = SequenceTracker()
         self.subscriber = subscriber or ZmqSubscriber(config.topic_filter)
         self._streams: dict[str, _Stream] = {}
+        # Streams of engines no discovery names, least recently active first: the ones given
+        # up to make room under max_engines (discovered engines never are).
+        self._undiscovered: OrderedDict[str, None] = OrderedDict()
         self._replaying: set[str] = set()
         self._ranks: dict[str, RankSource] = {}  # discovered: rank endpoint -> sockets
         self._source_identity: dict[str, RankSource] = {}  # connect endpoint -> rank
@@ -305,6 +317,18 @@ class IngestService:
 
     def _stream_for(self, message: LiveMessage, rank: int | None) -> _Stream | None:
         topic = message.frame.topic
+        if len(topic) > self.config.max_topic_bytes:
+            # Never parsed, cached, logged or used as a label: one counter, one warning.
+            self.metrics.malformed_frames.labels("topic_too_long").inc()
+            self._warn_once(
+                "topic_too_long",
+                "event=topic_too_long source=%s bytes=%d limit=%d (batches dropped; "
+                "counted in kvindex_ingest_malformed_frames{reason=topic_too_long})",
+                message.source,
+                len(topic),
+                self.config.max_topic_bytes,
+            )
+            return None
         identity = self._source_identity.get(message.source)
         topic_model: str | None = None
         engine = None
@@ -326,6 +350,8 @@ class IngestService:
                 )
                 return None
             key = engine.endpoint(rank, self.config.dp_port_stride)
+            if key not in self._streams and not self._make_room(message, key):
+                return None
             if engine.port is None:
                 self.metrics.topic_without_port.labels(key).inc()
                 self._warn_once(
@@ -340,8 +366,12 @@ class IngestService:
             model = engine.model or (discovered.model if discovered else None)
         stream = self._streams.get(key)
         if stream is None:
+            if not self._make_room(message, key):
+                return None
             stream = _Stream(key, model, self._replay_endpoint(key))
             self._streams[key] = stream
+            if key not in self._ranks:
+                self._undiscovered[key] = None
             with self._activity_lock:
                 record = self._activity_of(key)
                 record.model = model or record.model
@@ -358,6 +388,43 @@ class IngestService:
             with self._activity_lock:
                 self._activity_of(key).model = model
         return stream
+
+    def _make_room(self, message: LiveMessage, key: str) -> bool:
+        """True when a new engine ``key`` may get a stream: below max_engines, or after
+        dropping the least recently active undiscovered engine (entries and all). With every
+        tracked engine discovered, the new one is refused and counted."""
+        if len(self._streams) < self.config.max_engines:
+            return True
+        if self._undiscovered:
+            oldest = next(iter(self._undiscovered))
+            self._warn_once(
+                "engine_evicted",
+                "event=engine_evicted engine=%.80s for=%.80s limit=%d: the least recently "
+                "active undiscovered engine was dropped to make room (further evictions are "
+                "counted in kvindex_ingest_engines_evicted, not logged)",
+                oldest,
+                key,
+                self.config.max_engines,
+            )
+            self._drop_engine(oldest)
+            self.metrics.engines_evicted.inc()
+            return True
+        self._refuse_engine(message, key)
+        return False
+
+    def _refuse_engine(self, message: LiveMessage, key: str) -> None:
+        # No per-engine state, label or log line for the refused engine: a flood of invented
+        # topics costs one counter and one warning.
+        self.metrics.malformed_frames.labels("engine_limit").inc()
+        self._warn_once(
+            "engine_limit",
+            "event=engine_limit source=%s engine=%.80s limit=%d: events of engines beyond the "
+            "limit are dropped (kvindex_ingest_malformed_frames{reason=engine_limit}); raise "
+            "--max-engines if the fleet is that large",
+            message.source,
+            key,
+            self.config.max_engines,
+        )
 
     def _replay_endpoint(self, key: str) -> str | None:
         configured = self.config.replay_endpoints.get(key)
@@ -387,6 +454,8 @@ class IngestService:
         stream = self._stream_for(message, decoded.data_parallel_rank)
         if stream is None:
             return
+        if stream.key in self._undiscovered:
+            self._undiscovered.move_to_end(stream.key)
         seq = message.frame.seq
         if stream.recovery is not None:
             # Waiting for the index: track the sequence only; the replay will bring it all.
@@ -758,6 +827,8 @@ class IngestService:
                 self._source_identity[rank.zmq] = rank
                 log.info("event=zmq_connect endpoint=%s engine=%s", rank.zmq, rank.endpoint)
         self._ranks = ranks
+        for key in ranks:
+            self._undiscovered.pop(key, None)
         with self._activity_lock:
             for key, record in list(self._activity.items()):
                 record.discovered = key in ranks
@@ -777,6 +848,13 @@ class IngestService:
 
     def _purge(self, key: str) -> None:
         log.info("event=engine_purged engine=%s (left discovery)", key)
+        self._drop_engine(key)
+        self.metrics.purges.inc()
+
+    def _drop_engine(self, key: str) -> None:
+        """Forget everything of engine ``key``: its index entries, stream, sequence, activity
+        record and metric series."""
+        self._undiscovered.pop(key, None)
         self._purge_from_index(key)
         self.applier.forget(key)
         self.tracker.forget(key)
@@ -787,7 +865,6 @@ class IngestService:
             self._activity.pop(key, None)
         self.subscriber.drop_replay(key)
         self.metrics.forget_engine(key)
-        self.metrics.purges.inc()
 
     def _purge_from_index(self, key: str) -> None:
         """Purge an engine's blocks; while the index is down, retried once it is back (the

@@ -238,6 +238,12 @@ class KvindexMetrics:
         self.purges = Counter(
             p + "discovery_purges", "Engines purged after leaving discovery", registry=r
         )
+        self.engines_evicted = Counter(
+            p + "ingest_engines_evicted",
+            "Undiscovered engines dropped, entries and all, to make room for a new engine "
+            "under max_engines (least recently active first)",
+            registry=r,
+        )
         # -- index faults (docs/redis.md): engines recovering while the index is down --------
         self.index_unavailable = Counter(
             p + "ingest_index_unavailable",

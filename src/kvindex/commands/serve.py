@@ -28,7 +28,7 @@ from kvindex.config import (
     parse_tier_weights,
 )
 from kvindex.discovery import EnginesFileError
-from kvindex.engines import DEFAULT_KV_EVENTS_PORT
+from kvindex.engines import DEFAULT_KV_EVENTS_PORT, DEFAULT_MAX_ENGINES
 from kvindex.keys import DEFAULT_BLOCK_SIZE
 from kvindex.service.logs import configure_logging
 
@@ -61,6 +61,12 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
     )
     add("--topic-filter", help="SUB topic prefix (default kv@)")
     add("--dp-port-stride", type=int, help="port step between DP ranks (default 1; 0: same)")
+    add(
+        "--max-engines",
+        type=int,
+        help=f"engines tracked at once; events of a new one beyond are dropped and counted "
+        f"(default {DEFAULT_MAX_ENGINES})",
+    )
     add(
         "--block-size",
         type=int,
@@ -146,6 +152,7 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
             "engines_file",
             "topic_filter",
             "dp_port_stride",
+            "max_engines",
             "block_size",
             "default_model",
             "index_groups",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
+from kvindex.errors import EngineLimitError
 from kvindex.index.base import (
     Clear,
     IndexOp,
@@ -80,7 +81,10 @@ class NativeIndex:
         if slot is None:
             slot = self._free_slots.pop() if self._free_slots else len(self._slot_of)
             if slot >= _native.MAX_SLOTS:
-                raise OverflowError(f"more than {_native.MAX_SLOTS} engines")
+                raise EngineLimitError(
+                    f"more than {_native.MAX_SLOTS} engines in one index (engine {engine[:80]!r}"
+                    " refused); purge engines that left, or cap them with max_engines"
+                )
             self._slot_of[engine] = slot
             self._name_of[slot] = engine
         return slot

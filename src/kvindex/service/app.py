@@ -92,6 +92,7 @@ def ingest_service_config(config: ServiceConfig) -> IngestServiceConfig:
         replay_endpoints=dict(config.replay_endpoints),
         replay_timeout_s=config.replay_timeout_s,
         repair_interval_s=config.repair_interval_s,
+        max_engines=config.max_engines,
     )
 
 

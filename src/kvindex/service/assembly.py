@@ -118,6 +118,7 @@ class KvindexServer:
             self.tokenizers,
             ScoreServiceConfig(),
             ScoreMetrics(self.service.metrics.registry),
+            known_engines=self.known_engines,
         )
         self.service.add_routes(
             lambda app, _service: add_score_routes(app, self.score, stats_provider=self.events)
@@ -153,6 +154,11 @@ class KvindexServer:
 
     def events(self) -> list[EngineEventStats]:
         return event_stats(self.service.ingest)
+
+    def known_engines(self) -> set[str]:
+        """Engines discovered or publishing events the ingest accepted: the only ones the
+        write and debug APIs act on."""
+        return {record.engine for record in self.service.ingest.engine_activity()}
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -212,6 +212,13 @@ class ScoreService:
     tokenizers: TokenizerSource | None = None
     config: ScoreServiceConfig = field(default_factory=ScoreServiceConfig)
     metrics: ScoreMetrics = field(default_factory=ScoreMetrics)
+    # The engines the service vouches for (discovered, or sending events it accepted):
+    # speculative entries and /v1/debug's engine fetches are refused for any other.
+    # None: every engine (an embedder without ingest).
+    known_engines: Callable[[], Collection[str]] | None = None
+
+    def knows(self, engine: str) -> bool:
+        return self.known_engines is None or engine in self.known_engines()
 
     # -- model and tokens --------------------------------------------------------------------
 
@@ -298,6 +305,13 @@ class ScoreService:
         try:
             if not engine:
                 raise ScoreRequestError(ErrorKind.INVALID, "'engine' is required", "missing_engine")
+            if not self.knows(engine):
+                raise ScoreRequestError(
+                    ErrorKind.INVALID,
+                    f"unknown engine {engine[:120]!r}: speculative entries are accepted only "
+                    "for engines the index knows (discovered or publishing KV events)",
+                    "unknown_engine",
+                )
             tokens = self.tokenize(query)
             n = self._scoring(
                 lambda: self.scorer.record_speculative(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
@@ -142,6 +143,12 @@ class _Routes:
             raw = await self._read_bounded(request)
             try:
                 return _decoder.decode(raw)
+            except RecursionError as exc:
+                # JSON nested deeper than the decoder recurses (e.g. 100k brackets in an
+                # ignored field): a client error, not a 500 with a traceback.
+                raise ScoreRequestError(
+                    ErrorKind.INVALID, "body is nested too deeply", "too_deep"
+                ) from exc
             except msgspec.ValidationError as exc:
                 raise ScoreRequestError(
                     ErrorKind.INVALID, f"bad request: {exc}", "bad_field"
@@ -205,6 +212,7 @@ class _Routes:
             else:
                 body = await self._body(request, "debug")
             query = self._query(body, "debug")
+            self._check_engine_urls(body.engine_urls())
             tokens, result = await asyncio.to_thread(
                 self.service.score_detailed, query, API, "debug"
             )
@@ -216,6 +224,21 @@ class _Routes:
             diagnose, self.service.scorer.index, result, events, checks, query.cache_salt
         )
         return _json(report.to_builtins())
+
+    def _check_engine_urls(self, urls: Sequence[str]) -> None:
+        """/v1/debug fetches each engine's /tokenize: only from engines the index knows, by
+        a plain http(s)://host:port URL, so the endpoint cannot be used to reach anything
+        else (server-side request forgery)."""
+        for url in urls:
+            engine = engine_key_of_url(url)
+            if engine is None or not self.service.knows(engine):
+                self.service.metrics.error(API, "debug", "unknown_engine_url")
+                raise ScoreRequestError(
+                    ErrorKind.INVALID,
+                    f"engine_url {url[:120]!r} is not http(s)://<host>:<port> of an engine the "
+                    "index knows (discovered or publishing KV events)",
+                    "unknown_engine_url",
+                )
 
     def _debug_query(self, request: web.Request) -> ScoreBody:
         params = request.query
@@ -251,6 +274,24 @@ class _Routes:
             compare_tokens(url, ours, tokens, error)
             for url, (tokens, error) in zip(urls, answers, strict=True)
         ]
+
+
+def engine_key_of_url(url: str) -> str | None:
+    """``host:port`` (an engine key) of ``http(s)://host[:port][/]``; None for anything else
+    (user info, a path, a query, another scheme)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    if parts.username is not None or parts.path not in ("", "/") or parts.query or parts.fragment:
+        return None
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{port}"
 
 
 def add_score_routes(

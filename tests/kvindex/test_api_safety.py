@@ -1,0 +1,173 @@
+"""The index service's HTTP API refuses what could hurt it or anyone else, over real HTTP on
+loopback: bodies nested too deeply (400, counted, never a 500), /v1/debug fetches from
+anything but an engine the index knows (server-side request forgery: 400, counted, nothing
+fetched), and speculative entries for engines it does not know (400, counted)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from score_fixtures import Registry, deepseek
+
+from kvindex.config import ServiceConfig
+from kvindex.index import MemoryIndex
+from kvindex.scoring import Scorer
+from kvindex.service.assembly import KvindexServer
+from kvindex.service.score_api import ScoreMetrics, ScoreService
+from kvindex.service.score_http import add_score_routes, engine_key_of_url
+
+MODEL = "deepseek-ai/DeepSeek-V3"
+TEXT = "The quarterly numbers show steady growth across every region. " * 4
+
+
+@dataclass
+class Setup:
+    client: TestClient
+    engine: TestClient  # a /tokenize endpoint that records every request it gets
+    engine_key: str
+    metrics: ScoreMetrics
+    known: set[str]
+    engine_hits: list[str] = field(default_factory=list)
+
+    def errors(self, reason: str) -> float:
+        for metric in self.metrics.registry.collect():
+            for sample in metric.samples:
+                if sample.name == "kvindex_score_errors_total" and (
+                    sample.labels.get("reason") == reason
+                ):
+                    return sample.value
+        return 0.0
+
+
+@pytest.fixture
+async def setup() -> AsyncIterator[Setup]:
+    hits: list[str] = []
+
+    async def tokenize(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        body = await request.json()
+        ids = deepseek().encode(body["prompt"], body.get("add_special_tokens", True))
+        return web.json_response({"tokens": ids, "count": len(ids)})
+
+    engine_app = web.Application()
+    engine_app.router.add_post("/tokenize", tokenize)
+    engine = TestClient(TestServer(engine_app, host="127.0.0.1", port=0))
+    await engine.start_server()
+    engine_key = f"127.0.0.1:{engine.server.port}"
+    known = {engine_key, "10.0.0.1:8000"}
+    metrics = ScoreMetrics()
+    service = ScoreService(
+        Scorer(MemoryIndex()),
+        Registry({MODEL: deepseek()}),
+        metrics=metrics,
+        known_engines=lambda: known,
+    )
+    app = web.Application()
+    add_score_routes(app, service)
+    client = TestClient(TestServer(app, host="127.0.0.1", port=0))
+    await client.start_server()
+    try:
+        yield Setup(client, engine, engine_key, metrics, known, hits)
+    finally:
+        await client.close()
+        await engine.close()
+
+
+def deep(field_name: str, depth: int = 100_000) -> bytes:
+    return b'{"model":"m","' + field_name.encode() + b'":' + b"[" * depth + b"]" * depth + b"}"
+
+
+@pytest.mark.parametrize("path", ["/v1/score", "/v1/speculative", "/v1/debug"])
+@pytest.mark.parametrize("where", ["unknown_field", "messages"])
+async def test_deep_nesting_is_a_counted_400(setup: Setup, path: str, where: str) -> None:
+    body = (
+        deep(where)
+        if where != "messages"
+        else (b'{"model":"m","messages":[{"content":' + b"[" * 100_000 + b"]" * 100_000 + b"}]}")
+    )
+    before = setup.errors("too_deep")
+    response = await setup.client.post(
+        path, data=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error["reason"] == "too_deep"
+    assert setup.errors("too_deep") == before + 1
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254",  # a metadata service
+        "http://127.0.0.1:1",  # a port no engine has
+        "file:///etc/passwd",
+        "http://user:pw@ENGINE",  # user info
+        "http://ENGINE/admin?x=1",  # a path and a query on a known engine
+        "gopher://ENGINE",
+    ],
+)
+async def test_debug_fetches_only_from_known_engines(setup: Setup, url: str) -> None:
+    url = url.replace("ENGINE", setup.engine_key)
+    response = await setup.client.post(
+        "/v1/debug", json={"model": MODEL, "prompt": TEXT, "engine_url": url}
+    )
+    assert response.status == 400
+    assert (await response.json())["error"]["reason"] == "unknown_engine_url"
+    assert setup.engine_hits == []
+    assert setup.errors("unknown_engine_url") == 1
+    # GET carries the same check.
+    response = await setup.client.get(
+        "/v1/debug", params={"model": MODEL, "prompt": TEXT, "engine_url": url}
+    )
+    assert response.status == 400
+    assert setup.errors("unknown_engine_url") == 2
+
+
+async def test_debug_fetches_from_a_known_engine(setup: Setup) -> None:
+    for url in (f"http://{setup.engine_key}", f"http://{setup.engine_key}/"):
+        response = await setup.client.post(
+            "/v1/debug", json={"model": MODEL, "prompt": TEXT, "engine_url": url}
+        )
+        assert response.status == 200
+        (check,) = (await response.json())["token_checks"]
+        assert check["ok"] is True
+    assert setup.engine_hits == ["/tokenize", "/tokenize"]
+
+
+async def test_speculative_only_for_known_engines(setup: Setup) -> None:
+    body = {"engine": "10.66.0.1:8000", "model": MODEL, "prompt": TEXT}
+    response = await setup.client.post("/v1/speculative", json=body)
+    assert response.status == 400
+    assert (await response.json())["error"]["reason"] == "unknown_engine"
+    assert setup.errors("unknown_engine") == 1
+    response = await setup.client.post("/v1/speculative", json={**body, "engine": "10.0.0.1:8000"})
+    assert response.status == 200
+    # Once the engine is known (discovered, or its events accepted), it is accepted.
+    setup.known.add("10.66.0.1:8000")
+    response = await setup.client.post("/v1/speculative", json=body)
+    assert response.status == 200
+
+
+def test_engine_key_of_url() -> None:
+    assert engine_key_of_url("http://10.0.0.1:8000") == "10.0.0.1:8000"
+    assert engine_key_of_url("http://10.0.0.1:8000/") == "10.0.0.1:8000"
+    assert engine_key_of_url("https://pod.ns.svc") == "pod.ns.svc:443"
+    assert engine_key_of_url("http://[fd00::1]:8000") == "[fd00::1]:8000"
+    for bad in ("10.0.0.1:8000", "http://a:b@h:1", "http://h:1/x", "http://h:1?q", "http://h:x"):
+        assert engine_key_of_url(bad) is None
+
+
+def test_the_service_knows_only_engines_the_ingest_knows() -> None:
+    # kvindex serve wires the score service's known engines to the ingest's engines
+    # (discovered, or publishing events it accepted).
+    server = KvindexServer(ServiceConfig(zmq_connect=["tcp://127.0.0.1:1"], speculative_ttl_s=0))
+    try:
+        assert server.score.known_engines is not None
+        assert server.score.known_engines() == server.known_engines()
+        assert not server.score.knows("10.66.0.1:8000")
+    finally:
+        server.service.ingest.subscriber.close()

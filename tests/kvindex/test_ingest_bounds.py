@@ -1,0 +1,172 @@
+"""Ingest state stays bounded whatever reaches the event port, over real ZMQ: a flood of
+invented topics (each one frame) keeps at most max_engines engines, their metric series and
+the /metrics exposition bounded, and a real engine that starts afterwards is indexed; topics
+longer than the limit are dropped before anything keeps them; discovered engines are never
+given up to make room."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import zmq
+from ingest_helpers import keys_for, metric, probe, wait_for
+from prometheus_client import generate_latest
+from vllm_publisher import VllmPublisher
+
+from kvindex.discovery import EngineEntry
+from kvindex.engines import DEFAULT_MAX_ENGINES, MAX_ENGINES_LIMIT
+from kvindex.errors import EngineLimitError
+from kvindex.index import MemoryIndex, Store, StoredBlock, Tier
+from kvindex.index.locked import LockedIndex
+from kvindex.ingest_service import IngestService, IngestServiceConfig
+from kvindex.metrics import KvindexMetrics
+from tests.events import encode_batch, frame, stored
+
+T = list(range(64))
+PAYLOAD = encode_batch([stored([1], None, list(range(16)))])
+
+
+class Ingest:
+    def __init__(self, **config: object) -> None:
+        self.index = LockedIndex(MemoryIndex())
+        self.metrics = KvindexMetrics()
+        self.service = IngestService(
+            IngestServiceConfig(zmq_bind=("tcp://127.0.0.1:*",), **config),  # type: ignore[arg-type]
+            self.index,
+            metrics=self.metrics,
+        )
+        self.endpoint = self.service.open()[0]
+        self.service.start()
+        self.context = zmq.Context()
+        self.flooder = self.context.socket(zmq.PUB)
+        self.flooder.setsockopt(zmq.SNDHWM, 0)
+        self.flooder.connect(self.endpoint)
+
+    def flood(self, topics: list[bytes], payload: bytes = PAYLOAD) -> None:
+        """Send one frame per topic, in rounds the ingest keeps up with (no frame dropped by
+        a full queue: each round is waited for through the frames it counts)."""
+        for start in range(0, len(topics), 500):
+            before = self.seen()
+            round_ = topics[start : start + 500]
+            for topic in round_:
+                self.flooder.send_multipart(frame(topic, 0, payload))
+            wait_for(lambda n=len(round_), b=before: self.seen() >= b + n, timeout=30)
+
+    def seen(self) -> float:
+        return (
+            metric(self.metrics, "kvindex_ingest_batches_total")
+            + metric(self.metrics, "kvindex_ingest_malformed_frames_total", reason="engine_limit")
+            + metric(self.metrics, "kvindex_ingest_malformed_frames_total", reason="topic_too_long")
+        )
+
+    def close(self) -> None:
+        self.service.stop()
+        self.flooder.close(linger=0)
+        self.context.term()
+
+
+@pytest.fixture
+def ingest() -> Iterator[type[Ingest]]:
+    made: list[Ingest] = []
+
+    class Made(Ingest):
+        def __init__(self, **config: object) -> None:
+            super().__init__(**config)
+            made.append(self)
+
+    yield Made
+    for i in made:
+        i.close()
+
+
+def test_topic_flood_stays_bounded_and_a_real_engine_is_indexed_after(
+    ingest: type[Ingest],
+) -> None:
+    ing = ingest(max_engines=200)
+    # Wait out the slow joiner with one invented engine.
+    deadline = time.monotonic() + 10
+    while metric(ing.metrics, "kvindex_ingest_batches_total") == 0:
+        assert time.monotonic() < deadline
+        ing.flooder.send_multipart(frame(b"kv@10.66.255.255:8000@m", 0, PAYLOAD))
+        time.sleep(0.01)
+    topics = [f"kv@10.66.{i >> 8}.{i & 255}:8000@m".encode() for i in range(5000)]
+    ing.flood(topics)
+    activity = ing.service.engine_activity()
+    assert len(activity) <= 200
+    assert len(ing.index.engines()) <= 200
+    assert metric(ing.metrics, "kvindex_ingest_engines_evicted_total") >= 4800
+    exposition = generate_latest(ing.metrics.registry)
+    assert exposition.count(b"10.66.") <= 10 * 200  # a few series per tracked engine at most
+
+    # A real engine that starts after the flood is indexed.
+    pub = VllmPublisher(ing.endpoint, topic="kv@127.0.0.1:8000@m")
+    try:
+        probe(pub, ing.index, "127.0.0.1:8000")
+        pub.publish(stored([11, 12], None, T[:32]))
+        wait_for(lambda: "127.0.0.1:8000" in ing.index.lookup(keys_for(T[:32])))
+    finally:
+        pub.close()
+
+
+def test_huge_topics_are_dropped_unparsed(ingest: type[Ingest]) -> None:
+    ing = ingest()
+    deadline = time.monotonic() + 10
+    huge = b"kv@10.0.0.1:8000@" + b"m" * (5 << 20)
+    while (
+        metric(ing.metrics, "kvindex_ingest_malformed_frames_total", reason="topic_too_long") == 0
+    ):
+        assert time.monotonic() < deadline
+        ing.flooder.send_multipart(frame(huge, 0, PAYLOAD))
+        time.sleep(0.05)
+    ing.flood([huge] * 19)
+    assert ing.service.engine_activity() == []
+    assert ing.index.engines() == []
+    exposition = generate_latest(ing.metrics.registry)
+    assert len(exposition) < 200_000
+    assert b"mmmmmmmm" not in exposition
+
+
+def test_discovered_engines_are_never_given_up(ingest: type[Ingest]) -> None:
+    ing = ingest(max_engines=4)
+    entries = {
+        f"10.0.0.{i}:8000": EngineEntry(endpoint=f"10.0.0.{i}:8000", model="m") for i in range(3)
+    }
+    ing.service.update_engines(entries)
+    wait_for(lambda: sum(r.discovered for r in ing.service.engine_activity()) == 3)
+    ing.flood([b"kv@10.0.0.0:8000@m", b"kv@10.0.0.1:8000@m", b"kv@10.0.0.2:8000@m"])
+    # One slot left for undiscovered engines: they take turns in it.
+    ing.flood([f"kv@10.66.0.{i}:8000@m".encode() for i in range(50)])
+    engines = {r.engine for r in ing.service.engine_activity()}
+    assert set(entries) <= engines and len(engines) == 4
+    assert metric(ing.metrics, "kvindex_ingest_engines_evicted_total") == 49
+    # Discovery filling every slot: a new undiscovered engine is refused and counted.
+    ing.service.update_engines(
+        {**entries, "10.0.0.3:8000": EngineEntry(endpoint="10.0.0.3:8000", model="m")}
+    )
+    wait_for(lambda: sum(r.discovered for r in ing.service.engine_activity()) == 4)
+    ing.flood([b"kv@10.0.0.3:8000@m"])
+    ing.flood([b"kv@10.77.0.1:8000@m"])
+    assert metric(ing.metrics, "kvindex_ingest_malformed_frames_total", reason="engine_limit") == 1
+    assert "10.77.0.1:8000" not in {r.engine for r in ing.service.engine_activity()}
+
+
+def test_limits_are_one_fact() -> None:
+    from kvindex import _native
+
+    assert MAX_ENGINES_LIMIT == _native.MAX_SLOTS
+    assert DEFAULT_MAX_ENGINES <= MAX_ENGINES_LIMIT
+
+
+def test_the_c_index_names_its_engine_limit() -> None:
+    from kvindex.index.native import NativeIndex
+
+    index = NativeIndex()
+    block = [StoredBlock(1, (1,))]
+    for i in range(MAX_ENGINES_LIMIT):
+        index.apply(f"e{i}", [Store(Tier.GPU, block)])
+    with pytest.raises(EngineLimitError, match="more than 65536 engines"):
+        index.apply("one-more", [Store(Tier.GPU, block)])
+    index.purge("e0")  # a slot freed by an engine that left is reused
+    index.apply("one-more", [Store(Tier.GPU, block)])
