@@ -24,6 +24,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from epp.errors import EPPError
     from epp.framework import ConfigError, PickerConfig, SchedulerDeps, build_scheduler, load_config
     from epp.plugins import default_registry
     from epp.server import PickerServer, ServeConfig
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 # Public name -> the module that defines it.
 _EXPORTS = {
     "ConfigError": "epp.framework",
+    "EPPError": "epp.errors",
     "PickerConfig": "epp.framework",
     "SchedulerDeps": "epp.framework",
     "build_scheduler": "epp.framework",
@@ -58,6 +60,7 @@ _EXPORTS = {
 
 __all__ = [
     "ConfigError",
+    "EPPError",
     "Endpoint",
     "EngineMetrics",
     "LLMRequest",

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from epp.errors import EPPError
 from epp.metrics import EppMetrics
 from epp.types import Endpoint, Role
 from kvindex.filewatch import WatchedFile, poll_every
@@ -30,7 +31,7 @@ ENGINE_TYPE_LABEL = "llm-d.ai/engine-type"
 DEFAULT_ENGINE_TYPE = "vllm"
 
 
-class EndpointSpecError(ValueError):
+class EndpointSpecError(EPPError, ValueError):
     """An endpoint description is invalid; the message names the entry and the problem."""
 
 

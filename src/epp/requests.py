@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from epp.errors import EPPError
 from epp.types import LLMRequest
 
 # The GIE convention: the request names an InferenceObjective; its priority decides
@@ -29,7 +30,7 @@ ANTHROPIC_MESSAGES_PATH = "/v1/messages"
 _json_decoder = msgspec.json.Decoder()
 
 
-class ParseError(Exception):
+class ParseError(EPPError):
     """The request body is not a valid request for its path; `message` says what is wrong."""
 
     def __init__(self, message: str) -> None:

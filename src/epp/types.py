@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from epp.errors import EPPError
+
 
 class Role(StrEnum):
     """P/D role of an endpoint, from the pod label `llm-d.ai/role`."""
@@ -133,7 +135,7 @@ class ResponseStats:
     usage: Mapping[str, Any] | None = None
 
 
-class SchedulingError(Exception):
+class SchedulingError(EPPError):
     """The scheduler could not place the request. `status` is the HTTP status the picker
     answers with and `reason` the `x-llm-d-request-dropped-reason` value."""
 

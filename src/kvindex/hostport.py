@@ -3,10 +3,12 @@ the picker's endpoint keys are the same string). Pure; no I/O."""
 
 from __future__ import annotations
 
+from kvindex.errors import KVIndexError
+
 __all__ = ["HostPortError", "join_host_port", "split_host_port"]
 
 
-class HostPortError(ValueError):
+class HostPortError(KVIndexError, ValueError):
     """Not an ``ip:port`` (or ``[ipv6]:port``); the message quotes the text and says why.
     Callers re-raise it as their own error type, prefixed with where the text came from."""
 

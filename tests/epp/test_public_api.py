@@ -12,6 +12,7 @@ import epp
 
 PUBLIC = [
     "ConfigError",
+    "EPPError",
     "Endpoint",
     "EngineMetrics",
     "LLMRequest",

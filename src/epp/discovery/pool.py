@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from epp.endpoints import Datastore, EndpointSpecError, make_endpoint
+from epp.errors import EPPError
 from epp.metrics import EppMetrics
 from epp.types import Endpoint
 from kvindex.podwatch import PodEvent, PodInfo, PodsListed, pod_is_serving
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 MAX_TARGET_PORTS = 8
 
 
-class PoolSpecError(ValueError):
+class PoolSpecError(EPPError, ValueError):
     """The InferencePool object cannot be used; the message says which field is wrong."""
 
 

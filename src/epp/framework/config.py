@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from epp.errors import EPPError
 from epp.framework.params import ParamError, Params
 from epp.framework.plugin import Picker, ProfileHandler
 from epp.framework.registry import PluginType, Registry
@@ -39,7 +40,7 @@ KNOWN_SECTIONS = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(EPPError, ValueError):
     """The configuration is invalid; the message names the offending entry."""
 
 

@@ -11,8 +11,10 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from epp.errors import EPPError
 
-class ParamError(ValueError):
+
+class ParamError(EPPError, ValueError):
     """A bad parameter; the message starts with `parameter "<path>":`."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from epp.errors import EPPError
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 # Frame types.
@@ -57,7 +59,7 @@ MAX_WINDOW = (1 << 31) - 1
 FRAME_HEADER = 9
 
 
-class ConnectionError_(Exception):
+class ConnectionError_(EPPError):
     """A connection error: the connection ends with GOAWAY(`code`)."""
 
     def __init__(self, code: int, reason: str) -> None:
@@ -257,7 +259,7 @@ class GrpcMessageReader:
         return bool(self._buf)
 
 
-class GrpcMessageError(Exception):
+class GrpcMessageError(EPPError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status

@@ -9,13 +9,14 @@ import pathlib
 import tempfile
 from typing import Any
 
+from epp.errors import EPPError
 from epp.latency.model import LatencyModel
 
 FORMAT = "epp-latency-model"
 VERSION = 1
 
 
-class LatencyModelFormatError(ValueError):
+class LatencyModelFormatError(EPPError, ValueError):
     """The file is not a latency model this version can read."""
 
 
