@@ -137,7 +137,9 @@ def bench_end_to_end(
     index = LockedIndex(make_index(MemoryIndexConfig(max_keys=10**9)))
     metrics = KvindexMetrics()
     service = IngestService(
-        IngestServiceConfig(zmq_bind=("tcp://127.0.0.1:*",)), index, metrics=metrics
+        IngestServiceConfig(zmq_bind=("tcp://127.0.0.1:*",), accept_any_engine=True),
+        index,
+        metrics=metrics,
     )
     endpoint = service.open()[0]
     service.start()

@@ -45,7 +45,9 @@ class KubernetesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     label_selector: str
     namespace: str = "default"
     serving_port: int = 8000  # the port the picker routes to (endpoint = podIP:serving_port)
-    # kvEventsConfig.podDiscoveryConfig.socketPort: the engines' PUB port (connect mode).
+    # kvEventsConfig.podDiscoveryConfig.socketPort: the engines' PUB port (connect mode);
+    # 0: do not connect (the engines' PUB sockets connect to --zmq-bind; discovery names the
+    # engines whose topics the bind socket accepts).
     socket_port: int = DEFAULT_KV_EVENTS_PORT
     replay_port: int | None = None  # the engines' replay ROUTER port, if they run one
     model_label: str | None = None  # a pod label naming the served model
@@ -62,6 +64,8 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     repair_interval_s: float = 30.0
     # engines (topics) tracked at once; a new one beyond is refused and counted
     max_engines: int = DEFAULT_MAX_ENGINES
+    # strict by default: events on a bind socket only from engines discovery names
+    accept_any_engine: bool = False
     # discovery
     engines_file: str | None = None
     engines_file_interval_s: float = 1.0
@@ -237,6 +241,10 @@ def load_config(
     return config
 
 
+def _has_discovery(config: ServiceConfig) -> bool:
+    return bool(config.engines or config.engines_file or config.kubernetes is not None)
+
+
 def _validate(config: ServiceConfig) -> None:
     def bad(field: str, flag: str, why: str) -> ConfigError:
         return ConfigError(f"{field} (--{flag}): {why}")
@@ -245,6 +253,15 @@ def _validate(config: ServiceConfig) -> None:
         raise bad("block_size", "block-size", "must be a positive number of tokens")
     if config.dp_port_stride < 0:
         raise bad("dp_port_stride", "dp-port-stride", "must be >= 0")
+    if config.zmq_bind and not config.accept_any_engine and not _has_discovery(config):
+        raise bad(
+            "accept_any_engine",
+            "accept-any-engine",
+            "--zmq-bind accepts events only from engines discovery names (strict by default) "
+            "and no discovery is configured, so every event would be dropped: name the "
+            "engines (engines in the config file, --engines-file, Kubernetes) or pass "
+            "--accept-any-engine to accept any topic (docs/security.md)",
+        )
     if not 1 <= config.max_engines <= MAX_ENGINES_LIMIT:
         raise bad("max_engines", "max-engines", f"must be in [1, {MAX_ENGINES_LIMIT}]")
     if not 0 <= config.http_port < 65536:

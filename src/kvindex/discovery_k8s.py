@@ -57,7 +57,8 @@ class PodSet:
         cfg = self.config
         return EngineEntry(
             endpoint=join_host_port(pod.ip, cfg.serving_port),
-            zmq=f"tcp://{join_host_port(pod.ip, cfg.socket_port)}",
+            # socket_port 0: the engines connect to our bind socket; discovery only names them.
+            zmq=f"tcp://{join_host_port(pod.ip, cfg.socket_port)}" if cfg.socket_port else None,
             replay=(
                 None
                 if cfg.replay_port is None

@@ -52,6 +52,7 @@ from kvindex.engines import (
     TopicError,
     parse_topic,
 )
+from kvindex.hostport import HostPortError, split_host_port
 from kvindex.index.base import BlockIndex, Clear
 from kvindex.index.redis import IndexUnavailable
 from kvindex.ingest import EventApplier, IngestConfig, SeqAction, SequenceTracker
@@ -89,6 +90,11 @@ class IngestServiceConfig:
     max_buffered_batches: int = 10_000  # live batches held while a replay runs
     max_engines: int = DEFAULT_MAX_ENGINES  # engines tracked at once (a new one beyond: dropped)
     max_topic_bytes: int = DEFAULT_MAX_TOPIC_BYTES  # longer topics are dropped unparsed
+    # Strict by default: a batch that arrives on a bind socket is accepted only when its
+    # topic names an engine discovery knows (static entries, the engines file, Kubernetes);
+    # sockets this service connects itself (zmq_connect, discovered zmq endpoints) are
+    # trusted. True: any topic is an engine (docs/security.md).
+    accept_any_engine: bool = False
     poll_interval_ms: int = 20
     health_check_interval_s: float = 0.2  # probe of a failed index while engines wait
 
@@ -198,6 +204,12 @@ class IngestService:
         for endpoint in self.config.zmq_bind:
             actual = self.subscriber.bind(endpoint)
             log.info("event=zmq_bound endpoint=%s", actual)
+        if self.config.zmq_bind and self.config.accept_any_engine:
+            log.warning(
+                "event=accept_any_engine: events on %s are accepted from any topic; anyone who "
+                "reaches the port can add engines and steer routing (docs/security.md)",
+                ", ".join(self.config.zmq_bind),
+            )
         for endpoint in self.config.zmq_connect:
             self.subscriber.connect(endpoint)
             log.info("event=zmq_connect endpoint=%s", endpoint)
@@ -319,11 +331,11 @@ class IngestService:
         topic = message.frame.topic
         if len(topic) > self.config.max_topic_bytes:
             # Never parsed, cached, logged or used as a label: one counter, one warning.
-            self.metrics.malformed_frames.labels("topic_too_long").inc()
+            self.metrics.refused_batches.labels("topic_too_long").inc()
             self._warn_once(
                 "topic_too_long",
                 "event=topic_too_long source=%s bytes=%d limit=%d (batches dropped; "
-                "counted in kvindex_ingest_malformed_frames{reason=topic_too_long})",
+                "counted in kvindex_ingest_refused_batches{reason=topic_too_long})",
                 message.source,
                 len(topic),
                 self.config.max_topic_bytes,
@@ -350,9 +362,13 @@ class IngestService:
                 )
                 return None
             key = engine.endpoint(rank, self.config.dp_port_stride)
+            if engine.port is None:
+                key = self._portless_endpoint(engine.host, rank) or key
+            if not self._accepts(message, key):
+                return None
             if key not in self._streams and not self._make_room(message, key):
                 return None
-            if engine.port is None:
+            if engine.port is None and key not in self._ranks:
                 self.metrics.topic_without_port.labels(key).inc()
                 self._warn_once(
                     "noport:" + key,
@@ -375,7 +391,9 @@ class IngestService:
             with self._activity_lock:
                 record = self._activity_of(key)
                 record.model = model or record.model
-                record.topic_without_port = engine is not None and engine.port is None
+                record.topic_without_port = (
+                    engine is not None and engine.port is None and key not in self._ranks
+                )
             log.info(
                 "event=engine_seen engine=%s model=%s replay=%s source=%s",
                 key,
@@ -388,6 +406,34 @@ class IngestService:
             with self._activity_lock:
                 self._activity_of(key).model = model
         return stream
+
+    def _portless_endpoint(self, host: str, rank: int | None) -> str | None:
+        """The discovered endpoint of a port-less topic's host (``kv@<ip>@<model>``, as older
+        llm-d guides configure vLLM): the one discovered engine on that host (or the rank's
+        one, for data-parallel ranks); None when discovery names none or several."""
+        candidates = [e for e in self._ranks if _host_of(e) == host]
+        if rank is not None and len(candidates) > 1:
+            candidates = [e for e in candidates if self._ranks[e].rank == rank]
+        return candidates[0] if len(candidates) == 1 else None
+
+    def _accepts(self, message: LiveMessage, key: str) -> bool:
+        """Strict mode: the topic's engine must be one discovery knows, unless the batch came
+        on a socket this service connected itself."""
+        if self.config.accept_any_engine or key in self._ranks:
+            return True
+        if message.source in self.config.zmq_connect:
+            return True
+        self.metrics.refused_batches.labels("unknown_engine").inc()
+        self._warn_once(
+            "unknown_engine",
+            "event=unknown_engine source=%s engine=%.80s: no discovery names this engine, its "
+            "batches are dropped (counted in kvindex_ingest_refused_batches"
+            "{reason=unknown_engine}; further ones are not logged). Name the engines "
+            "(engines, --engines-file, Kubernetes) or accept any with --accept-any-engine",
+            message.source,
+            key,
+        )
+        return False
 
     def _make_room(self, message: LiveMessage, key: str) -> bool:
         """True when a new engine ``key`` may get a stream: below max_engines, or after
@@ -415,11 +461,11 @@ class IngestService:
     def _refuse_engine(self, message: LiveMessage, key: str) -> None:
         # No per-engine state, label or log line for the refused engine: a flood of invented
         # topics costs one counter and one warning.
-        self.metrics.malformed_frames.labels("engine_limit").inc()
+        self.metrics.refused_batches.labels("engine_limit").inc()
         self._warn_once(
             "engine_limit",
             "event=engine_limit source=%s engine=%.80s limit=%d: events of engines beyond the "
-            "limit are dropped (kvindex_ingest_malformed_frames{reason=engine_limit}); raise "
+            "limit are dropped (kvindex_ingest_refused_batches{reason=engine_limit}); raise "
             "--max-engines if the fleet is that large",
             message.source,
             key,
@@ -886,3 +932,10 @@ class IngestService:
         bound, connected = self.subscriber.counts()
         self.metrics.sources.labels("bind").set(bound)
         self.metrics.sources.labels("connect").set(connected)
+
+
+def _host_of(endpoint: str) -> str | None:
+    try:
+        return split_host_port(endpoint)[0]
+    except HostPortError:
+        return None

@@ -150,6 +150,14 @@ class KvindexMetrics:
             ["reason"],
             registry=r,
         )
+        self.refused_batches = Counter(
+            p + "ingest_refused_batches",
+            "Batches refused before any state was kept for them, by reason: unknown_engine "
+            "(no discovery names the topic's engine; --accept-any-engine accepts it), "
+            "engine_limit (max_engines reached by discovered engines), topic_too_long",
+            ["reason"],
+            registry=r,
+        )
         self.topic_without_port = Counter(
             p + "ingest_topic_without_port",
             "Batches whose topic names no port (indexed under the bare host: will not match "

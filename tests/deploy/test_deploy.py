@@ -368,3 +368,25 @@ def test_render_script_refuses_bad_arguments_plainly(arg: str) -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     assert repr(arg) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sidecar_index_runs_strict_with_pod_discovery() -> None:
+    # kvindex serve refuses a bind socket without discovery (strict by default): the sidecar
+    # names the pool's pods, lets them connect (socket port 0) and consumes their replay port.
+    import argparse
+
+    from kvindex.commands.serve import add_service_flags, config_from_args
+
+    objects = render(DEPLOY / "overlays" / "index-sidecar")
+    picker = _one(objects, "Deployment", "epp")
+    (index,) = [c for c in _containers(picker) if c["name"] == "kvindex"]
+    assert index["args"][0] == "serve"
+    parser = argparse.ArgumentParser()
+    add_service_flags(parser)
+    config = config_from_args(parser.parse_args(index["args"][1:]))
+    assert not config.accept_any_engine
+    assert config.kubernetes is not None
+    assert config.kubernetes.socket_port == 0
+    assert config.kubernetes.replay_port == 5558
+    assert config.kubernetes.label_selector == "app=vllm-qwen3"
+    assert {e["name"] for e in index.get("env", [])} >= {"POD_NAMESPACE"}

@@ -1,7 +1,8 @@
 """The scheduling framework does not know its plugins, nor the picker's edges: every module
 under src/epp/framework, read from the source (every import statement, including those inside
-functions and under TYPE_CHECKING), imports from the project only the framework itself, `epp.types`
-and `epp.errors` (the exception root, a leaf module). The registry of concrete plugins is the caller's (`epp.plugins`).
+functions and under TYPE_CHECKING), imports from the project only the framework itself,
+`epp.types` and `epp.errors` (the exception root, a leaf module). The registry of concrete
+plugins is the caller's (`epp.plugins`).
 
 (Named apart from tests/test_import_graph.py, the packages' layering: pytest imports test
 modules by file name, and a second test_import_graph.py would collide with it.)"""

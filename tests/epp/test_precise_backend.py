@@ -30,6 +30,7 @@ from kvindex.wire import decode_batch
 from kvtools.demo.model import write_model_dir
 from kvtools.sim.events import BlockRemoved, block_stored, encode_batch
 from kvtools.sim.publisher import EventPublisher
+from tests.metrics import sample
 from tests.ports import free_port
 
 MODEL = "demo-model"
@@ -94,9 +95,21 @@ async def _publish_until_scored(
     await until(scored)
 
 
+def knowing(*keys: str) -> Callable[[Callable[[Sequence[Endpoint]], None]], None]:
+    """subscribe_endpoints as the picker passes it: the endpoints it routes to."""
+
+    def subscribe(callback: Callable[[Sequence[Endpoint]], None]) -> None:
+        callback([Endpoint(k.rsplit(":", 1)[0], int(k.rsplit(":", 1)[1])) for k in keys])
+
+    return subscribe
+
+
 async def test_in_process_bind_mode_scores_from_live_events() -> None:
     port = free_port()
-    backend = build_backend(params(kvEventsConfig={"zmqEndpoint": f"tcp://127.0.0.1:{port}"}))
+    backend = build_backend(
+        params(kvEventsConfig={"zmqEndpoint": f"tcp://127.0.0.1:{port}"}),
+        subscribe_endpoints=knowing(ENGINE),
+    )
     assert isinstance(backend, InProcessIndex)
     await backend.start()
     publisher = EventPublisher(f"tcp://127.0.0.1:{port}", topic=f"kv@{ENGINE}@{MODEL}")
@@ -116,6 +129,48 @@ async def test_in_process_bind_mode_scores_from_live_events() -> None:
         assert (await backend.score(other, [ENGINE])).get(ENGINE, 0.0) == 0.0
     finally:
         publisher.close()
+        await backend.stop()
+
+
+@pytest.mark.parametrize("accept_any", [False, True])
+async def test_in_process_bind_mode_accepts_only_the_pickers_endpoints(accept_any: bool) -> None:
+    # Strict by default: on the bind socket, a topic naming no endpoint of the picker is
+    # dropped and counted; kvEventsConfig.acceptAnyEngine accepts it.
+    port = free_port()
+    kv: dict[str, Any] = {"zmqEndpoint": f"tcp://127.0.0.1:{port}"}
+    if accept_any:
+        kv["acceptAnyEngine"] = True
+    backend = build_backend(params(kvEventsConfig=kv), subscribe_endpoints=knowing(ENGINE))
+    assert isinstance(backend, InProcessIndex)
+    await backend.start()
+    stranger = EventPublisher(f"tcp://127.0.0.1:{port}", topic=f"kv@10.66.0.1:8000@{MODEL}")
+    known = EventPublisher(f"tcp://127.0.0.1:{port}", topic=f"kv@{ENGINE}@{MODEL}")
+    try:
+        await _publish_until_scored(backend, known, ENGINE)
+
+        def refused() -> float:
+            return sample(
+                backend.ingest.metrics,
+                "kvindex_ingest_refused_batches_total",
+                reason="unknown_engine",
+            )
+
+        if accept_any:
+            await _publish_until_scored(backend, stranger, "10.66.0.1:8000")
+            assert refused() == 0
+        else:
+
+            async def counted() -> bool:
+                stranger.publish([block_stored([21, 22, 23, 24], TOKENS, 16)])
+                stranger.flush()
+                return refused() > 0
+
+            await until(counted)
+            got = await backend.score(request(token_ids=TOKENS), ["10.66.0.1:8000"])
+            assert got.get("10.66.0.1:8000", 0.0) == 0.0
+    finally:
+        stranger.close()
+        known.close()
         await backend.stop()
 
 
@@ -146,7 +201,8 @@ async def test_in_process_tokenizes_chat_and_records_speculative(tmp_path: Path)
             tokenProcessorConfig={"tokenizers": {MODEL: str(model_dir)}},
             kvEventsConfig={"zmqEndpoint": f"tcp://127.0.0.1:{port}"},
             speculativeIndexing=True,
-        )
+        ),
+        subscribe_endpoints=knowing(ENGINE),
     )
     await backend.start()
     try:

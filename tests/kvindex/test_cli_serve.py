@@ -42,6 +42,7 @@ def serve(tmp_path: Path) -> Iterator[tuple[int, int, subprocess.Popen[str]]]:
             "serve",
             "--zmq-bind",
             f"tcp://127.0.0.1:{zmq_port}",
+            "--accept-any-engine",
             "--http-host",
             "127.0.0.1",
             "--http-port",
@@ -108,6 +109,7 @@ def test_serve_http_port_in_use() -> None:
             str(port),
             "--zmq-bind",
             f"tcp://127.0.0.1:{free_port()}",
+            "--accept-any-engine",
         ]
     )
     assert result.returncode == 2
@@ -124,11 +126,26 @@ def test_serve_zmq_port_in_use() -> None:
             "127.0.0.1",
             "--zmq-bind",
             f"tcp://127.0.0.1:{port}",
+            "--accept-any-engine",
         ]
     )
     assert result.returncode == 2
     assert f"tcp://127.0.0.1:{port} is in use" in result.stderr
     assert "--zmq-bind" in result.stderr
+
+
+def test_serve_refuses_a_bind_socket_without_discovery() -> None:
+    # Strict by default: with no discovery every event on the bind socket would be dropped;
+    # the service says so at start-up instead of running blind.
+    result = subprocess.run(
+        [*KVINDEX, "serve", "--zmq-bind", f"tcp://127.0.0.1:{free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "--accept-any-engine" in result.stderr
+    assert "--engines-file" in result.stderr
 
 
 def test_serve_bad_config_file(tmp_path: Path) -> None:

@@ -33,7 +33,9 @@ class Ingest:
         self.index = LockedIndex(MemoryIndex())
         self.metrics = KvindexMetrics()
         self.service = IngestService(
-            IngestServiceConfig(zmq_bind=("tcp://127.0.0.1:*",), **config),  # type: ignore[arg-type]
+            IngestServiceConfig(
+                zmq_bind=("tcp://127.0.0.1:*",), **{"accept_any_engine": True, **config}
+            ),  # type: ignore[arg-type]
             self.index,
             metrics=self.metrics,
         )
@@ -57,8 +59,9 @@ class Ingest:
     def seen(self) -> float:
         return (
             metric(self.metrics, "kvindex_ingest_batches_total")
-            + metric(self.metrics, "kvindex_ingest_malformed_frames_total", reason="engine_limit")
-            + metric(self.metrics, "kvindex_ingest_malformed_frames_total", reason="topic_too_long")
+            + metric(self.metrics, "kvindex_ingest_refused_batches_total", reason="engine_limit")
+            + metric(self.metrics, "kvindex_ingest_refused_batches_total", reason="topic_too_long")
+            + metric(self.metrics, "kvindex_ingest_refused_batches_total", reason="unknown_engine")
         )
 
     def close(self) -> None:
@@ -114,9 +117,7 @@ def test_huge_topics_are_dropped_unparsed(ingest: type[Ingest]) -> None:
     ing = ingest()
     deadline = time.monotonic() + 10
     huge = b"kv@10.0.0.1:8000@" + b"m" * (5 << 20)
-    while (
-        metric(ing.metrics, "kvindex_ingest_malformed_frames_total", reason="topic_too_long") == 0
-    ):
+    while metric(ing.metrics, "kvindex_ingest_refused_batches_total", reason="topic_too_long") == 0:
         assert time.monotonic() < deadline
         ing.flooder.send_multipart(frame(huge, 0, PAYLOAD))
         time.sleep(0.05)
@@ -148,7 +149,7 @@ def test_discovered_engines_are_never_given_up(ingest: type[Ingest]) -> None:
     wait_for(lambda: sum(r.discovered for r in ing.service.engine_activity()) == 4)
     ing.flood([b"kv@10.0.0.3:8000@m"])
     ing.flood([b"kv@10.77.0.1:8000@m"])
-    assert metric(ing.metrics, "kvindex_ingest_malformed_frames_total", reason="engine_limit") == 1
+    assert metric(ing.metrics, "kvindex_ingest_refused_batches_total", reason="engine_limit") == 1
     assert "10.77.0.1:8000" not in {r.engine for r in ing.service.engine_activity()}
 
 
@@ -170,3 +171,38 @@ def test_the_c_index_names_its_engine_limit() -> None:
         index.apply("one-more", [Store(Tier.GPU, block)])
     index.purge("e0")  # a slot freed by an engine that left is reused
     index.apply("one-more", [Store(Tier.GPU, block)])
+
+
+def test_strict_by_default_only_discovered_engines_are_indexed(ingest: type[Ingest]) -> None:
+    # The default: on a bind socket, a topic must name an engine discovery knows. Invented
+    # topics keep no state at all; a discovered engine is indexed; a port-less topic
+    # (kv@<ip>@<model>, older llm-d guides) is the one discovered engine on that IP.
+    ing = ingest(accept_any_engine=False)
+    ing.service.update_engines(
+        {
+            "127.0.0.1:8000": EngineEntry(endpoint="127.0.0.1:8000", model="m"),
+            "127.0.0.2:8000": EngineEntry(endpoint="127.0.0.2:8000", model="m"),
+        }
+    )
+    wait_for(lambda: len(ing.service.engine_activity()) == 2)
+    deadline = time.monotonic() + 10
+    while not metric(ing.metrics, "kvindex_ingest_refused_batches_total", reason="unknown_engine"):
+        assert time.monotonic() < deadline
+        ing.flooder.send_multipart(frame(b"kv@10.66.255.255:8000@m", 0, PAYLOAD))
+        time.sleep(0.01)
+    ing.flood([f"kv@10.66.{i >> 8}.{i & 255}:8000@m".encode() for i in range(2000)])
+    assert {r.engine for r in ing.service.engine_activity()} == {"127.0.0.1:8000", "127.0.0.2:8000"}
+    assert ing.index.engines() == []
+    assert metric(ing.metrics, "kvindex_ingest_engines_evicted_total") == 0
+
+    pub = VllmPublisher(ing.endpoint, topic="kv@127.0.0.1:8000@m")
+    portless = VllmPublisher(ing.endpoint, topic="kv@127.0.0.2@m")
+    try:
+        probe(pub, ing.index, "127.0.0.1:8000")
+        probe(portless, ing.index, "127.0.0.2:8000")
+        records = {r.engine: r for r in ing.service.engine_activity()}
+        assert not records["127.0.0.2:8000"].topic_without_port
+        assert "127.0.0.2" not in ing.index.engines()
+    finally:
+        pub.close()
+        portless.close()

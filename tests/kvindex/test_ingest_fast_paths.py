@@ -105,7 +105,9 @@ def test_pending_gauge_follows_held_events_batch_by_batch() -> None:
 
     metrics = KvindexMetrics()
     service = IngestService(
-        IngestServiceConfig(), LockedIndex(MemoryIndex(MemoryIndexConfig())), metrics=metrics
+        IngestServiceConfig(accept_any_engine=True),
+        LockedIndex(MemoryIndex(MemoryIndexConfig())),
+        metrics=metrics,
     )
     topic = b"kv@10.0.0.1:8000@m"
 

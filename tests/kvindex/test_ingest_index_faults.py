@@ -64,6 +64,7 @@ def ingest(redis_server: RedisServerProcess) -> Iterator[IngestService]:
     backend = RedisBackend(index)
     service = IngestService(
         IngestServiceConfig(
+            accept_any_engine=True,
             replay_endpoints={ENGINE: "tcp://127.0.0.1:1"},  # requests queue; we answer
             health_check_interval_s=0.0,
             replay_timeout_s=60.0,
@@ -172,7 +173,9 @@ def test_a_hung_redis_that_resumes_with_its_data_gets_a_recovery_replay(
     )
     service = IngestService(
         IngestServiceConfig(
-            replay_endpoints={ENGINE: "tcp://127.0.0.1:1"}, health_check_interval_s=0.0
+            accept_any_engine=True,
+            replay_endpoints={ENGINE: "tcp://127.0.0.1:1"},
+            health_check_interval_s=0.0,
         ),
         LockedIndex(RedisBackend(index)),
     )
@@ -214,7 +217,8 @@ def test_an_engine_that_leaves_while_redis_is_down_is_purged_once_it_is_back(
     index = RedisIndex.from_url(server.url, prefix=unique_prefix(), backoff_max_s=0.05)
     publisher = EventPublisher("tcp://127.0.0.1:*", topic=TOPIC.decode())
     service = IngestService(
-        IngestServiceConfig(health_check_interval_s=0.0), LockedIndex(RedisBackend(index))
+        IngestServiceConfig(accept_any_engine=True, health_check_interval_s=0.0),
+        LockedIndex(RedisBackend(index)),
     )
     service.expect_discovery()
     service.start()

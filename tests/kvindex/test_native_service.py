@@ -29,6 +29,7 @@ async def test_events_over_zmq_reach_the_native_index() -> None:
         backend="native",
         default_model="m",
         zmq_bind=["tcp://127.0.0.1:*"],
+        accept_any_engine=True,
         http_host="127.0.0.1",
         http_port=0,
     )

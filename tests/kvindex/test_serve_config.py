@@ -23,6 +23,7 @@ def parse(*argv: str) -> ServiceConfig:
 def test_flags_and_file_give_the_same_config(tmp_path: Path) -> None:
     flags = parse(
         "--zmq-bind", "tcp://127.0.0.1:5557",
+        "--accept-any-engine",
         "--backend", "redis",
         "--redis-url", "redis://127.0.0.1:6390/2",
         "--redis-prefix", "team-a",
@@ -37,7 +38,7 @@ def test_flags_and_file_give_the_same_config(tmp_path: Path) -> None:
     )  # fmt: skip
     config_file = tmp_path / "kvindex.yaml"
     config_file.write_text(
-        "zmq_bind: [tcp://127.0.0.1:5557]\nbackend: redis\nredis-url: redis://127.0.0.1:6390/2\n"
+        "zmq_bind: [tcp://127.0.0.1:5557]\naccept_any_engine: true\nbackend: redis\nredis-url: redis://127.0.0.1:6390/2\n"
         "redis_prefix: team-a\nredis_ttl_s: 120\ntokenizers: {m: /models/m}\n"
         "lora_adapters: {sql: m}\ntier_weights: {gpu: 1.0, cpu: 0.7, storage: 0.25}\n"
         "max_prompt_tokens: 8192\nspeculative_ttl_s: 0.5\nblock_size: 32\n"
@@ -74,7 +75,7 @@ def test_map_flags_merge_over_the_file(tmp_path: Path) -> None:
 )
 def test_bad_values_name_the_flag(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        parse("--zmq-bind", "tcp://127.0.0.1:5557", *argv)
+        parse("--zmq-bind", "tcp://127.0.0.1:5557", "--accept-any-engine", *argv)
 
 
 def test_tokenizer_failures_are_assembly_errors_naming_the_fix(tmp_path: Path) -> None:

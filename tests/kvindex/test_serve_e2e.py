@@ -34,7 +34,7 @@ ADAPTER = "demo-lora"
 ENGINE_A = "127.0.0.1:8001"
 ENGINE_B = "127.0.0.1:8002"
 SILENT = "127.0.0.1:8009"  # in the engines file, never publishes
-NO_PORT = "127.0.0.1"  # publishes with a topic that names no port
+NO_PORT = "127.0.0.9"  # publishes with a topic that names no port (no discovered engine on it)
 BS = 16
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 12
 MESSAGES = [
@@ -85,6 +85,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         [
             "--zmq-bind",
             sub_endpoint,
+            "--accept-any-engine",
             "--zmq-connect",
             no_port.bound_endpoint,
             "--engines-file",
@@ -266,6 +267,7 @@ def test_a_tokenizer_that_cannot_load_fails_fast(tmp_path: Path) -> None:
             "0",
             "--zmq-bind",
             "tcp://127.0.0.1:*",
+            "--accept-any-engine",
             "--tokenizer",
             f"m={tmp_path / 'missing'}",
         ],

@@ -27,7 +27,9 @@ class DegradableIndex(MemoryIndex):
 
 
 async def test_http_endpoints_and_hooks() -> None:
-    config = ServiceConfig(zmq_bind=["tcp://127.0.0.1:*"], http_host="127.0.0.1", http_port=0)
+    config = ServiceConfig(
+        zmq_bind=["tcp://127.0.0.1:*"], accept_any_engine=True, http_host="127.0.0.1", http_port=0
+    )
     backend = DegradableIndex()
     service = IndexService(config, index=backend)
 

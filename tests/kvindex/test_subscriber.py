@@ -65,7 +65,9 @@ def harness_factory() -> Iterator[type[Harness]]:
 
 @pytest.fixture
 def bind(harness_factory: type[Harness]) -> Harness:
-    return harness_factory(IngestServiceConfig(zmq_bind=("tcp://127.0.0.1:*",)))
+    return harness_factory(
+        IngestServiceConfig(accept_any_engine=True, zmq_bind=("tcp://127.0.0.1:*",))
+    )
 
 
 @pytest.mark.parametrize("encoding", ["map", "array"])
@@ -92,7 +94,11 @@ def test_gap_repaired_by_replay(harness_factory: type[Harness]) -> None:
     replay_port = free_port()
     replay = f"tcp://127.0.0.1:{replay_port}"
     h = harness_factory(
-        IngestServiceConfig(zmq_bind=("tcp://127.0.0.1:*",), replay_endpoints={ENGINE: replay})
+        IngestServiceConfig(
+            accept_any_engine=True,
+            zmq_bind=("tcp://127.0.0.1:*",),
+            replay_endpoints={ENGINE: replay},
+        )
     )
     pub = h.publisher(replay_endpoint=f"tcp://127.0.0.1:{replay_port}")
     probe(pub, h.index, ENGINE)
@@ -115,6 +121,7 @@ def test_replay_reply_forms(harness_factory: type[Harness], reply_form: str) -> 
     port = free_port()
     h = harness_factory(
         IngestServiceConfig(
+            accept_any_engine=True,
             zmq_bind=("tcp://127.0.0.1:*",),
             replay_endpoints={ENGINE: f"tcp://127.0.0.1:{port}"},
         )
@@ -133,6 +140,7 @@ def test_replay_unavailable_times_out_counts_loss_and_continues(
     dead = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
     h = harness_factory(
         IngestServiceConfig(
+            accept_any_engine=True,
             zmq_bind=("tcp://127.0.0.1:*",),
             replay_endpoints={ENGINE: dead},
             replay_timeout_s=0.3,
@@ -177,6 +185,7 @@ def test_unknown_parent_resolved_by_replay(harness_factory: type[Harness]) -> No
     port = free_port()
     h = harness_factory(
         IngestServiceConfig(
+            accept_any_engine=True,
             zmq_bind=("tcp://127.0.0.1:*",),
             replay_endpoints={ENGINE: f"tcp://127.0.0.1:{port}"},
         )
@@ -272,7 +281,9 @@ def test_connect_mode_tcp_and_ipc(harness_factory: type[Harness], tmp_path: Path
     )
     ipc_pub = VllmPublisher(f"ipc://{tmp_path}/engine.sock", topic="kv@10.0.0.2:8000@m")
     tcp_endpoint = tcp_pub.endpoint.replace("0.0.0.0", "127.0.0.1")
-    h = harness_factory(IngestServiceConfig(zmq_connect=(tcp_endpoint, ipc_pub.endpoint)))
+    h = harness_factory(
+        IngestServiceConfig(accept_any_engine=True, zmq_connect=(tcp_endpoint, ipc_pub.endpoint))
+    )
     h.publishers += [tcp_pub, ipc_pub]
     probe(tcp_pub, h.index, "10.0.0.1:8000")
     probe(ipc_pub, h.index, "10.0.0.2:8000")
@@ -288,7 +299,9 @@ def test_bind_address_in_use_raises_on_open() -> None:
     holder = ctx.socket(zmq.SUB)
     holder.bind("tcp://127.0.0.1:*")
     taken = holder.getsockopt_string(zmq.LAST_ENDPOINT)
-    service = IngestService(IngestServiceConfig(zmq_bind=(taken,)), MemoryIndex())
+    service = IngestService(
+        IngestServiceConfig(accept_any_engine=True, zmq_bind=(taken,)), MemoryIndex()
+    )
     try:
         with pytest.raises(zmq.ZMQError) as info:
             service.open()
@@ -302,6 +315,7 @@ def test_replay_socket_recreated_after_failure(harness_factory: type[Harness]) -
     port = free_port()
     h = harness_factory(
         IngestServiceConfig(
+            accept_any_engine=True,
             zmq_bind=("tcp://127.0.0.1:*",),
             replay_endpoints={ENGINE: f"tcp://127.0.0.1:{port}"},
             replay_timeout_s=0.3,
@@ -321,7 +335,9 @@ def test_replay_socket_recreated_after_failure(harness_factory: type[Harness]) -
 
 
 def test_bind_mode_over_ipc(harness_factory: type[Harness], tmp_path: Path) -> None:
-    h = harness_factory(IngestServiceConfig(zmq_bind=(f"ipc://{tmp_path}/kvindex.sock",)))
+    h = harness_factory(
+        IngestServiceConfig(accept_any_engine=True, zmq_bind=(f"ipc://{tmp_path}/kvindex.sock",))
+    )
     # vLLM binds ipc endpoints itself, so connect a raw PUB carrying the same wire format.
     pub = zmq.Context.instance().socket(zmq.PUB)
     pub.setsockopt(zmq.LINGER, 0)
@@ -363,7 +379,9 @@ def test_restart_detected_when_first_batches_after_it_are_lost(bind: Harness) ->
 def test_connect_mode_reconnects_to_restarted_engine(harness_factory: type[Harness]) -> None:
     port = free_port()
     first = VllmPublisher(f"tcp://*:{port}")
-    h = harness_factory(IngestServiceConfig(zmq_connect=(f"tcp://127.0.0.1:{port}",)))
+    h = harness_factory(
+        IngestServiceConfig(accept_any_engine=True, zmq_connect=(f"tcp://127.0.0.1:{port}",))
+    )
     h.publishers.append(first)
     probe(first, h.index, ENGINE)
     for _ in range(6):

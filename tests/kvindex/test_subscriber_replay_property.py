@@ -79,7 +79,9 @@ def test_any_drop_pattern_is_repaired(plan: list[Step]) -> None:
     metrics = KvindexMetrics()
     service = IngestService(
         IngestServiceConfig(
-            zmq_bind=("tcp://127.0.0.1:*",), replay_endpoints={ENGINE: f"tcp://127.0.0.1:{port}"}
+            accept_any_engine=True,
+            zmq_bind=("tcp://127.0.0.1:*",),
+            replay_endpoints={ENGINE: f"tcp://127.0.0.1:{port}"},
         ),
         index,
         metrics=metrics,

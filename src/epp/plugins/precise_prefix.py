@@ -69,6 +69,9 @@ class KVEventsConfig:
     engine_type: str = "vllm"
     discover_pods: bool = False
     pod_discovery: PodDiscoveryConfig = PodDiscoveryConfig()
+    # Ours, not llm-d's: accept events on the bind socket from any topic instead of only from
+    # the picker's endpoints (docs/security.md).
+    accept_any_engine: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -122,6 +125,7 @@ def parse_precise_params(params: Params) -> PrecisePrefixParams:
         engine_type=kv.string("engineType", "vllm", choices=("vllm", "sglang")),
         discover_pods=kv.boolean("discoverPods", False),
         pod_discovery=pod_discovery,
+        accept_any_engine=kv.boolean("acceptAnyEngine", False),
         extra=kv.remaining(),
     )
     tiers = params.nested("tierWeights")

@@ -78,6 +78,7 @@ class InProcessIndex:
             IngestServiceConfig(
                 zmq_bind=() if kv.discover_pods else (kv.zmq_endpoint or DEFAULT_BIND,),
                 topic_filter=kv.topic_filter,
+                accept_any_engine=kv.accept_any_engine,
             ),
             self.index,
             self.indexer.config.ingest_config(),
@@ -90,7 +91,9 @@ class InProcessIndex:
         self.indexer.load_tokenizers()  # a tokenizer that cannot load fails the start
         self.ingest.open()
         self.ingest.start()
-        if self._discover and self._subscribe_endpoints is not None:
+        if self._subscribe_endpoints is not None:
+            # The picker's endpoints are the engines the index knows: with discoverPods it
+            # connects to each; on the bind socket only their topics are accepted.
             self.ingest.expect_discovery()
             self._subscribe_endpoints(self._endpoints_changed)
 
@@ -100,7 +103,10 @@ class InProcessIndex:
 
     def _endpoints_changed(self, endpoints: Sequence[Endpoint]) -> None:
         entries: Mapping[str, EngineEntry] = {
-            ep.key: EngineEntry(endpoint=ep.key, zmq=f"tcp://{ep.address}:{self._socket_port}")
+            ep.key: EngineEntry(
+                endpoint=ep.key,
+                zmq=f"tcp://{ep.address}:{self._socket_port}" if self._discover else None,
+            )
             for ep in endpoints
         }
         self.ingest.update_engines(entries)

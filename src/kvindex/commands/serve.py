@@ -62,6 +62,13 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
     add("--topic-filter", help="SUB topic prefix (default kv@)")
     add("--dp-port-stride", type=int, help="port step between DP ranks (default 1; 0: same)")
     add(
+        "--accept-any-engine",
+        action="store_true",
+        default=None,
+        help="accept events on --zmq-bind from any topic, not only from engines discovery "
+        "names (anyone who reaches the port can then add engines; docs/security.md)",
+    )
+    add(
         "--max-engines",
         type=int,
         help=f"engines tracked at once; events of a new one beyond are dropped and counted "
@@ -127,7 +134,8 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
     add(
         "--k8s-socket-port",
         type=int,
-        help=f"engine ZMQ PUB port (default {DEFAULT_KV_EVENTS_PORT})",
+        help=f"engine ZMQ PUB port to connect to (default {DEFAULT_KV_EVENTS_PORT}; 0: do not "
+        "connect, the engines connect to --zmq-bind)",
     )
     add("--k8s-replay-port", type=int, help="engine replay ROUTER port (default none)")
     add("--log-level", help="debug, info, warning, error (default info)")
@@ -153,6 +161,7 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
             "topic_filter",
             "dp_port_stride",
             "max_engines",
+            "accept_any_engine",
             "block_size",
             "default_model",
             "index_groups",

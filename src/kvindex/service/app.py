@@ -93,6 +93,7 @@ def ingest_service_config(config: ServiceConfig) -> IngestServiceConfig:
         replay_timeout_s=config.replay_timeout_s,
         repair_interval_s=config.repair_interval_s,
         max_engines=config.max_engines,
+        accept_any_engine=config.accept_any_engine,
     )
 
 
