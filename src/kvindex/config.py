@@ -22,6 +22,7 @@ from kvindex.discovery import EngineEntry
 from kvindex.engines import DEFAULT_KV_EVENTS_PORT, DEFAULT_MAX_ENGINES, MAX_ENGINES_LIMIT
 from kvindex.errors import ConfigError
 from kvindex.keys import DEFAULT_BLOCK_SIZE
+from kvindex.sources import parse_networks
 
 __all__ = [
     "DEFAULT_HTTP_PORT",
@@ -64,8 +65,10 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     repair_interval_s: float = 30.0
     # engines (topics) tracked at once; a new one beyond is refused and counted
     max_engines: int = DEFAULT_MAX_ENGINES
-    # strict by default: events on a bind socket only from engines discovery names
+    # strict by default: events on a bind socket only from engines discovery names, each
+    # published from its own address or from one of these networks (CIDR)
     accept_any_engine: bool = False
+    allow_sources: list[str] = msgspec.field(default_factory=list)
     # discovery
     engines_file: str | None = None
     engines_file_interval_s: float = 1.0
@@ -262,6 +265,10 @@ def _validate(config: ServiceConfig) -> None:
             "engines (engines in the config file, --engines-file, Kubernetes) or pass "
             "--accept-any-engine to accept any topic (docs/security.md)",
         )
+    try:
+        parse_networks(config.allow_sources)
+    except ValueError as exc:
+        raise bad("allow_sources", "zmq-allow-source", str(exc)) from None
     if not 1 <= config.max_engines <= MAX_ENGINES_LIMIT:
         raise bad("max_engines", "max-engines", f"must be in [1, {MAX_ENGINES_LIMIT}]")
     if not 0 <= config.http_port < 65536:

@@ -57,6 +57,7 @@ from kvindex.index.base import BlockIndex, Clear
 from kvindex.index.redis import IndexUnavailable
 from kvindex.ingest import EventApplier, IngestConfig, SeqAction, SequenceTracker
 from kvindex.metrics import EngineSeries, KvindexMetrics
+from kvindex.sources import PeerCheck, parse_networks, resolve_host
 from kvindex.subscriber import (
     BadMessage,
     LiveMessage,
@@ -95,6 +96,10 @@ class IngestServiceConfig:
     # sockets this service connects itself (zmq_connect, discovered zmq endpoints) are
     # trusted. True: any topic is an engine (docs/security.md).
     accept_any_engine: bool = False
+    # Strict mode also checks who publishes: a batch on a tcp bind socket must come from
+    # the address of the engine its topic names, or from one of these networks (CIDR; NAT, a
+    # relay beside the engines).
+    allow_sources: tuple[str, ...] = ()
     poll_interval_ms: int = 20
     health_check_interval_s: float = 0.2  # probe of a failed index while engines wait
 
@@ -173,6 +178,7 @@ class IngestService:
         self.applier = EventApplier(index, ingest_config)
         self.metrics = metrics or KvindexMetrics()
         self.tracker = SequenceTracker()
+        self.peers = PeerCheck(parse_networks(config.allow_sources))
         self.subscriber = subscriber or ZmqSubscriber(config.topic_filter)
         self._streams: dict[str, _Stream] = {}
         # Streams of engines no discovery names, least recently active first: the ones given
@@ -419,10 +425,23 @@ class IngestService:
     def _accepts(self, message: LiveMessage, key: str) -> bool:
         """Strict mode: the topic's engine must be one discovery knows, unless the batch came
         on a socket this service connected itself."""
-        if self.config.accept_any_engine or key in self._ranks:
+        if self.config.accept_any_engine or message.source in self.config.zmq_connect:
             return True
-        if message.source in self.config.zmq_connect:
-            return True
+        if key in self._ranks:
+            if message.peer is None or self.peers.allows(key, message.peer):
+                return True
+            self.metrics.refused_batches.labels("wrong_peer").inc()
+            self._warn_once(
+                "wrong_peer",
+                "event=wrong_peer source=%s engine=%.80s peer=%s: a batch for this engine came "
+                "from another address and was dropped (counted in kvindex_ingest_refused_"
+                "batches{reason=wrong_peer}; further ones are not logged). If the engines "
+                "publish through NAT or a relay, allow its network with --zmq-allow-source",
+                message.source,
+                key,
+                message.peer,
+            )
+            return False
         self.metrics.refused_batches.labels("unknown_engine").inc()
         self._warn_once(
             "unknown_engine",
@@ -875,6 +894,14 @@ class IngestService:
         self._ranks = ranks
         for key in ranks:
             self._undiscovered.pop(key, None)
+        resolved: dict[str, frozenset[str]] = {}
+        for key in ranks:
+            host = _host_of(key)
+            if host is not None and host not in resolved:
+                resolved[host] = resolve_host(host)
+        self.peers.set_engines(
+            {key: resolved.get(_host_of(key) or "", frozenset()) for key in ranks}
+        )
         with self._activity_lock:
             for key, record in list(self._activity.items()):
                 record.discovered = key in ranks

@@ -154,6 +154,7 @@ class KvindexMetrics:
             p + "ingest_refused_batches",
             "Batches refused before any state was kept for them, by reason: unknown_engine "
             "(no discovery names the topic's engine; --accept-any-engine accepts it), "
+            "wrong_peer (published from another address than the topic's engine), "
             "engine_limit (max_engines reached by discovered engines), topic_too_long",
             ["reason"],
             registry=r,

@@ -13,7 +13,8 @@ Modes:
 
 * bind: one SUB socket per ``bind`` endpoint; many engines connect their PUB to it (vLLM
   connects when its endpoint has no ``*``). The source is the bind endpoint; engine identity
-  must come from the topic.
+  must come from the topic, and a tcp message also carries its peer's address (``peer``,
+  ZMQ's ``Peer-Address`` property) for the ingest service to check against it.
 * connect: one SUB socket per engine PUB endpoint (``connect``), so each message's source is
   known and identity may come from discovery. ZMQ reconnects SUB sockets by itself.
 
@@ -52,6 +53,7 @@ class LiveMessage:
     source: str  # the bind or connect endpoint the message arrived on
     frame: Frame
     received_at: float
+    peer: str | None = None  # the publisher's address (tcp bind sockets only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,7 @@ class ZmqSubscriber:
         self._replay_stream: dict[zmq.Socket[bytes], str] = {}
         self._replay_endpoint: dict[str, str] = {}
         self.bound: list[str] = []  # actual bind endpoints (wildcard ports resolved)
+        self._tcp_bound: set[zmq.Socket[bytes]] = set()  # messages carry a peer address
         self.closed = False
 
     # -- live sockets ------------------------------------------------------------------------
@@ -123,6 +126,8 @@ class ZmqSubscriber:
         actual = sock.getsockopt_string(zmq.LAST_ENDPOINT) or endpoint
         self._add(actual, sock)
         self.bound.append(actual)
+        if actual.startswith("tcp://"):
+            self._tcp_bound.add(sock)
         return actual
 
     def connect(self, endpoint: str) -> None:
@@ -138,6 +143,7 @@ class ZmqSubscriber:
         if sock is None:
             return
         del self._live[sock]
+        self._tcp_bound.discard(sock)
         self._poller.unregister(sock)
         sock.close(0)
 
@@ -199,6 +205,9 @@ class ZmqSubscriber:
     def _drain_live(
         self, sock: zmq.Socket[bytes], source: str, out: list[SubscriberMessage]
     ) -> None:
+        if sock in self._tcp_bound:
+            self._drain_live_with_peer(sock, source, out)
+            return
         for _ in range(_DRAIN_PER_SOCKET):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -207,6 +216,26 @@ class ZmqSubscriber:
             now = time.time()
             try:
                 out.append(LiveMessage(source, parse_frames(frames), now))
+            except FrameError as exc:
+                out.append(BadMessage(source, _bad_reason(exc), str(exc)))
+
+    def _drain_live_with_peer(
+        self, sock: zmq.Socket[bytes], source: str, out: list[SubscriberMessage]
+    ) -> None:
+        # The first part as a zmq.Frame, for its Peer-Address; the rest as bytes.
+        for _ in range(_DRAIN_PER_SOCKET):
+            try:
+                first = sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            frames = [first.bytes]
+            if first.more:
+                frames.extend(sock.recv_multipart())
+            address = first.get("Peer-Address")
+            peer = address if isinstance(address, str) else None
+            now = time.time()
+            try:
+                out.append(LiveMessage(source, parse_frames(frames), now, peer))
             except FrameError as exc:
                 out.append(BadMessage(source, _bad_reason(exc), str(exc)))
 

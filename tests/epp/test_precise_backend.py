@@ -95,6 +95,11 @@ async def _publish_until_scored(
     await until(scored)
 
 
+# An engine publishing from this machine: on a bind socket its topic must name the address it
+# publishes from (strict admission checks the peer address).
+LOCAL = "127.0.0.1:8000"
+
+
 def knowing(*keys: str) -> Callable[[Callable[[Sequence[Endpoint]], None]], None]:
     """subscribe_endpoints as the picker passes it: the endpoints it routes to."""
 
@@ -108,25 +113,25 @@ async def test_in_process_bind_mode_scores_from_live_events() -> None:
     port = free_port()
     backend = build_backend(
         params(kvEventsConfig={"zmqEndpoint": f"tcp://127.0.0.1:{port}"}),
-        subscribe_endpoints=knowing(ENGINE),
+        subscribe_endpoints=knowing(LOCAL),
     )
     assert isinstance(backend, InProcessIndex)
     await backend.start()
-    publisher = EventPublisher(f"tcp://127.0.0.1:{port}", topic=f"kv@{ENGINE}@{MODEL}")
+    publisher = EventPublisher(f"tcp://127.0.0.1:{port}", topic=f"kv@{LOCAL}@{MODEL}")
     try:
-        await _publish_until_scored(backend, publisher, ENGINE)
+        await _publish_until_scored(backend, publisher, LOCAL)
         # Half the prompt matches after a removal of the third block.
         publisher.publish([BlockRemoved(block_hashes=[13], medium="GPU")])
         publisher.flush()
 
         async def halved() -> bool:
-            got = await backend.score(request(token_ids=TOKENS), [ENGINE, "9.9.9.9:1"])
-            return got == {ENGINE: 0.5, "9.9.9.9:1": 0.0}
+            got = await backend.score(request(token_ids=TOKENS), [LOCAL, "9.9.9.9:1"])
+            return got == {LOCAL: 0.5, "9.9.9.9:1": 0.0}
 
         await until(halved)
         # Another model's request never matches these blocks.
         other = LLMRequest(request_id="o", path="/", model="m2", base_model="m2", token_ids=TOKENS)
-        assert (await backend.score(other, [ENGINE])).get(ENGINE, 0.0) == 0.0
+        assert (await backend.score(other, [LOCAL])).get(LOCAL, 0.0) == 0.0
     finally:
         publisher.close()
         await backend.stop()
@@ -140,13 +145,13 @@ async def test_in_process_bind_mode_accepts_only_the_pickers_endpoints(accept_an
     kv: dict[str, Any] = {"zmqEndpoint": f"tcp://127.0.0.1:{port}"}
     if accept_any:
         kv["acceptAnyEngine"] = True
-    backend = build_backend(params(kvEventsConfig=kv), subscribe_endpoints=knowing(ENGINE))
+    backend = build_backend(params(kvEventsConfig=kv), subscribe_endpoints=knowing(LOCAL))
     assert isinstance(backend, InProcessIndex)
     await backend.start()
     stranger = EventPublisher(f"tcp://127.0.0.1:{port}", topic=f"kv@10.66.0.1:8000@{MODEL}")
-    known = EventPublisher(f"tcp://127.0.0.1:{port}", topic=f"kv@{ENGINE}@{MODEL}")
+    known = EventPublisher(f"tcp://127.0.0.1:{port}", topic=f"kv@{LOCAL}@{MODEL}")
     try:
-        await _publish_until_scored(backend, known, ENGINE)
+        await _publish_until_scored(backend, known, LOCAL)
 
         def refused() -> float:
             return sample(

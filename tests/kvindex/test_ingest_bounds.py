@@ -28,6 +28,12 @@ T = list(range(64))
 PAYLOAD = encode_batch([stored([1], None, list(range(16)))])
 
 
+def from_address(endpoint: str, ip: str) -> str:
+    """``endpoint`` connected from the local address ``ip`` (ZMQ's source-address syntax):
+    engines on several loopback addresses of one machine."""
+    return f"tcp://{ip}:0;{endpoint.removeprefix('tcp://')}"
+
+
 class Ingest:
     def __init__(self, **config: object) -> None:
         self.index = LockedIndex(MemoryIndex())
@@ -196,7 +202,7 @@ def test_strict_by_default_only_discovered_engines_are_indexed(ingest: type[Inge
     assert metric(ing.metrics, "kvindex_ingest_engines_evicted_total") == 0
 
     pub = VllmPublisher(ing.endpoint, topic="kv@127.0.0.1:8000@m")
-    portless = VllmPublisher(ing.endpoint, topic="kv@127.0.0.2@m")
+    portless = VllmPublisher(from_address(ing.endpoint, "127.0.0.2"), topic="kv@127.0.0.2@m")
     try:
         probe(pub, ing.index, "127.0.0.1:8000")
         probe(portless, ing.index, "127.0.0.2:8000")
@@ -206,3 +212,63 @@ def test_strict_by_default_only_discovered_engines_are_indexed(ingest: type[Inge
     finally:
         pub.close()
         portless.close()
+
+
+@pytest.mark.parametrize("attack", ["poison", "wipe", "freeze"])
+def test_forged_batches_for_a_known_engine_are_refused(ingest: type[Ingest], attack: str) -> None:
+    # Strict by default: a host that reaches the bind port publishes under a real engine's
+    # topic. The batch comes from another address than the engine's, so it is dropped and
+    # counted, and the engine's own batches go on being applied.
+    ing = ingest(accept_any_engine=False)
+    engine = "127.0.0.1:8000"
+    ing.service.update_engines({engine: EngineEntry(endpoint=engine, model="m")})
+    wait_for(lambda: len(ing.service.engine_activity()) == 1)
+    real = VllmPublisher(ing.endpoint, topic=f"kv@{engine}@m")
+    forger = ing.context.socket(zmq.PUB)
+    forger.connect(from_address(ing.endpoint, "127.0.0.2"))
+    try:
+        probe(real, ing.index, engine)
+        real.publish(stored([11, 12], None, T[:32]))
+        wait_for(lambda: ing.index.lookup(keys_for(T[:32])).get(engine) is not None)
+        last = real.seq - 1
+        forged = {
+            # claims a prompt the engine does not hold, with its next seq
+            "poison": (last + 1, encode_batch([stored([91, 92, 93, 94], None, T)])),
+            # an empty batch with seq 0: would be taken as a restart and clear the engine
+            "wipe": (0, encode_batch([])),
+            # a jump far ahead: the engine's real batches would then count as duplicates
+            "freeze": (2 * (last + 1) + 1000, encode_batch([])),
+        }[attack]
+        topic = f"kv@{engine}@m".encode()
+
+        def refused() -> float:
+            return metric(ing.metrics, "kvindex_ingest_refused_batches_total", reason="wrong_peer")
+
+        deadline = time.monotonic() + 10
+        while not refused():
+            assert time.monotonic() < deadline
+            forger.send_multipart(frame(topic, *forged))
+            time.sleep(0.01)
+        # Nothing of the forgery is in the index; the engine's blocks are intact.
+        assert ing.index.lookup(keys_for(T)).get(engine).blocks == 2  # type: ignore[union-attr]
+        # The engine's next batch (the seq the poison tried to take) is applied.
+        real.publish(stored([13, 14], 12, T[32:64]))
+        wait_for(lambda: (m := ing.index.lookup(keys_for(T)).get(engine)) and m.blocks == 4)
+        assert metric(ing.metrics, "kvindex_ingest_duplicate_batches_total") == 0
+    finally:
+        real.close()
+        forger.close(linger=0)
+
+
+def test_allowed_networks_may_publish_for_discovered_engines(ingest: type[Ingest]) -> None:
+    # Engines behind NAT or a relay publish from another address: --zmq-allow-source.
+    ing = ingest(accept_any_engine=False, allow_sources=("127.0.0.3/32",))
+    engine = "127.0.0.1:8000"
+    ing.service.update_engines({engine: EngineEntry(endpoint=engine, model="m")})
+    wait_for(lambda: len(ing.service.engine_activity()) == 1)
+    relay = VllmPublisher(from_address(ing.endpoint, "127.0.0.3"), topic=f"kv@{engine}@m")
+    try:
+        probe(relay, ing.index, engine)
+    finally:
+        relay.close()
+    assert metric(ing.metrics, "kvindex_ingest_refused_batches_total", reason="wrong_peer") == 0

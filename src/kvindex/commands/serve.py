@@ -69,6 +69,13 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
         "names (anyone who reaches the port can then add engines; docs/security.md)",
     )
     add(
+        "--zmq-allow-source",
+        action="append",
+        metavar="CIDR",
+        help="network whose hosts may publish for any discovered engine on --zmq-bind "
+        "(repeatable; default: each engine only from its own address)",
+    )
+    add(
         "--max-engines",
         type=int,
         help=f"engines tracked at once; events of a new one beyond are dropped and counted "
@@ -178,6 +185,7 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
             "max_prompt_tokens",
         )
     }
+    overrides["allow_sources"] = args.zmq_allow_source
     overrides["redis_ttl_s"] = args.redis_ttl
     overrides["speculative_ttl_s"] = args.speculative_ttl
     overrides["replay_endpoints"] = parse_replay_flags(args.replay_endpoint)

@@ -94,6 +94,7 @@ def ingest_service_config(config: ServiceConfig) -> IngestServiceConfig:
         repair_interval_s=config.repair_interval_s,
         max_engines=config.max_engines,
         accept_any_engine=config.accept_any_engine,
+        allow_sources=tuple(config.allow_sources),
     )
 
 
