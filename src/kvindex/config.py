@@ -69,6 +69,9 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # published from its own address or from one of these networks (CIDR)
     accept_any_engine: bool = False
     allow_sources: list[str] = msgspec.field(default_factory=list)
+    # a file holding the bearer token /v1/speculative, /v1/debug and gRPC RecordSpeculative
+    # require (e.g. a mounted Kubernetes Secret); None: those calls are open
+    api_token_file: str | None = None
     # discovery
     engines_file: str | None = None
     engines_file_interval_s: float = 1.0
@@ -242,6 +245,18 @@ def load_config(
         raise ConfigError(_describe(exc, None, "flags")) from exc
     _validate(config)
     return config
+
+
+def read_token_file(path: str | Path, flag: str) -> str:
+    """The token in ``path`` (surrounding whitespace dropped); ConfigError naming ``flag``
+    when it cannot be read or is empty."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{flag} {path}: cannot read the token: {exc}") from None
+    if not token:
+        raise ConfigError(f"{flag} {path}: the file is empty")
+    return token
 
 
 def _has_discovery(config: ServiceConfig) -> bool:

@@ -23,6 +23,7 @@ MODELS = {
     ("apps/v1", "StatefulSet"): "V1StatefulSet",
     ("rbac.authorization.k8s.io/v1", "Role"): "V1Role",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "V1RoleBinding",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "V1NetworkPolicy",
 }
 _PRIMITIVES: dict[str, tuple[type, ...]] = {
     "str": (str,),

@@ -390,3 +390,34 @@ def test_sidecar_index_runs_strict_with_pod_discovery() -> None:
     assert config.kubernetes.replay_port == 5558
     assert config.kubernetes.label_selector == "app=vllm-qwen3"
     assert {e["name"] for e in index.get("env", [])} >= {"POD_NAMESPACE"}
+
+
+@pytest.mark.parametrize("overlay", ["in-memory", "index-sidecar"])
+def test_only_engine_pods_reach_the_event_port(overlay: str) -> None:
+    # The NetworkPolicy admits port 5557 from the engine pods alone, and the picker's other
+    # ports from anywhere; its selectors match the picker's and the engines' pod labels.
+    objects = render(DEPLOY / "overlays" / overlay)
+    (policy,) = _by_kind(objects, "NetworkPolicy")
+    picker = _one(objects, "Deployment", "epp")
+    vllm = next(o for o in _by_kind(objects, "Deployment") if o["metadata"]["name"] != "epp")
+    pod_labels = picker["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    by_port: dict[int, list[Any]] = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            by_port.setdefault(port["port"], []).append(rule.get("from"))
+    (sources,) = by_port.pop(5557)
+    engine_labels = vllm["spec"]["template"]["metadata"]["labels"]
+    assert [s["podSelector"]["matchLabels"] for s in sources] == [
+        {k: engine_labels[k] for k in sources[0]["podSelector"]["matchLabels"]}
+    ]
+    assert set(by_port) == {9002, 9003, 9090}
+    assert all(f is None for froms in by_port.values() for f in froms)
+    # Every port the picker pod listens on for others is covered by a rule.
+    listening = {
+        p["containerPort"]
+        for c in _containers(picker)
+        for p in c.get("ports", [])
+        if p["containerPort"] not in (8080, 50051)  # the sidecar index's: localhost clients
+    }
+    assert listening <= {5557, 9002, 9003, 9090}

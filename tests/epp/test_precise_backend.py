@@ -261,3 +261,14 @@ async def test_remote_index_down_scores_nothing() -> None:
         assert codes & {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
     finally:
         await backend.stop()
+
+
+def test_remote_index_token_file(tmp_path: Path) -> None:
+    # The sidecar's --api-token-file: the picker sends it with RecordSpeculative.
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    remote = {"address": "h:1", "tokenFile": str(token)}
+    assert backend_options(params(indexerConfig={"remoteIndex": remote})).remote_token == "s3cret"
+    missing = {"address": "h:1", "tokenFile": str(tmp_path / "missing")}
+    with pytest.raises(ConfigError, match="tokenFile"):
+        backend_options(params(indexerConfig={"remoteIndex": missing}))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -19,6 +20,7 @@ from kvindex.scoring import Scorer
 from kvindex.service.assembly import KvindexServer
 from kvindex.service.score_api import ScoreMetrics, ScoreService
 from kvindex.service.score_http import add_score_routes, engine_key_of_url
+from kvindex.speculative import SpeculativeIndex
 
 MODEL = "deepseek-ai/DeepSeek-V3"
 TEXT = "The quarterly numbers show steady growth across every region. " * 4
@@ -171,3 +173,98 @@ def test_the_service_knows_only_engines_the_ingest_knows() -> None:
         assert not server.score.knows("10.66.0.1:8000")
     finally:
         server.service.ingest.subscriber.close()
+
+
+@pytest.fixture
+async def guarded() -> AsyncIterator[tuple[TestClient, ScoreMetrics, ScoreService]]:
+    metrics = ScoreMetrics()
+    service = ScoreService(
+        Scorer(MemoryIndex(), speculative=SpeculativeIndex()),
+        Registry({MODEL: deepseek()}),
+        metrics=metrics,
+        known_engines=lambda: {"10.0.0.1:8000"},
+        write_token="s3cret",
+    )
+    app = web.Application()
+    add_score_routes(app, service)
+    client = TestClient(TestServer(app, host="127.0.0.1", port=0))
+    await client.start_server()
+    try:
+        yield client, metrics, service
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    "header", [None, "Bearer wrong", "s3cret", "Basic czNjcmV0", "Bearer  s3cret x"]
+)
+async def test_write_and_debug_need_the_token(
+    guarded: tuple[TestClient, ScoreMetrics, ScoreService], header: str | None
+) -> None:
+    client, metrics, _ = guarded
+    headers = {} if header is None else {"Authorization": header}
+    body = {"engine": "10.0.0.1:8000", "model": MODEL, "prompt": TEXT}
+    for method, path in (("POST", "/v1/speculative"), ("POST", "/v1/debug")):
+        response = await client.request(method, path, json=body, headers=headers)
+        assert response.status == 401
+        assert (await response.json())["error"]["reason"] == "unauthorized"
+    response = await client.get("/v1/debug", params={"model": MODEL}, headers=headers)
+    assert response.status == 401
+    # Reads stay open.
+    response = await client.post("/v1/score", json={"model": MODEL, "prompt": TEXT})
+    assert response.status == 200
+    errors = [
+        s.value
+        for m in metrics.registry.collect()
+        for s in m.samples
+        if s.name == "kvindex_score_errors_total" and s.labels.get("reason") == "unauthorized"
+    ]
+    assert sum(errors) == 3
+
+
+async def test_the_right_token_is_accepted_over_http_and_grpc(
+    guarded: tuple[TestClient, ScoreMetrics, ScoreService],
+) -> None:
+    import grpc
+
+    from kvindex._proto.kvindex.v1 import kvindex_pb2, kvindex_pb2_grpc
+    from kvindex.service.grpc_server import build_grpc_server
+
+    client, _, service = guarded
+    auth = {"Authorization": "Bearer s3cret"}
+    body = {"engine": "10.0.0.1:8000", "model": MODEL, "prompt": TEXT}
+    assert (await client.post("/v1/speculative", json=body, headers=auth)).status == 200
+    assert (await client.post("/v1/debug", json=body, headers=auth)).status == 200
+    server = build_grpc_server(service)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = kvindex_pb2_grpc.KVIndexStub(channel)
+            request = kvindex_pb2.RecordSpeculativeRequest(
+                engine="10.0.0.1:8000", model=MODEL, token_ids=list(range(32))
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.RecordSpeculative(request)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            reply = await stub.RecordSpeculative(
+                request, metadata=(("authorization", "Bearer s3cret"),)
+            )
+            assert reply.recorded_blocks == 2
+    finally:
+        await server.stop(None)
+
+
+def test_the_token_comes_from_a_file(tmp_path: Path) -> None:
+    from kvindex.config import ConfigError, read_token_file
+
+    path = tmp_path / "token"
+    path.write_text("  s3cret\n")
+    assert read_token_file(path, "--api-token-file") == "s3cret"
+    path.write_text("\n")
+    with pytest.raises(ConfigError, match=r"--api-token-file .* empty"):
+        read_token_file(path, "--api-token-file")
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_token_file(tmp_path / "missing", "--api-token-file")
+    with pytest.raises(ConfigError, match="--api-token-file"):
+        KvindexServer(ServiceConfig(speculative_ttl_s=0, api_token_file=str(tmp_path / "x")))

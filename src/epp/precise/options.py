@@ -11,6 +11,8 @@ from typing import Any
 
 from epp.framework.config import ConfigError
 from epp.plugins.precise_prefix import PrecisePrefixParams
+from kvindex.config import ConfigError as KVIndexConfigError
+from kvindex.config import read_token_file
 
 PLUGIN = "precise-prefix-cache-scorer"
 
@@ -22,6 +24,8 @@ class BackendOptions:
     lora_to_base: Mapping[str, str] = field(default_factory=dict)
     remote_address: str = ""  # host:port of a kvindex sidecar's gRPC port
     remote_timeout_s: float = 0.05
+    # the sidecar's bearer token (its --api-token-file), read from remoteIndex.tokenFile
+    remote_token: str | None = None
     default_model: str = ""  # model of engines whose topic names none
     redis_address: str = ""  # redis://... (or host:port): the index lives in Redis
     in_memory_size: int = 100_000_000
@@ -60,11 +64,21 @@ def backend_options(params: PrecisePrefixParams) -> BackendOptions:
         timeout = remote.get("timeoutMs", 50)
         if not isinstance(timeout, int | float) or timeout <= 0:
             raise ConfigError(f"{PLUGIN}: indexerConfig.remoteIndex.timeoutMs must be > 0")
-        unknown = set(remote) - {"address", "timeoutMs"}
+        unknown = set(remote) - {"address", "timeoutMs", "tokenFile"}
         if unknown:
             raise ConfigError(f"{PLUGIN}: indexerConfig.remoteIndex: unknown {sorted(unknown)}")
+        token_file = remote.get("tokenFile")
+        token = None
+        if token_file is not None:
+            try:
+                token = read_token_file(str(token_file), "indexerConfig.remoteIndex.tokenFile")
+            except KVIndexConfigError as exc:
+                raise ConfigError(f"{PLUGIN}: {exc}") from None
         options = dataclasses.replace(
-            options, remote_address=remote["address"], remote_timeout_s=float(timeout) / 1000.0
+            options,
+            remote_address=remote["address"],
+            remote_timeout_s=float(timeout) / 1000.0,
+            remote_token=token,
         )
     for where, rest in (
         ("tokenProcessorConfig", tp),

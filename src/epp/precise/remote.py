@@ -36,6 +36,10 @@ class RemoteIndex:
     ) -> None:
         self.params = params
         self.address = options.remote_address
+        token = options.remote_token
+        self._auth: tuple[tuple[str, str], ...] = (
+            () if token is None else (("authorization", f"Bearer {token}"),)
+        )
         self.timeout_s = options.remote_timeout_s
         self.tokenizers = (
             TokenizerRegistry(options.tokenizers, options.lora_to_base)
@@ -127,7 +131,9 @@ class RemoteIndex:
 
     async def _record(self, message: Any) -> None:
         try:
-            await self._stub.RecordSpeculative(message, timeout=self.timeout_s * 4)
+            await self._stub.RecordSpeculative(
+                message, timeout=self.timeout_s * 4, metadata=self._auth
+            )
         except grpc.aio.AioRpcError as exc:
             self.failures.labels("RecordSpeculative", exc.code().name).inc()
 

@@ -16,8 +16,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from kvindex.config import DEFAULT_HTTP_PORT
-from kvindex.errors import KVIndexError
+from kvindex.config import DEFAULT_HTTP_PORT, read_token_file
+from kvindex.errors import ConfigError, KVIndexError
 
 __all__ = ["fetch_report", "register", "render_report"]
 
@@ -55,6 +55,11 @@ def register(subparsers: Any) -> None:
         default=[],
         help="engine base URL (http://ip:port) to cross-check token ids via its /tokenize; "
         "repeatable",
+    )
+    parser.add_argument(
+        "--api-token-file",
+        type=Path,
+        help="file holding the index's bearer token (when it runs with --api-token-file)",
     )
     parser.add_argument("--json", action="store_true", help="print the raw JSON report")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
@@ -98,13 +103,15 @@ def build_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
-def fetch_report(index_url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+def fetch_report(
+    index_url: str, body: dict[str, Any], timeout: float, token: str | None = None
+) -> dict[str, Any]:
     url = index_url.rstrip("/") + "/v1/debug"
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
+        url, data=json.dumps(body).encode(), headers=headers, method="POST"
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -220,8 +227,13 @@ def render_report(report: dict[str, Any], console: Console, max_blocks: int = 40
 def run(args: argparse.Namespace) -> int:
     console = Console()
     try:
-        report = fetch_report(args.index_url, build_body(args), args.timeout)
-    except DoctorError as exc:
+        token = (
+            None
+            if args.api_token_file is None
+            else read_token_file(args.api_token_file, "--api-token-file")
+        )
+        report = fetch_report(args.index_url, build_body(args), args.timeout, token)
+    except (DoctorError, ConfigError) as exc:
         print(f"kvindex doctor: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -69,6 +69,12 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
         "names (anyone who reaches the port can then add engines; docs/security.md)",
     )
     add(
+        "--api-token-file",
+        metavar="FILE",
+        help="bearer token required by /v1/speculative, /v1/debug and gRPC RecordSpeculative "
+        "(e.g. a mounted Secret; default: open)",
+    )
+    add(
         "--zmq-allow-source",
         action="append",
         metavar="CIDR",
@@ -169,6 +175,7 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
             "dp_port_stride",
             "max_engines",
             "accept_any_engine",
+            "api_token_file",
             "block_size",
             "default_model",
             "index_groups",

@@ -20,7 +20,7 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2
 
-from kvindex.config import ServiceConfig
+from kvindex.config import ServiceConfig, read_token_file
 from kvindex.discovery import EngineDiscovery
 from kvindex.doctor import EngineEventStats
 from kvindex.errors import KVIndexError
@@ -119,6 +119,11 @@ class KvindexServer:
             ScoreServiceConfig(),
             ScoreMetrics(self.service.metrics.registry),
             known_engines=self.known_engines,
+            write_token=(
+                None
+                if config.api_token_file is None
+                else read_token_file(config.api_token_file, "--api-token-file")
+            ),
         )
         self.service.add_routes(
             lambda app, _service: add_score_routes(app, self.score, stats_provider=self.events)

@@ -47,6 +47,7 @@ GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.NO_TOKENIZER: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorKind.UNTOKENIZABLE: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAUTHORIZED: grpc.StatusCode.UNAUTHENTICATED,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
@@ -176,6 +177,8 @@ class KVIndexServicer(kvindex_pb2_grpc.KVIndexServicer):  # type: ignore[misc]
             cache_salt=_salt(request),
         )
         try:
+            metadata = dict(context.invocation_metadata() or ())
+            self.service.authorize(metadata.get("authorization"), "grpc", "speculative")
             n = await asyncio.to_thread(
                 self.service.record_speculative, request.engine, query, "grpc"
             )

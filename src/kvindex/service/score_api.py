@@ -16,6 +16,7 @@ package at run time.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -64,6 +65,7 @@ class ErrorKind(Enum):
     NO_TOKENIZER = "no_tokenizer"
     UNTOKENIZABLE = "untokenizable"
     TOO_LARGE = "prompt_too_large"
+    UNAUTHORIZED = "unauthorized"
     INTERNAL = "internal_error"
 
 
@@ -73,6 +75,7 @@ HTTP_STATUS: dict[ErrorKind, int] = {
     ErrorKind.NO_TOKENIZER: 424,
     ErrorKind.UNTOKENIZABLE: 422,
     ErrorKind.TOO_LARGE: 413,
+    ErrorKind.UNAUTHORIZED: 401,
     ErrorKind.INTERNAL: 500,
 }
 
@@ -216,6 +219,24 @@ class ScoreService:
     # speculative entries and /v1/debug's engine fetches are refused for any other.
     # None: every engine (an embedder without ingest).
     known_engines: Callable[[], Collection[str]] | None = None
+
+    # The bearer token the write and debug methods (speculative entries, /v1/debug) require;
+    # None: they are open (docs/security.md).
+    write_token: str | None = None
+
+    def authorize(self, presented: str | None, api: str, method: str) -> None:
+        """Refuse (401 / UNAUTHENTICATED, counted) a write or debug call without the token.
+        ``presented``: the ``Authorization`` header or metadata value as received."""
+        if self.write_token is None:
+            return
+        token = presented[7:].strip() if presented and presented[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(token.encode(), self.write_token.encode()):
+            self.metrics.error(api, method, "unauthorized")
+            raise ScoreRequestError(
+                ErrorKind.UNAUTHORIZED,
+                f"{method} needs 'Authorization: Bearer <token>' (the index's --api-token-file)",
+                "unauthorized",
+            )
 
     def knows(self, engine: str) -> bool:
         return self.known_engines is None or engine in self.known_engines()

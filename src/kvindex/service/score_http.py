@@ -196,6 +196,7 @@ class _Routes:
 
     async def speculative(self, request: web.Request) -> web.Response:
         try:
+            self.service.authorize(request.headers.get("Authorization"), API, "speculative")
             body = await self._body(request, "speculative")
             query = self._query(body, "speculative")
             n = await asyncio.to_thread(
@@ -207,6 +208,7 @@ class _Routes:
 
     async def debug(self, request: web.Request) -> web.Response:
         try:
+            self.service.authorize(request.headers.get("Authorization"), API, "debug")
             if request.method == "GET":
                 body = self._debug_query(request)
             else:
