@@ -72,6 +72,9 @@ __all__ = ["EngineActivity", "IngestService", "IngestServiceConfig"]
 log = logging.getLogger("kvindex.ingest")
 
 GAP = "gap"
+# The first batch seen from an engine has seq > 0: what it published before (while this index
+# was not running, or before it subscribed) is asked for from seq 0.
+FIRST_CONTACT = "first_contact"
 UNKNOWN_PARENT = "unknown_parent"
 INDEX_RECOVERY = "index_recovery"  # rule 1: the index refused a batch of this engine
 INDEX_RESET = "index_reset"  # rule 2: the index lost its data (epoch change)
@@ -538,6 +541,16 @@ class IngestService:
                     self._finish_replay(stream, ok=False, why="live buffer full")
                 return
         previous = self.tracker.last(stream.key)
+        if previous is None and seq > 0 and stream.replay_endpoint is not None:
+            log.info(
+                "event=first_contact engine=%s seq=%d action=replay from 0",
+                stream.key,
+                seq,
+            )
+            self._start_replay(stream, FIRST_CONTACT, 0, cursor=-1)
+            assert stream.replay is not None
+            stream.replay.buffered[seq] = decoded
+            return
         action = self.tracker.observe(stream.key, seq)
         if action is SeqAction.DUPLICATE and stream.last_ts and decoded.ts > stream.last_ts:
             # An older seq carrying a newer timestamp: the engine restarted and its first
@@ -781,11 +794,23 @@ class IngestService:
             self.metrics.duplicate_batches.inc()
             return
         decoded = self._decode(message.frame.payload)
+        first_of_replay = replay.last_replayed < 0
         replay.last_replayed = seq
         if decoded is None:
             return
         if replay.reason == GAP and seq > replay.cursor + 1:
             self.metrics.lost_batches.inc(seq - replay.cursor - 1)
+        elif replay.reason == FIRST_CONTACT and first_of_replay and seq > 0:
+            # The engine's buffer no longer holds its first batches: what they stored and
+            # still caches is unknown to the index (until re-announced).
+            self.metrics.lost_batches.inc(seq)
+            log.warning(
+                "event=first_contact_incomplete engine=%s oldest_buffered=%d: batches 0..%d "
+                "are out of the engine's replay buffer; blocks they stored are unknown",
+                stream.key,
+                seq,
+                seq - 1,
+            )
         if not self._apply(stream, seq, decoded):
             return  # the index failed: the engine recovers (replay cancelled)
         replay.cursor = max(replay.cursor, seq)

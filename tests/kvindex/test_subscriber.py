@@ -11,6 +11,7 @@ import zmq
 from ingest_helpers import keys_for, metric, probe, wait_for
 from vllm_publisher import VllmPublisher
 
+from kvindex.discovery import EngineEntry
 from kvindex.index import MemoryIndex
 from kvindex.index.locked import LockedIndex
 from kvindex.ingest_service import IngestService, IngestServiceConfig
@@ -131,7 +132,10 @@ def test_replay_reply_forms(harness_factory: type[Harness], reply_form: str) -> 
     pub.publish(stored([1], None, T[:16]), drop=True)
     pub.publish(stored([2], 1, T[16:32]))
     wait_for(lambda: h.blocks(T) == 2, what="replayed")
-    assert pub.replay_requests == [pub.seq - 2]
+    # A first contact after seq 0 (the probe's first batches lost to the slow joiner) asks
+    # for everything from 0 first; then the gap.
+    assert pub.replay_requests[-1] == pub.seq - 2
+    assert set(pub.replay_requests[:-1]) <= {0}
 
 
 def test_replay_unavailable_times_out_counts_loss_and_continues(
@@ -183,17 +187,19 @@ def test_engine_restart_clears(bind: Harness) -> None:
 
 def test_unknown_parent_resolved_by_replay(harness_factory: type[Harness]) -> None:
     port = free_port()
+    # The replay endpoint is learnt from discovery only after the first contact, so the
+    # first-contact replay does not bring the parent: the unknown parent does.
     h = harness_factory(
-        IngestServiceConfig(
-            accept_any_engine=True,
-            zmq_bind=("tcp://127.0.0.1:*",),
-            replay_endpoints={ENGINE: f"tcp://127.0.0.1:{port}"},
-        )
+        IngestServiceConfig(accept_any_engine=True, zmq_bind=("tcp://127.0.0.1:*",))
     )
     pub = h.publisher(replay_endpoint=f"tcp://127.0.0.1:{port}")
     # Published before the indexer listened: only in the engine's replay buffer.
     pub.publish(stored([1, 2], None, T[:32]), drop=True)
     probe(pub, h.index, ENGINE)
+    h.service.update_engines(
+        {ENGINE: EngineEntry(endpoint=ENGINE, replay=f"tcp://127.0.0.1:{port}")}
+    )
+    wait_for(lambda: h.service.engine_activity()[0].discovered, what="discovered")
     pub.publish(stored([3], 2, T[32:48]))  # parent 2 unknown here: held, then repaired
     wait_for(lambda: h.blocks(T[:48]) == 3, what="held child applied after replay")
     assert h.m("kvindex_ingest_replays_total", reason="unknown_parent", outcome="requested") == 1
@@ -402,3 +408,47 @@ def test_connect_mode_reconnects_to_restarted_engine(harness_factory: type[Harne
     probe(second[0], h.index, ENGINE, probe_hash=0xBEEF)  # ZMQ reconnected the SUB by itself
     wait_for(lambda: h.m("kvindex_ingest_resets_total") == 1)
     assert h.index.resolve(ENGINE, 1) is None
+
+
+def test_first_contact_after_seq_0_replays_from_0(harness_factory: type[Harness]) -> None:
+    # The index starts (or subscribes) after the engine published: the first batch it sees
+    # has seq > 0, and everything before is asked for from the engine's replay buffer.
+    port = free_port()
+    h = harness_factory(
+        IngestServiceConfig(
+            accept_any_engine=True,
+            zmq_bind=("tcp://127.0.0.1:*",),
+            replay_endpoints={ENGINE: f"tcp://127.0.0.1:{port}"},
+        )
+    )
+    pub = h.publisher(replay_endpoint=f"tcp://127.0.0.1:{port}")
+    pub.publish(stored([1, 2], None, T[:32]), drop=True)  # before the index listened
+    pub.publish(stored([3], 2, T[32:48]), drop=True)
+    probe(pub, h.index, ENGINE)
+    wait_for(lambda: h.blocks(T[:48]) == 3, what="blocks from before the first contact")
+    assert h.m("kvindex_ingest_replays_total", reason="first_contact", outcome="succeeded") == 1
+    assert h.m("kvindex_ingest_lost_batches_total") == 0
+    assert 0 in pub.replay_requests
+
+
+def test_first_contact_beyond_the_replay_buffer_counts_the_loss(
+    harness_factory: type[Harness],
+) -> None:
+    port = free_port()
+    h = harness_factory(
+        IngestServiceConfig(
+            accept_any_engine=True,
+            zmq_bind=("tcp://127.0.0.1:*",),
+            replay_endpoints={ENGINE: f"tcp://127.0.0.1:{port}"},
+        )
+    )
+    pub = h.publisher(replay_endpoint=f"tcp://127.0.0.1:{port}", buffer_steps=2)
+    for i in range(5):  # seq 0-4; the buffer keeps 3 and 4
+        pub.publish(stored([100 + i], None, T[:16]), drop=True)
+    probe(pub, h.index, ENGINE)
+    wait_for(
+        lambda: (
+            h.m("kvindex_ingest_replays_total", reason="first_contact", outcome="succeeded") == 1
+        )
+    )
+    assert h.m("kvindex_ingest_lost_batches_total") >= 3
