@@ -99,6 +99,9 @@ class IngestServiceConfig:
     # sockets this service connects itself (zmq_connect, discovered zmq endpoints) are
     # trusted. True: any topic is an engine (docs/security.md).
     accept_any_engine: bool = False
+    # A sequence break (jump ahead, or back as a restart) is believed when the next batch
+    # continues after it, or when no other batch came within this many seconds.
+    seq_confirm_s: float = 1.0
     # Strict mode also checks who publishes: a batch on a tcp bind socket must come from
     # the address of the engine its topic names, or from one of these networks (CIDR; NAT, a
     # relay beside the engines).
@@ -118,6 +121,21 @@ class _Replay:
 
 
 @dataclass(slots=True)
+class _Held:
+    """A batch that breaks its stream's sequence (a jump ahead, or back as a restart), held
+    until the stream confirms it: believed when the next batch continues after it (or no batch
+    came within ``seq_confirm_s``), dropped when the old sequence goes on instead. One frame
+    alone can thus not clear an engine (seq 0), freeze it (a far seq makes its real batches
+    duplicates) or jump it ahead."""
+
+    seq: int
+    decoded: DecodedBatch
+    kind: SeqAction  # GAP or RESET: what the tracker made of it
+    previous: int | None  # the tracker's last seq before it
+    since: float  # monotonic time it arrived
+
+
+@dataclass(slots=True)
 class _Stream:
     key: str
     model: str | None
@@ -132,6 +150,7 @@ class _Stream:
     last_ts: float = 0.0  # newest batch timestamp applied
     recovery: str | None = None  # INDEX_RECOVERY / INDEX_RESET: waiting for a healthy index
     deferred: int = 0  # batches refused or not applied during this recovery
+    held: _Held | None = None  # a sequence break waiting for confirmation
 
 
 @dataclass(slots=True)
@@ -187,6 +206,7 @@ class IngestService:
         # Streams of engines no discovery names, least recently active first: the ones given
         # up to make room under max_engines (discovered engines never are).
         self._undiscovered: OrderedDict[str, None] = OrderedDict()
+        self._holding: set[str] = set()  # streams with a held sequence break
         self._replaying: set[str] = set()
         self._ranks: dict[str, RankSource] = {}  # discovered: rank endpoint -> sockets
         self._source_identity: dict[str, RankSource] = {}  # connect endpoint -> rank
@@ -531,6 +551,10 @@ class IngestService:
             stream.deferred += 1
             self.metrics.deferred_batches.inc()
             return
+        self._sequence(stream, seq, decoded, time.monotonic())
+
+    def _sequence(self, stream: _Stream, seq: int, decoded: DecodedBatch, now: float) -> None:
+        """Classify a live batch by its seq and act on it (apply, drop, hold, replay)."""
         replay = stream.replay
         if replay is not None:
             if seq == 0 or seq < replay.cursor // 2:
@@ -559,6 +583,63 @@ class IngestService:
             self.tracker.forget(stream.key)
             self.tracker.observe(stream.key, seq)
             action = SeqAction.RESET
+        held = stream.held
+        if held is not None:
+            if seq == held.seq + 1 and action is not SeqAction.APPLY:
+                # The stream goes on after the held batch: its break was real.
+                self._rewind(stream.key, held.previous)
+                self._believe(stream)
+                self._sequence(stream, seq, decoded, now)
+                return
+            if action is SeqAction.APPLY:
+                # The old sequence goes on: the held batch was not this engine's.
+                stream.held = None
+                self._refuse_held(stream, held, "the engine's sequence went on")
+        if action is SeqAction.GAP or action is SeqAction.RESET:
+            if stream.held is not None:
+                self._refuse_held(stream, stream.held, "another sequence break came first")
+            stream.held = _Held(seq, decoded, action, previous, now)
+            self._holding.add(stream.key)
+            self._rewind(stream.key, previous)
+            return
+        self._act(stream, action, seq, decoded, previous)
+
+    def _rewind(self, key: str, last: int | None) -> None:
+        """Set the tracker back to ``last`` (a held break is not believed yet)."""
+        self.tracker.forget(key)
+        if last is not None:
+            self.tracker.observe(key, last)
+
+    def _believe(self, stream: _Stream) -> None:
+        held = stream.held
+        assert held is not None
+        stream.held = None
+        self.tracker.forget(stream.key)
+        self.tracker.observe(stream.key, held.seq)
+        self._act(stream, held.kind, held.seq, held.decoded, held.previous)
+
+    def _refuse_held(self, stream: _Stream, held: _Held, why: str) -> None:
+        self.metrics.refused_batches.labels("seq_unconfirmed").inc()
+        self._warn_once(
+            "seq_unconfirmed",
+            "event=seq_unconfirmed engine=%s seq=%d previous=%s: a batch that broke the "
+            "sequence (%s) was dropped: %s (counted in kvindex_ingest_refused_batches"
+            "{reason=seq_unconfirmed}; further ones are not logged)",
+            stream.key,
+            held.seq,
+            held.previous,
+            "restart" if held.kind is SeqAction.RESET else "jump ahead",
+            why,
+        )
+
+    def _act(
+        self,
+        stream: _Stream,
+        action: SeqAction,
+        seq: int,
+        decoded: DecodedBatch,
+        previous: int | None,
+    ) -> None:
         if action is SeqAction.DUPLICATE:
             self.metrics.duplicate_batches.inc()
         elif action is SeqAction.APPLY:
@@ -879,6 +960,13 @@ class IngestService:
         stream.replay.buffered = {seq: done.buffered[seq] for seq in remaining}
 
     def _check_timeouts(self, now: float) -> None:
+        for key in list(self._holding):
+            waiting = self._streams.get(key)
+            if waiting is None or waiting.held is None:
+                self._holding.discard(key)
+            elif now - waiting.held.since > self.config.seq_confirm_s:
+                # Nothing contradicted it: an engine that restarted and went idle.
+                self._guard(self._believe, waiting)
         for key in list(self._replaying):
             stream = self._streams.get(key)
             if stream is None or stream.replay is None:

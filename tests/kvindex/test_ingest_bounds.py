@@ -272,3 +272,63 @@ def test_allowed_networks_may_publish_for_discovered_engines(ingest: type[Ingest
     finally:
         relay.close()
     assert metric(ing.metrics, "kvindex_ingest_refused_batches_total", reason="wrong_peer") == 0
+
+
+@pytest.mark.parametrize("attack", ["wipe", "freeze"])
+def test_one_frame_cannot_break_an_active_engines_sequence(
+    ingest: type[Ingest], attack: str
+) -> None:
+    # Even from the engine's own address (here: --accept-any-engine, no peer check), a
+    # single frame that breaks the sequence (seq 0 as a restart, a far seq as a jump) is
+    # held; the engine's next batch continues its own sequence, so the frame is dropped
+    # and counted, and nothing was cleared or frozen.
+    ing = ingest(seq_confirm_s=60.0)
+    engine = "127.0.0.1:8000"
+    real = VllmPublisher(ing.endpoint, topic=f"kv@{engine}@m")
+    forger = ing.context.socket(zmq.PUB)
+    forger.connect(ing.endpoint)
+    try:
+        probe(real, ing.index, engine)
+        real.publish(stored([11, 12], None, T[:32]))
+        wait_for(lambda: ing.index.lookup(keys_for(T[:32])).get(engine) is not None)
+        seq = 0 if attack == "wipe" else 10 * (real.seq + 100)
+        topic = f"kv@{engine}@m".encode()
+
+        def held() -> bool:
+            stream = ing.service._streams.get(engine)
+            return stream is not None and stream.held is not None
+
+        deadline = time.monotonic() + 10
+        while not held():
+            assert time.monotonic() < deadline
+            forger.send_multipart(frame(topic, seq, encode_batch([])))
+            time.sleep(0.01)
+        real.publish(stored([13, 14], 12, T[32:64]))
+        wait_for(lambda: (m := ing.index.lookup(keys_for(T)).get(engine)) and m.blocks == 4)
+        assert (
+            metric(ing.metrics, "kvindex_ingest_refused_batches_total", reason="seq_unconfirmed")
+            >= 1
+        )
+        assert metric(ing.metrics, "kvindex_ingest_resets_total") == 0
+        assert metric(ing.metrics, "kvindex_ingest_duplicate_batches_total") == 0
+    finally:
+        real.close()
+        forger.close(linger=0)
+
+
+def test_a_real_restart_is_believed_on_its_second_batch(ingest: type[Ingest]) -> None:
+    ing = ingest(seq_confirm_s=60.0)  # no timeout help: the stream itself confirms
+    engine = "127.0.0.1:8000"
+    real = VllmPublisher(ing.endpoint, topic=f"kv@{engine}@m")
+    try:
+        probe(real, ing.index, engine)
+        for _ in range(4):
+            real.publish(stored([1, 2], None, T[:32]))
+        wait_for(lambda: ing.index.lookup(keys_for(T[:32])).get(engine) is not None)
+        real.restart()
+        real.publish(stored([7], None, T[32:48]))  # seq 0: held
+        real.publish(stored([8], 7, T[48:64]))  # seq 1: the restart is confirmed
+        wait_for(lambda: metric(ing.metrics, "kvindex_ingest_resets_total") == 1)
+        wait_for(lambda: engine not in ing.index.lookup(keys_for(T[:32])))
+    finally:
+        real.close()
