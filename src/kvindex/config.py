@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 import yaml
 
+from kvindex.curve import load_curve
 from kvindex.discovery import EngineEntry
 from kvindex.engines import DEFAULT_KV_EVENTS_PORT, DEFAULT_MAX_ENGINES, MAX_ENGINES_LIMIT
 from kvindex.errors import ConfigError
@@ -63,6 +64,8 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     replay_endpoints: dict[str, str] = msgspec.field(default_factory=dict)
     replay_timeout_s: float = 2.0
     repair_interval_s: float = 30.0
+    # a sequence break is believed after this long without a contradicting batch
+    seq_confirm_s: float = 1.0
     # engines (topics) tracked at once; a new one beyond is refused and counted
     max_engines: int = DEFAULT_MAX_ENGINES
     # strict by default: events on a bind socket only from engines discovery names, each
@@ -72,6 +75,11 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # a file holding the bearer token /v1/speculative, /v1/debug and gRPC RecordSpeculative
     # require (e.g. a mounted Kubernetes Secret); None: those calls are open
     api_token_file: str | None = None
+    # ZMQ CURVE (kvindex.curve): this index's certificate (NAME.key_secret), the directory
+    # of admitted client keys (*.key), the engines' server key for connect sockets
+    zmq_curve_cert: str | None = None
+    zmq_curve_clients: str | None = None
+    zmq_curve_server_key: str | None = None
     # discovery
     engines_file: str | None = None
     engines_file_interval_s: float = 1.0
@@ -280,10 +288,13 @@ def _validate(config: ServiceConfig) -> None:
             "engines (engines in the config file, --engines-file, Kubernetes) or pass "
             "--accept-any-engine to accept any topic (docs/security.md)",
         )
+    load_curve(config.zmq_curve_cert, config.zmq_curve_clients, config.zmq_curve_server_key)
     try:
         parse_networks(config.allow_sources)
     except ValueError as exc:
         raise bad("allow_sources", "zmq-allow-source", str(exc)) from None
+    if config.seq_confirm_s <= 0:
+        raise ConfigError(f"seq_confirm_s: {config.seq_confirm_s} must be > 0 (seconds)")
     if not 1 <= config.max_engines <= MAX_ENGINES_LIMIT:
         raise bad("max_engines", "max-engines", f"must be in [1, {MAX_ENGINES_LIMIT}]")
     if not 0 <= config.http_port < 65536:

@@ -44,6 +44,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from kvindex.curve import CurveConfig
 from kvindex.discovery import EngineEntry, RankSource, rank_sources
 from kvindex.engines import (
     DEFAULT_MAX_ENGINES,
@@ -61,6 +62,7 @@ from kvindex.sources import PeerCheck, parse_networks, resolve_host
 from kvindex.subscriber import (
     BadMessage,
     LiveMessage,
+    RefusedPeer,
     ReplayMessage,
     SubscriberMessage,
     ZmqSubscriber,
@@ -102,6 +104,8 @@ class IngestServiceConfig:
     # A sequence break (jump ahead, or back as a restart) is believed when the next batch
     # continues after it, or when no other batch came within this many seconds.
     seq_confirm_s: float = 1.0
+    # ZMQ CURVE for the sockets (kvindex.curve); None: plain
+    curve: CurveConfig | None = None
     # Strict mode also checks who publishes: a batch on a tcp bind socket must come from
     # the address of the engine its topic names, or from one of these networks (CIDR; NAT, a
     # relay beside the engines).
@@ -201,7 +205,7 @@ class IngestService:
         self.metrics = metrics or KvindexMetrics()
         self.tracker = SequenceTracker()
         self.peers = PeerCheck(parse_networks(config.allow_sources))
-        self.subscriber = subscriber or ZmqSubscriber(config.topic_filter)
+        self.subscriber = subscriber or ZmqSubscriber(config.topic_filter, curve=config.curve)
         self._streams: dict[str, _Stream] = {}
         # Streams of engines no discovery names, least recently active first: the ones given
         # up to make room under max_engines (discovered engines never are).
@@ -331,6 +335,15 @@ class IngestService:
                 self._on_live(message)
             elif isinstance(message, ReplayMessage):
                 self._on_replay(message)
+            elif isinstance(message, RefusedPeer):
+                self.metrics.refused_peers.inc()
+                self._warn_once(
+                    "refused_peer",
+                    "event=peer_refused address=%s: a CURVE client whose key is not in "
+                    "--zmq-curve-clients was refused (further ones are counted in "
+                    "kvindex_ingest_refused_peers, not logged)",
+                    message.address,
+                )
             else:
                 self._on_bad(message)
         except Exception:

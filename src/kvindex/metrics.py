@@ -159,6 +159,11 @@ class KvindexMetrics:
             ["reason"],
             registry=r,
         )
+        self.refused_peers = Counter(
+            p + "ingest_refused_peers",
+            "CURVE clients refused at the handshake: their key is not in --zmq-curve-clients",
+            registry=r,
+        )
         self.topic_without_port = Counter(
             p + "ingest_topic_without_port",
             "Batches whose topic names no port (indexed under the bare host: will not match "

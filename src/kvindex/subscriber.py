@@ -18,6 +18,11 @@ Modes:
 * connect: one SUB socket per engine PUB endpoint (``connect``), so each message's source is
   known and identity may come from discovery. ZMQ reconnects SUB sockets by itself.
 
+CURVE (``curve``, :mod:`kvindex.curve`): bind sockets are CURVE servers with the index's
+keys; with a list of client keys the subscriber answers the ZAP handshake requests (RFC 27,
+on the same poller) and admits only those keys, reporting refusals as :class:`RefusedPeer`.
+Connect and replay sockets are CURVE clients when the engines' server key is given.
+
 Replay: one DEALER per engine stream, connected to the engine's ROUTER. A request is
 ``[b"", start_seq(8 bytes big-endian)]``; replies are ``[b"", topic, seq8, payload]`` or the
 older ``[b"", seq8, payload]``, closed by an end marker (seq -1). DEALERs are closed with
@@ -32,16 +37,22 @@ import time
 from dataclasses import dataclass
 
 import zmq
+import zmq.utils.z85
 
+from kvindex.curve import CurveConfig
 from kvindex.wire import Frame, FrameError, parse_frames, parse_replay_frames
 
 __all__ = [
     "BadMessage",
     "LiveMessage",
+    "RefusedPeer",
     "ReplayMessage",
     "SubscriberMessage",
     "ZmqSubscriber",
 ]
+
+_ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks, per context (RFC 27)
+_ZAP_DOMAIN = b"kvindex-events"
 
 # Drain at most this many messages per socket per poll so one busy engine cannot starve
 # the others (and replay replies are interleaved with live traffic).
@@ -70,7 +81,14 @@ class BadMessage:
     replay: bool = False
 
 
-SubscriberMessage = LiveMessage | ReplayMessage | BadMessage
+@dataclass(frozen=True, slots=True)
+class RefusedPeer:
+    """A CURVE client whose key is not admitted, refused at the handshake."""
+
+    address: str
+
+
+SubscriberMessage = LiveMessage | ReplayMessage | BadMessage | RefusedPeer
 
 
 def _bad_reason(exc: FrameError) -> str:
@@ -85,6 +103,7 @@ class ZmqSubscriber:
         topic_filter: str = "kv@",
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         rcvhwm: int = 100_000,
+        curve: CurveConfig | None = None,
     ) -> None:
         self._own_context = context is None
         self._ctx: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context()
@@ -96,6 +115,13 @@ class ZmqSubscriber:
         self._replay: dict[str, zmq.Socket[bytes]] = {}
         self._replay_stream: dict[zmq.Socket[bytes], str] = {}
         self._replay_endpoint: dict[str, str] = {}
+        self.curve = curve
+        self._zap: zmq.Socket[bytes] | None = None
+        if curve is not None and curve.allowed_clients is not None:
+            self._zap = self._ctx.socket(zmq.REP)
+            self._zap.setsockopt(zmq.LINGER, 0)
+            self._zap.bind(_ZAP_ENDPOINT)
+            self._poller.register(self._zap, zmq.POLLIN)
         self.bound: list[str] = []  # actual bind endpoints (wildcard ports resolved)
         self._tcp_bound: set[zmq.Socket[bytes]] = set()  # messages carry a peer address
         self.closed = False
@@ -118,6 +144,12 @@ class ZmqSubscriber:
         """Bind a SUB socket; returns the actual endpoint (``tcp://host:*`` resolved).
         Raises zmq.ZMQError (e.g. EADDRINUSE) for the caller to report."""
         sock = self._sub()
+        if self.curve is not None:  # before bind: the handshake of every peer uses them
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, self.curve.public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve.secret)
+            if self._zap is not None:
+                sock.setsockopt(zmq.ZAP_DOMAIN, _ZAP_DOMAIN)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError:
@@ -135,6 +167,7 @@ class ZmqSubscriber:
         if endpoint in self._by_source:
             return
         sock = self._sub()
+        self._curve_client(sock)
         sock.connect(endpoint)
         self._add(endpoint, sock)
 
@@ -146,6 +179,13 @@ class ZmqSubscriber:
         self._tcp_bound.discard(sock)
         self._poller.unregister(sock)
         sock.close(0)
+
+    def _curve_client(self, sock: zmq.Socket[bytes]) -> None:
+        curve = self.curve
+        if curve is not None and curve.server_key is not None:
+            sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_key)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, curve.secret)
 
     def sources(self) -> list[str]:
         return list(self._by_source)
@@ -168,6 +208,7 @@ class ZmqSubscriber:
             sock.setsockopt(zmq.LINGER, 0)
             # Do not queue requests for a peer that is not there yet forever.
             sock.setsockopt(zmq.SNDHWM, 16)
+            self._curve_client(sock)
             sock.connect(endpoint)
             self._replay[stream] = sock
             self._replay_stream[sock] = stream
@@ -195,6 +236,9 @@ class ZmqSubscriber:
         if self.closed:
             return out
         for sock, _ in self._poller.poll(timeout_ms):
+            if self._zap is not None and sock is self._zap:
+                self._answer_zap(self._zap, out)
+                continue
             stream = self._replay_stream.get(sock)
             if stream is not None:
                 self._drain_replay(sock, stream, out)
@@ -239,6 +283,27 @@ class ZmqSubscriber:
             except FrameError as exc:
                 out.append(BadMessage(source, _bad_reason(exc), str(exc)))
 
+    def _answer_zap(self, sock: zmq.Socket[bytes], out: list[SubscriberMessage]) -> None:
+        """ZAP requests ``[version, id, domain, address, identity, mechanism, credentials]``
+        answered ``[version, id, status, text, user id, metadata]``: a CURVE client key in
+        the admitted list, or refused."""
+        assert self.curve is not None and self.curve.allowed_clients is not None
+        for _ in range(_DRAIN_PER_SOCKET):
+            try:
+                request = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(request) < 6:
+                sock.send_multipart([b"1.0", b"", b"500", b"malformed ZAP request", b"", b""])
+                continue
+            version, request_id, _domain, address, _identity, mechanism = request[:6]
+            key = request[6] if len(request) > 6 else b""
+            if mechanism == b"CURVE" and zmq.utils.z85.encode(key) in self.curve.allowed_clients:
+                sock.send_multipart([version, request_id, b"200", b"OK", b"", b""])
+            else:
+                sock.send_multipart([version, request_id, b"400", b"key not admitted", b"", b""])
+                out.append(RefusedPeer(address.decode("ascii", "replace")))
+
     def _drain_replay(
         self, sock: zmq.Socket[bytes], stream: str, out: list[SubscriberMessage]
     ) -> None:
@@ -260,5 +325,8 @@ class ZmqSubscriber:
             self.drop_replay(stream)
         for source in list(self._by_source):
             self.disconnect(source)
+        if self._zap is not None:
+            self._poller.unregister(self._zap)
+            self._zap.close(0)
         if self._own_context:
             self._ctx.term()

@@ -272,3 +272,18 @@ def test_remote_index_token_file(tmp_path: Path) -> None:
     missing = {"address": "h:1", "tokenFile": str(tmp_path / "missing")}
     with pytest.raises(ConfigError, match="tokenFile"):
         backend_options(params(indexerConfig={"remoteIndex": missing}))
+
+
+def test_in_process_curve_settings(tmp_path: Path) -> None:
+    # kvEventsConfig.curve: the in-process index's event sockets over ZMQ CURVE (ours).
+    import zmq.auth
+
+    _, secret = zmq.auth.create_certificates(tmp_path, "index")
+    backend = build_backend(
+        params(kvEventsConfig={"zmqEndpoint": "tcp://127.0.0.1:*", "curve": {"certFile": secret}})
+    )
+    assert isinstance(backend, InProcessIndex)
+    curve = backend.ingest.config.curve
+    assert curve is not None and curve.allowed_clients is None
+    with pytest.raises(ConfigError, match=r"kvEventsConfig\.curve: --zmq-curve-cert"):
+        build_backend(params(kvEventsConfig={"curve": {"certFile": str(tmp_path / "nope")}}))

@@ -332,3 +332,42 @@ def test_a_real_restart_is_believed_on_its_second_batch(ingest: type[Ingest]) ->
         wait_for(lambda: engine not in ing.index.lookup(keys_for(T[:32])))
     finally:
         real.close()
+
+
+def test_a_flood_of_100k_unknown_topics_costs_nothing_that_stays(ingest: type[Ingest]) -> None:
+    # The default (strict): 100,000 distinct invented topics, one frame each, over real ZMQ.
+    # None is kept anywhere: no engine, no metric series, no log line per topic; memory and
+    # the /metrics exposition stay small; a real engine is indexed afterwards.
+    import resource
+
+    ing = ingest(accept_any_engine=False)
+    engine = "127.0.0.1:8000"
+    ing.service.update_engines({engine: EngineEntry(endpoint=engine, model="m")})
+    wait_for(lambda: len(ing.service.engine_activity()) == 1)
+
+    def refused() -> float:
+        return metric(ing.metrics, "kvindex_ingest_refused_batches_total", reason="unknown_engine")
+
+    deadline = time.monotonic() + 10
+    while not refused():
+        assert time.monotonic() < deadline
+        ing.flooder.send_multipart(frame(b"kv@10.99.0.1:8000@m", 0, PAYLOAD))
+        time.sleep(0.01)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = refused()
+    n = 100_000
+    for i in range(n):
+        topic = f"kv@10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}:8000@m".encode()
+        ing.flooder.send_multipart(frame(topic, 0, PAYLOAD))
+    wait_for(lambda: refused() >= start + n, timeout=120, what="the flood refused")
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+    assert grown_kb < 64 * 1024  # frames in flight, not per-topic state
+    assert [r.engine for r in ing.service.engine_activity()] == [engine]
+    exposition = generate_latest(ing.metrics.registry)
+    assert len(exposition) < 100_000
+    assert b"10.99." not in exposition
+    pub = VllmPublisher(ing.endpoint, topic=f"kv@{engine}@m")
+    try:
+        probe(pub, ing.index, engine)
+    finally:
+        pub.close()

@@ -72,6 +72,10 @@ class KVEventsConfig:
     # Ours, not llm-d's: accept events on the bind socket from any topic instead of only from
     # the picker's endpoints (docs/security.md).
     accept_any_engine: bool = False
+    # Ours too: ZMQ CURVE certificate files (kvindex serve's --zmq-curve-*).
+    curve_cert: str | None = None
+    curve_clients: str | None = None
+    curve_server_key: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -118,6 +122,7 @@ def parse_precise_params(params: Params) -> PrecisePrefixParams:
     socket_port = disc.integer("socketPort", DEFAULT_KV_EVENTS_PORT, min=1, max=65535)
     pod_discovery = PodDiscoveryConfig(socket_port)
     disc.finish()
+    curve = kv.nested("curve")
     kv_events = KVEventsConfig(
         zmq_endpoint=kv.string("zmqEndpoint", ""),
         topic_filter=kv.string("topicFilter", "kv@"),
@@ -126,8 +131,12 @@ def parse_precise_params(params: Params) -> PrecisePrefixParams:
         discover_pods=kv.boolean("discoverPods", False),
         pod_discovery=pod_discovery,
         accept_any_engine=kv.boolean("acceptAnyEngine", False),
+        curve_cert=curve.string("certFile", "") or None,
+        curve_clients=curve.string("clientsDir", "") or None,
+        curve_server_key=curve.string("serverKeyFile", "") or None,
         extra=kv.remaining(),
     )
+    curve.finish()
     tiers = params.nested("tierWeights")
     tier_weights = {
         "gpu": tiers.number("gpu", DEFAULT_TIER_WEIGHTS.gpu, min=0.0, max=1.0),

@@ -13,12 +13,15 @@ from collections.abc import Callable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry
 
+from epp.framework.config import ConfigError
 from epp.plugins.precise_prefix import PrecisePrefixParams
 from epp.precise.options import BackendOptions
 from epp.precise.query import score_query
 from epp.types import Endpoint, LLMRequest
+from kvindex.curve import CurveConfig, load_curve
 from kvindex.discovery import EngineEntry
 from kvindex.engines import DEFAULT_KV_EVENTS_ENDPOINT
+from kvindex.errors import ConfigError as KVIndexConfigError
 from kvindex.index import BlockIndex, IndexConfig
 from kvindex.indexer import Indexer, IndexerConfig
 from kvindex.ingest_service import IngestService, IngestServiceConfig
@@ -30,6 +33,13 @@ log = logging.getLogger("epp.precise")
 
 API = "epp"  # the label kvindex's score metrics carry for calls from the picker
 DEFAULT_BIND = DEFAULT_KV_EVENTS_ENDPOINT
+
+
+def _curve(cert: str | None, clients: str | None, server_key: str | None) -> CurveConfig | None:
+    try:
+        return load_curve(cert, clients, server_key)
+    except KVIndexConfigError as exc:
+        raise ConfigError(f"precise-prefix-cache-scorer: kvEventsConfig.curve: {exc}") from None
 
 
 def _index_config(options: BackendOptions) -> IndexConfig:
@@ -79,6 +89,7 @@ class InProcessIndex:
                 zmq_bind=() if kv.discover_pods else (kv.zmq_endpoint or DEFAULT_BIND,),
                 topic_filter=kv.topic_filter,
                 accept_any_engine=kv.accept_any_engine,
+                curve=_curve(kv.curve_cert, kv.curve_clients, kv.curve_server_key),
             ),
             self.index,
             self.indexer.config.ingest_config(),

@@ -75,6 +75,22 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
         "(e.g. a mounted Secret; default: open)",
     )
     add(
+        "--zmq-curve-cert",
+        metavar="FILE",
+        help="ZMQ CURVE: this index's certificate (NAME.key_secret); bind sockets become "
+        "CURVE servers (docs/security.md)",
+    )
+    add(
+        "--zmq-curve-clients",
+        metavar="DIR",
+        help="ZMQ CURVE: directory of admitted client public keys (*.key)",
+    )
+    add(
+        "--zmq-curve-server-key",
+        metavar="FILE",
+        help="ZMQ CURVE: the engines' public key, for connect and replay sockets",
+    )
+    add(
         "--zmq-allow-source",
         action="append",
         metavar="CIDR",
@@ -176,6 +192,9 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
             "max_engines",
             "accept_any_engine",
             "api_token_file",
+            "zmq_curve_cert",
+            "zmq_curve_clients",
+            "zmq_curve_server_key",
             "block_size",
             "default_model",
             "index_groups",

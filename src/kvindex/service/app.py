@@ -33,6 +33,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvindex.config import ConfigError, ServiceConfig
+from kvindex.curve import load_curve
 from kvindex.discovery import DiscoveryHub, EngineDiscovery, FileDiscovery, StaticDiscovery
 from kvindex.index.base import BlockIndex
 from kvindex.index.factory import IndexConfig, IndexConfigError, make_index, wrap_index
@@ -95,6 +96,10 @@ def ingest_service_config(config: ServiceConfig) -> IngestServiceConfig:
         max_engines=config.max_engines,
         accept_any_engine=config.accept_any_engine,
         allow_sources=tuple(config.allow_sources),
+        seq_confirm_s=config.seq_confirm_s,
+        curve=load_curve(
+            config.zmq_curve_cert, config.zmq_curve_clients, config.zmq_curve_server_key
+        ),
     )
 
 
