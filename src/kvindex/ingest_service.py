@@ -44,6 +44,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import xxhash
+
 from kvindex.curve import CurveConfig
 from kvindex.discovery import EngineEntry, RankSource, rank_sources
 from kvindex.engines import (
@@ -77,6 +79,12 @@ GAP = "gap"
 # The first batch seen from an engine has seq > 0: what it published before (while this index
 # was not running, or before it subscribed) is asked for from seq 0.
 FIRST_CONTACT = "first_contact"
+# Two different batches came with one seq: two publishers share the stream (a forged one).
+# The engine is cleared and rebuilt from its replay buffer.
+SEQ_CONFLICT = "seq_conflict"
+# Payload digests of the newest applied seqs kept per stream, to tell a true duplicate from
+# a different batch under the same seq.
+_RECENT_DIGESTS = 64
 UNKNOWN_PARENT = "unknown_parent"
 INDEX_RECOVERY = "index_recovery"  # rule 1: the index refused a batch of this engine
 INDEX_RESET = "index_reset"  # rule 2: the index lost its data (epoch change)
@@ -134,6 +142,7 @@ class _Held:
 
     seq: int
     decoded: DecodedBatch
+    digest: int  # of the raw payload
     kind: SeqAction  # GAP or RESET: what the tracker made of it
     previous: int | None  # the tracker's last seq before it
     since: float  # monotonic time it arrived
@@ -155,6 +164,8 @@ class _Stream:
     recovery: str | None = None  # INDEX_RECOVERY / INDEX_RESET: waiting for a healthy index
     deferred: int = 0  # batches refused or not applied during this recovery
     held: _Held | None = None  # a sequence break waiting for confirmation
+    # seq -> payload digest of the newest applied live batches (at most _RECENT_DIGESTS)
+    recent: OrderedDict[int, int] = field(default_factory=OrderedDict)
 
 
 @dataclass(slots=True)
@@ -564,9 +575,12 @@ class IngestService:
             stream.deferred += 1
             self.metrics.deferred_batches.inc()
             return
-        self._sequence(stream, seq, decoded, time.monotonic())
+        digest = xxhash.xxh3_64_intdigest(message.frame.payload)
+        self._sequence(stream, seq, decoded, digest, time.monotonic())
 
-    def _sequence(self, stream: _Stream, seq: int, decoded: DecodedBatch, now: float) -> None:
+    def _sequence(
+        self, stream: _Stream, seq: int, decoded: DecodedBatch, digest: int, now: float
+    ) -> None:
         """Classify a live batch by its seq and act on it (apply, drop, hold, replay)."""
         replay = stream.replay
         if replay is not None:
@@ -589,6 +603,11 @@ class IngestService:
             stream.replay.buffered[seq] = decoded
             return
         action = self.tracker.observe(stream.key, seq)
+        if action is SeqAction.DUPLICATE and stream.recent.get(seq, digest) != digest:
+            # Another batch was applied with this seq: two publishers on one stream, or an
+            # engine that restarted and whose first batches were lost.
+            self._conflict(stream, seq, decoded, digest, previous)
+            return
         if action is SeqAction.DUPLICATE and stream.last_ts and decoded.ts > stream.last_ts:
             # An older seq carrying a newer timestamp: the engine restarted and its first
             # batches were lost before the (re)connection, so seq did not drop far enough for
@@ -602,7 +621,7 @@ class IngestService:
                 # The stream goes on after the held batch: its break was real.
                 self._rewind(stream.key, held.previous)
                 self._believe(stream)
-                self._sequence(stream, seq, decoded, now)
+                self._sequence(stream, seq, decoded, digest, now)
                 return
             if action is SeqAction.APPLY:
                 # The old sequence goes on: the held batch was not this engine's.
@@ -611,11 +630,44 @@ class IngestService:
         if action is SeqAction.GAP or action is SeqAction.RESET:
             if stream.held is not None:
                 self._refuse_held(stream, stream.held, "another sequence break came first")
-            stream.held = _Held(seq, decoded, action, previous, now)
+            stream.held = _Held(seq, decoded, digest, action, previous, now)
             self._holding.add(stream.key)
             self._rewind(stream.key, previous)
             return
-        self._act(stream, action, seq, decoded, previous)
+        self._act(stream, action, seq, decoded, digest, previous)
+
+    def _conflict(
+        self,
+        stream: _Stream,
+        seq: int,
+        decoded: DecodedBatch,
+        digest: int,
+        previous: int | None,
+    ) -> None:
+        """Two different batches with one seq: what the index holds for this engine cannot be
+        vouched for. Clear it and rebuild it from the engine's replay buffer (the new batch
+        held meanwhile: a real one comes in the replay too); without a replay endpoint, from
+        this batch on, as after a restart."""
+        self.metrics.seq_conflicts.inc()
+        log.warning(
+            "event=seq_conflict engine=%s seq=%d: two different batches with one seq (another "
+            "publisher on this engine's stream); clearing the engine and %s",
+            stream.key,
+            seq,
+            "replaying it from 0" if stream.replay_endpoint else "rebuilding from its next batches",
+        )
+        if not self._reset(stream, previous):
+            return
+        self.tracker.forget(stream.key)
+        if stream.replay_endpoint is not None:
+            self._start_replay(stream, SEQ_CONFLICT, 0, cursor=-1)
+            assert stream.replay is not None
+            stream.replay.buffered[seq] = decoded
+            return
+        self.tracker.observe(stream.key, seq)
+        stream.recent[seq] = digest
+        if self._apply(stream, seq, decoded):
+            self._maybe_repair(stream)
 
     def _rewind(self, key: str, last: int | None) -> None:
         """Set the tracker back to ``last`` (a held break is not believed yet)."""
@@ -629,7 +681,7 @@ class IngestService:
         stream.held = None
         self.tracker.forget(stream.key)
         self.tracker.observe(stream.key, held.seq)
-        self._act(stream, held.kind, held.seq, held.decoded, held.previous)
+        self._act(stream, held.kind, held.seq, held.decoded, held.digest, held.previous)
 
     def _refuse_held(self, stream: _Stream, held: _Held, why: str) -> None:
         self.metrics.refused_batches.labels("seq_unconfirmed").inc()
@@ -651,11 +703,18 @@ class IngestService:
         action: SeqAction,
         seq: int,
         decoded: DecodedBatch,
+        digest: int,
         previous: int | None,
     ) -> None:
         if action is SeqAction.DUPLICATE:
             self.metrics.duplicate_batches.inc()
-        elif action is SeqAction.APPLY:
+            return
+        if action is not SeqAction.GAP:
+            recent = stream.recent
+            recent[seq] = digest
+            if len(recent) > _RECENT_DIGESTS:
+                recent.popitem(last=False)
+        if action is SeqAction.APPLY:
             if self._apply(stream, seq, decoded):
                 self._maybe_repair(stream)
         elif action is SeqAction.RESET:
@@ -853,6 +912,7 @@ class IngestService:
             previous,
         )
         self.metrics.resets.inc()
+        stream.recent.clear()
         self.applier.forget(stream.key)
         stream.pending = 0
         stream.pending_grew = False

@@ -176,6 +176,12 @@ class KvindexMetrics:
         self.lost_batches = Counter(
             p + "ingest_lost_batches", "Batches lost for good (not repaired by replay)", registry=r
         )
+        self.seq_conflicts = Counter(
+            p + "ingest_seq_conflicts",
+            "Two different batches with one seq on an engine's stream (another publisher): the "
+            "engine was cleared and rebuilt",
+            registry=r,
+        )
         self.duplicate_batches = Counter(
             p + "ingest_duplicate_batches", "Batches already applied, dropped", registry=r
         )

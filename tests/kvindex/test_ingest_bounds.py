@@ -23,6 +23,7 @@ from kvindex.index.locked import LockedIndex
 from kvindex.ingest_service import IngestService, IngestServiceConfig
 from kvindex.metrics import KvindexMetrics
 from tests.events import encode_batch, frame, stored
+from tests.ports import free_port
 
 T = list(range(64))
 PAYLOAD = encode_batch([stored([1], None, list(range(16)))])
@@ -371,3 +372,38 @@ def test_a_flood_of_100k_unknown_topics_costs_nothing_that_stays(ingest: type[In
         probe(pub, ing.index, engine)
     finally:
         pub.close()
+
+
+def test_a_forged_next_batch_is_caught_when_the_real_one_comes(ingest: type[Ingest]) -> None:
+    # Poison from the engine's own address (no peer check can tell): a forged batch takes
+    # the engine's next seq and claims blocks. When the engine's real batch with that seq
+    # arrives, the two differ: the engine is cleared and rebuilt from its replay buffer, so
+    # the forgery does not outlive the engine's next batch.
+    port = free_port()
+    engine = "127.0.0.1:8000"
+    ing = ingest(replay_endpoints={engine: f"tcp://127.0.0.1:{port}"}, seq_confirm_s=60.0)
+    real = VllmPublisher(
+        ing.endpoint, topic=f"kv@{engine}@m", replay_endpoint=f"tcp://127.0.0.1:{port}"
+    )
+    forger = ing.context.socket(zmq.PUB)
+    forger.connect(ing.endpoint)
+    try:
+        probe(real, ing.index, engine)
+        real.publish(stored([11, 12], None, T[:32]))
+        wait_for(lambda: ing.index.lookup(keys_for(T[:32])).get(engine) is not None)
+        forged = encode_batch([stored([91, 92, 93, 94], None, list(range(500, 564)))])
+        topic = f"kv@{engine}@m".encode()
+        poisoned = list(range(500, 564))
+
+        def forged_in() -> bool:
+            forger.send_multipart(frame(topic, real.seq, forged))
+            return engine in ing.index.lookup(keys_for(poisoned))
+
+        wait_for(forged_in, what="the forged batch applied")
+        real.publish(stored([13, 14], 12, T[32:64]))  # the real batch with that seq
+        wait_for(lambda: metric(ing.metrics, "kvindex_ingest_seq_conflicts_total") == 1)
+        wait_for(lambda: engine not in ing.index.lookup(keys_for(poisoned)), what="forgery gone")
+        wait_for(lambda: (m := ing.index.lookup(keys_for(T)).get(engine)) and m.blocks == 4)
+    finally:
+        real.close()
+        forger.close(linger=0)
