@@ -421,3 +421,45 @@ def test_only_engine_pods_reach_the_event_port(overlay: str) -> None:
         if p["containerPort"] not in (8080, 50051)  # the sidecar index's: localhost clients
     }
     assert listening <= {5557, 9002, 9003, 9090}
+
+
+def test_every_vllm_replay_endpoint_has_a_consumer(rendered: tuple[str, list[Obj]]) -> None:
+    # vLLM's replay socket is only worth its memory when the index asks it after gaps and at
+    # first contact: the picker's in-process index (kvEventsConfig.replayPort) or the
+    # sidecar (--k8s-replay-port) names the same port.
+    overlay, objects = rendered
+    (container,) = _containers(_one(objects, "Deployment", "vllm"))
+    config = json.loads(_flag(container["args"], "kv-events-config"))
+    replay = re.fullmatch(r"tcp://\*:(\d+)", config["replay_endpoint"])
+    assert replay
+    port = int(replay.group(1))
+    picker = _one(objects, "Deployment", "epp")
+    index = [c for c in _containers(picker) if c["name"] == "kvindex"]
+    if index:
+        assert f"--k8s-replay-port={port}" in index[0]["args"]
+        return
+    (precise,) = [
+        p for p in _picker_config(objects)["plugins"] if p["type"] == "precise-prefix-cache-scorer"
+    ]
+    assert precise["parameters"]["kvEventsConfig"]["replayPort"] == port, overlay
+
+
+def test_envoy_sidecar_probe_targets_a_port_the_pod_address_serves() -> None:
+    # Kubelet probes go to the pod's IP; Envoy's admin listens on 127.0.0.1 only, so a probe
+    # on it never succeeds and the pod never becomes Ready.
+    objects = render(DEPLOY / "overlays" / "standalone-envoy")
+    (envoy,) = [c for c in _containers(_one(objects, "Deployment", "epp")) if c["name"] == "envoy"]
+    probe = envoy["readinessProbe"]
+    ports = {p["name"]: p["containerPort"] for p in envoy["ports"]}
+    target = (probe.get("tcpSocket") or probe.get("httpGet"))["port"]
+    config = yaml.safe_load((DEPLOY / "envoy" / "envoy.yaml").read_text())
+    admin = config["admin"]["address"]["socket_address"]
+    listeners = {
+        listener["address"]["socket_address"]["port_value"]: listener["address"]["socket_address"][
+            "address"
+        ]
+        for listener in config["static_resources"]["listeners"]
+    }
+    port = ports.get(target, target)
+    assert port != admin["port_value"] or admin["address"] not in ("127.0.0.1", "::1")
+    assert listeners.get(port) == "0.0.0.0"

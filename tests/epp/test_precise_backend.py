@@ -287,3 +287,46 @@ def test_in_process_curve_settings(tmp_path: Path) -> None:
     assert curve is not None and curve.allowed_clients is None
     with pytest.raises(ConfigError, match=r"kvEventsConfig\.curve: --zmq-curve-cert"):
         build_backend(params(kvEventsConfig={"curve": {"certFile": str(tmp_path / "nope")}}))
+
+
+async def test_in_process_index_started_after_the_engine_replays_it() -> None:
+    # A picker (re)started after the engine published: with kvEventsConfig.replayPort the
+    # first batch it sees (seq > 0) makes it ask the engine's replay socket for everything
+    # from seq 0, so blocks cached before the start are known.
+    port, replay_port = free_port(), free_port()
+    engine = EventPublisher(
+        f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{replay_port}", topic=f"kv@{LOCAL}@{MODEL}"
+    )
+    try:
+        engine.publish([block_stored([11, 12], TOKENS[:32], 16)])  # nobody listens yet
+        engine.flush()
+        backend = build_backend(
+            params(
+                kvEventsConfig={"zmqEndpoint": f"tcp://127.0.0.1:{port}", "replayPort": replay_port}
+            ),
+            subscribe_endpoints=knowing(LOCAL),
+        )
+        assert isinstance(backend, InProcessIndex)
+        await backend.start()
+        try:
+
+            async def whole_prompt() -> bool:
+                engine.publish([block_stored([13, 14], TOKENS[32:], 16, parent_block_hash=12)])
+                engine.flush()
+                got = await backend.score(request(token_ids=TOKENS), [LOCAL])
+                return got.get(LOCAL, 0.0) == 1.0
+
+            await until(whole_prompt)
+            assert (
+                sample(
+                    backend.ingest.metrics,
+                    "kvindex_ingest_replays_total",
+                    reason="first_contact",
+                    outcome="succeeded",
+                )
+                == 1
+            )
+        finally:
+            await backend.stop()
+    finally:
+        engine.close()

@@ -72,6 +72,9 @@ class KVEventsConfig:
     # Ours, not llm-d's: accept events on the bind socket from any topic instead of only from
     # the picker's endpoints (docs/security.md).
     accept_any_engine: bool = False
+    # Ours: the engines' replay ROUTER port (vLLM's replay_endpoint tcp://*:PORT) on each
+    # endpoint's address, for replays after gaps and at first contact; None: no replay.
+    replay_port: int | None = None
     # Ours too: ZMQ CURVE certificate files (kvindex serve's --zmq-curve-*).
     curve_cert: str | None = None
     curve_clients: str | None = None
@@ -131,6 +134,7 @@ def parse_precise_params(params: Params) -> PrecisePrefixParams:
         discover_pods=kv.boolean("discoverPods", False),
         pod_discovery=pod_discovery,
         accept_any_engine=kv.boolean("acceptAnyEngine", False),
+        replay_port=kv.integer("replayPort", 0, min=0, max=65535) or None,
         curve_cert=curve.string("certFile", "") or None,
         curve_clients=curve.string("clientsDir", "") or None,
         curve_server_key=curve.string("serverKeyFile", "") or None,

@@ -22,6 +22,7 @@ from kvindex.curve import CurveConfig, load_curve
 from kvindex.discovery import EngineEntry
 from kvindex.engines import DEFAULT_KV_EVENTS_ENDPOINT
 from kvindex.errors import ConfigError as KVIndexConfigError
+from kvindex.hostport import join_host_port
 from kvindex.index import BlockIndex, IndexConfig
 from kvindex.indexer import Indexer, IndexerConfig
 from kvindex.ingest_service import IngestService, IngestServiceConfig
@@ -84,6 +85,7 @@ class InProcessIndex:
         kv = params.kv_events
         self._discover = kv.discover_pods
         self._socket_port = kv.pod_discovery.socket_port
+        self._replay_port = kv.replay_port
         self.ingest = IngestService(
             IngestServiceConfig(
                 zmq_bind=() if kv.discover_pods else (kv.zmq_endpoint or DEFAULT_BIND,),
@@ -113,10 +115,18 @@ class InProcessIndex:
         self.indexer.close()
 
     def _endpoints_changed(self, endpoints: Sequence[Endpoint]) -> None:
+        replay_port = self._replay_port
         entries: Mapping[str, EngineEntry] = {
             ep.key: EngineEntry(
                 endpoint=ep.key,
-                zmq=f"tcp://{ep.address}:{self._socket_port}" if self._discover else None,
+                zmq=(
+                    f"tcp://{join_host_port(ep.address, self._socket_port)}"
+                    if self._discover
+                    else None
+                ),
+                replay=(
+                    f"tcp://{join_host_port(ep.address, replay_port)}" if replay_port else None
+                ),
             )
             for ep in endpoints
         }
