@@ -912,6 +912,11 @@ class IngestService:
             previous,
         )
         self.metrics.resets.inc()
+        return self._clear(stream)
+
+    def _clear(self, stream: _Stream) -> bool:
+        """Drop everything the index and the applier hold for the engine; False when the
+        index refused (the engine is then recovering)."""
         stream.recent.clear()
         self.applier.forget(stream.key)
         stream.pending = 0
@@ -953,7 +958,24 @@ class IngestService:
         if decoded is None:
             return
         if replay.reason == GAP and seq > replay.cursor + 1:
-            self.metrics.lost_batches.inc(seq - replay.cursor - 1)
+            lost = seq - replay.cursor - 1
+            self.metrics.lost_batches.inc(lost)
+            if first_of_replay:
+                # The engine's buffer no longer reaches the gap: what the lost batches stored
+                # or evicted is unknown. Rebuild the engine from what the buffer holds (and
+                # the live batches held meanwhile) instead of keeping claims nobody vouches for.
+                log.warning(
+                    "event=gap_beyond_replay engine=%s expected=%d oldest_buffered=%d lost=%d: "
+                    "clearing the engine and rebuilding it from the replay",
+                    stream.key,
+                    replay.cursor + 1,
+                    seq,
+                    lost,
+                )
+                self.metrics.resyncs.inc()
+                if not self._clear(stream):
+                    return
+                replay.cursor = -1
         elif replay.reason == FIRST_CONTACT and first_of_replay and seq > 0:
             # The engine's buffer no longer holds its first batches: what they stored and
             # still caches is unknown to the index (until re-announced).

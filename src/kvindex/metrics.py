@@ -176,6 +176,11 @@ class KvindexMetrics:
         self.lost_batches = Counter(
             p + "ingest_lost_batches", "Batches lost for good (not repaired by replay)", registry=r
         )
+        self.resyncs = Counter(
+            p + "ingest_resyncs",
+            "Engines cleared and rebuilt from their replay buffer because a gap reached past it",
+            registry=r,
+        )
         self.seq_conflicts = Counter(
             p + "ingest_seq_conflicts",
             "Two different batches with one seq on an engine's stream (another publisher): the "

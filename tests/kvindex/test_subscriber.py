@@ -452,3 +452,32 @@ def test_first_contact_beyond_the_replay_buffer_counts_the_loss(
         )
     )
     assert h.m("kvindex_ingest_lost_batches_total") >= 3
+
+
+def test_a_gap_beyond_the_replay_buffer_rebuilds_the_engine(
+    harness_factory: type[Harness],
+) -> None:
+    # Batches lost on the wire reach past what the engine still buffers: one of them evicted
+    # a block. The index cannot know which, so it clears the engine and rebuilds it from the
+    # replay (plus live batches) instead of claiming the evicted block for good.
+    port = free_port()
+    h = harness_factory(
+        IngestServiceConfig(
+            accept_any_engine=True,
+            zmq_bind=("tcp://127.0.0.1:*",),
+            replay_endpoints={ENGINE: f"tcp://127.0.0.1:{port}"},
+            seq_confirm_s=0.2,
+        )
+    )
+    pub = h.publisher(replay_endpoint=f"tcp://127.0.0.1:{port}", buffer_steps=2)
+    probe(pub, h.index, ENGINE)
+    pub.publish(stored([1], None, T[:16]))
+    wait_for(lambda: h.blocks(T[:16]) == 1)
+    pub.publish(removed([1]), drop=True)  # the eviction, lost and soon out of the buffer
+    for i in range(4):
+        pub.publish(stored([50 + i], None, T[16 * i : 16 * i + 16]), drop=True)
+    pub.publish(stored([60], None, T[32:48]))  # arrives: a gap reaching past the buffer
+    wait_for(lambda: h.m("kvindex_ingest_resyncs_total") == 1, what="resync")
+    wait_for(lambda: h.index.resolve(ENGINE, 60) is not None)
+    assert h.index.resolve(ENGINE, 1) is None  # the evicted block is not claimed
+    assert h.m("kvindex_ingest_lost_batches_total") >= 3
