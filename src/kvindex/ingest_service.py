@@ -222,6 +222,8 @@ class IngestService:
         # up to make room under max_engines (discovered engines never are).
         self._undiscovered: OrderedDict[str, None] = OrderedDict()
         self._holding: set[str] = set()  # streams with a held sequence break
+        # discovered endpoints by host, for port-less topics (kv@<ip>@<model>)
+        self._endpoints_by_host: dict[str, list[str]] = {}
         self._replaying: set[str] = set()
         self._ranks: dict[str, RankSource] = {}  # discovered: rank endpoint -> sockets
         self._source_identity: dict[str, RankSource] = {}  # connect endpoint -> rank
@@ -293,6 +295,12 @@ class IngestService:
         from discovery, sorted by engine key."""
         with self._activity_lock:
             return [self._activity[k].copy() for k in sorted(self._activity)]
+
+    def knows(self, engine: str) -> bool:
+        """Is ``engine`` discovered or publishing events this service accepted (thread-safe,
+        no copy: the write and debug APIs ask it per request)?"""
+        with self._activity_lock:
+            return engine in self._activity
 
     def _activity_of(self, key: str) -> EngineActivity:
         """The engine's record (the caller holds _activity_lock)."""
@@ -464,7 +472,7 @@ class IngestService:
         """The discovered endpoint of a port-less topic's host (``kv@<ip>@<model>``, as older
         llm-d guides configure vLLM): the one discovered engine on that host (or the rank's
         one, for data-parallel ranks); None when discovery names none or several."""
-        candidates = [e for e in self._ranks if _host_of(e) == host]
+        candidates = self._endpoints_by_host.get(host, [])
         if rank is not None and len(candidates) > 1:
             candidates = [e for e in candidates if self._ranks[e].rank == rank]
         return candidates[0] if len(candidates) == 1 else None
@@ -1103,10 +1111,15 @@ class IngestService:
         for key in ranks:
             self._undiscovered.pop(key, None)
         resolved: dict[str, frozenset[str]] = {}
+        by_host: dict[str, list[str]] = {}
         for key in ranks:
             host = _host_of(key)
-            if host is not None and host not in resolved:
+            if host is None:
+                continue
+            by_host.setdefault(host, []).append(key)
+            if host not in resolved:
                 resolved[host] = resolve_host(host)
+        self._endpoints_by_host = by_host
         self.peers.set_engines(
             {key: resolved.get(_host_of(key) or "", frozenset()) for key in ranks}
         )

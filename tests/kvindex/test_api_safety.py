@@ -66,7 +66,7 @@ async def setup() -> AsyncIterator[Setup]:
         Scorer(MemoryIndex()),
         Registry({MODEL: deepseek()}),
         metrics=metrics,
-        known_engines=lambda: known,
+        engine_known=known.__contains__,
     )
     app = web.Application()
     add_score_routes(app, service)
@@ -168,8 +168,7 @@ def test_the_service_knows_only_engines_the_ingest_knows() -> None:
     # (discovered, or publishing events it accepted).
     server = KvindexServer(ServiceConfig(zmq_connect=["tcp://127.0.0.1:1"], speculative_ttl_s=0))
     try:
-        assert server.score.known_engines is not None
-        assert server.score.known_engines() == server.known_engines()
+        assert server.score.engine_known == server.service.ingest.knows
         assert not server.score.knows("10.66.0.1:8000")
     finally:
         server.service.ingest.subscriber.close()
@@ -182,7 +181,7 @@ async def guarded() -> AsyncIterator[tuple[TestClient, ScoreMetrics, ScoreServic
         Scorer(MemoryIndex(), speculative=SpeculativeIndex()),
         Registry({MODEL: deepseek()}),
         metrics=metrics,
-        known_engines=lambda: {"10.0.0.1:8000"},
+        engine_known={"10.0.0.1:8000"}.__contains__,
         write_token="s3cret",
     )
     app = web.Application()

@@ -118,7 +118,7 @@ class KvindexServer:
             self.tokenizers,
             ScoreServiceConfig(),
             ScoreMetrics(self.service.metrics.registry),
-            known_engines=self.known_engines,
+            engine_known=self.service.ingest.knows,
             write_token=(
                 None
                 if config.api_token_file is None
@@ -159,11 +159,6 @@ class KvindexServer:
 
     def events(self) -> list[EngineEventStats]:
         return event_stats(self.service.ingest)
-
-    def known_engines(self) -> set[str]:
-        """Engines discovered or publishing events the ingest accepted: the only ones the
-        write and debug APIs act on."""
-        return {record.engine for record in self.service.ingest.engine_activity()}
 
     # -- lifecycle ---------------------------------------------------------------------------
 

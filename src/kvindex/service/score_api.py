@@ -215,10 +215,10 @@ class ScoreService:
     tokenizers: TokenizerSource | None = None
     config: ScoreServiceConfig = field(default_factory=ScoreServiceConfig)
     metrics: ScoreMetrics = field(default_factory=ScoreMetrics)
-    # The engines the service vouches for (discovered, or sending events it accepted):
+    # Whether the service vouches for an engine (discovered, or sending events it accepted):
     # speculative entries and /v1/debug's engine fetches are refused for any other.
     # None: every engine (an embedder without ingest).
-    known_engines: Callable[[], Collection[str]] | None = None
+    engine_known: Callable[[str], bool] | None = None
 
     # The bearer token the write and debug methods (speculative entries, /v1/debug) require;
     # None: they are open (docs/security.md).
@@ -239,7 +239,7 @@ class ScoreService:
             )
 
     def knows(self, engine: str) -> bool:
-        return self.known_engines is None or engine in self.known_engines()
+        return self.engine_known is None or self.engine_known(engine)
 
     # -- model and tokens --------------------------------------------------------------------
 
