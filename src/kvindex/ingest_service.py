@@ -405,6 +405,7 @@ class IngestService:
         identity = self._source_identity.get(message.source)
         topic_model: str | None = None
         engine = None
+        portless = False
         if identity is not None:
             key = identity.endpoint
             with contextlib.suppress(TopicError):
@@ -427,18 +428,7 @@ class IngestService:
                 key = self._portless_endpoint(engine.host, rank) or key
             if not self._accepts(message, key):
                 return None
-            if key not in self._streams and not self._make_room(message, key):
-                return None
-            if engine.port is None and key not in self._ranks:
-                self.metrics.topic_without_port.labels(key).inc()
-                self._warn_once(
-                    "noport:" + key,
-                    "event=topic_without_port engine=%s topic=%r: indexed under the bare host, "
-                    "which will not match the picker's ip:port endpoints; set the engine's "
-                    "topic to kv@<ip>:<port>@<model>",
-                    key,
-                    topic.decode("utf-8", "replace"),
-                )
+            portless = engine.port is None and key not in self._ranks
             discovered = self._ranks.get(key)
             model = engine.model or (discovered.model if discovered else None)
         stream = self._streams.get(key)
@@ -452,9 +442,7 @@ class IngestService:
             with self._activity_lock:
                 record = self._activity_of(key)
                 record.model = model or record.model
-                record.topic_without_port = (
-                    engine is not None and engine.port is None and key not in self._ranks
-                )
+                record.topic_without_port = portless
             log.info(
                 "event=engine_seen engine=%s model=%s replay=%s source=%s",
                 key,
@@ -466,6 +454,16 @@ class IngestService:
             stream.model = model
             with self._activity_lock:
                 self._activity_of(key).model = model
+        if portless:
+            self.metrics.topic_without_port.labels(key).inc()
+            self._warn_once(
+                "noport:" + key,
+                "event=topic_without_port engine=%s topic=%r: indexed under the bare host, "
+                "which will not match the picker's ip:port endpoints; set the engine's "
+                "topic to kv@<ip>:<port>@<model>",
+                key,
+                topic.decode("utf-8", "replace"),
+            )
         return stream
 
     def _portless_endpoint(self, host: str, rank: int | None) -> str | None:
@@ -627,7 +625,6 @@ class IngestService:
         if held is not None:
             if seq == held.seq + 1 and action is not SeqAction.APPLY:
                 # The stream goes on after the held batch: its break was real.
-                self._rewind(stream.key, held.previous)
                 self._believe(stream)
                 self._sequence(stream, seq, decoded, digest, now)
                 return
@@ -673,9 +670,7 @@ class IngestService:
             stream.replay.buffered[seq] = decoded
             return
         self.tracker.observe(stream.key, seq)
-        stream.recent[seq] = digest
-        if self._apply(stream, seq, decoded):
-            self._maybe_repair(stream)
+        self._act(stream, SeqAction.APPLY, seq, decoded, digest, previous)
 
     def _rewind(self, key: str, last: int | None) -> None:
         """Set the tracker back to ``last`` (a held break is not believed yet)."""
@@ -1110,7 +1105,8 @@ class IngestService:
         self._ranks = ranks
         for key in ranks:
             self._undiscovered.pop(key, None)
-        resolved: dict[str, frozenset[str]] = {}
+        resolved: dict[str, frozenset[str]] = {}  # host -> its addresses, resolved once
+        addresses: dict[str, frozenset[str]] = {}
         by_host: dict[str, list[str]] = {}
         for key in ranks:
             host = _host_of(key)
@@ -1119,10 +1115,9 @@ class IngestService:
             by_host.setdefault(host, []).append(key)
             if host not in resolved:
                 resolved[host] = resolve_host(host)
+            addresses[key] = resolved[host]
         self._endpoints_by_host = by_host
-        self.peers.set_engines(
-            {key: resolved.get(_host_of(key) or "", frozenset()) for key in ranks}
-        )
+        self.peers.set_engines(addresses)
         with self._activity_lock:
             for key, record in list(self._activity.items()):
                 record.discovered = key in ranks

@@ -249,34 +249,22 @@ class ZmqSubscriber:
     def _drain_live(
         self, sock: zmq.Socket[bytes], source: str, out: list[SubscriberMessage]
     ) -> None:
-        if sock in self._tcp_bound:
-            self._drain_live_with_peer(sock, source, out)
-            return
+        with_peer = sock in self._tcp_bound
         for _ in range(_DRAIN_PER_SOCKET):
+            peer: str | None = None
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                if with_peer:
+                    # The first part as a zmq.Frame, for its Peer-Address; the rest as bytes.
+                    first = sock.recv(zmq.NOBLOCK, copy=False)
+                    frames = [first.bytes]
+                    if first.more:
+                        frames.extend(sock.recv_multipart())
+                    address = first.get("Peer-Address")
+                    peer = address if isinstance(address, str) else None
+                else:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            now = time.time()
-            try:
-                out.append(LiveMessage(source, parse_frames(frames), now))
-            except FrameError as exc:
-                out.append(BadMessage(source, _bad_reason(exc), str(exc)))
-
-    def _drain_live_with_peer(
-        self, sock: zmq.Socket[bytes], source: str, out: list[SubscriberMessage]
-    ) -> None:
-        # The first part as a zmq.Frame, for its Peer-Address; the rest as bytes.
-        for _ in range(_DRAIN_PER_SOCKET):
-            try:
-                first = sock.recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            frames = [first.bytes]
-            if first.more:
-                frames.extend(sock.recv_multipart())
-            address = first.get("Peer-Address")
-            peer = address if isinstance(address, str) else None
             now = time.time()
             try:
                 out.append(LiveMessage(source, parse_frames(frames), now, peer))
