@@ -6,15 +6,14 @@ pod-conversion step."""
 from __future__ import annotations
 
 import json
-import queue
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from ingest_helpers import keys_for, metric, probe, wait_for
+from pod_source import FakePodSource
 from vllm_publisher import VllmPublisher, stored
 
 from kvindex.config import KubernetesConfig
@@ -138,31 +137,6 @@ def test_pod_set_rules() -> None:
     assert PodSet(KubernetesConfig("x")).entry_for(pod("v6", "fd00::1")) == EngineEntry(
         "[fd00::1]:8000", "tcp://[fd00::1]:5557"
     )
-
-
-class FakePodSource:
-    """Stands in for the Kubernetes API (none can run in this sandbox)."""
-
-    def __init__(self, pods: list[PodView]) -> None:
-        self.pods = pods
-        self.events: queue.Queue[tuple[str, PodView] | Exception | None] = queue.Queue()
-        self.lists = 0
-
-    def list(self) -> tuple[list[PodView], str]:
-        self.lists += 1
-        return list(self.pods), str(self.lists)
-
-    def watch(self, resource_version: str) -> Iterator[tuple[str, PodView]]:
-        while True:
-            item = self.events.get()
-            if item is None:
-                return
-            if isinstance(item, Exception):
-                raise item
-            yield item
-
-    def close(self) -> None:
-        self.events.put(None)
 
 
 def test_kubernetes_discovery_list_watch_relist() -> None:

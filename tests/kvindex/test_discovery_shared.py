@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+from pod_source import FakePodSource
 
 from kvindex.config import KubernetesConfig
 from kvindex.discovery_k8s import KubernetesDiscovery
@@ -118,36 +117,8 @@ def test_polling_thread_drives_the_watch(tmp_path: Path) -> None:
 # -- the list + watch loop -------------------------------------------------------------------
 
 
-class FakeSource:
-    """A PodEventSource: `lists` of pods, then whatever the test puts on `events` (None ends
-    one watch, an exception raises out of it)."""
-
-    def __init__(self, pods: list[PodInfo]) -> None:
-        self.pods = pods
-        self.events: queue.Queue[tuple[str, PodInfo] | Exception | None] = queue.Queue()
-        self.lists = 0
-        self.watched_from: list[str] = []
-
-    def list(self) -> tuple[list[PodInfo], str]:
-        self.lists += 1
-        return list(self.pods), f"list{self.lists}"
-
-    def watch(self, resource_version: str) -> Iterator[tuple[str, PodInfo]]:
-        self.watched_from.append(resource_version)
-        while True:
-            item = self.events.get()
-            if item is None:
-                return
-            if isinstance(item, Exception):
-                raise item
-            yield item
-
-    def close(self) -> None:
-        self.events.put(None)
-
-
 def test_pod_watcher_resumes_relists_and_backs_off() -> None:
-    source = FakeSource([PodInfo("a", "10.0.0.1", ready=True)])
+    source = FakePodSource([PodInfo("a", "10.0.0.1", ready=True)])
     changes: list[PodsListed | PodEvent] = []
     errors: list[Exception] = []
     watcher = PodWatcher(source, changes.append, errors.append, backoff_s=0.01, name="t")

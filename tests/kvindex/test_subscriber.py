@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -64,6 +65,20 @@ def harness_factory() -> Iterator[type[Harness]]:
         h.close()
 
 
+def with_replay(harness_factory: type[Harness], **config: Any) -> tuple[Harness, str]:
+    """A bind-mode harness whose ENGINE has a replay endpoint (on a free port); returns it."""
+    replay = f"tcp://127.0.0.1:{free_port()}"
+    h = harness_factory(
+        IngestServiceConfig(
+            accept_any_engine=True,
+            zmq_bind=("tcp://127.0.0.1:*",),
+            replay_endpoints={ENGINE: replay},
+            **config,
+        )
+    )
+    return h, replay
+
+
 @pytest.fixture
 def bind(harness_factory: type[Harness]) -> Harness:
     return harness_factory(
@@ -119,15 +134,8 @@ def test_gap_repaired_by_replay(harness_factory: type[Harness]) -> None:
 
 @pytest.mark.parametrize("reply_form", ["new", "old"])
 def test_replay_reply_forms(harness_factory: type[Harness], reply_form: str) -> None:
-    port = free_port()
-    h = harness_factory(
-        IngestServiceConfig(
-            accept_any_engine=True,
-            zmq_bind=("tcp://127.0.0.1:*",),
-            replay_endpoints={ENGINE: f"tcp://127.0.0.1:{port}"},
-        )
-    )
-    pub = h.publisher(replay_endpoint=f"tcp://127.0.0.1:{port}", reply_form=reply_form)
+    h, replay = with_replay(harness_factory)
+    pub = h.publisher(replay_endpoint=replay, reply_form=reply_form)
     probe(pub, h.index, ENGINE)
     pub.publish(stored([1], None, T[:16]), drop=True)
     pub.publish(stored([2], 1, T[16:32]))
@@ -318,21 +326,13 @@ def test_bind_address_in_use_raises_on_open() -> None:
 
 
 def test_replay_socket_recreated_after_failure(harness_factory: type[Harness]) -> None:
-    port = free_port()
-    h = harness_factory(
-        IngestServiceConfig(
-            accept_any_engine=True,
-            zmq_bind=("tcp://127.0.0.1:*",),
-            replay_endpoints={ENGINE: f"tcp://127.0.0.1:{port}"},
-            replay_timeout_s=0.3,
-        )
-    )
+    h, replay = with_replay(harness_factory, replay_timeout_s=0.3)
     pub = h.publisher()  # no replay ROUTER yet
     probe(pub, h.index, ENGINE)
     pub.publish(stored([1], None, T[:16]), drop=True)
     pub.publish(stored([2], None, T[16:32]))  # parent None: no unknown-parent repair
     wait_for(lambda: h.m("kvindex_ingest_replays_total", reason="gap", outcome="failed") == 1)
-    pub.serve_replay(f"tcp://127.0.0.1:{port}")  # the engine's ROUTER comes up
+    pub.serve_replay(replay)  # the engine's ROUTER comes up
     pub.publish(stored([3], None, T[32:48]), drop=True)
     pub.publish(stored([4], 3, T[48:64]))
     wait_for(lambda: h.m("kvindex_ingest_replays_total", reason="gap", outcome="succeeded") == 1)
@@ -413,15 +413,8 @@ def test_connect_mode_reconnects_to_restarted_engine(harness_factory: type[Harne
 def test_first_contact_after_seq_0_replays_from_0(harness_factory: type[Harness]) -> None:
     # The index starts (or subscribes) after the engine published: the first batch it sees
     # has seq > 0, and everything before is asked for from the engine's replay buffer.
-    port = free_port()
-    h = harness_factory(
-        IngestServiceConfig(
-            accept_any_engine=True,
-            zmq_bind=("tcp://127.0.0.1:*",),
-            replay_endpoints={ENGINE: f"tcp://127.0.0.1:{port}"},
-        )
-    )
-    pub = h.publisher(replay_endpoint=f"tcp://127.0.0.1:{port}")
+    h, replay = with_replay(harness_factory)
+    pub = h.publisher(replay_endpoint=replay)
     pub.publish(stored([1, 2], None, T[:32]), drop=True)  # before the index listened
     pub.publish(stored([3], 2, T[32:48]), drop=True)
     probe(pub, h.index, ENGINE)
@@ -434,15 +427,8 @@ def test_first_contact_after_seq_0_replays_from_0(harness_factory: type[Harness]
 def test_first_contact_beyond_the_replay_buffer_counts_the_loss(
     harness_factory: type[Harness],
 ) -> None:
-    port = free_port()
-    h = harness_factory(
-        IngestServiceConfig(
-            accept_any_engine=True,
-            zmq_bind=("tcp://127.0.0.1:*",),
-            replay_endpoints={ENGINE: f"tcp://127.0.0.1:{port}"},
-        )
-    )
-    pub = h.publisher(replay_endpoint=f"tcp://127.0.0.1:{port}", buffer_steps=2)
+    h, replay = with_replay(harness_factory)
+    pub = h.publisher(replay_endpoint=replay, buffer_steps=2)
     for i in range(5):  # seq 0-4; the buffer keeps 3 and 4
         pub.publish(stored([100 + i], None, T[:16]), drop=True)
     probe(pub, h.index, ENGINE)
@@ -460,16 +446,8 @@ def test_a_gap_beyond_the_replay_buffer_rebuilds_the_engine(
     # Batches lost on the wire reach past what the engine still buffers: one of them evicted
     # a block. The index cannot know which, so it clears the engine and rebuilds it from the
     # replay (plus live batches) instead of claiming the evicted block for good.
-    port = free_port()
-    h = harness_factory(
-        IngestServiceConfig(
-            accept_any_engine=True,
-            zmq_bind=("tcp://127.0.0.1:*",),
-            replay_endpoints={ENGINE: f"tcp://127.0.0.1:{port}"},
-            seq_confirm_s=0.2,
-        )
-    )
-    pub = h.publisher(replay_endpoint=f"tcp://127.0.0.1:{port}", buffer_steps=2)
+    h, replay = with_replay(harness_factory, seq_confirm_s=0.2)
+    pub = h.publisher(replay_endpoint=replay, buffer_steps=2)
     probe(pub, h.index, ENGINE)
     pub.publish(stored([1], None, T[:16]))
     wait_for(lambda: h.blocks(T[:16]) == 1)
