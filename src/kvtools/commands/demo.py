@@ -1,5 +1,6 @@
-"""`kvindex demo`: simulated vLLM engines behind Envoy and the picker, one run per routing
-policy on the same multi-tenant shared-prefix chat workload, then a comparison table."""
+"""`kvindex demo`: simulated vLLM engines (or, with `--engine vllm`, real ones) behind Envoy
+and the picker, one run per routing policy on the same multi-tenant shared-prefix chat
+workload, then a comparison table."""
 
 from __future__ import annotations
 
@@ -9,7 +10,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvtools.demo.workload import WorkloadConfig
+from kvtools.demo.workload import SIM_GPU_BLOCKS, WorkloadConfig
+
+# Real engines on 2 CPU cores: two engines, six tenants whose contexts fit in one engine's
+# cache only when split between the engines (144 blocks of 32 tokens; vLLM refuses fewer than
+# 129, one 4k-token request and its null block), at a rate the CPUs keep up with.
+REAL_VLLM_GPU_BLOCKS = 144
+REAL_VLLM_WORKLOAD = WorkloadConfig(
+    tenants=6,
+    system_prompt_words=500,
+    users_per_tenant=2,
+    turns=3,
+    user_words=30,
+    output_tokens=8,
+    requests=48,
+    rate=2.0,
+)
 
 
 def register(subparsers: Any) -> None:
@@ -20,25 +36,48 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     w = WorkloadConfig()
-    p.add_argument("--engines", type=int, default=4, help="simulated engines")
+    p.add_argument(
+        "--engine",
+        choices=("sim", "vllm"),
+        default="sim",
+        help="sim: simulated engines (kvindex-sim); vllm: real vLLM engines on the CPU "
+        "(`make vllm-env` installs them; defaults become 2 engines and a shorter workload)",
+    )
+    p.add_argument("--engines", type=int, default=None, help="engines (default: 4 sim, 2 vllm)")
     p.add_argument(
         "--policies",
         default="round-robin,approximate,precise",
         help="comma list of round-robin, approximate, precise",
     )
-    p.add_argument("--requests", type=int, default=w.requests, help="requests per run")
-    p.add_argument("--rate", type=float, default=w.rate, help="arrivals per second")
-    p.add_argument("--tenants", type=int, default=w.tenants, help="tenants (shared contexts)")
+    v = REAL_VLLM_WORKLOAD
+
+    def both(sim: object, vllm: object) -> str:
+        return f"(default: {sim}; --engine vllm: {vllm})"
+
+    p.add_argument("--requests", type=int, help=f"requests per run {both(w.requests, v.requests)}")
+    p.add_argument("--rate", type=float, help=f"arrivals per second {both(w.rate, v.rate)}")
+    p.add_argument(
+        "--tenants", type=int, help=f"tenants (shared contexts) {both(w.tenants, v.tenants)}"
+    )
     p.add_argument(
         "--context-words",
         type=int,
-        default=w.system_prompt_words,
-        help="words in each tenant's system prompt",
+        help="words in each tenant's system prompt "
+        + both(w.system_prompt_words, v.system_prompt_words),
     )
-    p.add_argument("--users", type=int, default=w.users_per_tenant, help="users per tenant")
-    p.add_argument("--turns", type=int, default=w.turns, help="turns per conversation")
+    p.add_argument(
+        "--users",
+        type=int,
+        help=f"users per tenant {both(w.users_per_tenant, v.users_per_tenant)}",
+    )
+    p.add_argument("--turns", type=int, help=f"turns per conversation {both(w.turns, v.turns)}")
     p.add_argument("--seed", type=int, default=w.seed, help="workload seed")
-    p.add_argument("--gpu-blocks", type=int, default=480, help="KV blocks per engine")
+    p.add_argument(
+        "--gpu-blocks",
+        type=int,
+        help="KV blocks per engine (vllm: of 32 tokens; at least 129, one 4k-token request) "
+        + both(SIM_GPU_BLOCKS, REAL_VLLM_GPU_BLOCKS),
+    )
     p.add_argument(
         "--time-scale", type=float, default=1.0, help="engine time factor (0.5: twice as fast)"
     )
@@ -65,21 +104,25 @@ def run(args: argparse.Namespace) -> int:
     from kvtools.demo.processes import PortInUse
     from kvtools.demo.run import DemoConfig, run_demo, summary_table, to_json
 
-    workload = dataclasses.replace(
-        WorkloadConfig(),
-        requests=args.requests,
-        rate=args.rate,
-        tenants=args.tenants,
-        system_prompt_words=args.context_words,
-        users_per_tenant=args.users,
-        turns=args.turns,
-        seed=args.seed,
-    )
+    real = args.engine == "vllm"
+    base = REAL_VLLM_WORKLOAD if real else WorkloadConfig()
+    given = {
+        "requests": args.requests,
+        "rate": args.rate,
+        "tenants": args.tenants,
+        "system_prompt_words": args.context_words,
+        "users_per_tenant": args.users,
+        "turns": args.turns,
+        "seed": args.seed,
+    }
+    workload = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+    default_blocks = REAL_VLLM_GPU_BLOCKS if real else SIM_GPU_BLOCKS
     config = DemoConfig(
-        engines=args.engines,
+        engine=args.engine,
+        engines=args.engines if args.engines is not None else (2 if real else 4),
         policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
         workload=workload,
-        num_gpu_blocks=args.gpu_blocks,
+        num_gpu_blocks=args.gpu_blocks if args.gpu_blocks is not None else default_blocks,
         time_scale=args.time_scale,
         gateway_port=args.gateway_port,
         gateway=args.gateway,

@@ -1,6 +1,6 @@
 """Drives a workload through an HTTP gateway (Envoy) open-loop and records per request what
 the client saw: time to first token, duration, usage (cached tokens) and the engine that
-served it (the simulator's `x-kvsim-engine` header)."""
+served it (the simulator's `x-kvsim-engine` header, else the gateway's served-endpoint header)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ import aiohttp
 
 from kvtools.demo.workload import ChatRequest
 
-__all__ = ["RequestResult", "drive"]
+__all__ = ["SERVED_HEADER", "RequestResult", "drive"]
+
+# The endpoint (ip:port) that answered, added by Envoy's routes (deploy/envoy, the demo's
+# round-robin Envoy) - the picker's served-endpoint header.
+SERVED_HEADER = "x-gateway-destination-endpoint-served"
 
 
 @dataclass(slots=True)
@@ -54,7 +58,9 @@ async def _one(
     try:
         async with session.post(url, json=request.body(model)) as response:
             result.status = response.status
-            result.engine = response.headers.get("x-kvsim-engine", "")
+            # The simulator names its engine; otherwise the gateway says which ip:port served.
+            headers = response.headers
+            result.engine = headers.get("x-kvsim-engine") or headers.get(SERVED_HEADER) or ""
             if response.status != 200:
                 result.error = (await response.text())[:200]
                 return result

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,11 +110,18 @@ def _script(name: str) -> str:
 
 
 class ManagedProcess:
-    def __init__(self, name: str, argv: Sequence[str], workdir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        workdir: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """`env`: the child's whole environment (default: this process's, unbuffered)."""
         self.name = name
         self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = dict(env) if env is not None else {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
             list(argv),
             stdout=self._log,

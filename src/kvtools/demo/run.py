@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kvtools.demo.driver import RequestResult, drive
+from kvtools.demo.driver import SERVED_HEADER, RequestResult, drive
 from kvtools.demo.envoy import ENVOY_ENV, EnvoyProcess, find_envoy
 from kvtools.demo.gateway import GatewayThread
 from kvtools.demo.model import MODEL_NAME, DemoSetupError, write_model_dir
@@ -39,21 +39,37 @@ from kvtools.demo.processes import (
     start_sim,
 )
 from kvtools.demo.report import RunSummary, summarise
-from kvtools.demo.workload import WorkloadConfig, generate
+from kvtools.demo.workload import SIM_GPU_BLOCKS, WorkloadConfig, generate
+from kvtools.real_vllm.engines import (
+    DEFAULT_ENGINE_BLOCK_SIZE,
+    KV_BYTES_PER_TOKEN,
+    VLLMEngine,
+    VLLMEngineSpec,
+    VLLMEnvironmentMissing,
+    find_vllm_python,
+    start_engines,
+)
+from kvtools.real_vllm.model import write_real_model_dir
 
-__all__ = ["GATEWAY_MODES", "DemoConfig", "run_demo"]
+__all__ = ["ENGINE_KINDS", "GATEWAY_MODES", "DemoConfig", "run_demo"]
 
 # envoy: a real Envoy or a setup error; direct: the in-process ext_proc gateway; auto: Envoy,
 # falling back to direct (and saying so) when Envoy cannot start.
 GATEWAY_MODES = ("auto", "envoy", "direct")
 
 
+# sim: simulated engines (kvindex-sim); vllm: real vLLM engines (kvtools.real_vllm, needs
+# `make vllm-env`).
+ENGINE_KINDS = ("sim", "vllm")
+
+
 @dataclass(frozen=True, slots=True)
 class DemoConfig:
     engines: int = 4
+    engine: str = "sim"  # one of ENGINE_KINDS
     policies: tuple[str, ...] = ("round-robin", "approximate", "precise")
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
-    num_gpu_blocks: int = 480  # per engine: a few tenants' contexts, not all of them
+    num_gpu_blocks: int = SIM_GPU_BLOCKS
     max_num_seqs: int = 4
     time_scale: float = 1.0
     prefill_ms_per_token: float = 0.3
@@ -90,6 +106,16 @@ def _round_robin_envoy(endpoints: Sequence[str], listen_port: int) -> EnvoyProce
                         {
                             "match": {"prefix": "/"},
                             "route": {"cluster": "engines", "timeout": "120s"},
+                            # Which engine answered, as the picker's route says it.
+                            "response_headers_to_add": [
+                                {
+                                    "header": {
+                                        "key": SERVED_HEADER,
+                                        "value": "%UPSTREAM_REMOTE_ADDRESS%",
+                                    },
+                                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                                }
+                            ],
                         }
                     ],
                 }
@@ -171,36 +197,102 @@ class _Front:
             return None
 
 
+@dataclass(frozen=True, slots=True)
+class _RealEngines:
+    """Real vLLM engines started once for every policy's run (each takes a minute or more to
+    start); their prefix caches are reset before each run. They connect their PUB sockets to
+    `events` (central mode), which the precise policy's picker binds."""
+
+    engines: list[VLLMEngine]
+    events: str
+
+    def reset(self) -> None:
+        for engine in self.engines:
+            engine.reset_prefix_cache()
+
+
+@contextlib.contextmanager
+def _real_engines(
+    config: DemoConfig, workdir: Path, model_dir: Path, console: Console
+) -> Iterator[_RealEngines]:
+    try:
+        python = find_vllm_python()
+    except VLLMEnvironmentMissing as exc:
+        raise DemoSetupError(str(exc)) from exc
+    ports = PortReservation()
+    events_port = ports.port()
+    specs = [
+        VLLMEngineSpec(
+            name=f"vllm-{i}",
+            model=MODEL_NAME,
+            model_dir=model_dir,
+            http_port=ports.port(),
+            events_port=events_port,
+            replay_port=ports.port(),
+            kv_cache_bytes=config.num_gpu_blocks * DEFAULT_ENGINE_BLOCK_SIZE * KV_BYTES_PER_TOKEN,
+            max_num_seqs=config.max_num_seqs,
+            events_connect=True,
+        )
+        for i in range(config.engines)
+    ]
+    console.print(
+        f"[dim]starting {len(specs)} real vLLM engines one after the other "
+        "(about a minute or two each on 2 cores)...[/]"
+    )
+    started: list[VLLMEngine] = []
+    try:
+        try:
+            started = start_engines(specs, workdir, python=python)
+        except RuntimeError as exc:
+            raise DemoSetupError(f"a real vLLM engine did not start: {exc}") from exc
+        yield _RealEngines(started, f"tcp://127.0.0.1:{events_port}")
+    finally:
+        for engine in started:
+            engine.stop()
+        ports.close()
+
+
 @contextlib.contextmanager
 def _cluster(
-    config: DemoConfig, policy: str, workdir: Path, model_dir: Path, front: _Front
+    config: DemoConfig,
+    policy: str,
+    workdir: Path,
+    model_dir: Path,
+    front: _Front,
+    real: _RealEngines | None = None,
 ) -> Iterator[tuple[str, list[str], str]]:
-    """Start engines + Envoy (+ picker) for one policy; yield (gateway URL, engine names,
-    "envoy" or "direct"). Envoy starts before the picker (it reaches the picker lazily) so
-    that a failed Envoy is known before choosing the picker's transport: TLS behind Envoy,
-    plaintext behind the direct gateway."""
+    """Start engines (simulated; or reset the real ones) + Envoy (+ picker) for one policy;
+    yield (gateway URL, engine names, "envoy" or "direct"). Envoy starts before the picker (it
+    reaches the picker lazily) so that a failed Envoy is known before choosing the picker's
+    transport: TLS behind Envoy, plaintext behind the direct gateway."""
     ports = PortReservation()  # held until this cluster stops (see PortReservation)
-    events_port = ports.port()
-    events = f"tcp://127.0.0.1:{events_port}"
     running: list[ManagedProcess] = []
     envoy: EnvoyProcess | None = None
     direct: GatewayThread | None = None
     try:
-        sim, engines = start_sim(
-            workdir,
-            engines=config.engines,
-            model_dir=model_dir,
-            model=MODEL_NAME,
-            # The engines connect their PUB sockets to the picker's bound SUB (no '*').
-            events_endpoint=events if policy == "precise" else "none",
-            num_gpu_blocks=config.num_gpu_blocks,
-            max_num_seqs=config.max_num_seqs,
-            time_scale=config.time_scale,
-            prefill_ms_per_token=config.prefill_ms_per_token,
-            decode_ms_per_token=config.decode_ms_per_token,
-        )
-        running.append(sim)
-        endpoints = [e.endpoint for e in engines]
+        if real is not None:
+            real.reset()
+            events = real.events
+            endpoints = [e.spec.endpoint for e in real.engines]
+            names = endpoints
+        else:
+            events = f"tcp://127.0.0.1:{ports.port()}"
+            sim, engines = start_sim(
+                workdir,
+                engines=config.engines,
+                model_dir=model_dir,
+                model=MODEL_NAME,
+                # The engines connect their PUB sockets to the picker's bound SUB (no '*').
+                events_endpoint=events if policy.startswith("precise") else "none",
+                num_gpu_blocks=config.num_gpu_blocks,
+                max_num_seqs=config.max_num_seqs,
+                time_scale=config.time_scale,
+                prefill_ms_per_token=config.prefill_ms_per_token,
+                decode_ms_per_token=config.decode_ms_per_token,
+            )
+            running.append(sim)
+            endpoints = [e.endpoint for e in engines]
+            names = [e.name for e in engines]
         uses_picker = POLICIES[policy].uses_picker
         grpc_port = ports.port() if uses_picker else 0
         if uses_picker:
@@ -228,7 +320,6 @@ def _cluster(
             )
         else:
             envoy = front.start_envoy(lambda: _round_robin_envoy(endpoints, config.gateway_port))
-        names = [e.name for e in engines]
         if envoy is not None:
             yield envoy.url, names, "envoy"
         else:
@@ -284,19 +375,28 @@ def run_demo(config: DemoConfig, console: Console | None = None) -> list[RunSumm
         raise DemoSetupError(f"unknown policies {unknown}; choose from {sorted(POLICIES)}")
     if config.gateway not in GATEWAY_MODES:
         raise DemoSetupError(f"unknown gateway {config.gateway!r}; choose from {GATEWAY_MODES}")
+    if config.engine not in ENGINE_KINDS:
+        raise DemoSetupError(f"unknown engine {config.engine!r}; choose from {ENGINE_KINDS}")
     if config.gateway_port:
         check_port_free(config.gateway_port, "--gateway-port")
     workdir = Path(tempfile.mkdtemp(prefix="kvindex-demo-"))
     summaries: list[RunSummary] = []
     try:
-        model_dir = write_model_dir(workdir / "model")
-        front = _Front(config.gateway)
-        for policy in config.policies:
-            with _cluster(config, policy, workdir, model_dir, front) as (url, engines, gateway):
-                via = "" if gateway == "envoy" else " - via the direct ext_proc gateway, no Envoy"
-                console.print(f"[dim]{policy}: {POLICIES[policy].description}{via}[/]")
-                run = _run_policy(config, policy, url, engines, console, gateway)
-                summaries.append(asyncio.run(run))
+        with contextlib.ExitStack() as stack:
+            real: _RealEngines | None = None
+            if config.engine == "vllm":
+                model_dir = write_real_model_dir(workdir / "model")
+                real = stack.enter_context(_real_engines(config, workdir, model_dir, console))
+            else:
+                model_dir = write_model_dir(workdir / "model")
+            front = _Front(config.gateway)
+            for policy in config.policies:
+                cluster = _cluster(config, policy, workdir, model_dir, front, real)
+                with cluster as (url, engines, gateway):
+                    via = "" if gateway == "envoy" else " - via the direct ext_proc gateway"
+                    console.print(f"[dim]{policy}: {POLICIES[policy].description}{via}[/]")
+                    run = _run_policy(config, policy, url, engines, console, gateway)
+                    summaries.append(asyncio.run(run))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return summaries
@@ -337,6 +437,7 @@ def summary_table(summaries: Sequence[RunSummary]) -> Table:
 
 def to_json(summaries: Sequence[RunSummary], config: DemoConfig) -> str:
     doc: dict[str, Any] = {
+        "engine": config.engine,
         "engines": config.engines,
         "requests": config.workload.requests,
         "runs": [s.as_dict() for s in summaries],

@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ChatRequest", "WorkloadConfig", "generate"]
+__all__ = ["SIM_GPU_BLOCKS", "ChatRequest", "WorkloadConfig", "generate"]
 
 # Plain words tokenise to about one token each with byte-level BPE tokenizers.
 _WORD_TEXT = """
@@ -23,6 +23,10 @@ summary supplier support table target task tenant ticket token topic trace updat
 user value vendor version volume warehouse window worker
 """
 _WORDS = tuple(_WORD_TEXT.split())
+
+
+# KV blocks per simulated engine: a few tenants' contexts of the default workload, not all.
+SIM_GPU_BLOCKS = 480
 
 
 @dataclass(frozen=True, slots=True)

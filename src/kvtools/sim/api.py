@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kvindex.tokenize import Tokenizer
+    from kvtools.sim.engine import KVCacheReportMode
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -37,6 +38,8 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     cache_salt: str | None
+    # vllm_xargs.kv_cache_report_mode; None: the engine's default.
+    kv_cache_report_mode: KVCacheReportMode | None = None
 
 
 def _require_mapping(body: object) -> Mapping[str, Any]:
@@ -133,6 +136,16 @@ def parse_generation(
     salt = body.get("cache_salt")
     if salt is not None and (not isinstance(salt, str) or not salt):
         raise BadRequest("cache_salt must be a non-empty string", "bad_field", "cache_salt")
+    xargs = body.get("vllm_xargs") or {}
+    if not isinstance(xargs, Mapping):
+        raise BadRequest("vllm_xargs must be an object", "bad_field", "vllm_xargs")
+    report = xargs.get("kv_cache_report_mode")
+    if report is not None and report not in ("incremental", "full"):
+        raise BadRequest(
+            "vllm_xargs.kv_cache_report_mode must be 'incremental' or 'full'",
+            "bad_field",
+            "vllm_xargs",
+        )
     return ParsedRequest(
         model=lora or base_model,
         lora_name=lora,
@@ -141,6 +154,7 @@ def parse_generation(
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),
         cache_salt=salt,
+        kv_cache_report_mode=report,
     )
 
 

@@ -5,7 +5,8 @@
   one prompt token is computed, as vLLM does) and takes new blocks from the free queue.
 * Free blocks form an LRU queue (OrderedDict, oldest first). A cached block stays cached
   while free; when it is taken for reuse its digest is dropped and BlockRemoved is emitted.
-  A finished request's blocks are appended tail-first, so a chain's tail is evicted first.
+  A finished request's cached blocks are appended tail-first, so a chain's tail is evicted
+  first; its uncached blocks (a partial last block) go to the front, to be reused first.
 * Deviation from vLLM (documented in docs/simulator.md): a request reserves all blocks for
   prompt + max_tokens at admission instead of growing step by step (no preemption).
 """
@@ -210,12 +211,40 @@ class BlockPool:
             )
         ]
 
+    def hit_blocks_event(
+        self, alloc: Allocation, digests: Sequence[bytes], token_ids: Sequence[int]
+    ) -> list[KVEvent]:
+        """BlockStored for the request's prefix-cache hits (blocks 0.., parent None): what
+        vLLM reports for a request in `kv_cache_report_mode` "full"."""
+        hits = alloc.hit_blocks
+        if hits == 0:
+            return []
+        bs = self.block_size
+        return [
+            stored_event(
+                self.spec,
+                self.medium,
+                list(digests[:hits]),
+                None,
+                list(token_ids[: hits * bs]),
+                alloc.extras,
+                0,
+            )
+        ]
+
     def free(self, alloc: Allocation) -> None:
-        """Release a finished request; tail blocks become the first eviction candidates."""
+        """Release a finished request, as vLLM does: its blocks tail-first; the cached ones
+        go to the end of the free queue (tail blocks become the first eviction candidates),
+        the uncached ones to its front (reused before any cached block is evicted)."""
+        uncached: list[Block] = []
         for block in reversed(alloc.blocks):
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 self._free[block.block_id] = block
+                if block.digest is None:
+                    uncached.append(block)
+        for block in reversed(uncached):
+            self._free.move_to_end(block.block_id, last=False)
         alloc.blocks = []
 
     def reset(self) -> list[KVEvent]:
@@ -260,7 +289,8 @@ def stored_event(
         lora_id=None,
         medium=medium,
         lora_name=extras.lora_name,
-        extra_keys=None if all(k is None for k in keys) else keys,
+        # Like vLLM: one entry per block (None for a block without extras), never omitted.
+        extra_keys=keys or None,
         group_idx=spec.group_idx,
         kv_cache_spec_kind=spec.kind,
         kv_cache_spec_sliding_window=spec.sliding_window,

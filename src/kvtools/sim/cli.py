@@ -9,13 +9,14 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import zmq
 
 from kvindex.engines import DEFAULT_KV_EVENTS_ENDPOINT
 from kvindex.vllm_hash import HASH_ALGOS, check_algo, default_seed
-from kvtools.sim.engine import EngineConfig, SlidingWindowGroup
+from kvtools.sim.engine import KV_CACHE_REPORT_MODES, EngineConfig, SlidingWindowGroup
 from kvtools.sim.http import KVEventsOptions, ServerConfig, SimServer
 from kvtools.sim.publisher import offset_endpoint_port, should_bind
 from kvtools.sim.timing import TimingModel
@@ -55,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lora", action="append", default=[], metavar="NAME=PATH", help="loaded LoRA adapter")
     a("--max-loras", type=int, default=4)
     a(
+        "--kv-cache-report-mode",
+        choices=KV_CACHE_REPORT_MODES,
+        default="incremental",
+        help="for requests without vllm_xargs.kv_cache_report_mode: 'incremental' (vLLM's "
+        "default) reports newly cached blocks only, 'full' also re-reports prefix-cache hits",
+    )
+    a(
         "--kv-events-endpoint",
         default=DEFAULT_KV_EVENTS_ENDPOINT,
         help="PUB endpoint ('none' disables); binding endpoints get +i*dp-size per engine",
@@ -76,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--prefill-ms-per-token", type=float, default=0.2)
     a("--decode-ms-per-token", type=float, default=10.0)
     a("--time-scale", type=float, default=1.0, help="multiplies every simulated duration")
+    a(
+        "--engine-time-scales",
+        default=None,
+        help="per-engine time scales, comma-separated, one per engine (engines of different "
+        "speeds); overrides --time-scale",
+    )
     a("--output-seed", type=int, default=0)
     a(
         "--sliding-window-block-size",
@@ -147,6 +161,18 @@ def apply_kv_events_config(args: argparse.Namespace) -> None:
     args.kv_events_config = None
 
 
+def _engine_time_scales(args: argparse.Namespace) -> list[float] | None:
+    if not args.engine_time_scales:
+        return None
+    try:
+        scales = [float(v) for v in args.engine_time_scales.split(",")]
+    except ValueError:
+        raise ValueError("--engine-time-scales must be comma-separated numbers") from None
+    if len(scales) != args.engines or any(v < 0 for v in scales):
+        raise ValueError("--engine-time-scales needs one value >= 0 per engine")
+    return scales
+
+
 def server_configs(args: argparse.Namespace) -> list[tuple[ServerConfig, int]]:
     algo = check_algo(args.hash_algo)
     seed = args.hash_seed if args.hash_seed is not None else default_seed(algo)
@@ -172,6 +198,7 @@ def server_configs(args: argparse.Namespace) -> list[tuple[ServerConfig, int]]:
         ),
         lora_adapters=_parse_loras(args.lora),
         max_loras=args.max_loras,
+        kv_cache_report_mode=args.kv_cache_report_mode,
         sliding_window=SlidingWindowGroup(
             args.sliding_window_block_size, args.sliding_window, args.sliding_window_blocks
         )
@@ -179,6 +206,7 @@ def server_configs(args: argparse.Namespace) -> list[tuple[ServerConfig, int]]:
         else None,
     )
     apply_kv_events_config(args)
+    scales = _engine_time_scales(args)
     out = []
     endpoint = None if args.kv_events_endpoint == "none" else args.kv_events_endpoint
     for i in range(args.engines):
@@ -200,7 +228,9 @@ def server_configs(args: argparse.Namespace) -> list[tuple[ServerConfig, int]]:
             legacy_replay=args.legacy_replay,
         )
         cfg = ServerConfig(
-            engine=engine,
+            engine=engine
+            if scales is None
+            else replace(engine, timing=replace(engine.timing, time_scale=scales[i])),
             kv_events=kv,
             engine_id=f"engine-{i}",
             data_parallel_size=args.data_parallel_size,

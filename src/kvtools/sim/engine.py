@@ -9,12 +9,17 @@ import itertools
 import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol, TypeAlias
 
 from kvindex.vllm_hash import HashAlgo, RequestExtras, hash_block, none_hash
 from kvtools.sim.block_pool import Allocation, BlockPool, CpuTier, KVGroupSpec
 from kvtools.sim.events import KVEvent
 from kvtools.sim.timing import TimingModel, output_tokens
+
+# vLLM's per-request `kv_cache_report_mode` (`vllm_xargs`): "incremental" (its default) reports
+# only blocks a request newly caches; "full" also reports its prefix-cache hits again.
+KVCacheReportMode: TypeAlias = Literal["incremental", "full"]
+KV_CACHE_REPORT_MODES: tuple[KVCacheReportMode, ...] = ("incremental", "full")
 
 
 class EventSink(Protocol):
@@ -53,6 +58,9 @@ class EngineConfig:
     lora_adapters: Mapping[str, str] = field(default_factory=dict)
     max_loras: int = 4
     sliding_window: SlidingWindowGroup | None = None
+    # Report mode of requests that do not choose one: vLLM's default, "incremental" (hits are
+    # not re-reported; docs/simulator.md, "Fidelity against vLLM 0.32").
+    kv_cache_report_mode: KVCacheReportMode = "incremental"
 
 
 @dataclass
@@ -62,6 +70,8 @@ class EngineRequest:
     max_tokens: int
     lora_name: str | None = None
     cache_salt: str | None = None
+    # None: the engine's default (EngineConfig.kv_cache_report_mode).
+    kv_cache_report_mode: KVCacheReportMode | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,9 @@ class EngineCore:
 
     def _new_process_state(self) -> None:
         cfg = self.config
+        # Events waiting for the next engine step (vLLM publishes a reset's AllBlocksCleared
+        # with the batch of the step after it).
+        self._pending: list[KVEvent] = []
         self._none_hash = none_hash(cfg.hash_algo, cfg.hash_seed)
         spec = KVGroupSpec(0, cfg.block_size)
         offload = CpuTier(cfg.num_cpu_blocks, spec) if cfg.num_cpu_blocks > 0 else None
@@ -165,12 +178,13 @@ class EngineCore:
                 f"request has {len(request.prompt_token_ids)} prompt tokens and asks for "
                 f"{request.max_tokens} more"
             )
-        if self.pool.blocks_needed(total) > self.pool.num_blocks:
+        kv = kv_tokens(request)
+        if self.pool.blocks_needed(kv) > self.pool.num_blocks:
             raise RequestRejected(
-                f"request needs {self.pool.blocks_needed(total)} KV blocks; the engine has "
+                f"request needs {self.pool.blocks_needed(kv)} KV blocks; the engine has "
                 f"{self.pool.num_blocks}"
             )
-        if self.sw_pool is not None and self.sw_pool.blocks_needed(total) > self.sw_pool.num_blocks:
+        if self.sw_pool is not None and self.sw_pool.blocks_needed(kv) > self.sw_pool.num_blocks:
             raise RequestRejected("request does not fit the sliding-window KV group")
 
     def _admissible(
@@ -181,7 +195,7 @@ class EngineCore:
         if len(self.running) >= self.config.max_num_seqs:
             return False
         prompt = request.prompt_token_ids
-        total = len(prompt) + request.max_tokens
+        total = kv_tokens(request)
         if not self.pool.can_allocate(digests, len(prompt), total):
             return False
         if self.sw_pool is not None:
@@ -212,17 +226,19 @@ class EngineCore:
                 self.waiting.remove(request)
                 self._cond.notify_all()
             running, events, hit_tokens = self._admit(request, extras, prompt, digests)
-        self.sink.publish(events)
+        self._publish_step(events)
         try:
             yield Admitted(hit_tokens, time.monotonic() - arrived)
             await asyncio.sleep(self.config.timing.prefill_seconds(len(prompt) - hit_tokens))
-            for token in output_tokens(self.config.output_seed, prompt, request.max_tokens):
+            outputs = output_tokens(self.config.output_seed, prompt, request.max_tokens)
+            for n, token in enumerate(outputs, 1):
                 await asyncio.sleep(self.config.timing.decode_seconds())
                 running.tokens.append(token)
                 self.stats.generation_tokens += 1
-                new_events = self._cache_new_blocks(running)
-                if new_events:
-                    self.sink.publish(new_events)
+                if n < len(outputs):
+                    # Like vLLM: a sampled token's KV is computed (and a block it fills is
+                    # cached) in the next decode step, so the last token's never is.
+                    self._publish_step(self._cache_new_blocks(running))
                 yield token
             self.stats.requests_finished += 1
         finally:
@@ -230,10 +246,19 @@ class EngineCore:
                 self._finish(running)
                 self._cond.notify_all()
 
+    def _publish_step(self, events: list[KVEvent]) -> None:
+        """Publish one engine step's events, after any left by a reset since the last step."""
+        if self._pending:
+            events = [*self._pending, *events]
+            self._pending = []
+        if events:
+            self.sink.publish(events)
+
     def _admit(
         self, request: EngineRequest, extras: RequestExtras, prompt: list[int], digests: list[bytes]
     ) -> tuple[_Running, list[KVEvent], int]:
-        total = len(prompt) + request.max_tokens
+        total = kv_tokens(request)
+        report = request.kv_cache_report_mode or self.config.kv_cache_report_mode
         events: list[KVEvent] = []
         allocs: list[tuple[BlockPool, Allocation, list[bytes]]] = []
         pools = [(self.pool, digests)]
@@ -244,9 +269,12 @@ class EngineCore:
             alloc, evictions = pool.allocate(
                 request.request_id, pool_digests, len(prompt), total, extras
             )
+            if report == "full":
+                # vLLM reports the hits (blocks 0.., parent None) when it looks them up,
+                # before the allocation evicts anything.
+                events.extend(pool.hit_blocks_event(alloc, pool_digests, prompt))
             events.extend(evictions)
-            # 0.33 re-announces a request's cached prefix from block 0 with parent None.
-            events.extend(pool.cache_blocks(alloc, pool_digests, prompt, announce_from=0))
+            events.extend(pool.cache_blocks(alloc, pool_digests, prompt))
             allocs.append((pool, alloc, pool_digests))
             if pool is self.pool:
                 cpu_hits = pool.cpu_hits(pool_digests, alloc.hit_blocks, len(prompt))
@@ -276,10 +304,11 @@ class EngineCore:
     # ----------------------------------------------------------------- admin
 
     def reset_prefix_cache(self) -> None:
-        events = self.pool.reset()
+        """Forget every cached block. Like vLLM, AllBlocksCleared is published with the next
+        engine step's batch (the next request admitted or decode step), not on its own."""
+        self._pending.extend(self.pool.reset())
         if self.sw_pool is not None:
             self.sw_pool.reset()
-        self.sink.publish(events)
 
     def restart(self) -> None:
         """As if the engine process restarted: empty cache, new NONE_HASH if unseeded.
@@ -292,3 +321,9 @@ class EngineCore:
 
     def lora_adapters_in(self, requests: list[EngineRequest]) -> list[str]:
         return sorted({r.lora_name for r in requests if r.lora_name is not None})
+
+
+def kv_tokens(request: EngineRequest) -> int:
+    """Tokens whose KV a request computes: its prompt and every output token but the last
+    (the last one sampled is returned, never fed back)."""
+    return len(request.prompt_token_ids) + max(request.max_tokens - 1, 0)

@@ -260,6 +260,7 @@ class SimServer:
             max_tokens=parsed.max_tokens,
             lora_name=parsed.lora_name,
             cache_salt=parsed.cache_salt,
+            kv_cache_report_mode=parsed.kv_cache_report_mode,
         )
         stream = core.generate(engine_request)
         try:

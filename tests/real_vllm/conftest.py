@@ -1,0 +1,65 @@
+"""Two real vLLM engines (CPU build, tiny model, random weights) shared by the real-engine
+tests: `vllm-a` with 32-token blocks and `vllm-b` with 64-token blocks, both with a KV cache
+small enough (8,192 tokens) that a few prompts evict. Started one after the other, once per
+session; each test starts its own index (or picker) against them.
+
+The engines publish as in llm-d's precise-prefix-cache guide (central mode): each connects its
+PUB socket to the events address the index (or the picker) binds, `EVENTS_PORT` here, so one
+index after another can bind it; each engine's replay ROUTER binds a port of its own."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvtools.real_vllm.engines import (
+    VLLMEngine,
+    VLLMEngineSpec,
+    VLLMEnvironmentMissing,
+    find_vllm_python,
+    start_engines,
+)
+from kvtools.real_vllm.model import write_real_model_dir
+from tests.ports import free_port
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    try:
+        return find_vllm_python(Path(__file__))
+    except VLLMEnvironmentMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_real_model_dir(tmp_path_factory.mktemp("real-model"))
+
+
+@pytest.fixture(scope="session")
+def engines(
+    tmp_path_factory: pytest.TempPathFactory, vllm_python: Path, model_dir: Path
+) -> Iterator[list[VLLMEngine]]:
+    workdir = tmp_path_factory.mktemp("vllm-engines")
+    events_port = free_port()
+    specs = [
+        VLLMEngineSpec(
+            name=name,
+            model=MODEL,
+            model_dir=model_dir,
+            http_port=free_port(),
+            events_port=events_port,
+            replay_port=free_port(),
+            block_size=block_size,
+            events_connect=True,
+        )
+        for name, block_size in (("vllm-a", 32), ("vllm-b", 64))
+    ]
+    started = start_engines(specs, workdir, python=vllm_python)
+    yield started
+    for engine in started:
+        engine.stop()
