@@ -24,6 +24,7 @@ from kvindex.engines import DEFAULT_KV_EVENTS_PORT, DEFAULT_MAX_ENGINES, MAX_ENG
 from kvindex.errors import ConfigError
 from kvindex.keys import DEFAULT_BLOCK_SIZE
 from kvindex.sources import parse_networks
+from kvindex.sync import SyncConfig
 
 __all__ = [
     "DEFAULT_HTTP_PORT",
@@ -55,6 +56,11 @@ class KubernetesConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     model_label: str | None = None  # a pod label naming the served model
 
 
+# The in-memory index's default memory bound (docs/index.md, "Memory"): about 17M entries with
+# the C core, 3.3M in pure Python, before the oldest keys are evicted.
+DEFAULT_INDEX_MEMORY_BUDGET = "1GiB"
+
+
 class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # ingest sockets
     zmq_bind: list[str] = msgspec.field(default_factory=list)
@@ -66,6 +72,15 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     repair_interval_s: float = 30.0
     # a sequence break is believed after this long without a contradicting batch
     seq_confirm_s: float = 1.0
+    # per-engine sync state (kvindex.sync, docs/ingest.md "Sync state"): what scores do with
+    # the entries of engines not in sync, and when silent engines are withheld and dropped
+    unsynced_scores: str = "withhold"  # or "downweight" (by unsynced_weight)
+    unsynced_weight: float = 0.5
+    engine_stale_after_s: float = 30.0
+    engine_drop_after_s: float = 300.0
+    degraded_for_s: float = 300.0
+    # an extra physical copy of a block counts this long unless confirmed (docs/index.md)
+    copy_ttl_s: float = 20.0
     # engines (topics) tracked at once; a new one beyond is refused and counted
     max_engines: int = DEFAULT_MAX_ENGINES
     # strict by default: events on a bind socket only from engines discovery names, each
@@ -95,12 +110,21 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # max_connections; kvindex.index.IndexConfig.redis_options)
     backend_options: dict[str, Any] = msgspec.field(default_factory=dict)
     index_max_keys: int = 100_000_000
-    index_memory_budget: int | str | None = None  # bytes, or "4GiB", "512MB"
+    # bytes, or "4GiB", "512MB"; bounds the in-memory index (docs/index.md, "Memory")
+    index_memory_budget: int | str | None = DEFAULT_INDEX_MEMORY_BUDGET
     # Redis backend (--backend redis): every replica writes, see docs/redis.md
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "kvi"
     redis_ttl_s: int | None = 3600  # holder bitmaps expire unless re-stored; None/0: never
     redis_backoff_max_s: float = 5.0  # longest wait between probes of a Redis that is down
+    # Scale-out (docs/redis.md, "Sharding", "Writer model", "Writes"): engine groups spread
+    # over cluster shards; all replicas write every engine, or one leased writer per engine;
+    # batches queued and pipelined (0: one synchronous script per batch).
+    redis_groups: int = 1
+    redis_writers: str = "all"  # all | leased
+    redis_lease_ttl_s: float = 10.0
+    redis_write_queue: int = 0
+    redis_pipeline: int = 128
     # tokenizers and scoring
     tokenizers: dict[str, str] = msgspec.field(default_factory=dict)  # model -> path / hub id
     lora_adapters: dict[str, str] = msgspec.field(default_factory=dict)  # adapter -> base
@@ -295,6 +319,10 @@ def _validate(config: ServiceConfig) -> None:
         raise bad("allow_sources", "zmq-allow-source", str(exc)) from None
     if config.seq_confirm_s <= 0:
         raise ConfigError(f"seq_confirm_s: {config.seq_confirm_s} must be > 0 (seconds)")
+    try:
+        sync_config(config)
+    except ValueError as exc:
+        raise ConfigError(f"engine sync settings: {exc}") from None
     if not 1 <= config.max_engines <= MAX_ENGINES_LIMIT:
         raise bad("max_engines", "max-engines", f"must be in [1, {MAX_ENGINES_LIMIT}]")
     if not 0 <= config.http_port < 65536:
@@ -314,6 +342,14 @@ def _validate(config: ServiceConfig) -> None:
         raise bad("speculative_ttl_s", "speculative-ttl", "must be >= 0 seconds (0: off)")
     if config.redis_ttl_s is not None and config.redis_ttl_s < 0:
         raise bad("redis_ttl_s", "redis-ttl", "must be >= 0 seconds (0: never expire)")
+    if not 1 <= config.redis_groups <= 1024:
+        raise bad("redis_groups", "redis-groups", "must be in [1, 1024]")
+    if config.redis_writers not in ("all", "leased"):
+        raise bad("redis_writers", "redis-writers", "must be all or leased")
+    if config.redis_lease_ttl_s <= 0:
+        raise bad("redis_lease_ttl_s", "redis-lease-ttl", "must be > 0 seconds")
+    if config.redis_write_queue < 0 or config.redis_pipeline < 1:
+        raise bad("redis_write_queue", "redis-write-queue", "must be >= 0 (pipeline >= 1)")
     if config.redis_backoff_max_s <= 0:
         raise bad("redis_backoff_max_s", "redis-backoff-max", "must be > 0 seconds")
     if not config.redis_prefix or any(c in config.redis_prefix for c in "{}"):
@@ -389,3 +425,14 @@ def parse_replay_flags(values: list[str] | None) -> dict[str, str] | None:
             )
         out[engine] = url
     return out
+
+
+def sync_config(config: ServiceConfig) -> SyncConfig:
+    """The per-engine sync settings (kvindex.sync); raises ValueError when out of range."""
+    return SyncConfig(
+        unsynced_scores=config.unsynced_scores,
+        unsynced_weight=config.unsynced_weight,
+        stale_after_s=config.engine_stale_after_s,
+        drop_after_s=config.engine_drop_after_s,
+        degraded_for_s=config.degraded_for_s,
+    )

@@ -47,6 +47,12 @@ class EngineEventStats:
     skipped: dict[str, int] = field(default_factory=dict)  # skipped blocks by reason
     last_seq: int | None = None
     last_batch_time: float | None = None  # unix seconds
+    # kvindex.sync.EngineSync.to_builtins: state, reason, for_s, silent_s, lost_batches
+    sync: dict[str, Any] | None = None
+    # The engine's KV block size from its events (kvindex.engine_blocks); indexable False when
+    # the index's block size cannot divide it (its blocks are skipped).
+    block_size: int | None = None
+    block_size_indexable: bool = True
 
 
 EventStatsProvider = Callable[[], Sequence[EngineEventStats]]
@@ -183,15 +189,19 @@ def diagnose(
     scores = {s.engine: s for s in result.scores}
     for engine in sorted(set(scores) | set(held_by)):
         score = scores.get(engine)
-        matched = score.matched_blocks if score else 0
-        later = sum(1 for i in held_by.get(engine, ()) if i > matched)
+        held = held_by.get(engine, set())
+        # Where the engine's run of held blocks breaks; its score may count fewer blocks
+        # (whole engine blocks only, never the block of the prompt's last token).
+        run = 0
+        while run in held:
+            run += 1
         engines.append(
             EngineMatch(
                 engine=engine,
-                matched_blocks=matched,
+                matched_blocks=score.matched_blocks if score else 0,
                 score=score.score if score else 0.0,
-                stops_at=None if matched >= total else matched,
-                holds_later=later,
+                stops_at=None if run >= total else run,
+                holds_later=sum(1 for i in held if i > run),
             )
         )
     engines.sort(key=lambda m: (-m.score, -m.matched_blocks, m.engine))
@@ -232,6 +242,32 @@ def _warnings(
                 )
             )
     for stats in sorted(events, key=lambda e: e.engine):
+        sync = stats.sync or {}
+        state = sync.get("state")
+        if state in ("unsynced", "replaying") and sync.get("reason") != "no_events":
+            out.append(
+                DoctorWarning(
+                    "engine_not_synced",
+                    f"engine {stats.engine} is {state} ({sync.get('reason')}) for "
+                    f"{sync.get('for_s')}s: its entries are withheld from scores",
+                    "silent or dead: check the engine and that kvindex reaches its event and "
+                    "replay sockets; replaying: wait for the replay (kvindex_ingest_replays)",
+                    stats.engine,
+                )
+            )
+        elif state == "degraded":
+            out.append(
+                DoctorWarning(
+                    "engine_degraded",
+                    f"engine {stats.engine} lost {sync.get('lost_batches')} batches for good "
+                    f"({sync.get('reason')}): it was rebuilt from its replay buffer and live "
+                    "events, so the index may miss blocks it still caches (never claims "
+                    f"evicted ones); reported for {sync.get('degraded_for_s')}s more",
+                    "configure the engine's replay endpoint (--replay-endpoint) and a larger "
+                    "vLLM replay buffer; raise vLLM's PUB hwm if gaps come under load",
+                    stats.engine,
+                )
+            )
         if stats.discovered and stats.batches == 0:
             out.append(
                 DoctorWarning(

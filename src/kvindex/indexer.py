@@ -134,6 +134,7 @@ class Indexer:
                 max_prompt_tokens=config.max_prompt_tokens,
             ),
             speculative,
+            block_sizes=self._applier.block_sizes,
         )
         self.service = ScoreService(
             self.scorer, tokenizers, ScoreServiceConfig(), ScoreMetrics(registry)

@@ -17,6 +17,7 @@ from enum import Enum
 from typing import Any
 
 from kvindex import keys as _keys
+from kvindex.engine_blocks import EngineBlockSizes
 from kvindex.index.base import BlockIndex, Clear, IndexOp, Remove, Store, StoredBlock, Tier
 from kvindex.keys import DEFAULT_BLOCK_SIZE, BlockExtra, ContentKey, chain_keys, root_key
 from kvindex.wire import AllBlocksCleared, BlockRemoved, BlockStored, DecodedBatch, EngineHash
@@ -131,16 +132,27 @@ def extras_for_blocks(
 class EventApplier:
     """Applies decoded batches of events to a :class:`BlockIndex`, one engine at a time."""
 
-    def __init__(self, index: BlockIndex, config: IngestConfig | None = None) -> None:
+    def __init__(
+        self,
+        index: BlockIndex,
+        config: IngestConfig | None = None,
+        block_sizes: EngineBlockSizes | None = None,
+    ) -> None:
         self.index = index
         self.config = config or IngestConfig()
+        # Each engine's block size as its events say; the scorer rounds matches with it.
+        self.block_sizes = block_sizes or EngineBlockSizes(self.config.block_size)
         self._pending: dict[str, deque[tuple[BlockStored, str]]] = {}
         self._engine_block_size: dict[tuple[str, int], int] = {}
         self._skipped_groups: dict[str, set[int]] = {}
         self._roots: dict[tuple[str, str | None], ContentKey] = {}
 
-    def apply_batch(self, engine: str, batch: DecodedBatch, model: str | None) -> IngestCounts:
-        """Apply one batch from ``engine`` (an endpoint key) serving ``model``."""
+    def apply_batch(
+        self, engine: str, batch: DecodedBatch, model: str | None, fresh: bool = True
+    ) -> IngestCounts:
+        """Apply one batch from ``engine`` (an endpoint key) serving ``model``. ``fresh``:
+        the batch was not applied before (False: a replay re-applying it), so a block it
+        stores again after its parent is another physical copy (docs/index.md, "Duplicates")."""
         counts = IngestCounts()
         model = model or self.config.default_model
         ops: list[IndexOp] = []
@@ -172,6 +184,8 @@ class EventApplier:
         if n_cleared:
             events[_CLEARED] = n_cleared
         if ops:
+            if not fresh:  # re-applied: stores of held blocks are not new copies
+                ops = [Store(op.tier, op.blocks) if isinstance(op, Store) else op for op in ops]
             self.index.apply(engine, ops)
         if stored_any and self._pending.get(engine):
             self._retry_pending(engine, counts)
@@ -184,6 +198,7 @@ class EventApplier:
         self._skipped_groups.pop(engine, None)
         for key in [k for k in self._engine_block_size if k[0] == engine]:
             del self._engine_block_size[key]
+        self.block_sizes.forget(engine)
 
     # -- events ------------------------------------------------------------------------------
 
@@ -235,6 +250,7 @@ class EventApplier:
             counts.skip("partial_block", n)  # smaller than the group's established size
             return None
         if size % canonical:
+            self.block_sizes.learn(engine, size)  # reported, never silently unindexed
             counts.skip("block_size_not_multiple", n)
             return None
         if len(event.token_ids) != n * size:
@@ -242,6 +258,7 @@ class EventApplier:
             return None
         if size > known:
             self._engine_block_size[group] = size
+            self.block_sizes.learn(engine, size)
         parent_hash = event.parent_block_hash
         if parent_hash is None:
             parent = self._root(model, event.lora_name)
@@ -285,7 +302,11 @@ class EventApplier:
             for block in blocks:
                 local[block.engine_hash] = block.keys[-1]
         counts.stored_blocks += n
-        return Store(tier, blocks)
+        # Blocks stored after a parent are blocks the engine just computed, so one it already
+        # holds is another physical copy (a block-aligned prompt's last block, recomputed);
+        # from the chain's root they may be hits reported again (kv_cache_report_mode
+        # "full"), never counted (docs/index.md, "Duplicates").
+        return Store(tier, blocks, 0 if parent_hash is not None else None)
 
     def _removed(
         self,

@@ -41,8 +41,9 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import xxhash
 
@@ -57,7 +58,7 @@ from kvindex.engines import (
 )
 from kvindex.hostport import HostPortError, split_host_port
 from kvindex.index.base import BlockIndex, Clear
-from kvindex.index.redis import IndexUnavailable
+from kvindex.index.redis import IndexUnavailable, NotWriter
 from kvindex.ingest import EventApplier, IngestConfig, SeqAction, SequenceTracker
 from kvindex.metrics import EngineSeries, KvindexMetrics
 from kvindex.sources import PeerCheck, parse_networks, resolve_host
@@ -69,9 +70,13 @@ from kvindex.subscriber import (
     SubscriberMessage,
     ZmqSubscriber,
 )
+from kvindex.sync import SyncConfig, SyncReason, SyncState, SyncTable
 from kvindex.wire import DecodedBatch, decode_batch
 
 __all__ = ["EngineActivity", "IngestService", "IngestServiceConfig"]
+
+if TYPE_CHECKING:
+    from kvindex.index.redis_lease import EngineLeases as WriterLeases
 
 log = logging.getLogger("kvindex.ingest")
 
@@ -88,6 +93,32 @@ _RECENT_DIGESTS = 64
 UNKNOWN_PARENT = "unknown_parent"
 INDEX_RECOVERY = "index_recovery"  # rule 1: the index refused a batch of this engine
 INDEX_RESET = "index_reset"  # rule 2: the index lost its data (epoch change)
+# The engine restarted and the new stream's first batches were not seen: replay from 0.
+RESTART = "restart"
+# Liveness: an engine silent for stale_after_s is asked for a replay from its newest applied
+# seq. The same batch back (same digest) and nothing else: alive and idle. More batches: the
+# ones it published that never arrived (a dropped last batch). Another batch under that seq,
+# or nothing at all: it restarted. No answer: it is withheld (kvindex.sync).
+PROBE = "probe"
+# One writer per engine stream (--redis-writers leased): this replica took the engine's lease
+# and resyncs it by replay from the position the index recorded (docs/redis.md).
+TAKEOVER = "takeover"
+# Replay reasons whose outcome decides an engine's sync state (kvindex.sync): an unknown-parent
+# repair only adds what was missed, and leaves the state alone.
+_SYNC_REASONS = {
+    GAP: SyncReason.GAP,
+    FIRST_CONTACT: SyncReason.FIRST_CONTACT,
+    SEQ_CONFLICT: SyncReason.SEQ_CONFLICT,
+    RESTART: SyncReason.RESTART,
+    INDEX_RECOVERY: SyncReason.INDEX_UNAVAILABLE,
+    INDEX_RESET: SyncReason.INDEX_UNAVAILABLE,
+    TAKEOVER: SyncReason.TAKEOVER,
+}
+# Replays that start from 0 over an engine whose entries were cleared (or never held): a
+# first replayed seq > 0 is a loss, nothing to clear.
+_FROM_START = {FIRST_CONTACT, SEQ_CONFLICT, RESTART, INDEX_RESET}
+_STATE_VALUES = frozenset(state.value for state in SyncState)
+_SYNC_TICK_S = 0.25  # how often silence and aged losses are checked
 _MAX_CACHED_TOPICS = 4096
 
 
@@ -120,6 +151,11 @@ class IngestServiceConfig:
     allow_sources: tuple[str, ...] = ()
     poll_interval_ms: int = 20
     health_check_interval_s: float = 0.2  # probe of a failed index while engines wait
+    # Per-engine sync state: liveness, loss reporting, unsynced scores (kvindex.sync).
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    # An extra physical copy of a block (docs/index.md, "Duplicates") counts this long
+    # unless a store confirms it; the index's copy clock ticks every half of it.
+    copy_ttl_s: float = 20.0
 
 
 @dataclass(slots=True)
@@ -127,9 +163,19 @@ class _Replay:
     reason: str
     cursor: int  # highest seq applied in this stream so far (-1: none)
     deadline: float
-    buffered: dict[int, DecodedBatch] = field(default_factory=dict)
+    # live batches held meanwhile: seq -> (batch, payload digest)
+    buffered: dict[int, tuple[DecodedBatch, int]] = field(default_factory=dict)
     last_replayed: int = -1
     replayed: int = 0
+    # The replay starts at the newest applied seq when its digest is known: the engine must
+    # answer with that same batch first, or it is another process (restarted) or its buffer
+    # no longer reaches back (docs/ingest.md, "Sync state").
+    verify_seq: int = -1
+    verify_digest: int = 0
+    verified: bool = False
+    # the first seq the replay must bring for the index to be whole (None: a repair)
+    need: int | None = None
+    generation: int | None = None  # of the DEALER asked (ReplayMessage.generation)
 
 
 @dataclass(slots=True)
@@ -161,6 +207,7 @@ class _Stream:
     series: EngineSeries | None = None  # cached metric children
     pending_reported: int = -1  # the value last set on series.pending (-1: none yet)
     last_ts: float = 0.0  # newest batch timestamp applied
+    discovered_dropped: bool = False  # entries dropped for silence while discovered
     recovery: str | None = None  # INDEX_RECOVERY / INDEX_RESET: waiting for a healthy index
     deferred: int = 0  # batches refused or not applied during this recovery
     held: _Held | None = None  # a sequence break waiting for confirmation
@@ -182,6 +229,7 @@ class EngineActivity:
     last_batch_time: float | None = None  # unix seconds
     topic_without_port: bool = False
     recovering: str | None = None  # INDEX_RECOVERY / INDEX_RESET while waiting
+    sync: dict[str, object] | None = None  # kvindex.sync.EngineSync.to_builtins
 
     def copy(self) -> EngineActivity:
         return EngineActivity(
@@ -195,6 +243,7 @@ class EngineActivity:
             self.last_batch_time,
             self.topic_without_port,
             self.recovering,
+            self.sync,
         )
 
 
@@ -241,6 +290,33 @@ class IngestService:
         # Per-engine facts read by other threads (the doctor): guarded by _activity_lock.
         self._activity: dict[str, EngineActivity] = {}
         self._activity_lock = threading.Lock()
+        # Per-engine sync state (kvindex.sync); the scorer reads self.sync.factors.
+        self.sync = SyncTable(config.sync)
+        self.sync.listener = self.metrics.set_sync_state
+        self._next_sync_tick = 0.0
+        self._next_copy_age = time.monotonic() + config.copy_ttl_s / 2
+        # One writer per engine stream (set_writer_leases): None = this replica writes all.
+        self.leases: WriterLeases | None = None
+        self._note_position: Callable[[str, int], None] | None = None
+        self._next_lease_round = 0.0
+        # A backend with queued writes reports refused batches after apply() returned.
+        inner: object = index
+        while inner is not None and not hasattr(inner, "take_write_failures"):
+            inner = getattr(inner, "inner", None)
+        self._write_failures: Callable[[], Mapping[str, IndexUnavailable]] | None = getattr(
+            inner, "take_write_failures", None
+        )
+
+    def set_writer_leases(self, leases: WriterLeases) -> None:
+        """Write only the engine streams whose lease this replica holds (before start()):
+        the others are tracked for their sync state only; a stream taken over is resynced by
+        replay from the position the index recorded, replaying -> synced (docs/redis.md,
+        "Writer model")."""
+        self.leases = leases
+        inner: object = self.index
+        while inner is not None and not hasattr(inner, "note_position"):
+            inner = getattr(inner, "inner", None)
+        self._note_position = getattr(inner, "note_position", None)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -292,9 +368,29 @@ class IngestService:
 
     def engine_activity(self) -> list[EngineActivity]:
         """Per-engine facts (thread-safe copies): every engine seen on the wire or known
-        from discovery, sorted by engine key."""
+        from discovery, sorted by engine key, with its sync state."""
+        now = time.monotonic()
+        sync = {r.engine: r.to_builtins(now) for r in self.sync.records()}
         with self._activity_lock:
-            return [self._activity[k].copy() for k in sorted(self._activity)]
+            out = [self._activity[k].copy() for k in sorted(self._activity)]
+        for record in out:
+            record.sync = sync.get(record.engine)
+        return out
+
+    def sync_summary(self) -> dict[str, object]:
+        """Engines by sync state (thread-safe), for /readyz: counts, and the engines not
+        synced by name with their reason."""
+        now = time.monotonic()
+        counts = {state.value: 0 for state in SyncState}
+        others: dict[str, dict[str, object]] = {}
+        for record in self.sync.records():
+            if record.reason is SyncReason.NO_EVENTS:
+                continue  # known from discovery, nothing sent yet: nothing to withhold
+            counts[record.state.value] += 1
+            if record.state is not SyncState.SYNCED:
+                others[record.engine] = record.to_builtins(now)
+        scores = self.config.sync.unsynced_scores
+        return {"counts": counts, "not_synced": others, "unsynced_scores": scores}
 
     def knows(self, engine: str) -> bool:
         """Is ``engine`` discovered or publishing events this service accepted (thread-safe,
@@ -328,8 +424,18 @@ class IngestService:
                     self.handle(message)
                 now = time.monotonic()
                 self._check_timeouts(now)
+                if self._write_failures is not None:
+                    self._guard(self._check_write_failures)
                 self._guard(self.check_recovery, now)
+                if now >= self._next_sync_tick:
+                    self._next_sync_tick = now + _SYNC_TICK_S
+                    self._guard(self.check_sync, now)
+                if self.leases is not None and now >= self._next_lease_round:
+                    self._next_lease_round = now + self.leases.renew_interval_s
+                    self._guard(self.lease_round, now)
         finally:
+            if self.leases is not None:
+                self.leases.release_all()
             self.subscriber.close()
 
     def _drain_commands(self) -> None:
@@ -437,6 +543,7 @@ class IngestService:
                 return None
             stream = _Stream(key, model, self._replay_endpoint(key))
             self._streams[key] = stream
+            self.sync.known(key, time.monotonic())
             if key not in self._ranks:
                 self._undiscovered[key] = None
             with self._activity_lock:
@@ -575,6 +682,8 @@ class IngestService:
         if stream.key in self._undiscovered:
             self._undiscovered.move_to_end(stream.key)
         seq = message.frame.seq
+        if self.leases is not None and not self.leases.owns(stream.key):
+            return  # another replica writes this stream (its state comes with lease rounds)
         if stream.recovery is not None:
             # Waiting for the index: track the sequence only; the replay will bring it all.
             self.tracker.observe(stream.key, seq)
@@ -592,27 +701,46 @@ class IngestService:
         if replay is not None:
             if seq == 0 or seq < replay.cursor // 2:
                 self._finish_replay(stream, ok=False, why="engine restarted")
+                if stream.replay is not None:  # the replay's end started another one
+                    stream.replay.buffered[seq] = (decoded, digest)
+                    return
             else:
-                replay.buffered[seq] = decoded
+                replay.buffered[seq] = (decoded, digest)
                 if len(replay.buffered) > self.config.max_buffered_batches:
                     self._finish_replay(stream, ok=False, why="live buffer full")
                 return
         previous = self.tracker.last(stream.key)
-        if previous is None and seq > 0 and stream.replay_endpoint is not None:
-            log.info(
-                "event=first_contact engine=%s seq=%d action=replay from 0",
-                stream.key,
-                seq,
+        if previous is None:
+            # First contact (or the first batch after the engine's entries were dropped).
+            if seq > 0 and stream.replay_endpoint is not None:
+                log.info(
+                    "event=first_contact engine=%s seq=%d action=replay from 0",
+                    stream.key,
+                    seq,
+                )
+                self._start_replay(stream, FIRST_CONTACT, 0, -1, now)
+                assert stream.replay is not None
+                stream.replay.buffered[seq] = (decoded, digest)
+                return
+            if seq > 0:
+                # No replay endpoint: what batches 0..seq-1 stored is unknown (a subset).
+                self._warn_once(
+                    "noreplay-first:" + stream.key,
+                    "event=first_contact engine=%s seq=%d: no replay endpoint configured for "
+                    "this engine (--replay-endpoint); blocks it stored before are unknown "
+                    "(degraded)",
+                    stream.key,
+                    seq,
+                )
+                self.sync.lost(stream.key, now, seq)
+            self.sync.synced(
+                stream.key, now, SyncReason.STREAM_START if seq == 0 else SyncReason.FIRST_CONTACT
             )
-            self._start_replay(stream, FIRST_CONTACT, 0, cursor=-1)
-            assert stream.replay is not None
-            stream.replay.buffered[seq] = decoded
-            return
         action = self.tracker.observe(stream.key, seq)
         if action is SeqAction.DUPLICATE and stream.recent.get(seq, digest) != digest:
             # Another batch was applied with this seq: two publishers on one stream, or an
             # engine that restarted and whose first batches were lost.
-            self._conflict(stream, seq, decoded, digest, previous)
+            self._conflict(stream, seq, decoded, digest, previous, now)
             return
         if action is SeqAction.DUPLICATE and stream.last_ts and decoded.ts > stream.last_ts:
             # An older seq carrying a newer timestamp: the engine restarted and its first
@@ -625,7 +753,7 @@ class IngestService:
         if held is not None:
             if seq == held.seq + 1 and action is not SeqAction.APPLY:
                 # The stream goes on after the held batch: its break was real.
-                self._believe(stream)
+                self._believe(stream, now)
                 self._sequence(stream, seq, decoded, digest, now)
                 return
             if action is SeqAction.APPLY:
@@ -639,7 +767,7 @@ class IngestService:
             self._holding.add(stream.key)
             self._rewind(stream.key, previous)
             return
-        self._act(stream, action, seq, decoded, digest, previous)
+        self._act(stream, action, seq, decoded, digest, previous, now)
 
     def _conflict(
         self,
@@ -648,11 +776,12 @@ class IngestService:
         decoded: DecodedBatch,
         digest: int,
         previous: int | None,
+        now: float,
     ) -> None:
         """Two different batches with one seq: what the index holds for this engine cannot be
         vouched for. Clear it and rebuild it from the engine's replay buffer (the new batch
         held meanwhile: a real one comes in the replay too); without a replay endpoint, from
-        this batch on, as after a restart."""
+        this batch on, as after a restart (degraded: what it held before is unknown)."""
         self.metrics.seq_conflicts.inc()
         log.warning(
             "event=seq_conflict engine=%s seq=%d: two different batches with one seq (another "
@@ -664,13 +793,15 @@ class IngestService:
         if not self._reset(stream, previous):
             return
         self.tracker.forget(stream.key)
+        self.sync.restarted(stream.key, now)
         if stream.replay_endpoint is not None:
-            self._start_replay(stream, SEQ_CONFLICT, 0, cursor=-1)
+            self._start_replay(stream, SEQ_CONFLICT, 0, -1, now)
             assert stream.replay is not None
-            stream.replay.buffered[seq] = decoded
+            stream.replay.buffered[seq] = (decoded, digest)
             return
+        self.sync.lost(stream.key, now, 0)
         self.tracker.observe(stream.key, seq)
-        self._act(stream, SeqAction.APPLY, seq, decoded, digest, previous)
+        self._act(stream, SeqAction.APPLY, seq, decoded, digest, previous, now)
 
     def _rewind(self, key: str, last: int | None) -> None:
         """Set the tracker back to ``last`` (a held break is not believed yet)."""
@@ -678,13 +809,13 @@ class IngestService:
         if last is not None:
             self.tracker.observe(key, last)
 
-    def _believe(self, stream: _Stream) -> None:
+    def _believe(self, stream: _Stream, now: float) -> None:
         held = stream.held
         assert held is not None
         stream.held = None
         self.tracker.forget(stream.key)
         self.tracker.observe(stream.key, held.seq)
-        self._act(stream, held.kind, held.seq, held.decoded, held.digest, held.previous)
+        self._act(stream, held.kind, held.seq, held.decoded, held.digest, held.previous, now)
 
     def _refuse_held(self, stream: _Stream, held: _Held, why: str) -> None:
         self.metrics.refused_batches.labels("seq_unconfirmed").inc()
@@ -708,20 +839,27 @@ class IngestService:
         decoded: DecodedBatch,
         digest: int,
         previous: int | None,
+        now: float,
     ) -> None:
         if action is SeqAction.DUPLICATE:
             self.metrics.duplicate_batches.inc()
             return
-        if action is not SeqAction.GAP:
-            recent = stream.recent
-            recent[seq] = digest
-            if len(recent) > _RECENT_DIGESTS:
-                recent.popitem(last=False)
         if action is SeqAction.APPLY:
-            if self._apply(stream, seq, decoded):
+            if self._apply(stream, seq, decoded, digest, now):
                 self._maybe_repair(stream)
         elif action is SeqAction.RESET:
-            if self._reset(stream, previous) and self._apply(stream, seq, decoded):
+            if not self._reset(stream, previous):
+                return
+            self.sync.restarted(stream.key, now)
+            if seq > 0 and stream.replay_endpoint is not None:
+                # The new stream's first batches were not seen: bring them by replay.
+                self._start_replay(stream, RESTART, 0, -1, now)
+                assert stream.replay is not None
+                stream.replay.buffered[seq] = (decoded, digest)
+                return
+            if seq > 0:
+                self.sync.lost(stream.key, now, seq)
+            if self._apply(stream, seq, decoded, digest, now):
                 self._maybe_repair(stream)
         else:  # GAP
             assert previous is not None
@@ -734,41 +872,58 @@ class IngestService:
                     previous + 1,
                     seq,
                 )
-                self._start_replay(stream, GAP, previous + 1, cursor=stream.applied_seq)
+                self._start_replay(stream, GAP, previous + 1, stream.applied_seq, now)
                 assert stream.replay is not None
-                stream.replay.buffered[seq] = decoded
+                stream.replay.buffered[seq] = (decoded, digest)
             else:
                 self.metrics.lost_batches.inc(missing)
                 self._warn_once(
                     "noreplay:" + stream.key,
                     "event=seq_gap engine=%s expected=%d got=%d lost=%d: no replay endpoint "
-                    "configured for this engine (--replay-endpoint), the loss is permanent",
+                    "configured for this engine (--replay-endpoint): what the lost batches "
+                    "stored or evicted is unknown, so the engine is cleared and rebuilt from "
+                    "its next batches (degraded)",
                     stream.key,
                     previous + 1,
                     seq,
                     missing,
                 )
-                if self._apply(stream, seq, decoded):
+                if not self._clear(stream):
+                    return
+                self.metrics.resyncs.inc()
+                self.sync.lost(stream.key, now, missing)
+                if self._apply(stream, seq, decoded, digest, now):
                     self._maybe_repair(stream)
 
-    def _apply(self, stream: _Stream, seq: int, decoded: DecodedBatch) -> bool:
+    def _apply(
+        self, stream: _Stream, seq: int, decoded: DecodedBatch, digest: int, now: float
+    ) -> bool:
         """Apply one batch; False when the index refused it (the engine is now recovering,
         any replay of it was cancelled)."""
+        if self._note_position is not None:
+            self._note_position(stream.key, seq)
         try:
-            counts = self.applier.apply_batch(stream.key, decoded, stream.model)
+            counts = self.applier.apply_batch(
+                stream.key, decoded, stream.model, seq > stream.applied_seq
+            )
         except IndexUnavailable as exc:
             self._index_failed(stream, exc)
             return False
         self.metrics.add_counts(counts)
+        recent = stream.recent
+        recent[seq] = digest
+        if len(recent) > _RECENT_DIGESTS:
+            recent.popitem(last=False)
+        self.sync.seen(stream.key, now)
         series = stream.series
         if series is None:
             series = stream.series = self.metrics.engine_series(stream.key)
-        now = time.time()
+        wall = time.time()
         series.last_seq.set(seq)
-        series.last_batch_time.set(now)
+        series.last_batch_time.set(wall)
         ts = decoded.ts
         if ts > stream.last_ts:  # replayed (older) batches say nothing about lag
-            lag = now - ts if now > ts else 0.0
+            lag = wall - ts if wall > ts else 0.0
             series.lag.set(lag)
             self.metrics.lag_histogram.observe(lag)
             stream.last_ts = ts
@@ -789,7 +944,7 @@ class IngestService:
             for reason, n in counts.skipped.items():
                 record.skipped[reason] = record.skipped.get(reason, 0) + n
             record.last_seq = seq
-            record.last_batch_time = now
+            record.last_batch_time = wall
         return True
 
     # -- index faults (docs/redis.md, "Faults and recovery") --------------------------------
@@ -797,10 +952,17 @@ class IngestService:
     def _index_failed(self, stream: _Stream, exc: IndexUnavailable) -> None:
         """Rule 1: the index refused a batch of this engine: stop applying it (later batches
         are deferred) until the index is healthy, then replay it."""
+        if isinstance(exc, NotWriter) and self.leases is not None:
+            # Fenced out: another replica holds the engine's lease now; it resyncs it.
+            log.warning("event=not_writer engine=%s: lease lost, stopped writing", stream.key)
+            self.leases.forfeit(stream.key)
+            self._stand_down(stream)
+            return
         self.metrics.index_unavailable.inc()
         stream.deferred += 1  # the refused batch: lost unless a replay brings it back
         if stream.replay is not None:
             self._cancel_replay(stream)
+        self.sync.unavailable(stream.key, time.monotonic())
         if stream.recovery is None:
             log.warning(
                 "event=index_unavailable engine=%s error=%r action=replay_when_healthy",
@@ -809,10 +971,18 @@ class IngestService:
             )
             self._enter_recovery(stream, INDEX_RECOVERY)
 
+    def _check_write_failures(self) -> None:
+        assert self._write_failures is not None
+        for key, exc in self._write_failures().items():
+            stream = self._streams.get(key)
+            if stream is not None:
+                self._index_failed(stream, exc)
+
     def _enter_recovery(self, stream: _Stream, reason: str) -> None:
         if stream.recovery != INDEX_RESET:  # a reset outranks a plain recovery
             stream.recovery = reason
         self._recovering.add(stream.key)
+        self.sync.unavailable(stream.key, time.monotonic())
         with self._activity_lock:
             self._activity_of(stream.key).recovering = stream.recovery
 
@@ -862,6 +1032,9 @@ class IngestService:
             stream = self._streams.get(key)
             if stream is None or stream.recovery is None:
                 continue
+            if self.leases is not None and not self.leases.owns(key):
+                stream.recovery, stream.deferred = None, 0  # its writer recovers it
+                continue
             reason, deferred = stream.recovery, stream.deferred
             stream.recovery, stream.deferred = None, 0
             with self._activity_lock:
@@ -873,12 +1046,16 @@ class IngestService:
                 self.metrics.lost_batches.inc(deferred)
                 log.warning(
                     "event=index_recovered engine=%s reason=%s lost=%d: no replay endpoint "
-                    "configured for this engine (--replay-endpoint), its blocks are lost until "
-                    "it stores them again",
+                    "configured for this engine (--replay-endpoint): it is cleared and rebuilt "
+                    "from its next batches (degraded)",
                     key,
                     reason,
                     deferred,
                 )
+                # What the refused batches evicted may still be claimed: start over.
+                if self._clear(stream):
+                    self.sync.lost(key, now, deferred)
+                    self.sync.synced(key, now, SyncReason.LOST)
                 continue
             log.info(
                 "event=index_recovered engine=%s reason=%s deferred=%d action=replay_from_0",
@@ -887,7 +1064,7 @@ class IngestService:
                 deferred,
             )
             cursor = -1 if reason == INDEX_RESET else stream.applied_seq
-            self._start_replay(stream, reason, 0, cursor=cursor)
+            self._start_replay(stream, reason, 0, cursor, now)
 
     def _maybe_repair(self, stream: _Stream) -> None:
         """Events wait for a parent this index never saw (it started late, or a gap was not
@@ -906,7 +1083,7 @@ class IngestService:
             stream.key,
             stream.pending,
         )
-        self._start_replay(stream, UNKNOWN_PARENT, 0, cursor=stream.applied_seq)
+        self._start_replay(stream, UNKNOWN_PARENT, 0, stream.applied_seq, now)
 
     def _reset(self, stream: _Stream, previous: int | None) -> bool:
         log.warning(
@@ -933,64 +1110,222 @@ class IngestService:
             return False
         return True
 
+    # -- liveness (kvindex.sync) -------------------------------------------------------------
+
+    def check_sync(self, now: float) -> None:
+        """Silent engines are probed (or withheld), dead ones dropped, losses age out.
+        Called by the ingest loop every _SYNC_TICK_S (only on the ingest thread)."""
+        if now >= self._next_copy_age:
+            self._next_copy_age = now + self.config.copy_ttl_s / 2
+            age = getattr(self.index, "age_copies", None)
+            if age is not None:
+                with contextlib.suppress(IndexUnavailable):  # nothing to age while it is down
+                    age()
+        tick = self.sync.tick(now)
+        leases = self.leases
+        for key in tick.drop:
+            if leases is not None and not leases.owns(key):
+                continue  # its writer drops it
+            self._drop_silent(key, now)
+        for key in tick.probe:
+            if leases is not None and not leases.owns(key):
+                continue
+            stream = self._streams.get(key)
+            if stream is None:
+                self.sync.silent(key, now)
+                continue
+            if stream.replay is not None or stream.recovery is not None:
+                continue
+            self.sync.probing(key, now)
+            if stream.replay_endpoint is not None and stream.applied_seq >= 0:
+                log.debug("event=probe engine=%s seq=%d", key, stream.applied_seq)
+                self._start_replay(stream, PROBE, stream.applied_seq + 1, stream.applied_seq, now)
+            else:
+                self._silent(stream, now)
+
+    def _silent(self, stream: _Stream, now: float) -> None:
+        record = self.sync.get(stream.key)
+        if record is not None and record.scored():
+            log.warning(
+                "event=engine_silent engine=%s silent_s=%.1f: no events%s; its entries are "
+                "withheld until it publishes again",
+                stream.key,
+                now - record.last_seen,
+                "" if stream.replay_endpoint is None else " and no answer to a replay probe",
+            )
+        self.sync.silent(stream.key, now)
+
+    def _drop_silent(self, key: str, now: float) -> None:
+        """An engine silent for drop_after_s: drop its entries. One no discovery names (a
+        bind-socket topic, --zmq-connect) is forgotten entirely; a discovered one keeps its
+        record (unsynced, dead) and is taken as a first contact when it speaks again."""
+        log.warning(
+            "event=engine_dead engine=%s silent_s>%.0f: dropping its entries",
+            key,
+            self.config.sync.drop_after_s,
+        )
+        if key not in self._ranks:
+            self._drop_engine(key)
+            return
+        stream = self._streams.get(key)
+        if stream is not None:
+            if stream.replay is not None:
+                self._cancel_replay(stream)
+            stream.held = None
+            self.tracker.forget(key)
+            if not self._clear(stream):
+                return
+        self.sync.dropped(key, now)
+
+    # -- one writer per engine stream (docs/redis.md, "Writer model") ----------------------
+
+    def lease_round(self, now: float) -> None:
+        """Renew, release and take engine leases; resync the streams taken over; mirror the
+        sync state the writers of the other streams publish. Ingest thread only."""
+        leases = self.leases
+        assert leases is not None
+        engines = sorted(self._streams)
+        states = {}
+        for key in engines:
+            record = self.sync.get(key)
+            if record is not None and leases.owns(key):
+                states[key] = record.state.value
+        result = leases.tick(engines, states)
+        for key in result.lost:
+            stream = self._streams.get(key)
+            if stream is not None:
+                self._stand_down(stream)
+        for key in result.gained:
+            stream = self._streams.get(key)
+            view = result.views.get(key)
+            if stream is not None:
+                self._takeover(stream, None if view is None else view.position, now)
+        for key, view in result.views.items():
+            if view.ours:
+                continue
+            if view.held and view.state in _STATE_VALUES:
+                self.sync.mirror(key, now, SyncState(view.state), SyncReason.OTHER_WRITER)
+            else:
+                self.sync.mirror(key, now, SyncState.UNSYNCED, SyncReason.NO_WRITER)
+
+    def _stand_down(self, stream: _Stream) -> None:
+        """Stop writing the stream (another replica took it): drop what is in flight."""
+        if stream.replay is not None:
+            self._cancel_replay(stream)
+        stream.held = None
+        self._holding.discard(stream.key)
+        stream.recovery = None
+        stream.deferred = 0
+        self._recovering.discard(stream.key)
+        self.applier.forget(stream.key)
+        self.tracker.forget(stream.key)
+        stream.pending = 0
+        stream.pending_grew = False
+        stream.recent.clear()
+
+    def _takeover(self, stream: _Stream, position: int | None, now: float) -> None:
+        """This replica now writes the stream: resync by replay from where the index stands
+        (the seq recorded with the previous writer's last write; that batch again, since only
+        part of it may have been written), replaying -> synced."""
+        self._stand_down(stream)
+        stream.last_ts = 0.0
+        log.info(
+            "event=takeover engine=%s position=%s action=%s",
+            stream.key,
+            position,
+            "replay" if stream.replay_endpoint else "clear (no replay endpoint)",
+        )
+        if stream.replay_endpoint is None:
+            # Nothing can tell what the previous writer missed: rebuild from the live stream.
+            stream.applied_seq = -1
+            if self._clear(stream):
+                self.sync.lost(stream.key, now, 0)
+                self.sync.synced(stream.key, now, SyncReason.LOST)
+            return
+        if position is None:  # nothing recorded: the whole buffer, over a clean slate
+            if not self._clear(stream):
+                return
+            self._start_replay(stream, FIRST_CONTACT, 0, -1, now)
+            self.sync.replaying(stream.key, now, SyncReason.TAKEOVER)
+            return
+        stream.applied_seq = position - 1
+        self._start_replay(stream, TAKEOVER, position, position - 1, now)
+
     # -- replay ------------------------------------------------------------------------------
 
-    def _start_replay(self, stream: _Stream, reason: str, start: int, cursor: int) -> None:
+    def _start_replay(
+        self, stream: _Stream, reason: str, start: int, cursor: int, now: float
+    ) -> None:
+        """Ask the engine for its batches from ``start`` (``cursor``: the newest applied seq
+        of the stream, -1 if none). A gap or probe replay starts one batch earlier when that
+        batch's digest is known, to check the engine is the process that sent it."""
         assert stream.replay_endpoint is not None
-        stream.replay = _Replay(reason, cursor, time.monotonic() + self.config.replay_timeout_s)
+        if reason in _FROM_START:
+            need: int | None = 0
+        elif reason == UNKNOWN_PARENT:
+            need = None
+        elif reason in (GAP, PROBE, TAKEOVER):
+            need = start
+        else:  # INDEX_RECOVERY: what was deferred after the newest applied batch
+            need = cursor + 1
+        replay = _Replay(reason, cursor, now + self.config.replay_timeout_s, need=need)
+        if reason in (GAP, PROBE) and cursor >= 0 and start == cursor + 1:
+            digest = stream.recent.get(cursor)
+            if digest is not None:
+                replay.verify_seq, replay.verify_digest = cursor, digest
+                start = cursor
+        stream.replay = replay
         self._replaying.add(stream.key)
         self.metrics.replays.labels(reason, "requested").inc()
-        self.subscriber.request_replay(stream.key, stream.replay_endpoint, start)
+        sync_reason = _SYNC_REASONS.get(reason)
+        if sync_reason is not None:
+            self.sync.replaying(stream.key, now, sync_reason)
+        replay.generation = self.subscriber.request_replay(
+            stream.key, stream.replay_endpoint, start
+        )
 
     def _on_replay(self, message: ReplayMessage) -> None:
         stream = self._streams.get(message.stream)
         replay = stream.replay if stream is not None else None
         if stream is None or replay is None:
             return  # a late answer to a replay already finished
+        if message.generation is not None and message.generation != replay.generation:
+            return  # an answer from a DEALER dropped since (read in the same poll)
         if message.frame is None:
             self._finish_replay(stream, ok=True)
             return
-        replay.deadline = time.monotonic() + self.config.replay_timeout_s
+        now = time.monotonic()
+        replay.deadline = now + self.config.replay_timeout_s
         seq = message.frame.seq
-        if seq <= replay.last_replayed or (replay.reason == GAP and seq <= replay.cursor):
+        first = replay.last_replayed < 0
+        if first and replay.verify_seq >= 0 and seq == replay.verify_seq:
+            replay.last_replayed = seq
+            if xxhash.xxh3_64_intdigest(message.frame.payload) == replay.verify_digest:
+                replay.verified = True  # the same process: its stream goes on
+                self.sync.seen(stream.key, now)
+                return
+            self._restarted_behind(
+                stream, f"its batch {seq} differs from the one applied under that seq", now
+            )
+            return
+        if seq <= replay.last_replayed or (replay.reason in (GAP, PROBE) and seq <= replay.cursor):
             self.metrics.duplicate_batches.inc()
             return
         decoded = self._decode(message.frame.payload)
-        first_of_replay = replay.last_replayed < 0
+        expected = replay.need if first else replay.last_replayed + 1
         replay.last_replayed = seq
         if decoded is None:
             return
-        if replay.reason == GAP and seq > replay.cursor + 1:
-            lost = seq - replay.cursor - 1
-            self.metrics.lost_batches.inc(lost)
-            if first_of_replay:
-                # The engine's buffer no longer reaches the gap: what the lost batches stored
-                # or evicted is unknown. Rebuild the engine from what the buffer holds (and
-                # the live batches held meanwhile) instead of keeping claims nobody vouches for.
-                log.warning(
-                    "event=gap_beyond_replay engine=%s expected=%d oldest_buffered=%d lost=%d: "
-                    "clearing the engine and rebuilding it from the replay",
-                    stream.key,
-                    replay.cursor + 1,
-                    seq,
-                    lost,
-                )
-                self.metrics.resyncs.inc()
-                if not self._clear(stream):
-                    return
-                replay.cursor = -1
-        elif replay.reason == FIRST_CONTACT and first_of_replay and seq > 0:
-            # The engine's buffer no longer holds its first batches: what they stored and
-            # still caches is unknown to the index (until re-announced).
-            self.metrics.lost_batches.inc(seq)
-            log.warning(
-                "event=first_contact_incomplete engine=%s oldest_buffered=%d: batches 0..%d "
-                "are out of the engine's replay buffer; blocks they stored are unknown",
-                stream.key,
-                seq,
-                seq - 1,
-            )
-        if not self._apply(stream, seq, decoded):
+        if (
+            replay.need is not None
+            and expected is not None
+            and seq > expected
+            and not self._replay_loss(stream, replay, expected, seq, first, now)
+        ):
+            return
+        if not self._apply(
+            stream, seq, decoded, xxhash.xxh3_64_intdigest(message.frame.payload), now
+        ):
             return  # the index failed: the engine recovers (replay cancelled)
         replay.cursor = max(replay.cursor, seq)
         replay.replayed += 1
@@ -999,52 +1334,132 @@ class IngestService:
             del replay.buffered[buffered]
             self.metrics.duplicate_batches.inc()
 
+    def _replay_loss(
+        self, stream: _Stream, replay: _Replay, expected: int, seq: int, first: bool, now: float
+    ) -> bool:
+        """The replay skipped batches ``expected..seq-1`` (the engine's buffer no longer holds
+        them): what they stored or evicted is unknown. Rebuild the engine from what the buffer
+        holds (and the live batches held meanwhile) instead of keeping claims nobody vouches
+        for; it ends degraded. False when the index refused the clear."""
+        lost = seq - expected
+        self.metrics.lost_batches.inc(lost)
+        nothing_held = first and replay.reason in _FROM_START  # cleared (or empty) already
+        log.warning(
+            "event=%s engine=%s reason=%s expected=%d oldest_buffered=%d lost=%d: %s",
+            "replay_incomplete" if nothing_held else "gap_beyond_replay",
+            stream.key,
+            replay.reason,
+            expected,
+            seq,
+            lost,
+            "blocks the lost batches stored are unknown (degraded)"
+            if nothing_held
+            else "clearing the engine and rebuilding it from the replay (degraded)",
+        )
+        if not nothing_held:
+            self.metrics.resyncs.inc()
+            if not self._clear(stream):
+                return False
+            replay.cursor = -1
+        self.sync.lost(stream.key, now, lost)
+        return True
+
+    def _restarted_behind(self, stream: _Stream, why: str, now: float) -> None:
+        """A gap or probe replay showed another process behind the engine's sockets (it
+        restarted, and its new sequence may have passed the old one): clear the engine and
+        replay the new process from 0, keeping the live batches held so far."""
+        replay = stream.replay
+        assert replay is not None
+        log.warning(
+            "event=engine_restart engine=%s detected_by=%s_replay: %s; clearing its blocks and "
+            "replaying it from 0",
+            stream.key,
+            replay.reason,
+            why,
+        )
+        self._cancel_replay(stream)  # its DEALER goes too: late answers cannot mix in
+        self.metrics.resets.inc()
+        if not self._clear(stream):
+            return
+        self.tracker.forget(stream.key)
+        self.sync.restarted(stream.key, now)
+        self._start_replay(stream, RESTART, 0, -1, now)
+        assert stream.replay is not None
+        stream.replay.buffered = {s: b for s, b in replay.buffered.items()}
+
     def _finish_replay(self, stream: _Stream, ok: bool, why: str = "") -> None:
         """End a replay: apply the buffered live batches in order. A hole left between them
         (batches dropped on the wire while the replay ran) starts another gap replay when this
-        one worked and made progress; otherwise the hole is counted as lost."""
+        one worked and made progress; otherwise it is a loss (the engine is cleared and
+        rebuilt, degraded)."""
         replay = stream.replay
         assert replay is not None
+        now = time.monotonic()
+        if ok and replay.verify_seq >= 0 and replay.last_replayed < 0:
+            # Asked from our newest batch and given nothing: the process behind the socket
+            # never published that seq (it restarted and has published less since).
+            self._restarted_behind(stream, f"it holds no batch from seq {replay.verify_seq}", now)
+            return
         stream.replay = None
         self._replaying.discard(stream.key)
         self.metrics.replays.labels(replay.reason, "succeeded" if ok else "failed").inc()
         if not ok:
             self.subscriber.drop_replay(stream.key)  # recreated on the next request
+        if replay.reason == PROBE:
+            if ok:
+                self.sync.seen(stream.key, now)
+            else:
+                self._silent(stream, now)
         lost = 0
         cursor = replay.cursor
+        expected: int | None = cursor + 1 if cursor >= 0 else None
+        if replay.need is not None and replay.last_replayed < 0:
+            expected = replay.need  # nothing replayed: the batches asked for are missing
         pending = sorted(replay.buffered)
         for i, seq in enumerate(pending):
             if seq <= cursor:
                 self.metrics.duplicate_batches.inc()
                 continue
-            if cursor >= 0 and seq > cursor + 1:
-                if ok and replay.replayed and stream.replay_endpoint is not None:
-                    self._chain_replay(stream, cursor, replay, pending[i:])
+            if expected is not None and seq > expected:
+                if ok and replay.replayed and cursor >= 0 and stream.replay_endpoint is not None:
+                    self._chain_replay(stream, cursor, replay, pending[i:], now)
                     return
-                lost += seq - cursor - 1
-            if not self._apply(stream, seq, replay.buffered[seq]):
+                hole = seq - expected
+                lost += hole
+                nothing_held = cursor < 0 and replay.reason in _FROM_START
+                if not nothing_held:
+                    self.metrics.resyncs.inc()
+                    if not self._clear(stream):
+                        return
+                self.sync.lost(stream.key, now, hole)
+            decoded, digest = replay.buffered[seq]
+            if not self._apply(stream, seq, decoded, digest, now):
                 return  # the index failed: the engine recovers and is replayed again
             cursor = seq
+            expected = seq + 1
         if lost:
             self.metrics.lost_batches.inc(lost)
         log_fn = log.info if ok and not lost else log.warning
-        log_fn(
-            "event=replay_done engine=%s reason=%s ok=%s replayed=%d lost=%d%s",
-            stream.key,
-            replay.reason,
-            ok,
-            replay.replayed,
-            lost,
-            f" why={why!r}" if why else "",
-        )
+        if replay.reason != PROBE or lost or not ok:
+            log_fn(
+                "event=replay_done engine=%s reason=%s ok=%s replayed=%d lost=%d%s",
+                stream.key,
+                replay.reason,
+                ok,
+                replay.replayed,
+                lost,
+                f" why={why!r}" if why else "",
+            )
         # The tracker did not see buffered batches: restart it at the newest applied seq.
         self.tracker.forget(stream.key)
         if cursor >= 0:
             self.tracker.observe(stream.key, cursor)
+        if replay.reason in _SYNC_REASONS:
+            self.sync.replayed(stream.key, now)
         self._maybe_repair(stream)
 
     def _chain_replay(
-        self, stream: _Stream, cursor: int, done: _Replay, remaining: list[int]
+        self, stream: _Stream, cursor: int, done: _Replay, remaining: list[int], now: float
     ) -> None:
         log.info(
             "event=seq_gap engine=%s expected=%d got=%d action=replay (during a replay)",
@@ -1053,7 +1468,7 @@ class IngestService:
             remaining[0],
         )
         self.metrics.gaps.inc()
-        self._start_replay(stream, GAP, cursor + 1, cursor=cursor)
+        self._start_replay(stream, GAP, cursor + 1, cursor, now)
         assert stream.replay is not None
         stream.replay.buffered = {seq: done.buffered[seq] for seq in remaining}
 
@@ -1064,7 +1479,7 @@ class IngestService:
                 self._holding.discard(key)
             elif now - waiting.held.since > self.config.seq_confirm_s:
                 # Nothing contradicted it: an engine that restarted and went idle.
-                self._guard(self._believe, waiting)
+                self._guard(self._believe, waiting, now)
         for key in list(self._replaying):
             stream = self._streams.get(key)
             if stream is None or stream.replay is None:
@@ -1127,6 +1542,9 @@ class IngestService:
                 record = self._activity_of(key)
                 record.discovered = True
                 record.model = record.model or rank.model
+        now = time.monotonic()
+        for key in ranks:
+            self.sync.known(key, now)
         for stream in self._streams.values():
             stream.replay_endpoint = self._replay_endpoint(stream.key)
             discovered = ranks.get(stream.key)
@@ -1150,6 +1568,8 @@ class IngestService:
         self._streams.pop(key, None)
         self._replaying.discard(key)
         self._recovering.discard(key)
+        self._holding.discard(key)
+        self.sync.forget(key)
         with self._activity_lock:
             self._activity.pop(key, None)
         self.subscriber.drop_replay(key)

@@ -16,14 +16,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from kvindex.engine_blocks import EngineBlockSizes
 from kvindex.index.base import IndexStats
 from kvindex.ingest import IngestCounts
+from kvindex.sync import SyncState
 
 __all__ = [
     "PREFIX",
     "EngineSeries",
     "IndexStatsCollector",
     "KvindexMetrics",
+    "RedisWriteMetrics",
     "TokenizerCacheCollector",
 ]
 
@@ -280,6 +283,22 @@ class KvindexMetrics:
             "Live batches not applied while their engine waited for the index (replayed)",
             registry=r,
         )
+        # -- per-engine sync state (kvindex.sync) ----------------------------------------------
+        self.engine_sync_state = Gauge(
+            p + "engine_sync_state",
+            "1 for the engine's current sync state (unsynced, replaying, synced, degraded), 0 "
+            "for the others; entries of unsynced and replaying engines are withheld from "
+            "scores (or down-weighted)",
+            ["engine", "state"],
+            registry=r,
+        )
+        # -- engine block sizes (kvindex.engine_blocks) ----------------------------------------
+        self.engines_block_size_unindexable = Gauge(
+            p + "engines_block_size_unindexable",
+            "Engines whose KV block size the canonical --block-size cannot divide: their "
+            "blocks are skipped (block_size_not_multiple) and they score 0",
+            registry=r,
+        )
         # The read path's metrics (kvindex_score_*) are ScoreMetrics on this same registry.
 
         self._event_children: dict[str, Counter] = {}
@@ -296,6 +315,10 @@ class KvindexMetrics:
 
     def watch_index(self, stats: Callable[[], IndexStats]) -> None:
         self.registry.register(IndexStatsCollector(stats))
+
+    def watch_block_sizes(self, sizes: EngineBlockSizes) -> None:
+        """Read the unindexable engines at scrape time."""
+        self.engines_block_size_unindexable.set_function(lambda: len(sizes.incompatible()))
 
     def add_counts(self, counts: IngestCounts) -> None:
         """Fold one applied batch's counts into the counters (hot path: label children are
@@ -320,6 +343,16 @@ class KvindexMetrics:
         if counts.resolved_pending:
             self.resolved_pending.inc(counts.resolved_pending)
 
+    def set_sync_state(self, engine: str, state: SyncState | None) -> None:
+        """The engine's sync state changed (None: the engine is gone; its series dropped).
+        Bounded: four series per tracked engine."""
+        for each in SyncState:
+            if state is None:
+                with contextlib.suppress(KeyError):
+                    self.engine_sync_state.remove(engine, each.value)
+            else:
+                self.engine_sync_state.labels(engine, each.value).set(1 if each is state else 0)
+
     def forget_engine(self, engine: str) -> None:
         """Drop the per-engine series of an engine that left."""
         for gauge in (self.pending, self.lag, self.last_seq, self.last_batch_time):
@@ -327,3 +360,82 @@ class KvindexMetrics:
                 gauge.remove(engine)
         with contextlib.suppress(KeyError):
             self.topic_without_port.remove(engine)
+
+
+class RedisWriteMetrics:
+    """The Redis backend's write path and writer leases (docs/redis.md, "Writes" and
+    "Writer model"). Per-engine series are bounded by the engines ingest tracks
+    (``max_engines``) and dropped by :meth:`forget_engine`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        p = PREFIX + "redis_"
+        self.queue_depth = Gauge(
+            p + "write_queue_depth", "Batches waiting to be written to Redis", registry=r
+        )
+        self.queue_limit = Gauge(
+            p + "write_queue_limit",
+            "Batches the write queue holds before ingest blocks",
+            registry=r,
+        )
+        self.backpressure = Counter(
+            p + "write_backpressure_seconds",
+            "Time ingest waited for room in the Redis write queue (a slow Redis)",
+            registry=r,
+        )
+        self.pipelines = Counter(p + "write_pipelines", "Pipelines sent to Redis", registry=r)
+        self.batches = Counter(
+            p + "write_batches", "Event batches written to Redis (apply calls)", registry=r
+        )
+        self.failed = Counter(
+            p + "write_failed_batches",
+            "Batches Redis refused (unreachable, or fenced: not the engine's writer)",
+            ["reason"],
+            registry=r,
+        )
+        self.apply_lag = Gauge(
+            p + "apply_lag_seconds",
+            "Per engine: seconds between a batch entering the write queue and Redis applying it"
+            " (newest batch)",
+            ["engine"],
+            registry=r,
+        )
+        self.writer_engines = Gauge(
+            p + "writer_engines",
+            "Engine streams this replica holds the writer lease of",
+            registry=r,
+        )
+        self.writer = Gauge(
+            p + "writer",
+            "1 for each engine stream this replica writes (lease held)",
+            ["engine"],
+            registry=r,
+        )
+        self.replicas = Gauge(
+            p + "replicas", "Live replicas sharing the index (lease members)", registry=r
+        )
+        self._owned: set[str] = set()
+        self.takeovers = Counter(
+            p + "lease_takeovers",
+            "Engine leases this replica took (start, or a dead writer)",
+            registry=r,
+        )
+
+    def observe_leases(self, owned: Iterable[str], members: int, gained: int) -> None:
+        """After a lease round: the engines written here, live replicas, takeovers."""
+        owned = set(owned)
+        for engine in self._owned - owned:
+            with contextlib.suppress(KeyError):
+                self.writer.remove(engine)
+        for engine in owned:
+            self.writer.labels(engine).set(1)
+        self._owned = owned
+        self.writer_engines.set(len(owned))
+        self.replicas.set(members)
+        if gained:
+            self.takeovers.inc(gained)
+
+    def forget_engine(self, engine: str) -> None:
+        for gauge in (self.apply_lag, self.writer):
+            with contextlib.suppress(KeyError):
+                gauge.remove(engine)

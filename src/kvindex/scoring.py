@@ -18,9 +18,10 @@ Results are sorted by score, then matched blocks (both descending), then engine 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from kvindex.engine_blocks import EngineBlockSizes
 from kvindex.errors import KVIndexError
 from kvindex.index.base import BlockIndex, PrefixMatch
 from kvindex.keys import (
@@ -96,6 +97,9 @@ class ScoringConfig:
     block_size: int = DEFAULT_BLOCK_SIZE  # canonical block size; must equal IngestConfig's
     weights: TierWeights = field(default_factory=TierWeights)
     max_prompt_tokens: int = 1 << 20  # larger prompts are refused (PromptTooLongError)
+    # vLLM never reuses the block holding a prompt's last token (it computes that token's
+    # logits): scores leave that block out. False scores every cached block.
+    last_token_recomputed: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -151,6 +155,30 @@ def prompt_keys(
 _ZERO_SCORES_MAX = 4096
 
 
+def _untrusted(
+    matches: dict[str, PrefixMatch], factors: Mapping[str, float]
+) -> dict[str, PrefixMatch]:
+    """Matches with the entries of untrusted engines withheld (factor 0) or scaled."""
+    out: dict[str, PrefixMatch] = {}
+    for engine, match in matches.items():
+        factor = factors.get(engine)
+        if factor is None:
+            out[engine] = match
+        elif factor > 0:
+            out[engine] = _Scaled(match.blocks, match.by_tier, factor)
+    return out
+
+
+class _Scaled(PrefixMatch):
+    """A match whose tier-weighted score is multiplied by ``factor`` (down-weighted)."""
+
+    __slots__ = ("factor",)
+
+    def __init__(self, blocks: int, by_tier: list[int], factor: float) -> None:
+        super().__init__(blocks, by_tier)
+        self.factor = factor
+
+
 def _sort_key(score: EngineScore) -> tuple[float, int, str]:
     return (-score.score, -score.matched_blocks, score.engine)
 
@@ -163,12 +191,19 @@ class Scorer:
         index: BlockIndex,
         config: ScoringConfig | None = None,
         speculative: SpeculativeIndex | None = None,
+        block_sizes: EngineBlockSizes | None = None,
     ) -> None:
+        """``block_sizes``: each engine's block size as ingest learnt it (share the
+        EventApplier's); without it every engine is taken to use the canonical size."""
         self.index = index
         self.config = config or ScoringConfig()
         self.speculative = speculative
+        self.block_sizes = block_sizes or EngineBlockSizes(self.config.block_size)
         self._weights = self.config.weights.as_tuple()
         self._zero_scores: dict[str, EngineScore] = {}  # engine -> its no-match score
+        # Engines whose index entries are not trusted (kvindex.sync: unsynced, replaying) ->
+        # the factor their real matches count with (0: withheld). Set by the ingest owner.
+        self.engine_factors: Callable[[], Mapping[str, float]] | None = None
 
     @property
     def block_size(self) -> int:
@@ -196,7 +231,7 @@ class Scorer:
     ) -> ScoreResult:
         """Score every engine (or only ``engines``, each listed even with no match)."""
         keys = self.keys(model, token_ids, lora, cache_salt)
-        scores = self.score_keys(keys, engines)
+        scores = self.score_keys(keys, engines, len(token_ids))
         return ScoreResult(
             model=model,
             lora=lora,
@@ -208,10 +243,22 @@ class Scorer:
         )
 
     def score_keys(
-        self, keys: Sequence[ContentKey], engines: Collection[str] | None = None
+        self,
+        keys: Sequence[ContentKey],
+        engines: Collection[str] | None = None,
+        prompt_tokens: int | None = None,
     ) -> tuple[EngineScore, ...]:
+        """Scores of the prompt whose block keys are ``keys``; ``prompt_tokens`` (its length)
+        lets scores leave out the block of the last token; None: the prompt goes on past the
+        keys. Matches count whole blocks of each engine's own size only."""
+        if not self.config.last_token_recomputed:
+            prompt_tokens = None
+        reusable = self.block_sizes.reusable
         candidates = None if engines is None else set(engines)
         matches: dict[str, PrefixMatch] = self.index.lookup(keys, candidates) if keys else {}
+        factors = self.engine_factors() if self.engine_factors is not None else None
+        if factors and matches:
+            matches = _untrusted(matches, factors)
         spec = self.speculative
         extra: dict[str, int] = {}
         if spec is not None and keys and len(spec):
@@ -237,10 +284,24 @@ class Scorer:
             gpu, cpu, storage = match.by_tier if match is not None else (0, 0, 0)
             n_spec = extra.get(engine, 0)
             blocks = gpu + cpu + storage + n_spec
-            if not blocks:
+            usable = reusable(engine, blocks, prompt_tokens) if blocks else 0
+            if not usable:
                 unmatched.append(engine)
                 continue
-            weighted = gpu * w_gpu + cpu * w_cpu + storage * w_storage + n_spec * w_spec
+            if usable < blocks:
+                # The blocks left out are the match's tail: speculative ones first, then the
+                # real ones of the lowest tiers (a tier's blocks follow better tiers' blocks
+                # when an engine offloads its coldest tail).
+                cut = blocks - usable
+                n_spec, cut = max(n_spec - cut, 0), max(cut - n_spec, 0)
+                storage, cut = max(storage - cut, 0), max(cut - storage, 0)
+                cpu, cut = max(cpu - cut, 0), max(cut - cpu, 0)
+                gpu -= cut
+                blocks = usable
+            weighted = gpu * w_gpu + cpu * w_cpu + storage * w_storage
+            if isinstance(match, _Scaled):
+                weighted *= match.factor
+            weighted += n_spec * w_spec
             out.append(
                 EngineScore(
                     engine=engine,

@@ -33,6 +33,7 @@ request, so a dead peer's queued request never answers a later one.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -71,6 +72,9 @@ class LiveMessage:
 class ReplayMessage:
     stream: str  # the engine stream the replay was requested for
     frame: Frame | None  # None: end of replay
+    # the DEALER it came on (request_replay's return value): answers to a DEALER since
+    # dropped, already read in the same poll, are told apart; None: not known
+    generation: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +118,8 @@ class ZmqSubscriber:
         self._by_source: dict[str, zmq.Socket[bytes]] = {}
         self._replay: dict[str, zmq.Socket[bytes]] = {}
         self._replay_stream: dict[zmq.Socket[bytes], str] = {}
+        self._replay_generation: dict[zmq.Socket[bytes], int] = {}
+        self._generations = itertools.count(1)
         self._replay_endpoint: dict[str, str] = {}
         self.curve = curve
         self._zap: zmq.Socket[bytes] | None = None
@@ -197,8 +203,9 @@ class ZmqSubscriber:
 
     # -- replay ------------------------------------------------------------------------------
 
-    def request_replay(self, stream: str, endpoint: str, start_seq: int) -> None:
-        """Ask ``endpoint`` (a ROUTER) for every buffered batch with seq >= ``start_seq``."""
+    def request_replay(self, stream: str, endpoint: str, start_seq: int) -> int:
+        """Ask ``endpoint`` (a ROUTER) for every buffered batch with seq >= ``start_seq``.
+        Returns the generation of the DEALER used (its answers carry it)."""
         sock = self._replay.get(stream)
         if sock is not None and self._replay_endpoint.get(stream) != endpoint:
             self.drop_replay(stream)
@@ -212,11 +219,13 @@ class ZmqSubscriber:
             sock.connect(endpoint)
             self._replay[stream] = sock
             self._replay_stream[sock] = stream
+            self._replay_generation[sock] = next(self._generations)
             self._replay_endpoint[stream] = endpoint
             self._poller.register(sock, zmq.POLLIN)
         # A peer that never takes the request is handled by the caller's replay timeout.
         with contextlib.suppress(zmq.Again):
             sock.send_multipart([b"", start_seq.to_bytes(8, "big")], zmq.NOBLOCK)
+        return self._replay_generation[sock]
 
     def drop_replay(self, stream: str) -> None:
         """Close a stream's DEALER (timed out or the engine left); recreated on demand."""
@@ -225,6 +234,7 @@ class ZmqSubscriber:
         if sock is None:
             return
         del self._replay_stream[sock]
+        self._replay_generation.pop(sock, None)
         self._poller.unregister(sock)
         sock.close(0)
 
@@ -295,13 +305,14 @@ class ZmqSubscriber:
     def _drain_replay(
         self, sock: zmq.Socket[bytes], stream: str, out: list[SubscriberMessage]
     ) -> None:
+        generation = self._replay_generation.get(sock)
         for _ in range(_DRAIN_PER_SOCKET):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
-                out.append(ReplayMessage(stream, parse_replay_frames(frames)))
+                out.append(ReplayMessage(stream, parse_replay_frames(frames), generation))
             except FrameError as exc:
                 out.append(BadMessage(stream, _bad_reason(exc), str(exc), replay=True))
 

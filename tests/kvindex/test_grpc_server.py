@@ -308,7 +308,7 @@ async def test_add_grpc_services_to_an_existing_server() -> None:
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             response = await kvindex_pb2_grpc.KVIndexStub(channel).ScoreTokens(
-                kvindex_pb2.ScoreTokensRequest(model=MODEL, token_ids=list(range(48)))
+                kvindex_pb2.ScoreTokensRequest(model=MODEL, token_ids=list(range(49)))
             )
             health = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest()

@@ -28,6 +28,9 @@ from tests.events import cleared, encode_batch, removed, stored
 
 E1, E2 = "10.0.0.1:8000", "10.0.0.2:8000"
 TOKENS = list(range(100, 164))  # 4 blocks of 16
+# TOKENS and one more: every stored block of TOKENS reusable (vLLM recomputes the block of a
+# prompt's last token, so TOKENS itself reuses 3).
+QUERY = [*TOKENS, 200]
 
 
 def test_ingest_bytes_and_score_token_ids() -> None:
@@ -36,12 +39,12 @@ def test_ingest_bytes_and_score_token_ids() -> None:
     counts = indexer.ingest(E1, encode_batch([stored([1, 2, 3, 4], None, TOKENS)]), "m")
     assert counts.stored_blocks == 4 and counts.events == {"BlockStored": 1}
     indexer.ingest(E2, encode_batch([stored([7, 8], None, TOKENS[:32])], "array"), "m")
-    assert indexer.score("m", TOKENS) == {E1: 1.0, E2: 0.5}  # best first
-    assert indexer.score("m", TOKENS, engines=[E2, "9.9.9.9:1"]) == {E2: 0.5, "9.9.9.9:1": 0.0}
-    assert indexer.score("other-model", TOKENS) == {}  # keys are rooted at the model
+    assert indexer.score("m", QUERY) == {E1: 1.0, E2: 0.5}  # best first
+    assert indexer.score("m", QUERY, engines=[E2, "9.9.9.9:1"]) == {E2: 0.5, "9.9.9.9:1": 0.0}
+    assert indexer.score("other-model", QUERY) == {}  # keys are rooted at the model
     indexer.ingest(E1, encode_batch([removed([2])]), "m")
-    assert indexer.score("m", TOKENS)[E1] == 0.25
-    result = indexer.score_result("m", TOKENS)
+    assert indexer.score("m", QUERY)[E1] == 0.25
+    result = indexer.score_result("m", QUERY)
     assert result.total_blocks == 4 and result.scores[0].engine == E2
     assert indexer.engines() == [E1, E2]
     indexer.forget(E2)
@@ -53,9 +56,9 @@ def test_decoded_batches_default_model_and_tiers() -> None:
     indexer = Indexer(config)
     batch = kvindex.decode_batch(encode_batch([stored([1, 2], None, TOKENS[:32], medium="CPU")]))
     indexer.ingest(E1, batch)  # model None: the default model
-    assert indexer.score("m", TOKENS[:32]) == {E1: 0.5}
+    assert indexer.score("m", QUERY[:33]) == {E1: 0.5}
     indexer.ingest(E1, encode_batch([cleared()]))
-    assert indexer.score("m", TOKENS[:32]) == {}
+    assert indexer.score("m", QUERY[:33]) == {}
 
 
 def test_undecodable_payload_raises() -> None:
@@ -68,8 +71,8 @@ def test_lora_and_salt_root_the_keys() -> None:
     indexer = Indexer()
     salted = stored([1, 2], None, TOKENS[:32], lora_name="sql", extra_keys=[["sql", "s"], None])
     indexer.ingest(E1, encode_batch([salted]), "m")
-    assert indexer.score("m", TOKENS[:32]) == {}
-    assert indexer.score("m", TOKENS[:32], lora="sql", cache_salt="s") == {E1: 1.0}
+    assert indexer.score("m", QUERY[:33]) == {}
+    assert indexer.score("m", QUERY[:33], lora="sql", cache_salt="s") == {E1: 1.0}
 
 
 def _tokenizer(directory: Path) -> str:
@@ -108,7 +111,7 @@ def test_text_without_a_tokenizer_is_refused() -> None:
 def test_speculative_picks() -> None:
     indexer = Indexer(IndexerConfig(speculative_ttl_s=60.0))
     assert indexer.record_pick(E1, "m", TOKENS) == 4
-    assert indexer.score("m", TOKENS) == {E1: 1.0}
+    assert indexer.score("m", QUERY) == {E1: 1.0}
     assert Indexer().record_pick(E1, "m", TOKENS) == 0  # disabled by default
 
 
@@ -119,7 +122,7 @@ def test_over_redis_and_metrics() -> None:
     indexer = Indexer(config, registry=registry, redis_client=client)
     assert isinstance(indexer.index.inner, RedisBackend)
     indexer.ingest(E1, encode_batch([stored([1, 2, 3, 4], None, TOKENS)]), "m")
-    assert indexer.score("m", TOKENS) == {E1: 1.0}
+    assert indexer.score("m", QUERY) == {E1: 1.0}
     assert registry.get_sample_value("kvindex_index_engines") == 1.0
     ok = {"api": "library", "method": "score", "outcome": "ok"}
     assert registry.get_sample_value("kvindex_score_requests_total", ok) == 1.0

@@ -9,6 +9,7 @@ import contextlib
 import gc
 import tracemalloc
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -25,6 +26,7 @@ from kvindex.index import (
     StoredBlock,
     Tier,
 )
+from kvindex.index import memory as memory_module
 from kvindex.index.factory import IndexConfig, make_index
 from kvindex.index.native import NATIVE_AVAILABLE, NativeIndex
 
@@ -48,13 +50,14 @@ stored_block = st.builds(
     StoredBlock, engine_hashes, st.lists(content_keys, min_size=1, max_size=4).map(tuple)
 )
 index_op = st.one_of(
-    st.builds(Store, tiers, st.lists(stored_block, max_size=5)),
+    st.builds(Store, tiers, st.lists(stored_block, max_size=5), st.none() | st.integers(0, 5)),
     st.builds(Remove, tiers, st.lists(engine_hashes, max_size=5)),
     st.builds(Clear, st.one_of(st.none(), tiers)),
 )
 step = st.one_of(
     st.tuples(st.just("apply"), engine_names, st.lists(index_op, max_size=3)),
     st.tuples(st.just("purge"), engine_names, st.none()),
+    st.tuples(st.just("age"), st.none(), st.none()),
     st.tuples(
         st.just("lookup"),
         st.lists(content_keys, max_size=10),
@@ -78,12 +81,29 @@ def assert_same(native: NativeIndex, memory: MemoryIndex, probe_hashes: list[Any
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(step, max_size=30), st.one_of(st.none(), st.integers(1, 12)))
+@given(
+    st.lists(step, max_size=30),
+    st.one_of(st.none(), st.integers(1, 12)),
+    st.one_of(st.none(), st.integers(1, 20)),
+    st.integers(1, 6),
+)
 def test_native_matches_memory_index(
-    steps: list[tuple[str, Any, Any]], max_keys: int | None
+    steps: list[tuple[str, Any, Any]],
+    max_keys: int | None,
+    max_entries: int | None,
+    orphan_sweep: int,
 ) -> None:
-    config = MemoryIndexConfig() if max_keys is None else MemoryIndexConfig(max_keys=max_keys)
-    native, memory = NativeIndex(config), MemoryIndex(config)
+    """Same answers op by op, including copy counts (Store.copies), the entry bound and the
+    orphan sweeps after evictions (made to run often here)."""
+    config = MemoryIndexConfig(max_keys=max_keys or 100_000_000, max_entries=max_entries)
+    with mock.patch.object(memory_module, "_MIN_ORPHAN_SWEEP", orphan_sweep):
+        native, memory = NativeIndex(config), MemoryIndex(config)
+        _run_side_by_side(native, memory, steps)
+
+
+def _run_side_by_side(
+    native: NativeIndex, memory: MemoryIndex, steps: list[tuple[str, Any, Any]]
+) -> None:
     seen_hashes: list[Any] = [0, -1, 2**64 - 1, b""]
     for kind, a, b in steps:
         if kind == "apply":
@@ -96,6 +116,9 @@ def test_native_matches_memory_index(
         elif kind == "purge":
             native.purge(a)
             memory.purge(a)
+        elif kind == "age":
+            native.age_copies()
+            memory.age_copies()
         else:
             assert native.lookup(a, b) == memory.lookup(a, b)
         assert_same(native, memory, seen_hashes[-12:])

@@ -189,7 +189,7 @@ async def test_without_tokenizers_text_needs_a_tokenizer_and_models_are_checked(
     )
     async for api in start(service, index):
         store_prompt(index, "10.0.0.1:8000", MODEL, list(range(64)))
-        status, body = await api.post("/v1/score", {"model": MODEL, "token_ids": list(range(64))})
+        status, body = await api.post("/v1/score", {"model": MODEL, "token_ids": list(range(65))})
         assert (status, pairs(body)) == (200, [("10.0.0.1:8000", 4)])
         status, body = await api.post("/v1/score", {"model": MODEL, "prompt": "hello"})
         assert status == 424

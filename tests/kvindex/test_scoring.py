@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from score_fixtures import store_prompt
 
+from kvindex.engine_blocks import EngineBlockSizes, reusable_blocks
 from kvindex.index import MemoryIndex, Remove, Tier
 from kvindex.scoring import (
     EngineScore,
@@ -21,6 +22,9 @@ from kvindex.speculative import SpeculativeConfig, SpeculativeIndex
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 PROMPT = list(range(1000, 1000 + 160))  # 10 blocks
+# PROMPT and one token more: vLLM recomputes the block of a prompt's last token, so a query
+# must go past PROMPT's blocks for all 10 to count (test_last_token_block_is_left_out).
+QUERY = [*PROMPT, 7]
 
 
 class FakeClock:
@@ -68,7 +72,7 @@ def test_tier_weights() -> None:
     store_prompt(index, "cpu:1", MODEL, PROMPT, medium="CPU")
     store_prompt(index, "disk:1", MODEL, PROMPT, medium="STORAGE")
     scorer = Scorer(index, ScoringConfig(weights=TierWeights(gpu=1.0, cpu=0.8, storage=0.25)))
-    by_engine = {s.engine: s for s in scorer.score_tokens(MODEL, PROMPT).scores}
+    by_engine = {s.engine: s for s in scorer.score_tokens(MODEL, QUERY).scores}
     assert by_engine["gpu:1"].score == 1.0
     assert by_engine["cpu:1"].score == pytest.approx(0.8)
     assert by_engine["disk:1"].score == pytest.approx(0.25)
@@ -130,7 +134,7 @@ def test_speculative_extends_real_match_and_expires() -> None:
     store_prompt(index, "real:1", MODEL, PROMPT[:48])  # 3 real blocks
     assert scorer.record_speculative("real:1", MODEL, PROMPT) == 10
     assert scorer.record_speculative("new:1", MODEL, PROMPT[:80]) == 5
-    by_engine = {s.engine: s for s in scorer.score_tokens(MODEL, PROMPT).scores}
+    by_engine = {s.engine: s for s in scorer.score_tokens(MODEL, QUERY).scores}
     assert by_engine["real:1"].matched_blocks == 10
     assert by_engine["real:1"].speculative_blocks == 7
     assert by_engine["real:1"].weighted == pytest.approx(3 + 7 * 0.5)
@@ -139,7 +143,7 @@ def test_speculative_extends_real_match_and_expires() -> None:
     # The real blocks replaced their speculative twins.
     assert len(spec) == 7 + 5
     clock.now += 2.0
-    by_engine = {s.engine: s for s in scorer.score_tokens(MODEL, PROMPT).scores}
+    by_engine = {s.engine: s for s in scorer.score_tokens(MODEL, QUERY).scores}
     assert set(by_engine) == {"real:1"}
     assert by_engine["real:1"].matched_blocks == 3
 
@@ -173,7 +177,9 @@ def test_scores_bounded_and_prefix_consistent(stored_blocks: list[int], extra: i
     total = len(tokens) // 16
     assert result.total_blocks == total
     got = {s.engine: s.matched_blocks for s in result.scores}
-    want = {f"10.0.0.{i}:80": min(n, total) for i, n in enumerate(stored_blocks) if n}
+    reusable = (len(tokens) - 1) // 16  # never the block of the last token
+    want = {f"10.0.0.{i}:80": min(n, reusable) for i, n in enumerate(stored_blocks) if n}
+    want = {engine: n for engine, n in want.items() if n}
     assert got == want
     assert all(0.0 <= s.score <= 1.0 for s in result.scores)
     assert [s.score for s in result.scores] == sorted(
@@ -195,12 +201,12 @@ def test_scoring_over_every_backend(index_factory: Any) -> None:
     store_prompt(index, "10.0.0.2:8000", MODEL, PROMPT, lora="sql-adapter", salt="s")
     store_prompt(index, "10.0.0.3:8000", MODEL, PROMPT)
     scorer = Scorer(index)
-    result = scorer.score_tokens(MODEL, PROMPT, engines=["10.0.0.1:8000", "10.0.0.3:8000"])
+    result = scorer.score_tokens(MODEL, QUERY, engines=["10.0.0.1:8000", "10.0.0.3:8000"])
     assert [(s.engine, s.matched_blocks, s.by_tier) for s in result.scores] == [
         ("10.0.0.3:8000", 10, (10, 0, 0)),
         ("10.0.0.1:8000", 4, (0, 4, 0)),
     ]
-    salted = scorer.score_tokens(MODEL, PROMPT, lora="sql-adapter", cache_salt="s")
+    salted = scorer.score_tokens(MODEL, QUERY, lora="sql-adapter", cache_salt="s")
     assert [(s.engine, s.matched_blocks) for s in salted.scores] == [("10.0.0.2:8000", 10)]
 
 
@@ -238,3 +244,68 @@ def test_scores_ordered_and_complete_over_candidates(
         for s in scores:
             if not s.matched_blocks:
                 assert s == EngineScore(s.engine, 0, 0.0, 0.0)
+
+
+def test_last_token_block_is_left_out() -> None:
+    """vLLM computes at least the prompt's last token, so the block holding it is never
+    reused: a prompt of exactly k cached blocks scores k - 1."""
+    index = MemoryIndex()
+    store_prompt(index, "e:1", MODEL, PROMPT)
+    scorer = Scorer(index)
+    (aligned,) = scorer.score_tokens(MODEL, PROMPT).scores
+    assert (aligned.matched_blocks, aligned.by_tier) == (9, (9, 0, 0))
+    assert aligned.score == pytest.approx(0.9)
+    assert scorer.score_tokens(MODEL, QUERY).scores[0].matched_blocks == 10
+    every_block = Scorer(index, ScoringConfig(last_token_recomputed=False))
+    assert every_block.score_tokens(MODEL, PROMPT).scores[0].matched_blocks == 10
+
+
+def test_matches_round_down_to_each_engines_block_size() -> None:
+    """Engines reuse whole blocks of their own size: with 16-token keys, an engine of 64-token
+    blocks holding 10 keys' worth (2.5 of its blocks) reuses 2 of them (8 keys)."""
+    index = MemoryIndex()
+    sizes = EngineBlockSizes(16)
+    for engine, size in (("b16:1", 16), ("b32:1", 32), ("b64:1", 64)):
+        store_prompt(index, engine, MODEL, PROMPT)
+        sizes.learn(engine, size)
+    scorer = Scorer(index, block_sizes=sizes)
+    got = {s.engine: s.matched_blocks for s in scorer.score_tokens(MODEL, QUERY).scores}
+    assert got == {"b16:1": 10, "b32:1": 10, "b64:1": 8}
+    # Both rules together: 161 tokens; the block of the last token is the 11th of 16, the
+    # 6th of 32 and the 3rd of 64.
+    aligned = {s.engine: s.matched_blocks for s in scorer.score_tokens(MODEL, PROMPT).scores}
+    assert aligned == {"b16:1": 9, "b32:1": 8, "b64:1": 8}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    matched=st.integers(0, 64),
+    ratio=st.sampled_from([1, 2, 4]),
+    prompt_tokens=st.one_of(st.none(), st.integers(0, 2048)),
+)
+def test_reusable_blocks_are_whole_engine_blocks_before_the_last_token(
+    matched: int, ratio: int, prompt_tokens: int | None
+) -> None:
+    canonical = 16
+    engine_block = canonical * ratio
+    got = reusable_blocks(matched, canonical, engine_block, prompt_tokens)
+    assert 0 <= got <= matched
+    assert got % ratio == 0
+    if prompt_tokens is not None:
+        assert got * canonical <= max(prompt_tokens - 1, 0)
+    # The largest such count: one more engine block would break a rule.
+    more = got + ratio
+    assert more > matched or (
+        prompt_tokens is not None and more * canonical > max(prompt_tokens - 1, 0)
+    )
+
+
+def test_block_sizes_the_canonical_size_cannot_divide_are_listed() -> None:
+    sizes = EngineBlockSizes(48)
+    assert sizes.learn("a:1", 32) is True  # first time: the caller reports it
+    assert sizes.learn("a:1", 32) is False
+    assert sizes.learn("b:1", 96) is False
+    assert sizes.incompatible() == {"a:1": 32}
+    assert sizes.get("b:1") == 96
+    sizes.forget("a:1")
+    assert sizes.incompatible() == {}

@@ -26,7 +26,7 @@ from kvtools.sim.engine import EngineConfig
 from kvtools.sim.http import KVEventsOptions, ServerConfig, SimServer
 from kvtools.sim.publisher import EventPublisher
 from kvtools.sim.tokenizer import load_tokenizer as load_sim_tokenizer
-from tests.events import sim_stored
+from tests.events import encode_batch, frame, sim_stored, stored
 from tests.ports import free_port
 
 MODEL = "demo-model"
@@ -285,7 +285,8 @@ def test_speculative_entries_extend_scores(cluster: Cluster) -> None:
     assert ENGINE_B not in cluster.server.score(body)
     status, data = cluster.server.post("/v1/speculative", {**body, "engine": ENGINE_B})
     assert status == 200 and data["recorded_blocks"] == len(ids) // BS
-    _, scored = cluster.server.post("/v1/score", body)
+    # Scored for the next turn (the prompt and more): every recorded block counts.
+    _, scored = cluster.server.post("/v1/score", {**body, "token_ids": [*ids, 7]})
     best = scored["scores"][0]
     assert best["engine"] == ENGINE_B and best["speculative_blocks"] == len(ids) // BS
 
@@ -344,3 +345,30 @@ async def test_a_simulated_vllm_engine_is_scored_on_its_own_requests(cluster: Cl
             )
     finally:
         await sim.stop()
+
+
+def test_an_engine_block_size_the_index_cannot_divide_is_reported(cluster: Cluster) -> None:
+    """24-token engine blocks under the index's 16: nothing can be indexed for that engine,
+    and the service says so (gauge, /v1/debug, log) instead of scoring it 0 in silence."""
+    import zmq
+
+    engine = "127.0.0.1:8003"
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.connect(cluster.sub_endpoint)
+    payload = encode_batch([stored([1], None, list(range(24)), block_size=24)])
+    try:
+
+        def reported() -> bool:
+            pub.send_multipart(frame(f"kv@{engine}@{MODEL}".encode(), 0, payload))
+            return cluster.server.metric("kvindex_engines_block_size_unindexable") == 1.0
+
+        wait_for(reported, what="the unindexable engine reported")
+    finally:
+        pub.close(linger=0)
+    _, report = cluster.server.get(f"/v1/debug?model={MODEL}&prompt=x")
+    stats = {e["engine"]: e for e in report["events"]}[engine]
+    assert (stats["block_size"], stats["block_size_indexable"]) == (24, False)
+    assert stats["skipped"]["block_size_not_multiple"] >= 1
+    assert "block_size_mismatch" in {w["code"] for w in report["warnings"]}
+    assert "event=engine_block_size_unindexable" in cluster.server.logs()
+    assert cluster.server.logs().count("event=engine_block_size_unindexable") == 1

@@ -71,7 +71,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def body(tokens: list[int]) -> dict[str, Any]:
-    return {"model": MODEL, "token_ids": tokens}
+    """A score request for a prompt that starts with ``tokens`` and goes on (a next turn), so
+    every stored block of ``tokens`` is reusable (vLLM recomputes a prompt's last block)."""
+    return {"model": MODEL, "token_ids": [*tokens, 7]}
 
 
 @pytest.fixture

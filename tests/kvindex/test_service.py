@@ -57,6 +57,13 @@ async def test_http_endpoints_and_hooks() -> None:
             assert 'kvindex_ingest_events_total{type="BlockStored"}' in text
             assert "kvindex_index_keys 2.0" in text  # probe block + block 1
             assert "kvindex_index_bytes" in text
+            # the engine's first seen seq was > 0 (the probe's slow joiner) or 0: either way
+            # in a scored state, its sync state exported (kvindex.sync)
+            assert 'kvindex_engine_sync_state{engine="127.0.0.1:8000",state=' in text
+            async with http.get(base + "/readyz") as r:
+                engines = (await r.json())["engines"]
+            assert sum(engines["counts"].values()) == 1
+            assert engines["unsynced_scores"] == "withhold"
             async with http.get(base + "/v1/debug/engines") as r:
                 assert await r.json() == ["127.0.0.1:8000"]
             backend.degraded = "redis unreachable"

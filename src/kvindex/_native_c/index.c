@@ -359,6 +359,14 @@ static void kt_unindex(KeyTable *t, uint32_t pos) {
 #define EH_USED 0x80
 #define EH_MULTI 0x04
 #define EH_KIND 0x03 /* 0 uint64 int, 1 negative int64, 2 bytes digest, 3 big-int digest */
+/* physical copies of the block beyond the first (0-3; kvindex.index.base.MAX_COPIES = 4),
+ * and MemoryIndex's copy flags: aged (one age_copies since the last confirming store) and
+ * absorbed (a removal was taken by an extra copy; the claim needs a store) */
+#define EH_COPIES 0x18
+#define EH_COPY_ONE 0x08
+#define EH_ABSORBED 0x20
+#define EH_AGED 0x40
+#define EH_COPY_STATE (EH_COPIES | EH_ABSORBED | EH_AGED)
 
 typedef struct {
     uint64_t *hk;
@@ -456,6 +464,9 @@ typedef struct {
     EHTable *eh; /* eh[slot * NTIERS + tier] */
     uint32_t nslots;
     uint64_t max_keys, keep_keys;
+    uint64_t max_entries, keep_entries; /* the memory budget's share of entries */
+    uint64_t orphans, orphan_threshold; /* entries evicted since the last orphan sweep */
+    int copy_state;                     /* some entry may carry copy state (age_copies walks) */
     uint64_t entries, evictions;
 } Core;
 
@@ -530,12 +541,25 @@ static int core_unhold_value(Core *c, KeyTable *t, uint8_t meta, uint64_t val, u
     return 0;
 }
 
+static int core_sweep_orphans(Core *c);
+
+/* MemoryIndex._evict, the same arithmetic: evict the oldest keys of the largest tier until
+ * the key slots are within keep_keys and the entries within keep_entries. */
 static void core_evict(Core *c) {
     uint64_t total = 0;
     for (int t = 0; t < NTIERS; t++) total += c->tiers[t].live;
-    if (total <= c->max_keys) return;
-    uint64_t target = total - c->keep_keys;
-    while (target > 0) {
+    if (total <= c->max_keys && c->entries <= c->max_entries) return;
+    uint64_t evicted_entries = 0;
+    for (;;) {
+        uint64_t slots = 0;
+        for (int t = 0; t < NTIERS; t++) slots += c->tiers[t].live;
+        uint64_t target = slots > c->keep_keys ? slots - c->keep_keys : 0;
+        if (c->entries > c->keep_entries) {
+            __uint128_t over = (__uint128_t)(c->entries - c->keep_entries) * slots;
+            uint64_t by_entries = (uint64_t)((over + c->entries - 1) / c->entries);
+            if (by_entries > target) target = by_entries;
+        }
+        if (!target || !slots) break;
         KeyTable *t = &c->tiers[0];
         for (int k = 1; k < NTIERS; k++)
             if (c->tiers[k].live > t->live) t = &c->tiers[k];
@@ -550,14 +574,16 @@ static void core_evict(Core *c) {
             kt_find(t, t->ekey[e], &pos);
             kt_unindex(t, pos);
             c->entries -= c->sets.pop[sid];
+            evicted_entries += c->sets.pop[sid];
             sp_decref(&c->sets, sid);
             t->eset[e] = 0;
             t->live--;
             done++;
         }
         c->evictions += n;
-        target -= n;
     }
+    c->orphans += evicted_entries;
+    if (c->orphans >= c->orphan_threshold) core_sweep_orphans(c);
 }
 
 /* -- argument conversion --------------------------------------------------------------- */
@@ -667,23 +693,45 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     }
     c->max_keys = UINT64_MAX;
     c->keep_keys = UINT64_MAX;
+    c->max_entries = UINT64_MAX;
+    c->keep_entries = UINT64_MAX;
+    c->orphan_threshold = 1024;
     return (PyObject *)c;
 }
 
 static int core_init(Core *c, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"max_keys", "keep_keys", NULL};
-    PyObject *max_obj, *keep_obj;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO", kwlist, &max_obj, &keep_obj)) return -1;
+    static char *kwlist[] = {"max_keys",    "keep_keys",        "max_entries",
+                             "keep_entries", "orphan_threshold", NULL};
+    PyObject *max_obj, *keep_obj, *max_e_obj = NULL, *keep_e_obj = NULL, *orphan_obj = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOO", kwlist, &max_obj, &keep_obj,
+                                     &max_e_obj, &keep_e_obj, &orphan_obj))
+        return -1;
     unsigned long long max_keys = PyLong_AsUnsignedLongLong(max_obj);
     if (max_keys == (unsigned long long)-1 && PyErr_Occurred()) return -1;
     unsigned long long keep_keys = PyLong_AsUnsignedLongLong(keep_obj);
     if (keep_keys == (unsigned long long)-1 && PyErr_Occurred()) return -1;
-    if (keep_keys > max_keys) {
-        PyErr_SetString(PyExc_ValueError, "keep_keys must be <= max_keys");
+    unsigned long long max_entries = UINT64_MAX, keep_entries = UINT64_MAX, orphans = 1024;
+    if (max_e_obj) {
+        max_entries = PyLong_AsUnsignedLongLong(max_e_obj);
+        if (max_entries == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    }
+    if (keep_e_obj) {
+        keep_entries = PyLong_AsUnsignedLongLong(keep_e_obj);
+        if (keep_entries == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    }
+    if (orphan_obj) {
+        orphans = PyLong_AsUnsignedLongLong(orphan_obj);
+        if (orphans == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    }
+    if (keep_keys > max_keys || keep_entries > max_entries) {
+        PyErr_SetString(PyExc_ValueError, "keep_keys/keep_entries must be <= their maximum");
         return -1;
     }
     c->max_keys = max_keys;
     c->keep_keys = keep_keys;
+    c->max_entries = max_entries;
+    c->keep_entries = keep_entries;
+    c->orphan_threshold = orphans;
     return 0;
 }
 
@@ -774,12 +822,15 @@ static int block_fields(PyObject *block, PyObject **eh, PyObject **keys) {
     return 0;
 }
 
-/* store(slot, tier, blocks): blocks are objects with .engine_hash and .keys */
+/* store(slot, tier, blocks, copies_from=-1): blocks are objects with .engine_hash and .keys;
+ * from position copies_from on (>= 0), a block already held with the same keys is another
+ * physical copy of it. */
 static PyObject *core_store(Core *c, PyObject *args) {
     PyObject *slot_obj, *blocks;
     int tier;
+    Py_ssize_t copies_from = -1;
     uint32_t slot;
-    if (!PyArg_ParseTuple(args, "OiO", &slot_obj, &tier, &blocks)) return NULL;
+    if (!PyArg_ParseTuple(args, "OiO|n", &slot_obj, &tier, &blocks, &copies_from)) return NULL;
     if (as_slot(slot_obj, &slot) < 0 || as_tier(tier) < 0) return NULL;
     PyObject *seq = PySequence_Fast(blocks, "blocks must be a sequence");
     if (!seq) return NULL;
@@ -846,10 +897,23 @@ static PyObject *core_store(Core *c, PyObject *args) {
         uint64_t val = b->nkeys == 1 ? b->first : (uint64_t)(uintptr_t)b->multi;
         uint8_t meta = EH_USED | b->kind | (b->nkeys > 1 ? EH_MULTI : 0);
         if (pos >= 0) {
-            if (mine->meta[pos] & EH_MULTI) {
+            uint8_t old_meta = mine->meta[pos];
+            int same;
+            if (old_meta & EH_MULTI) {
                 uint64_t *old = (uint64_t *)(uintptr_t)mine->val[pos];
+                same = b->nkeys > 1 && old[0] == b->nkeys &&
+                       memcmp(old + 1, b->multi + 1, (size_t)b->nkeys * 8) == 0;
                 mine->multi_bytes -= (size_t)(old[0] + 1) * 8;
                 free(old);
+            } else {
+                same = b->nkeys == 1 && mine->val[pos] == b->first;
+            }
+            if (same) { /* the same block again: confirmed (flags go), maybe one more copy */
+                uint8_t extra = old_meta & EH_COPIES;
+                if (copies_from >= 0 && i >= copies_from && extra != EH_COPIES)
+                    extra += EH_COPY_ONE;
+                meta |= extra;
+                if (extra) c->copy_state = 1;
             }
         } else {
             uint32_t m = mine->cap - 1, j = eh_home(mine->cap, b->hk, b->kind);
@@ -919,6 +983,48 @@ static int core_drop_at(Core *c, EHTable *mine, KeyTable *t, uint32_t pos, uint3
     return rc;
 }
 
+/* Is any key of an engine-hash entry still held by slot in tier? */
+static int eh_entry_held(Core *c, KeyTable *t, uint8_t meta, uint64_t val, uint32_t slot) {
+    const uint64_t *keys = &val;
+    uint64_t n = 1;
+    if (meta & EH_MULTI) {
+        keys = (const uint64_t *)(uintptr_t)val + 1;
+        n = ((const uint64_t *)(uintptr_t)val)[0];
+    }
+    for (uint64_t k = 0; k < n; k++) {
+        int64_t e = kt_find(t, keys[k], NULL);
+        if (e >= 0 && sp_has(&c->sets, t->eset[e], slot)) return 1;
+    }
+    return 0;
+}
+
+/* Drop engine-hash entries none of whose keys their engine holds any more (the keys were
+ * evicted by the capacity bound): what MemoryIndex._sweep_orphans does. */
+static int core_sweep_orphans(Core *c) {
+    c->orphans = 0;
+    for (uint32_t slot = 0; slot < c->nslots; slot++) {
+        for (int tier = 0; tier < NTIERS; tier++) {
+            EHTable *mine = &c->eh[(size_t)slot * NTIERS + tier];
+            KeyTable *t = &c->tiers[tier];
+            uint32_t i = 0;
+            while (i < mine->cap && mine->len) {
+                uint8_t meta = mine->meta[i];
+                if (!(meta & EH_USED) || eh_entry_held(c, t, meta, mine->val[i], slot)) {
+                    i++;
+                    continue;
+                }
+                uint64_t val = mine->val[i];
+                eh_delete_at(mine, i); /* a later entry may move here: look at i again */
+                if (meta & EH_MULTI) {
+                    mine->multi_bytes -= (size_t)(((uint64_t *)(uintptr_t)val)[0] + 1) * 8;
+                    free((void *)(uintptr_t)val);
+                }
+            }
+        }
+    }
+    return 0;
+}
+
 /* remove(slot, tier, engine_hashes) */
 static PyObject *core_remove(Core *c, PyObject *args) {
     PyObject *slot_obj, *hashes;
@@ -935,6 +1041,14 @@ static PyObject *core_remove(Core *c, PyObject *args) {
         EHTable *mine = &c->eh[(size_t)slot * NTIERS + tier];
         for (Py_ssize_t i = 0; i < n && mine->len; i++) {
             int64_t pos = eh_find(mine, hk[i], kind[i]);
+            if (pos >= 0 && (mine->meta[pos] & EH_COPIES)) {
+                /* another physical copy remains: still held, until age_copies unless a
+                 * store confirms it */
+                uint8_t meta = mine->meta[pos] - EH_COPY_ONE;
+                mine->meta[pos] = (uint8_t)((meta & ~EH_AGED) | EH_ABSORBED);
+                c->copy_state = 1;
+                continue;
+            }
             if (pos >= 0 && core_drop_at(c, mine, &c->tiers[tier], (uint32_t)pos, slot) < 0) {
                 rc = -1;
                 break;
@@ -974,6 +1088,45 @@ static PyObject *core_clear(Core *c, PyObject *args) {
         if (core_clear_tier(c, slot, t) < 0) return PyErr_NoMemory();
     }
     sp_sweep(&c->sets);
+    Py_RETURN_NONE;
+}
+
+/* age_copies(): MemoryIndex.age_copies over the meta bytes (walks the engine-hash tables
+ * while any entry may carry copy state). */
+static PyObject *core_age_copies(Core *c, PyObject *unused) {
+    if (!c->copy_state) Py_RETURN_NONE;
+    int left = 0, rc = 0;
+    for (uint32_t slot = 0; slot < c->nslots && rc == 0; slot++) {
+        for (int tier = 0; tier < NTIERS && rc == 0; tier++) {
+            EHTable *mine = &c->eh[(size_t)slot * NTIERS + tier];
+            uint32_t i = 0;
+            while (i < mine->cap && mine->len) {
+                uint8_t meta = mine->meta[i];
+                if (!(meta & EH_USED) || !(meta & (EH_COPIES | EH_ABSORBED))) {
+                    i++;
+                    continue;
+                }
+                if (!(meta & EH_AGED)) {
+                    mine->meta[i] = meta | EH_AGED;
+                    left = 1;
+                    i++;
+                    continue;
+                }
+                if (meta & EH_ABSORBED) { /* unconfirmed: the engine may not hold it */
+                    if (core_drop_at(c, mine, &c->tiers[tier], i, slot) < 0) {
+                        rc = -1;
+                        break;
+                    }
+                    continue; /* a later entry may have moved here */
+                }
+                mine->meta[i] = meta & (uint8_t)~EH_COPY_STATE;
+                i++;
+            }
+        }
+    }
+    c->copy_state = left;
+    sp_sweep(&c->sets);
+    if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -1248,6 +1401,8 @@ static PyMethodDef core_methods[] = {
      "remove(slot, tier, engine_hashes): drop these engine blocks from tier."},
     {"clear", (PyCFunction)core_clear, METH_VARARGS,
      "clear(slot, tier): drop everything the slot holds in tier (-1: every tier)."},
+    {"age_copies", (PyCFunction)core_age_copies, METH_NOARGS,
+     "One tick of the copy clock (MemoryIndex.age_copies)."},
     {"evict_if_needed", (PyCFunction)core_evict_if_needed, METH_NOARGS,
      "Evict the oldest key slots when more than max_keys are held."},
     {"resolve", (PyCFunction)core_resolve, METH_VARARGS,

@@ -196,14 +196,27 @@ def render_report(report: dict[str, Any], console: Console, max_blocks: int = 40
     events = report.get("events", [])
     if events:
         table = Table(title="Events seen per engine", title_justify="left")
-        for column in ("engine", "model", "batches", "events", "skipped", "last seq", "last"):
+        for column in (
+            "engine",
+            "model",
+            "sync",
+            "block",
+            "batches",
+            "events",
+            "skipped",
+            "last seq",
+            "last",
+        ):
             table.add_column(column, overflow="fold")
         now = time.time()
         for e in events:
             last = e.get("last_batch_time")
+            sync = e.get("sync") or {}
             table.add_row(
                 e["engine"],
                 e.get("model") or "",
+                f"{sync['state']} ({sync['reason']})" if sync else "-",
+                _block(e),
                 str(e["batches"]),
                 ", ".join(f"{k} {v}" for k, v in sorted(e["events"].items())) or "-",
                 ", ".join(f"{k} {v}" for k, v in sorted(e["skipped"].items())) or "-",
@@ -222,6 +235,14 @@ def render_report(report: dict[str, Any], console: Console, max_blocks: int = 40
                 f"{check['first_difference']} ({check['our_tokens']} vs "
                 f"{check['engine_tokens']})"
             )
+
+
+def _block(stats: dict[str, Any]) -> str:
+    """The engine's block size; flagged when the index cannot divide it."""
+    size = stats.get("block_size")
+    if size is None:
+        return "-"
+    return str(size) if stats.get("block_size_indexable", True) else f"{size} (unindexable)"
 
 
 def run(args: argparse.Namespace) -> int:

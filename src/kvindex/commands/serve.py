@@ -124,6 +124,24 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
     add("--redis-prefix", metavar="PREFIX", help="key prefix shared by replicas (default kvi)")
     add("--redis-ttl", type=int, metavar="SECONDS", help="holder key TTL (default 3600; 0: none)")
     add(
+        "--redis-groups",
+        type=int,
+        metavar="N",
+        help="engine groups spread over Redis Cluster shards (default 1; docs/redis.md)",
+    )
+    add(
+        "--redis-writers",
+        choices=("all", "leased"),
+        help="all: every replica writes every engine (default); leased: one writer per engine",
+    )
+    add("--redis-lease-ttl", type=float, metavar="SECONDS", help="engine lease TTL (default 10)")
+    add(
+        "--redis-write-queue",
+        type=int,
+        metavar="N",
+        help="batches queued for pipelined Redis writes (default 0: synchronous writes)",
+    )
+    add(
         "--tokenizer",
         action="append",
         metavar="MODEL=PATH_OR_ID",
@@ -149,7 +167,36 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
         help="lifetime of speculative entries (default 2; 0: off)",
     )
     add("--index-max-keys", type=int, help="capacity bound in (key, tier) slots")
-    add("--index-memory-budget", metavar="SIZE", help="memory bound, e.g. 4GiB")
+    add(
+        "--index-memory-budget",
+        metavar="SIZE",
+        help="memory bound of the in-memory index, e.g. 4GiB (default 1GiB)",
+    )
+    add(
+        "--unsynced-scores",
+        choices=("withhold", "downweight"),
+        help="entries of engines not in sync (unsynced, replaying): withhold (default) or "
+        "down-weight by --unsynced-weight",
+    )
+    add("--unsynced-weight", type=float, metavar="F", help="down-weight factor (default 0.5)")
+    add(
+        "--engine-stale-after",
+        type=float,
+        metavar="SECONDS",
+        help="an engine silent this long is probed by replay, or withheld (default 30)",
+    )
+    add(
+        "--engine-drop-after",
+        type=float,
+        metavar="SECONDS",
+        help="an engine silent this long has its entries dropped (default 300)",
+    )
+    add(
+        "--degraded-for",
+        type=float,
+        metavar="SECONDS",
+        help="how long an unrepairable loss is reported as degraded (default 300)",
+    )
     add("--http-host", help="HTTP listen address (default 0.0.0.0)")
     add(
         "--http-port",
@@ -212,7 +259,16 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         )
     }
     overrides["allow_sources"] = args.zmq_allow_source
+    overrides["unsynced_scores"] = args.unsynced_scores
+    overrides["unsynced_weight"] = args.unsynced_weight
+    overrides["engine_stale_after_s"] = args.engine_stale_after
+    overrides["engine_drop_after_s"] = args.engine_drop_after
+    overrides["degraded_for_s"] = args.degraded_for
     overrides["redis_ttl_s"] = args.redis_ttl
+    overrides["redis_groups"] = args.redis_groups
+    overrides["redis_writers"] = args.redis_writers
+    overrides["redis_lease_ttl_s"] = args.redis_lease_ttl
+    overrides["redis_write_queue"] = args.redis_write_queue
     overrides["speculative_ttl_s"] = args.speculative_ttl
     overrides["replay_endpoints"] = parse_replay_flags(args.replay_endpoint)
     overrides["tokenizers"] = parse_pairs(args.tokenizer, "--tokenizer", "my-model=/models/m")

@@ -18,6 +18,7 @@ from kvindex.keys import ContentKey
 from kvindex.wire import EngineHash, Medium
 
 __all__ = [
+    "MAX_COPIES",
     "BlockIndex",
     "Clear",
     "IndexOp",
@@ -80,12 +81,22 @@ class IndexStats:
     approx_bytes: int  # estimate of memory held by the index structures
 
 
+# Physical copies of one engine block counted at most (docs/index.md, "Duplicates").
+MAX_COPIES = 4
+
+
 @dataclass(frozen=True, slots=True)
 class Store:
-    """The engine now holds these blocks in this tier."""
+    """The engine now holds these blocks in this tier. ``copies_from``: the blocks from this
+    position on, when the engine already holds them (same engine hash, same keys), are more
+    physical copies, so one BlockRemoved leaves the block held (counted up to MAX_COPIES, and
+    only for a while: ``age_copies``; docs/index.md, "Duplicates"; backends that cannot count
+    ignore it). None: storing a held block changes nothing but confirms it (re-announced
+    hits, replays re-applied)."""
 
     tier: Tier
     blocks: Sequence[StoredBlock]
+    copies_from: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,6 +61,13 @@ class LockedIndex:
         check = getattr(self.inner, "health", None)
         return None if check is None else check()  # type: ignore[no-any-return]
 
+    def age_copies(self) -> None:
+        """The inner index's copy clock tick, if it counts copies (docs/index.md)."""
+        age = getattr(self.inner, "age_copies", None)
+        if age is not None:
+            with self.lock:
+                age()
+
     def close(self) -> None:
         """Release the inner backend's connections, if it has any (the Redis backend)."""
         close = getattr(self.inner, "close", None)

@@ -29,7 +29,7 @@ from kvindex.index.base import (
     Remove,
     Store,
 )
-from kvindex.index.memory import MemoryIndexConfig
+from kvindex.index.memory import MemoryIndexConfig, orphan_sweep_threshold
 from kvindex.keys import ContentKey
 from kvindex.wire import EngineHash
 
@@ -57,15 +57,17 @@ class NativeIndex:
                 "kvindex._native is not built (no C compiler at install time); "
                 "reinstall with gcc and the Python headers, or use the python index"
             )
-        self._config = config or MemoryIndexConfig()
-        max_keys = self._config.max_keys
-        if self._config.memory_budget_bytes is not None:
-            max_keys = max(
-                1, min(max_keys, self._config.memory_budget_bytes // NATIVE_BYTES_PER_ENTRY)
-            )
+        self._config = config = config or MemoryIndexConfig()
+        max_keys = config.effective_max_keys(NATIVE_BYTES_PER_ENTRY)
+        max_entries = config.effective_max_entries(NATIVE_BYTES_PER_ENTRY)
         self._max_keys = max_keys
-        keep = int(max_keys * (1.0 - self._config.evict_fraction))
-        self._core = _native.Core(max_keys, max(0, min(keep, max_keys)))
+        self._core = _native.Core(
+            max_keys,
+            config.keep(max_keys),
+            max_entries,
+            config.keep(max_entries),
+            orphan_sweep_threshold(max_keys),
+        )
         # Engine names <-> slots as MemoryIndex assigns them (freed slots reused last-in
         # first-out), so both backends agree bit for bit.
         self._slot_of: dict[str, int] = {}
@@ -94,12 +96,18 @@ class NativeIndex:
         core = self._core
         for op in ops:
             if isinstance(op, Store):
-                core.store(slot, int(op.tier), op.blocks)
+                core.store(
+                    slot, int(op.tier), op.blocks, -1 if op.copies_from is None else op.copies_from
+                )
             elif isinstance(op, Remove):
                 core.remove(slot, int(op.tier), op.engine_hashes)
             elif isinstance(op, Clear):
                 core.clear(slot, -1 if op.tier is None else int(op.tier))
         core.evict_if_needed()
+
+    def age_copies(self) -> None:
+        """One tick of the copy clock (:meth:`MemoryIndex.age_copies`)."""
+        self._core.age_copies()
 
     def purge(self, engine: str) -> None:
         slot = self._slot_of.pop(engine, None)

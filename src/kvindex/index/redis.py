@@ -48,7 +48,7 @@ from kvindex.index.base import (
     Store,
     Tier,
 )
-from kvindex.index.redis_schema import RedisKeySchema, encode_engine_hash
+from kvindex.index.redis_schema import GroupKeys, RedisKeySchema, encode_engine_hash
 from kvindex.keys import ContentKey
 from kvindex.wire import EngineHash
 
@@ -79,6 +79,18 @@ ResetCallback = Callable[[str | None, str], None]  # (old epoch, new epoch)
 BYTES_PER_HOLDER_KEY = 96
 BYTES_PER_MAP_ENTRY = 68
 
+_SCRIPTS = (
+    "APPLY",
+    "AGE",
+    "ASSIGN",
+    "ENGINE_LEASES",
+    "MEMBERS",
+    "RESOLVE",
+    "ENGINES",
+    "LOOKUP",
+    "PING",
+)
+
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
@@ -105,6 +117,12 @@ class RedisIndexConfig:
     backoff_initial_s: float = 0.05  # first wait after a failure before Redis is probed
     backoff_max_s: float = 5.0
     stats_scan_count: int = 1000  # SCAN COUNT hint for stats()
+    # Engine groups (docs/redis.md, "Sharding"): each engine's keys live in one group's hash
+    # slot; lookups run one script per group, pipelined. 1: the whole index in one slot.
+    groups: int = 1
+    # age_copies() ticks each group at most once per this interval, whichever replica calls
+    # (0: every call ticks, as the in-memory index does).
+    copy_age_interval_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +184,8 @@ class RedisIndex:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config or RedisIndexConfig()
-        self.schema = RedisKeySchema(self.config.prefix)
+        self.schema = RedisKeySchema(self.config.prefix, self.config.groups)
+        self.groups = self.config.groups
         self._factory: Callable[[], RedisClient] | None = None
         self._client: RedisClient | None = None
         if isinstance(client, redis.Redis | RedisCluster):
@@ -179,8 +198,11 @@ class RedisIndex:
         self._fencing_owner = fencing_owner
         self._ttl = max(0, int(self.config.ttl_seconds or 0))
         self._lock = threading.Lock()
-        self._candidate = uuid.uuid4().hex
-        self._epoch: str | None = None
+        self._candidates = [uuid.uuid4().hex for _ in range(self.groups)]
+        self._epochs: list[str | None] = [None] * self.groups
+        self._group_of: dict[str, int] = {}  # engine -> group (several groups only)
+        self._positions: dict[str, int] = {}  # engine -> seq to record with its next write
+        self._fence_engine = False  # fencing by the engine's own lease (EngineLeases)
         self._resets = 0
         self._reset_callbacks: list[ResetCallback] = []
         self._down_reason: str | None = None
@@ -189,8 +211,8 @@ class RedisIndex:
         self._backoff = 0.0
         self._failed_applies = 0
         self._failed_reads = 0
-        self._sent = 0  # calls sent, and the newest whose reply set the epoch
-        self._observed_seq = 0
+        self._sent = 0  # calls sent, and per group the newest whose reply set the epoch
+        self._observed_seq = [0] * self.groups
 
     @classmethod
     def from_url(
@@ -205,6 +227,8 @@ class RedisIndex:
         max_connections: int = 32,
         fencing_owner: str | None = None,
         backoff_max_s: float = 5.0,
+        groups: int = 1,
+        copy_age_interval_s: float = 0.0,
         **client_kwargs: Any,
     ) -> RedisIndex:
         """One call from ``--redis-url`` to an index (see :func:`redis_client_from_url`).
@@ -223,7 +247,11 @@ class RedisIndex:
         is_cluster = cluster or url.partition("://")[0] in _CLUSTER_SCHEMES
         client: ClientSource = connect if is_cluster else connect()
         config = RedisIndexConfig(
-            prefix=prefix, ttl_seconds=ttl_seconds, backoff_max_s=backoff_max_s
+            prefix=prefix,
+            ttl_seconds=ttl_seconds,
+            backoff_max_s=backoff_max_s,
+            groups=groups,
+            copy_age_interval_s=copy_age_interval_s,
         )
         return cls(client, config, fencing_owner=fencing_owner)
 
@@ -240,7 +268,7 @@ class RedisIndex:
             if not self._scripts:
                 self._scripts = {
                     name: self._client.register_script(getattr(redis_scripts, name))
-                    for name in ("APPLY", "RESOLVE", "ENGINES", "LOOKUP", "PING")
+                    for name in _SCRIPTS
                 }
             return self._client
 
@@ -254,16 +282,49 @@ class RedisIndex:
             self._reset_callbacks.append(callback)
 
     def generation(self) -> str | None:
-        """The epoch token last seen: equal on every replica sharing this Redis and prefix;
-        it changes exactly when the data was lost."""
+        """The epoch token last seen (with several groups, theirs joined by ``|``): equal on
+        every replica sharing this Redis and prefix; it changes exactly when data was lost."""
         with self._lock:
-            return self._epoch
+            return self._generation()
 
-    def set_fencing_owner(self, owner: str | None) -> None:
-        """Refuse writes (NotWriter) unless ``owner`` holds the writer lease of this prefix
-        (checked inside the apply script, so a paused ex-writer cannot write late)."""
+    def _generation(self) -> str | None:
+        if self.groups == 1:
+            return self._epochs[0]
+        if any(e is None for e in self._epochs):
+            return None
+        return "|".join(e or "" for e in self._epochs)
+
+    def set_fencing_owner(self, owner: str | None, *, per_engine: bool = False) -> None:
+        """Refuse writes (NotWriter) unless ``owner`` holds the writer lease of this prefix,
+        or with ``per_engine`` the lease of the engine written (:class:`EngineLeases`);
+        checked inside the apply script, so a paused ex-writer cannot write late."""
         with self._lock:
             self._fencing_owner = owner
+            self._fence_engine = per_engine
+
+    def note_position(self, engine: str, seq: int) -> None:
+        """Record ``seq`` as the engine's stream position with its next write (atomically
+        with that batch; :meth:`positions` reads it back: where a new writer resumes)."""
+        with self._lock:
+            self._positions[engine] = seq
+
+    def take_position(self, engine: str) -> int | None:
+        """The noted position not yet written (removed: the caller writes it)."""
+        with self._lock:
+            return self._positions.pop(engine, None)
+
+    def positions(self, engines: Sequence[str]) -> dict[str, int]:
+        """The stream positions recorded for ``engines`` (absent: none recorded)."""
+        out: dict[str, int] = {}
+        for engine in engines:
+            group = self.group_of(engine, allocate=False)
+            if group is None:
+                continue
+            client = self.connected_client()
+            value = client.hget(self.schema.group(group).positions, engine)
+            if value is not None:
+                out[engine] = int(_text(value))
+        return out
 
     def health(self) -> IndexHealth:
         """Probe Redis (unless backing off) and report."""
@@ -274,7 +335,7 @@ class RedisIndex:
             return IndexHealth(
                 ok=self._down_reason is None,
                 reason=self._down_reason,
-                epoch=self._epoch,
+                epoch=self._generation(),
                 resets=self._resets,
                 failed_applies=self._failed_applies,
                 failed_reads=self._failed_reads,
@@ -287,18 +348,28 @@ class RedisIndex:
 
     # -- the round trip ----------------------------------------------------------------------
 
-    def _run(self, name: str, args: list[Any]) -> list[Any]:
+    def _run(self, name: str, args: list[Any], group: int = 0) -> list[Any]:
+        return self._run_groups(name, [(group, args)])[0]
+
+    def _run_groups(self, name: str, calls: Sequence[tuple[int, list[Any]]]) -> list[list[Any]]:
+        """Run script ``name`` once per (group, args): one call, or one pipeline over the
+        groups' shards (each script atomic on its own shard)."""
         now = self._clock()
         with self._lock:
             if self._down_reason is not None and now < self._retry_at:
                 raise IndexUnavailable(f"degraded (backing off): {self._down_reason}")
-            candidate = self._candidate
+            candidates = list(self._candidates)
             self._sent += 1
             seq = self._sent
         try:
-            self.connected_client()
+            client = self.connected_client()
             script = self._scripts[name]
-            reply = script(keys=[self.schema.epoch], args=[self.schema.base, candidate, *args])
+            if len(calls) == 1:
+                group, args = calls[0]
+                keys = self.schema.group(group)
+                replies = [script(keys=[keys.epoch], args=[keys.base, candidates[group], *args])]
+            else:
+                replies = self._pipelined_scripts(client, script, calls, candidates)
         except REDIS_ERRORS as exc:
             reason = f"{type(exc).__name__}: {exc}"
             with self._lock:
@@ -312,11 +383,32 @@ class RedisIndex:
                 )
                 self._retry_at = now + self._backoff
             raise IndexUnavailable(reason) from exc
-        result = cast(list[Any], reply)
-        self._observe(_text(result[0]), seq)
-        return result
+        results = [cast(list[Any], reply) for reply in replies]
+        for (group, _), result in zip(calls, results, strict=True):
+            self._observe(_text(result[0]), seq, group)
+        return results
 
-    def _observe(self, epoch: str, seq: int) -> None:
+    def _pipelined_scripts(
+        self,
+        client: RedisClient,
+        script: Script,
+        calls: Sequence[tuple[int, list[Any]]],
+        candidates: list[str],
+    ) -> list[Any]:
+        for attempt in (0, 1):
+            pipe = client.pipeline(transaction=False)
+            for group, args in calls:
+                keys = self.schema.group(group)
+                pipe.evalsha(script.sha, 1, keys.epoch, keys.base, candidates[group], *args)
+            try:
+                return cast(list[Any], pipe.execute())
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                client.script_load(script.script)  # a cluster loads it on every primary
+        raise AssertionError("unreachable")
+
+    def _observe(self, epoch: str, seq: int, group: int = 0) -> None:
         fire: list[ResetCallback] = []
         with self._lock:
             if self._down_reason is not None:
@@ -324,17 +416,21 @@ class RedisIndex:
             self._down_reason = None
             self._down_since = None
             self._backoff = 0.0
-            if epoch == self._candidate:
-                self._candidate = uuid.uuid4().hex  # ours was installed; next reset needs a new one
+            if epoch == self._candidates[group]:
+                # ours was installed; the next reset needs a new one
+                self._candidates[group] = uuid.uuid4().hex
             # Replies of concurrent calls may be processed out of order; an epoch older than
             # what a later-sent call already reported must not count as a (second) reset.
-            if seq < self._observed_seq:
+            if seq < self._observed_seq[group]:
                 return
-            self._observed_seq = seq
-            old = self._epoch
-            self._epoch = epoch
-            if old is not None and old != epoch:
+            self._observed_seq[group] = seq
+            old_generation = self._generation()
+            previous = self._epochs[group]
+            self._epochs[group] = epoch
+            old, epoch = old_generation, self._generation() or epoch
+            if previous is not None and previous != self._epochs[group]:
                 self._resets += 1
+                self._group_of.clear()  # the registry may have been lost with it
                 fire = list(self._reset_callbacks)
         if fire:
             log.warning("redis index epoch changed %s -> %s: data lost, replay needed", old, epoch)
@@ -348,6 +444,26 @@ class RedisIndex:
         with self._lock:
             self._failed_reads += 1
 
+    # -- engine groups ---------------------------------------------------------------------
+
+    def group_of(self, engine: str, *, allocate: bool = False) -> int | None:
+        """The engine's group (0 with one group). With several, the registry on group 0
+        assigns an unknown engine to the group with the fewest engines when ``allocate``;
+        None: not assigned. Cached (cleared on a reset). Raises IndexUnavailable."""
+        if self.groups == 1:
+            return 0
+        with self._lock:
+            group = self._group_of.get(engine)
+        if group is not None:
+            return group
+        reply = self._run("ASSIGN", [engine, "1" if allocate else "0", self.groups])
+        found = int(reply[1])
+        if found < 0:
+            return None
+        with self._lock:
+            self._group_of[engine] = found
+        return found
+
     # -- writes ------------------------------------------------------------------------------
 
     def apply(self, engine: str, ops: Sequence[IndexOp]) -> None:
@@ -355,30 +471,80 @@ class RedisIndex:
         when fenced out; then nothing was written)."""
         if not ops:
             return
-        args: list[Any] = []
-        has_store = False
-        for op in ops:
-            if isinstance(op, Store):
-                has_store = True
-                args += ("S", int(op.tier), len(op.blocks))
-                for block in op.blocks:
-                    args += (encode_engine_hash(block.engine_hash), len(block.keys), *block.keys)
-            elif isinstance(op, Remove):
-                args += ("R", int(op.tier), len(op.engine_hashes))
-                args += map(encode_engine_hash, op.engine_hashes)
-            elif isinstance(op, Clear):
-                args += ("C", "*" if op.tier is None else int(op.tier), 0)
-        self._write(engine, "1" if has_store else "0", args)
+        has_store, args = _apply_args(ops)
+        self._write(engine, has_store, args)
+
+    def apply_many(
+        self, batches: Sequence[tuple[str, Sequence[IndexOp], int | None]]
+    ) -> list[IndexUnavailable | None]:
+        """Apply several (engine, ops, position) batches in one pipeline (each atomic on
+        its engine's shard; the scripts of one engine run in order). Per batch: None when
+        applied, NotWriter when fenced out; raises IndexUnavailable when the pipeline
+        failed (any part of it may have been applied: replays are idempotent)."""
+        with self._lock:
+            owner = self._fencing_owner or ""
+            mode = "E" if self._fence_engine else "G"
+        calls: list[tuple[int, list[Any]]] = []
+        index_of: list[int] = []
+        for i, (engine, ops, position) in enumerate(batches):
+            has_store, args = _apply_args(ops)
+            group = self.group_of(engine, allocate=has_store == "1" or position is not None)
+            if group is None or (not args and position is None):
+                continue
+            calls.append(
+                (group, [owner, mode, self._ttl, engine, has_store, _pos(position), *args])
+            )
+            index_of.append(i)
+        out: list[IndexUnavailable | None] = [None] * len(batches)
+        if not calls:
+            return out
+        try:
+            replies = self._run_groups("APPLY", calls)
+        except IndexUnavailable:
+            with self._lock:
+                self._failed_applies += len(calls)
+            raise
+        for i, reply in zip(index_of, replies, strict=True):
+            if int(reply[1]) == 0:
+                with self._lock:
+                    self._failed_applies += 1
+                out[i] = NotWriter(f"writer lease of {batches[i][0]} is not held by {owner!r}")
+        return out
 
     def purge(self, engine: str) -> None:
         """Forget the engine (its bits, maps and slot). Raises IndexUnavailable like apply."""
         self._write(engine, "0", ["P", "*", 0])
+        if self.groups > 1:
+            with self._lock:
+                self._group_of.pop(engine, None)
+            try:
+                self._run("ASSIGN", [engine, "D", self.groups])
+            except IndexUnavailable:
+                with self._lock:
+                    self._failed_applies += 1
+                raise
+
+    def age_copies(self) -> None:
+        """One tick of the copy clock in every group (docs/index.md, "Duplicates"); with
+        ``copy_age_interval_s`` at most one tick per interval whichever replica calls.
+        Raises IndexUnavailable."""
+        interval = str(int(self.config.copy_age_interval_s * 1000))
+        self._run_groups("AGE", [(g, [interval]) for g in range(self.groups)])
 
     def _write(self, engine: str, has_store: str, ops: list[Any]) -> None:
         with self._lock:
             owner = self._fencing_owner or ""
+            mode = "E" if self._fence_engine else "G"
+            position = self._positions.pop(engine, None)
         try:
-            reply = self._run("APPLY", [owner, self._ttl, engine, has_store, *ops])
+            group = self.group_of(engine, allocate=has_store == "1" or position is not None)
+            if group is None:
+                return  # never stored anything: nothing to remove or clear
+            reply = self._run(
+                "APPLY",
+                [owner, mode, self._ttl, engine, has_store, _pos(position), *ops],
+                group,
+            )
         except IndexUnavailable:
             with self._lock:
                 self._failed_applies += 1
@@ -386,14 +552,25 @@ class RedisIndex:
         if int(reply[1]) == 0:
             with self._lock:
                 self._failed_applies += 1
-            raise NotWriter(f"writer lease {self.schema.lease} is not held by {owner!r}")
+            raise NotWriter(f"writer lease of {engine} is not held by {owner!r}")
+
+    def flush_position(self, engine: str) -> None:
+        """Record a noted position that no write carried yet (a batch whose events were all
+        held back). Raises IndexUnavailable / NotWriter."""
+        with self._lock:
+            if engine not in self._positions:
+                return
+        self._write(engine, "0", [])
 
     # -- reads -------------------------------------------------------------------------------
 
     def resolve(self, engine: str, engine_hash: EngineHash) -> ContentKey | None:
         """As the in-memory backend; None as well while degraded."""
         try:
-            reply = self._run("RESOLVE", [engine, encode_engine_hash(engine_hash)])
+            group = self.group_of(engine)
+            if group is None:
+                return None
+            reply = self._run("RESOLVE", [engine, encode_engine_hash(engine_hash)], group)
         except IndexUnavailable:
             self._read_failed()
             return None
@@ -405,31 +582,34 @@ class RedisIndex:
     def lookup(
         self, keys: Sequence[ContentKey], engines: Collection[str] | None = None
     ) -> dict[str, PrefixMatch]:
-        """One round trip whatever the prompt length; {} while degraded."""
+        """One round trip whatever the prompt length (one script per group, pipelined);
+        {} while degraded."""
         if not keys or (engines is not None and not engines):
             return {}
         names = [] if engines is None else sorted(set(engines))
         count = -1 if engines is None else len(names)
+        args: list[Any] = [count, *names, *keys]
         try:
-            reply = self._run("LOOKUP", [count, *names, *keys])
+            replies = self._run_groups("LOOKUP", [(g, args) for g in range(self.groups)])
         except IndexUnavailable:
             self._read_failed()
             return {}
         result: dict[str, PrefixMatch] = {}
-        for i in range(1, len(reply), 4):
-            blocks, n_cpu, n_storage = int(reply[i + 1]), int(reply[i + 2]), int(reply[i + 3])
-            result[_text(reply[i])] = PrefixMatch(
-                blocks, [blocks - n_cpu - n_storage, n_cpu, n_storage]
-            )
+        for reply in replies:
+            for i in range(1, len(reply), 4):
+                blocks, n_cpu, n_storage = int(reply[i + 1]), int(reply[i + 2]), int(reply[i + 3])
+                result[_text(reply[i])] = PrefixMatch(
+                    blocks, [blocks - n_cpu - n_storage, n_cpu, n_storage]
+                )
         return result
 
     def engines(self) -> list[str]:
         try:
-            reply = self._run("ENGINES", [])
+            replies = self._run_groups("ENGINES", [(g, []) for g in range(self.groups)])
         except IndexUnavailable:
             self._read_failed()
             return []
-        return sorted(_text(name) for name in reply[1:])
+        return sorted({_text(name) for reply in replies for name in reply[1:]})
 
     def stats(self) -> IndexStats:
         """Counts by SCAN over this prefix's holder keys: O(keys), for diagnostics and
@@ -444,38 +624,58 @@ class RedisIndex:
             self._read_failed()
             return IndexStats(keys=0, entries=0, engines=0, evictions=0, approx_bytes=0)
 
+    def group_stats(self) -> list[tuple[int, int]]:
+        """Per group: (holder keys, engine-map entries). Raises one of REDIS_ERRORS."""
+        out = []
+        client = self.connected_client()
+        for keys in self.schema.group_keys:
+            holder_keys = self._scan(keys.holders_pattern, keys)
+            slots = cast(dict[Any, Any], client.hgetall(keys.engine_slots))
+            map_keys = [
+                keys.engine_map(int(slot), tier) for slot in slots.values() for tier in Tier
+            ]
+            entries = sum(
+                int(n) for n in self._pipelined(lambda pipe, key: pipe.hlen(key), map_keys)
+            )
+            out.append((len(holder_keys), entries))
+        return out
+
     def _stats(self) -> IndexStats:
         engines = self.engines()
         client = self.connected_client()
-        holder_keys = list(self._scan(self.schema.holders_pattern))
-        counts = self._pipelined(lambda pipe, key: pipe.bitcount(key), holder_keys)
         distinct: set[str] = set()
         entries = 0
-        for key, count in zip(holder_keys, counts, strict=True):
-            if int(count):
-                entries += int(count)
-                distinct.add(key.rsplit(":", 1)[-1])
-        slots = cast(dict[Any, Any], client.hgetall(self.schema.engine_slots))
-        map_keys = [
-            self.schema.engine_map(int(slot), tier) for slot in slots.values() for tier in Tier
-        ]
-        map_entries = sum(
-            int(n) for n in self._pipelined(lambda pipe, key: pipe.hlen(key), map_keys)
-        )
+        n_holder_keys = 0
+        map_entries = 0
+        for keys in self.schema.group_keys:
+            holder_keys = self._scan(keys.holders_pattern, keys)
+            n_holder_keys += len(holder_keys)
+            counts = self._pipelined(lambda pipe, key: pipe.bitcount(key), holder_keys)
+            for key, count in zip(holder_keys, counts, strict=True):
+                if int(count):
+                    entries += int(count)
+                    distinct.add(key.rsplit(":", 1)[-1])
+            slots = cast(dict[Any, Any], client.hgetall(keys.engine_slots))
+            map_keys = [
+                keys.engine_map(int(slot), tier) for slot in slots.values() for tier in Tier
+            ]
+            map_entries += sum(
+                int(n) for n in self._pipelined(lambda pipe, key: pipe.hlen(key), map_keys)
+            )
         return IndexStats(
             keys=len(distinct),
             entries=entries,
             engines=len(engines),
             evictions=self._server_evictions(client),
-            approx_bytes=len(holder_keys) * BYTES_PER_HOLDER_KEY
-            + map_entries * BYTES_PER_MAP_ENTRY,
+            approx_bytes=n_holder_keys * BYTES_PER_HOLDER_KEY + map_entries * BYTES_PER_MAP_ENTRY,
         )
 
-    def _scan(self, pattern: str) -> list[str]:
+    def _scan(self, pattern: str, keys: GroupKeys | None = None) -> list[str]:
         count = self.config.stats_scan_count
         client = self.connected_client()
         if isinstance(client, RedisCluster):
-            node = client.get_node_from_key(self.schema.epoch)  # type: ignore[no-untyped-call]
+            epoch = (keys or self.schema.home).epoch
+            node = client.get_node_from_key(epoch)  # type: ignore[no-untyped-call]
             found = client.scan_iter(match=pattern, count=count, target_nodes=node)
         else:
             found = client.scan_iter(match=pattern, count=count)
@@ -499,6 +699,30 @@ class RedisIndex:
         if isinstance(client, RedisCluster):  # {node: section}
             return sum(int(v.get("evicted_keys", 0)) for v in info.values() if isinstance(v, dict))
         return int(info.get("evicted_keys", 0))
+
+
+def _apply_args(ops: Sequence[IndexOp]) -> tuple[str, list[Any]]:
+    """('1' if the batch stores, the APPLY script's op arguments)."""
+    args: list[Any] = []
+    has_store = False
+    for op in ops:
+        if isinstance(op, Store):
+            has_store = True
+            n = len(op.blocks)
+            first_copy = n if op.copies_from is None else max(0, op.copies_from)
+            args += ("S", int(op.tier), n, min(first_copy, n))
+            for block in op.blocks:
+                args += (encode_engine_hash(block.engine_hash), len(block.keys), *block.keys)
+        elif isinstance(op, Remove):
+            args += ("R", int(op.tier), len(op.engine_hashes))
+            args += map(encode_engine_hash, op.engine_hashes)
+        elif isinstance(op, Clear):
+            args += ("C", "*" if op.tier is None else int(op.tier), 0)
+    return ("1" if has_store else "0"), args
+
+
+def _pos(position: int | None) -> str:
+    return "" if position is None else str(position)
 
 
 def _text(value: Any) -> str:

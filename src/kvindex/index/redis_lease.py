@@ -18,20 +18,33 @@ Usage (the service's ingest loop, every ``lease.renew_interval_s``)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import redis
 
 from kvindex.index import redis_scripts
-from kvindex.index.redis import REDIS_ERRORS, ClientSource, RedisIndex
+from kvindex.index.redis import REDIS_ERRORS, ClientSource, IndexUnavailable, RedisIndex
 
-__all__ = ["LeaseStore", "RedisLeaseStore", "WriterLease", "redis_writer_lease"]
+__all__ = [
+    "EngineLeases",
+    "LeaseRound",
+    "LeaseStore",
+    "LeaseView",
+    "RedisLeaseStore",
+    "WriterLease",
+    "redis_writer_lease",
+]
 
 log = logging.getLogger(__name__)
+
+_ROUND_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, IndexUnavailable)
 
 
 class LeaseStore(Protocol):
@@ -179,3 +192,175 @@ def redis_writer_lease(
     """A lease on ``index``'s lease key, through the index's client."""
     store = RedisLeaseStore(index.connected_client, index.schema.lease)
     return WriterLease(store, owner=owner, ttl_s=ttl_s)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseView:
+    """What one lease round saw of an engine."""
+
+    ours: bool  # this replica holds the engine's lease (and may write its stream)
+    held: bool  # some replica holds it
+    state: str  # the writer's published sync state ('' if none)
+    position: int | None  # newest seq recorded with a write of this engine (None: none)
+
+
+@dataclass(slots=True)
+class LeaseRound:
+    """The result of :meth:`EngineLeases.tick`."""
+
+    gained: list[str] = field(default_factory=list)  # became writer: resync by replay
+    lost: list[str] = field(default_factory=list)  # stopped being writer: stop writing
+    views: dict[str, LeaseView] = field(default_factory=dict)
+    members: int = 0
+
+
+class EngineLeases:
+    """One writer per engine stream: :class:`WriterLease` generalised to a lease per engine
+    (docs/redis.md, "Writer model"). Every replica calls :meth:`tick` with the engines it
+    knows every ``renew_interval_s``; it heartbeats its membership (``{p}:members``), renews
+    the leases it holds, releases those beyond its fair share (ceil(engines / live replicas))
+    and takes free ones up to that share. A lease key lives in its engine's group slot, so the
+    apply script checks it (``index.set_fencing_owner(owner, per_engine=True)``): a replica
+    whose lease lapsed cannot write late. ``owns`` is decided by the local clock as in
+    WriterLease: true until ``ttl_s * (1 - safety)`` after the round that renewed it was sent.
+    A dead writer's engines are free after ``ttl_s`` and taken within one more interval:
+    takeover within ``ttl_s * 4 / 3``. Store errors never raise (nothing is renewed)."""
+
+    def __init__(
+        self,
+        index: RedisIndex,
+        *,
+        owner: str | None = None,
+        ttl_s: float = 10.0,
+        safety: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl_s <= 0 or not 0 <= safety < 1:
+            raise ValueError("lease ttl_s must be > 0 and safety in [0, 1)")
+        self.index = index
+        self.owner = owner or uuid.uuid4().hex
+        self.ttl_s = ttl_s
+        self._ttl_ms = max(1, int(ttl_s * 1000))
+        self._valid_for = ttl_s * (1 - safety)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._valid_until: dict[str, float] = {}
+        self.takeovers = 0
+        self.errors = 0
+        self.members = 1
+        self.listener: Callable[[LeaseRound, list[str]], None] | None = None  # (round, owned)
+
+    @property
+    def renew_interval_s(self) -> float:
+        return self.ttl_s / 3
+
+    def owns(self, engine: str) -> bool:
+        """May this replica write ``engine``'s stream now (thread-safe)?"""
+        with self._lock:
+            return self._clock() < self._valid_until.get(engine, 0.0)
+
+    def forfeit(self, engine: str) -> None:
+        """The apply script refused a write (the lease lapsed): not writer any more."""
+        with self._lock:
+            self._valid_until.pop(engine, None)
+
+    def owned(self) -> list[str]:
+        now = self._clock()
+        with self._lock:
+            return sorted(e for e, until in self._valid_until.items() if now < until)
+
+    def tick(self, engines: Sequence[str], states: Mapping[str, str]) -> LeaseRound:
+        """One round: heartbeat, renew ours, rebalance, take free ones; ``states``: the sync
+        state of engines we write, published for the other replicas."""
+        out = LeaseRound()
+        sent = self._clock()
+        before = set(self.owned())
+        try:
+            reply = self.index._run("MEMBERS", [self.owner, self._ttl_ms, "1"])
+            self.members = max(1, int(reply[1]))
+            share = -(-len(engines) // self.members)
+            mine = [e for e in engines if e in before]
+            release = set(sorted(mine)[share:]) if len(mine) > share else set()
+            budget = max(0, share - len(mine) + len(release))
+            by_group: dict[int, list[str]] = {}
+            for engine in engines:
+                group = self.index.group_of(engine, allocate=True)
+                by_group.setdefault(group or 0, []).append(engine)
+            calls: list[tuple[int, list[Any]]] = []
+            order: list[str] = []
+            for group, names in sorted(by_group.items()):
+                args: list[Any] = [self.owner, self._ttl_ms, budget]
+                for engine in names:
+                    if engine in release:
+                        action = "R"
+                    elif engine in before:
+                        action = "K"
+                    else:
+                        action = "T"
+                    args += (engine, action, states.get(engine, ""))
+                    order.append(engine)
+                calls.append((group, args))
+            replies = self.index._run_groups("ENGINE_LEASES", calls) if calls else []
+        except _ROUND_ERRORS as exc:
+            self.errors += 1
+            log.warning("engine leases round failed: %s", exc)
+            out.members = self.members
+            return out
+        flat = [item for reply in replies for item in reply[1:]]
+        taken = 0
+        now_owned: set[str] = set()
+        for i, engine in enumerate(order):
+            ours, held, state, pos = flat[4 * i : 4 * i + 4]
+            view = LeaseView(
+                ours=bool(int(ours)),
+                held=bool(int(held)),
+                state=_text(state),
+                position=int(_text(pos)) if _text(pos) else None,
+            )
+            if view.ours:
+                if engine not in before:
+                    taken += 1  # budget is per group call: never more than share in all
+                    if taken > budget:
+                        self._release_quietly(engine)
+                        view = LeaseView(False, False, "", view.position)
+                        out.views[engine] = view
+                        continue
+                now_owned.add(engine)
+            out.views[engine] = view
+        with self._lock:
+            for engine in now_owned:
+                self._valid_until[engine] = sent + self._valid_for
+            for engine in list(self._valid_until):
+                if engine not in now_owned:
+                    del self._valid_until[engine]
+        out.gained = sorted(now_owned - before)
+        out.lost = sorted(before - now_owned)
+        self.takeovers += len(out.gained)
+        out.members = self.members
+        for engine in out.gained:
+            log.info("event=engine_lease_taken engine=%s owner=%s", engine, self.owner)
+        for engine in out.lost:
+            log.info("event=engine_lease_lost engine=%s owner=%s", engine, self.owner)
+        if self.listener is not None:
+            self.listener(out, sorted(now_owned))
+        return out
+
+    def _release_quietly(self, engine: str) -> None:
+        group = self.index.group_of(engine) or 0
+        with contextlib.suppress(*_ROUND_ERRORS):
+            self.index._run("ENGINE_LEASES", [self.owner, self._ttl_ms, 0, engine, "R", ""], group)
+
+    def release_all(self) -> None:
+        """Step down (shutdown): leave the members and drop every lease, so the other
+        replicas take over at once."""
+        engines = self.owned()
+        with self._lock:
+            self._valid_until.clear()
+        with contextlib.suppress(*_ROUND_ERRORS):
+            self.index._run("MEMBERS", [self.owner, self._ttl_ms, "0"])
+        for engine in engines:
+            self._release_quietly(engine)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -13,7 +13,20 @@ plain arithmetic are defined when it is absent.
 
 from __future__ import annotations
 
-__all__ = ["APPLY", "ENGINES", "LEASE_ACQUIRE", "LEASE_RELEASE", "LEASE_RENEW", "LOOKUP", "PING"]
+__all__ = [
+    "AGE",
+    "APPLY",
+    "ASSIGN",
+    "ENGINES",
+    "ENGINE_LEASES",
+    "LEASE_ACQUIRE",
+    "LEASE_RELEASE",
+    "LEASE_RENEW",
+    "LOOKUP",
+    "MEMBERS",
+    "PING",
+    "RESOLVE",
+]
 
 _PROLOGUE = r"""
 local P = ARGV[1]
@@ -71,35 +84,85 @@ end
 
 PING = _PROLOGUE + "return {epoch}\n"
 
-# ARGV[3] fencing owner ('' = unfenced), ARGV[4] TTL seconds of holder keys (0 = none),
-# ARGV[5] engine, ARGV[6] '1' if the batch stores (a slot is allocated only then),
-# ARGV[7..] ops: 'S' tier n {hash nkeys key...}*n | 'R' tier n hash*n | 'C' tier|'*' 0 |
-# 'P' '*' 0 (purge: clear all tiers, free the slot).
+# Copy state of one engine block (docs/index.md, "Duplicates"), as in MemoryIndex: an integer
+# in the hash {P}c:<slot>:<tier> (field: engine hash), present only for blocks with copy state:
+# extra copies beyond the first (0-3, MAX_COPIES - 1 at most) + 4 aged + 8 absorbed.
+_COPY_HELPERS = r"""
+local function cp_extra(state) return state % 4 end
+local function cp_aged(state) return math.floor(state / 4) % 2 == 1 end
+local function cp_absorbed(state) return math.floor(state / 8) % 2 == 1 end
+"""
+
+# ARGV[3] fencing owner ('' = unfenced), ARGV[4] fencing lease: 'G' the single writer lease,
+# 'E' the engine's own lease, ARGV[5] TTL seconds of holder keys (0 = none), ARGV[6] engine,
+# ARGV[7] '1' if the batch stores (a slot is allocated only then), ARGV[8] the stream position
+# (seq) this batch brings the engine to ('' = none), ARGV[9..] ops:
+# 'S' tier n first_copy {hash nkeys key...}*n (blocks from first_copy on are new physical
+# copies when already held; first_copy = n: none) | 'R' tier n hash*n | 'C' tier|'*' 0 |
+# 'P' '*' 0 (purge: clear all tiers, free the slot, forget the position).
 # Returns {epoch, status}: 1 applied, 0 rejected (fencing owner does not hold the lease).
 APPLY = (
     _PROLOGUE
     + _CLEAR_HELPERS
+    + _COPY_HELPERS
     + r"""
-if ARGV[3] ~= '' and redis.call('GET', P .. 'lease') ~= ARGV[3] then return {epoch, 0} end
-local ttl = tonumber(ARGV[4])
-local engine = ARGV[5]
+local engine = ARGV[6]
+if ARGV[3] ~= '' then
+  local lk = P .. 'lease'
+  if ARGV[4] == 'E' then lk = P .. 'lease:' .. engine end
+  if redis.call('GET', lk) ~= ARGV[3] then return {epoch, 0} end
+end
+local ttl = tonumber(ARGV[5])
 local slot = redis.call('HGET', P .. 'eng', engine)
 if not slot then
-  if ARGV[6] ~= '1' then return {epoch, 1} end
+  if ARGV[7] ~= '1' then
+    if ARGV[8] ~= '' then redis.call('HSET', P .. 'seq', engine, ARGV[8]) end
+    return {epoch, 1}
+  end
   local free = redis.call('ZPOPMIN', P .. 'free')
   if free[1] then slot = free[1] else slot = redis.call('INCR', P .. 'next') - 1 end
   redis.call('HSET', P .. 'eng', engine, slot)
   redis.call('HSET', P .. 'name', slot, engine)
 end
-local i = 7
+local function remove(tier, hashes)
+  local map = P .. 'm:' .. slot .. ':' .. tier
+  local ck = P .. 'c:' .. slot .. ':' .. tier
+  local has_copies = redis.call('EXISTS', ck) == 1
+  for _, h in ipairs(hashes) do
+    local keep = false
+    if has_copies then
+      local state = tonumber(redis.call('HGET', ck, h) or '-1')
+      if state >= 0 then
+        if cp_extra(state) > 0 then  -- another physical copy remains: still held, for now
+          redis.call('HSET', ck, h, cp_extra(state) - 1 + 8)
+          keep = true
+        else
+          redis.call('HDEL', ck, h)
+        end
+      end
+    end
+    if not keep then
+      local value = redis.call('HGET', map, h)
+      if value then
+        redis.call('HDEL', map, h)
+        clear_value(tier, value, slot)
+      end
+    end
+  end
+end
+local i = 9
 local n_args = #ARGV
 while i <= n_args do
   local kind, tier, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   i = i + 3
   if kind == 'S' then
+    local first_copy = tonumber(ARGV[i])
+    i = i + 1
     local map = P .. 'm:' .. slot .. ':' .. tier
+    local ck = P .. 'c:' .. slot .. ':' .. tier
+    local has_copies = redis.call('EXISTS', ck) == 1
     local hprefix = P .. 'h:' .. tier .. ':'
-    for _ = 1, n do
+    for b = 0, n - 1 do
       local h, nk = ARGV[i], tonumber(ARGV[i + 1])
       i = i + 2
       for k = i, i + nk - 1 do
@@ -107,40 +170,186 @@ while i <= n_args do
         redis.call('SETBIT', hk, slot, 1)
         if ttl > 0 then redis.call('EXPIRE', hk, ttl) end
       end
-      if nk == 1 then
-        redis.call('HSET', map, h, ARGV[i])
-      else
-        redis.call('HSET', map, h, table.concat(ARGV, ',', i, i + nk - 1))
+      local value
+      if nk == 1 then value = ARGV[i] else value = table.concat(ARGV, ',', i, i + nk - 1) end
+      local new_copy = b >= first_copy
+      if new_copy or has_copies then
+        local old = redis.call('HGET', map, h)
+        if old then
+          local state = tonumber(redis.call('HGET', ck, h) or '0')
+          if old == value then  -- confirmed (aged / absorbed marks go), maybe one more copy
+            if state > 0 or new_copy then
+              local extra = cp_extra(state)
+              if new_copy then extra = math.min(extra + 1, 3) end
+              if extra > 0 then
+                redis.call('HSET', ck, h, extra)
+                has_copies = true
+              else
+                redis.call('HDEL', ck, h)
+              end
+            end
+          elseif state > 0 then  -- another block under this hash: its copies are not this one's
+            redis.call('HDEL', ck, h)
+          end
+        end
       end
+      redis.call('HSET', map, h, value)
       i = i + nk
     end
   elseif kind == 'R' then
-    local map = P .. 'm:' .. slot .. ':' .. tier
-    for k = i, i + n - 1 do
-      local value = redis.call('HGET', map, ARGV[k])
-      if value then
-        redis.call('HDEL', map, ARGV[k])
-        clear_value(tier, value, slot)
-      end
-    end
+    local hashes = {}
+    for k = i, i + n - 1 do hashes[#hashes + 1] = ARGV[k] end
+    remove(tier, hashes)
     i = i + n
   elseif kind == 'C' then
-    if tier == '*' then
-      for t = 0, 2 do clear_tier(slot, t) end
-    else
-      clear_tier(slot, tier)
+    local tiers = {tier}
+    if tier == '*' then tiers = {0, 1, 2} end
+    for _, t in ipairs(tiers) do
+      redis.call('DEL', P .. 'c:' .. slot .. ':' .. t)
+      clear_tier(slot, t)
     end
   elseif kind == 'P' then
-    for t = 0, 2 do clear_tier(slot, t) end
+    for t = 0, 2 do
+      redis.call('DEL', P .. 'c:' .. slot .. ':' .. t)
+      clear_tier(slot, t)
+    end
     redis.call('HDEL', P .. 'eng', engine)
     redis.call('HDEL', P .. 'name', slot)
+    redis.call('HDEL', P .. 'seq', engine)
     redis.call('ZADD', P .. 'free', slot, slot)
     return {epoch, 1}
   else
     return redis.error_reply('kvindex: unknown op ' .. tostring(kind))
   end
 end
+if ARGV[8] ~= '' then redis.call('HSET', P .. 'seq', engine, ARGV[8]) end
 return {epoch, 1}
+"""
+)
+
+# One tick of the copy clock over every engine of the group (MemoryIndex.age_copies).
+# ARGV[3] the least interval between ticks in ms (0: always tick): replicas sharing the index
+# all call it, the first one in each interval ticks. Returns {epoch, 1 ticked | 0 skipped}.
+AGE = (
+    _PROLOGUE
+    + _CLEAR_HELPERS
+    + _COPY_HELPERS
+    + r"""
+local interval = tonumber(ARGV[3])
+if interval > 0 and not redis.call('SET', P .. 'aged', '1', 'PX', interval, 'NX') then
+  return {epoch, 0}
+end
+local slots = redis.call('HVALS', P .. 'eng')
+for _, slot in ipairs(slots) do
+  for tier = 0, 2 do
+    local ck = P .. 'c:' .. slot .. ':' .. tier
+    local flat = redis.call('HGETALL', ck)
+    local map = P .. 'm:' .. slot .. ':' .. tier
+    for j = 1, #flat, 2 do
+      local h, state = flat[j], tonumber(flat[j + 1])
+      if cp_aged(state) then
+        redis.call('HDEL', ck, h)
+        if cp_absorbed(state) then  -- kept only by an unconfirmed copy: drop it
+          local value = redis.call('HGET', map, h)
+          if value then
+            redis.call('HDEL', map, h)
+            clear_value(tier, value, slot)
+          end
+        end
+      else
+        redis.call('HSET', ck, h, state + 4)
+      end
+    end
+  end
+end
+return {epoch, 1}
+"""
+)
+
+# The registry of engine groups (several groups only; on group 0). ARGV[3] engine,
+# ARGV[4] '1' allocate when unknown (to the group with the fewest engines), '0' look up,
+# 'D' forget; ARGV[5] number of groups. Returns {epoch, group | -1}.
+ASSIGN = (
+    _PROLOGUE
+    + r"""
+local engine = ARGV[3]
+local g = redis.call('HGET', P .. 'grp', engine)
+if ARGV[4] == 'D' then
+  if g then
+    redis.call('HDEL', P .. 'grp', engine)
+    redis.call('HINCRBY', P .. 'gn', g, -1)
+  end
+  return {epoch, -1}
+end
+if g then return {epoch, tonumber(g)} end
+if ARGV[4] ~= '1' then return {epoch, -1} end
+local best, best_n = 0, nil
+for k = 0, tonumber(ARGV[5]) - 1 do
+  local n = tonumber(redis.call('HGET', P .. 'gn', k) or '0')
+  if best_n == nil or n < best_n then best, best_n = k, n end
+end
+redis.call('HSET', P .. 'grp', engine, best)
+redis.call('HINCRBY', P .. 'gn', best, 1)
+return {epoch, best}
+"""
+)
+
+# Replica membership (on group 0): ARGV[3] owner, ARGV[4] TTL ms, ARGV[5] '1' heartbeat,
+# '0' leave. Expired members are dropped (server time). Returns {epoch, live members}.
+MEMBERS = (
+    _PROLOGUE
+    + r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local key = P .. 'members'
+if ARGV[5] == '1' then
+  redis.call('ZADD', key, now + tonumber(ARGV[4]), ARGV[3])
+else
+  redis.call('ZREM', key, ARGV[3])
+end
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+return {epoch, redis.call('ZCARD', key)}
+"""
+)
+
+# Per-engine writer leases of one group: ARGV[3] owner, ARGV[4] TTL ms, ARGV[5] how many free
+# leases this call may take, then (engine, action, state) triples; action 'K' keep (renew
+# if ours), 'T' take if free (within the budget) or renew, 'R' release if ours, 'Q' query.
+# While ours the engine's sync state is published ({P}st:<engine>, same TTL).
+# Returns {epoch, then per engine: ours 0/1, held by anyone 0/1, writer's state|'', position|''}.
+ENGINE_LEASES = (
+    _PROLOGUE
+    + r"""
+local owner, ttl, budget = ARGV[3], ARGV[4], tonumber(ARGV[5])
+local out = {epoch}
+for k = 6, #ARGV, 3 do
+  local engine, action, state = ARGV[k], ARGV[k + 1], ARGV[k + 2]
+  local lk, sk = P .. 'lease:' .. engine, P .. 'st:' .. engine
+  local holder = redis.call('GET', lk)
+  local ours = 0
+  if holder == owner then
+    if action == 'R' then
+      redis.call('DEL', lk, sk)
+      holder = false
+    else
+      redis.call('PEXPIRE', lk, ttl)
+      ours = 1
+    end
+  elseif not holder and action == 'T' and budget > 0 then
+    redis.call('SET', lk, owner, 'PX', ttl)
+    budget = budget - 1
+    holder = owner
+    ours = 1
+  end
+  if ours == 1 and state ~= '' then redis.call('SET', sk, state, 'PX', ttl) end
+  local held = 0
+  if holder then held = 1 end
+  out[#out + 1] = ours
+  out[#out + 1] = held
+  out[#out + 1] = (holder and redis.call('GET', sk)) or ''
+  out[#out + 1] = redis.call('HGET', P .. 'seq', engine) or ''
+end
+return out
 """
 )
 

@@ -32,7 +32,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kvindex.config import ConfigError, ServiceConfig
+from kvindex.config import ConfigError, ServiceConfig, sync_config
 from kvindex.curve import load_curve
 from kvindex.discovery import DiscoveryHub, EngineDiscovery, FileDiscovery, StaticDiscovery
 from kvindex.index.base import BlockIndex
@@ -60,6 +60,8 @@ _INDEX_FLAGS = {
     "redis_ttl_s": "--redis-ttl",
     "redis_backoff_max_s": "redis_backoff_max_s",
     "redis_options": "backend_options",
+    "redis_groups": "--redis-groups",
+    "redis_write_queue": "--redis-write-queue",
 }
 
 
@@ -73,6 +75,10 @@ def index_config(config: ServiceConfig) -> IndexConfig:
         redis_ttl_s=config.redis_ttl_s,
         redis_backoff_max_s=config.redis_backoff_max_s,
         redis_options=dict(config.backend_options),
+        redis_groups=config.redis_groups,
+        redis_write_queue=config.redis_write_queue,
+        redis_pipeline=config.redis_pipeline,
+        redis_copy_age_interval_s=config.copy_ttl_s / 2 * 0.9,
     )
 
 
@@ -97,6 +103,8 @@ def ingest_service_config(config: ServiceConfig) -> IngestServiceConfig:
         accept_any_engine=config.accept_any_engine,
         allow_sources=tuple(config.allow_sources),
         seq_confirm_s=config.seq_confirm_s,
+        sync=sync_config(config),
+        copy_ttl_s=config.copy_ttl_s,
         curve=load_curve(
             config.zmq_curve_cert, config.zmq_curve_clients, config.zmq_curve_server_key
         ),
@@ -258,12 +266,16 @@ class IndexService:
 
     async def _readyz(self, request: web.Request) -> web.Response:
         failing = await asyncio.to_thread(self.readiness)  # checks may do I/O (Redis PING)
+        # Engines not in sync: their entries are withheld from scores (or down-weighted), so
+        # the service stays ready; the detail says which and why (kvindex.sync).
+        engines = self.ingest.sync_summary()
         if failing:
             return web.Response(
                 status=503,
-                text=json.dumps({"ready": False, "failing": failing}) + "\n",
+                text=json.dumps({"ready": False, "failing": failing, "engines": engines}) + "\n",
                 content_type="application/json",
             )
         return web.Response(
-            text=json.dumps({"ready": True}) + "\n", content_type="application/json"
+            text=json.dumps({"ready": True, "engines": engines}) + "\n",
+            content_type="application/json",
         )

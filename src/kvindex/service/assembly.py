@@ -23,13 +23,16 @@ from grpc_health.v1 import health_pb2
 from kvindex.config import ServiceConfig, read_token_file
 from kvindex.discovery import EngineDiscovery
 from kvindex.doctor import EngineEventStats
+from kvindex.engine_blocks import unindexable_message
 from kvindex.errors import KVIndexError
+from kvindex.index.redis_lease import EngineLeases
 from kvindex.ingest_service import IngestService
 from kvindex.metrics import TokenizerCacheCollector
 from kvindex.scoring import Scorer, ScoringConfig, TierWeights
 from kvindex.service.app import IndexService
 from kvindex.service.grpc_server import HealthServicer, add_grpc_services, mark_serving
 from kvindex.service.redis_backend import RedisBackend
+from kvindex.service.redis_backend import RegistryBridge as _RegistryBridge
 from kvindex.service.score_api import ScoreMetrics, ScoreService, ScoreServiceConfig
 from kvindex.service.score_http import add_score_routes
 from kvindex.speculative import SpeculativeConfig, SpeculativeIndex
@@ -65,8 +68,20 @@ def load_tokenizers(config: ServiceConfig) -> TokenizerRegistry | None:
     return registry
 
 
+def _warn_unindexable(engine: str, size: int, canonical: int) -> None:
+    log.warning(
+        "event=engine_block_size_unindexable engine=%s block_size=%d canonical=%d fix=%r",
+        engine,
+        size,
+        canonical,
+        unindexable_message(engine, size, canonical),
+    )
+
+
 def event_stats(ingest: IngestService) -> list[EngineEventStats]:
     """The ingest service's per-engine facts as the doctor's records."""
+    sizes = ingest.applier.block_sizes
+    unindexable = sizes.incompatible()
     return [
         EngineEventStats(
             engine=record.engine,
@@ -77,6 +92,9 @@ def event_stats(ingest: IngestService) -> list[EngineEventStats]:
             skipped=record.skipped,
             last_seq=record.last_seq,
             last_batch_time=record.last_batch_time,
+            sync=record.sync,
+            block_size=unindexable.get(record.engine) or sizes.get(record.engine),
+            block_size_indexable=record.engine not in unindexable,
         )
         for record in ingest.engine_activity()
     ]
@@ -112,7 +130,13 @@ class KvindexServer:
             if config.speculative_ttl_s > 0
             else None
         )
-        self.scorer = Scorer(self.service.index, scoring, speculative)
+        block_sizes = self.service.ingest.applier.block_sizes
+        block_sizes.on_unindexable = _warn_unindexable
+        self.service.metrics.watch_block_sizes(block_sizes)
+        self.scorer = Scorer(self.service.index, scoring, speculative, block_sizes=block_sizes)
+        # Entries of engines not in sync are withheld (or down-weighted): kvindex.sync.
+        sync = self.service.ingest.sync
+        self.scorer.engine_factors = lambda: sync.factors
         self.score = ScoreService(
             self.scorer,
             self.tokenizers,
@@ -141,6 +165,16 @@ class KvindexServer:
             ingest = self.service.ingest
             # Rule 2 of docs/redis.md: Redis lost its data -> replay every engine in full.
             backend.on_reset(lambda _old, _new: ingest.request_full_replay())
+            self.service.metrics.registry.register(_RegistryBridge(backend.metrics.registry))
+            if config.redis_writers == "leased":
+                # One writer per engine stream (docs/redis.md, "Writer model").
+                leases = EngineLeases(backend.redis, ttl_s=config.redis_lease_ttl_s)
+                backend.redis.set_fencing_owner(leases.owner, per_engine=True)
+                metrics = backend.metrics
+                leases.listener = lambda result, owned: metrics.observe_leases(
+                    owned, result.members, len(result.gained)
+                )
+                ingest.set_writer_leases(leases)
         self._health_task: asyncio.Task[None] | None = None
         self._serving: bool | None = None
 
