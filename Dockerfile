@@ -23,5 +23,7 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
 USER 65532:65532
 # ext_proc, health, metrics, ZMQ events, index HTTP, index gRPC
 EXPOSE 9002 9003 9090 5557 8080 50051
-ENTRYPOINT []
-CMD ["epp", "serve", "--help"]
+# llm-d's Helm chart sets only `args` (its flags): the entry point is the picker itself.
+# Manifests running kvindex set `command`.
+ENTRYPOINT ["epp", "serve"]
+CMD ["--help"]

@@ -182,7 +182,9 @@ def prefill(backend: Any, endpoint_keys: list[str]) -> int:
     from kvindex.ingest import EventApplier, IngestConfig
     from kvindex.wire import BlockStored, DecodedBatch
 
-    tokenizer = backend.tokenizers.get(MODEL_NAME)
+    # InProcessIndex keeps its tokenizers on its kvindex Indexer (older trees: on itself)
+    tokenizers = getattr(backend, "tokenizers", None) or backend.indexer.tokenizers
+    tokenizer = tokenizers.get(MODEL_NAME)
     applier = EventApplier(backend.index, IngestConfig(block_size=BLOCK))
     next_hash = 1
     blocks = 0

@@ -22,6 +22,7 @@ DEFAULTS: dict[str, str] = {
     "FALLBACK_PORT": "8000",
     "MESSAGE_TIMEOUT": "10s",
     "REQUEST_BODY_MODE": "FULL_DUPLEX_STREAMED",
+    "RESPONSE_BODY_MODE": "NONE",
 }
 
 

@@ -35,13 +35,24 @@ class EndpointSpecError(EPPError, ValueError):
     """An endpoint description is invalid; the message names the entry and the problem."""
 
 
+# llm-d's combined E/P/D role values, by the P/D role they include.
+_COMBINED_ROLES = {
+    "prefill-decode": Role.BOTH,
+    "encode-prefill": Role.PREFILL,
+    "encode-prefill-decode": Role.BOTH,
+}
+
+
 def role_from_labels(labels: Mapping[str, str]) -> Role:
     value = labels.get(ROLE_LABEL, Role.BOTH.value)
+    if value in _COMBINED_ROLES:
+        return _COMBINED_ROLES[value]
     try:
         return Role(value)
     except ValueError:
         raise EndpointSpecError(
-            f"label {ROLE_LABEL}={value!r} is not one of prefill, decode, both"
+            f"label {ROLE_LABEL}={value!r} is not one of prefill, decode, both, encode, "
+            "prefill-decode, encode-prefill, encode-prefill-decode"
         ) from None
 
 

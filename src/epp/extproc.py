@@ -11,7 +11,9 @@ on the headers alone and body messages are answered CONTINUE.
 
 Response path: headers (status, streaming?), body chunks passed straight back, usage read
 as it passes, and `Scheduler.on_response_complete` once at the end - also when the client
-goes away mid-stream, so that plugins counting in-flight requests never leak.
+goes away mid-stream, so that plugins counting in-flight requests never leak. When Envoy sends
+no response body (response_body_mode NONE, or skipped through mode_override because no plugin
+reads it), the end of the ext_proc stream is the end of the response.
 """
 
 from __future__ import annotations
@@ -63,6 +65,26 @@ class PickerContext:
     # the header as ONE address (a list gives 503), so with it the header may carry only the
     # pick; dynamic metadata always carries the whole list.
     header_primary_only: bool = False
+    # Whether a plugin reads the response body (its first byte's time, the token usage):
+    # see `response_body_needed`. When none does, the picker asks Envoy (mode_override) to
+    # skip response bodies where its config allows that.
+    response_body_needed: bool = True
+    # Set once a stream showed Envoy sending no response bodies while a plugin needs them.
+    warned_no_body: bool = False
+    # ext_proc streams open now, and who to tell when one opens (the engine-metrics scraper
+    # scrapes at its fast interval only while the picker has traffic).
+    open_streams: int = 0
+    on_stream_open: Callable[[], None] | None = None
+
+    def stream_opened(self) -> None:
+        self.open_streams += 1
+        self.metrics.inflight_streams.inc()
+        if self.on_stream_open is not None:
+            self.on_stream_open()
+
+    def stream_closed(self) -> None:
+        self.open_streams -= 1
+        self.metrics.inflight_streams.dec()
 
 
 class RequestStream:
@@ -83,6 +105,10 @@ class RequestStream:
         default_mode = _FULL_DUPLEX if ctx.default_full_duplex else _UNSET_MODE
         self.request_body_mode: int = default_mode
         self.response_body_full_duplex = ctx.default_full_duplex
+        self.response_body_mode: int = default_mode
+        # Response headers seen and no body will come (Envoy's response body mode NONE):
+        # the end of the stream is the end of the response.
+        self.ends_with_stream = False
         self.request: LLMRequest | None = None
         self.destination: list[str] = []
         self.client_response_headers: dict[str, str] = {}
@@ -103,8 +129,8 @@ class RequestStream:
             config = message.protocol_config
             if config.request_body_mode != _UNSET_MODE:
                 self.request_body_mode = config.request_body_mode
-            if config.response_body_mode != _UNSET_MODE:
-                self.response_body_full_duplex = config.response_body_mode == _FULL_DUPLEX
+            self.response_body_mode = config.response_body_mode
+            self.response_body_full_duplex = config.response_body_mode == _FULL_DUPLEX
         kind = message.WhichOneof("request")
         handler = _HANDLERS.get(kind or "")
         if handler is None:
@@ -220,7 +246,12 @@ class RequestStream:
         destination = ",".join(self.destination)
         header = self.destination[0] if self.ctx.header_primary_only else destination
         on_body = body_follows and self.request_body_mode in _HELD_HEADER_MODES
-        responses = [wire.decision_response(destination, header, result.headers, on_body)]
+        extra, new_body = result.headers, None
+        if request.requested_model and body_follows:
+            # An InferenceModelRewrite changed the model: the engine gets the new body.
+            body = new_body = request.raw_body
+            extra = {**extra, "content-length": str(len(body))}
+        responses = [wire.decision_response(destination, header, extra, on_body, new_body)]
         if on_body:
             return responses
         if body_follows:
@@ -252,7 +283,28 @@ class RequestStream:
                 log.exception("scheduler on_response_headers failed")
         if message.response_headers.end_of_stream:
             self._complete()
-        return [wire.response_headers_response(self.client_response_headers)]
+            return [wire.response_headers_response(self.client_response_headers)]
+        skip_body = False
+        if self.response_body_mode == _UNSET_MODE:
+            # Envoy sends no response body (response_body_mode NONE): the stream ends with
+            # the response (response_trailer_mode SEND keeps it open until then).
+            self.ends_with_stream = True
+            if self.ctx.response_body_needed and not self.ctx.warned_no_body:
+                self.ctx.warned_no_body = True
+                log.warning(
+                    "Envoy sends no response bodies (response_body_mode NONE) but a "
+                    "configured plugin reads them (first-byte time, token usage); set "
+                    "response_body_mode: STREAMED in the ext_proc filter"
+                )
+        elif (
+            not self.ctx.response_body_needed
+            and self.response_body_mode != _FULL_DUPLEX
+            and self.request_body_mode != _FULL_DUPLEX
+        ):
+            # No plugin reads the body and Envoy may change the mode (it refuses overrides
+            # when either body is FULL_DUPLEX_STREAMED): skip the body, keep the trailers.
+            skip_body = self.ends_with_stream = True
+        return [wire.response_headers_response(self.client_response_headers, skip_body)]
 
     async def _on_response_body(self, message: pb.ProcessingRequest) -> Responses:
         body = message.response_body
@@ -322,8 +374,10 @@ class RequestStream:
 
     def close(self) -> None:
         """The stream ended (normally or not). A scheduled request whose response did not
-        finish is reported as abandoned so that per-request state in plugins is released."""
-        self._complete(abandoned=True)
+        finish is reported as abandoned so that per-request state in plugins is released.
+        Without response bodies the stream's end is the response's end (Envoy closes it
+        when the HTTP stream is done; a client gone mid-response cannot be told apart)."""
+        self._complete(abandoned=not self.ends_with_stream)
 
 
 # The handler of each ProcessingRequest kind. Kept on the class, not as bound methods on
@@ -352,7 +406,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> AsyncIterator[pb.ProcessingResponse]:
         stream = RequestStream(self.ctx)
-        self.ctx.metrics.inflight_streams.inc()
+        self.ctx.stream_opened()
         try:
             async for message in request_iterator:
                 for response in await stream.handle(message):
@@ -360,7 +414,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 if stream.done:
                     return
         finally:
-            self.ctx.metrics.inflight_streams.dec()
+            self.ctx.stream_closed()
             stream.close()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2  # type: ignore[import-untyped]
@@ -91,12 +92,16 @@ def decision_response(
     header_value: str,
     extra_headers: Mapping[str, str],
     on_body: bool = False,
+    body: bytes | None = None,
 ) -> pb.ProcessingResponse:
     """The one decision: destination header `header_value` (overwriting anything the client
     sent), extra headers, route cache cleared, and `destination` (pick + fallbacks) in dynamic
-    metadata. It answers the request headers, or (`on_body`, BUFFERED mode) the body."""
+    metadata. It answers the request headers, or (`on_body`, BUFFERED mode) the body, which
+    `body` then replaces (a rewritten model)."""
     response = pb.ProcessingResponse()
     common = (response.request_body if on_body else response.request_headers).response
+    if on_body and body is not None:
+        common.body_mutation.body = body
     _set_headers(common.header_mutation, {DESTINATION_HEADER: header_value, **extra_headers})
     common.clear_route_cache = True
     namespace = response.dynamic_metadata.fields[LB_NAMESPACE].struct_value
@@ -142,13 +147,24 @@ def request_trailers_response() -> pb.ProcessingResponse:
     return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
 
 
-def response_headers_response(headers: Mapping[str, str]) -> pb.ProcessingResponse:
+def response_headers_response(
+    headers: Mapping[str, str], skip_response_body: bool = False
+) -> pb.ProcessingResponse:
     """Answer the response headers, adding the scheduler's client-facing headers (e.g. the
-    session-affinity `x-session-token`)."""
-    common = pb.CommonResponse()
+    session-affinity `x-session-token`). `skip_response_body`: also ask Envoy (mode_override,
+    honoured when its filter has `allow_mode_override: true` and neither body is
+    FULL_DUPLEX_STREAMED) to send no response body, only the trailers, which keeps the stream
+    open until the response ends."""
+    response = pb.ProcessingResponse()
+    common = response.response_headers.response
+    common.SetInParent()
     if headers:
-        common.header_mutation.CopyFrom(pb.HeaderMutation(set_headers=_header_options(headers)))
-    return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=common))
+        _set_headers(common.header_mutation, headers)
+    if skip_response_body:
+        mode = response.mode_override
+        mode.response_body_mode = processing_mode_pb2.ProcessingMode.NONE
+        mode.response_trailer_mode = processing_mode_pb2.ProcessingMode.SEND
+    return response
 
 
 def response_body_response(

@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from epp.types import Endpoint
 
 PREFIX = "llm_d_epp_"
+# Counted once per unknown (plugin, parameter) occurrence when the config loads.
+CONFIG_UNKNOWN_PARAMETERS = PREFIX + "config_unknown_parameters_total"
 
 _LATENCY_BUCKETS = (
     0.0001,
@@ -27,6 +29,7 @@ _LATENCY_BUCKETS = (
     1.0,
 )
 _REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+_QUEUE_BUCKETS = (0.0, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 _TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2, 0.5, 1.0)
 
 
@@ -73,6 +76,13 @@ class EppMetrics:
             PREFIX + "plugin_error_total",
             "Plugin calls that raised (the framework carried on without them).",
             ["extension_point", "plugin_type", "plugin_name"],
+            registry=r,
+        )
+        self.config_unknown_parameters = Counter(
+            CONFIG_UNKNOWN_PARAMETERS,
+            "Plugin parameters in the EndpointPickerConfig that the plugin type does not read "
+            "(ignored, as llm-d ignores them; --strict-config refuses them).",
+            ["plugin_type", "parameter"],
             registry=r,
         )
         self.latency_predicted = Histogram(
@@ -174,6 +184,63 @@ class EppMetrics:
             registry=r,
         )
 
+        # Flow control (`flowControl` with its feature gate): llm-d-router's
+        # inference_extension_flow_control_* series under this picker's prefix.
+        self.flow_control_requests = Counter(
+            PREFIX + "flow_control_requests_total",
+            "Requests through flow control by priority and outcome (Dispatched, "
+            "RejectedCapacity, EvictedTTL, EvictedContextCancelled, EvictedPriority, ...); "
+            "requests dispatched at once without queueing count as Dispatched.",
+            ["priority", "outcome"],
+            registry=r,
+        )
+        self.flow_control_queue_duration = Histogram(
+            PREFIX + "flow_control_request_queue_duration_seconds",
+            "Time from enqueue to the final flow-control outcome (0 for the fast path).",
+            ["priority", "outcome"],
+            buckets=_QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.flow_control_queue_size = Gauge(
+            PREFIX + "flow_control_queue_size",
+            "Requests held in the flow-control queue, by priority band.",
+            ["priority"],
+            registry=r,
+        )
+        self.flow_control_queue_bytes = Gauge(
+            PREFIX + "flow_control_queue_bytes",
+            "Request bytes held in the flow-control queue, by priority band.",
+            ["priority"],
+            registry=r,
+        )
+        self.flow_control_pool_saturation = Gauge(
+            PREFIX + "flow_control_pool_saturation",
+            "The pool's saturation at the last flow-control dispatch cycle (1.0: full).",
+            registry=r,
+        )
+        # InferenceModelRewrite: llm-d-router's model_rewrite_decisions_total.
+        self.model_rewrite_decisions = Counter(
+            PREFIX + "model_rewrite_decisions_total",
+            "Requests whose model an InferenceModelRewrite rewrote, by rewrite, requested "
+            "model and target model.",
+            ["model_rewrite_name", "model_name", "target_model"],
+            registry=r,
+        )
+        # InferenceObjective: requests naming an objective no source defines.
+        self.unknown_objectives = Counter(
+            PREFIX + "unknown_objective_total",
+            "Requests whose x-gateway-inference-objective names no known InferenceObjective "
+            "(served at priority 0).",
+            registry=r,
+        )
+        self.objects_source_errors = Counter(
+            PREFIX + "objects_source_errors_total",
+            "Rejected InferenceObjective / InferenceModelRewrite updates (bad objects file or "
+            "object, failed watch), by source.",
+            ["source"],
+            registry=r,
+        )
+
     def bind_pool(self, endpoints: Callable[[], Sequence[Endpoint]]) -> None:
         """Pool gauges are computed from the datastore at scrape time."""
 
@@ -230,3 +297,31 @@ class PrometheusObserver:
             self.metrics.latency_prediction_error.labels(metric).observe(
                 abs(actual_s - predicted_s)
             )
+
+
+class PrometheusFlowControlObserver:
+    """Flow control's observer (`epp.flowcontrol.controller.FlowControlObserver`) as the
+    picker's `flow_control_*` series. Priorities are bounded by the objectives configured."""
+
+    def __init__(self, metrics: EppMetrics) -> None:
+        self.metrics = metrics
+        self._outcomes: dict[tuple[int, str], tuple[Counter, Histogram]] = {}
+
+    def outcome(self, priority: int, outcome: str, wait_s: float) -> None:
+        key = (priority, outcome)
+        pair = self._outcomes.get(key)
+        if pair is None:
+            labels = (str(priority), outcome)
+            pair = self._outcomes[key] = (
+                self.metrics.flow_control_requests.labels(*labels),
+                self.metrics.flow_control_queue_duration.labels(*labels),
+            )
+        pair[0].inc()
+        pair[1].observe(wait_s)
+
+    def queue(self, priority: int, length: int, size_bytes: int) -> None:
+        self.metrics.flow_control_queue_size.labels(str(priority)).set(length)
+        self.metrics.flow_control_queue_bytes.labels(str(priority)).set(size_bytes)
+
+    def saturation(self, value: float) -> None:
+        self.metrics.flow_control_pool_saturation.set(value)

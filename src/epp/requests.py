@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from epp.errors import EPPError
+from epp.objects import Objective, ObjectStore, session_key
 from epp.types import LLMRequest
 
 # The GIE convention: the request names an InferenceObjective; its priority decides
@@ -216,18 +217,29 @@ def _strip_query(path: str) -> str:
 
 
 class RequestParser:
-    """Builds LLMRequests. `objective_priorities` maps InferenceObjective names (header
-    `x-gateway-inference-objective`) to priorities; unknown names get priority 0 and are
-    counted in `unknown_objectives`."""
+    """Builds LLMRequests. The InferenceObjective named in header
+    `x-gateway-inference-objective` gives the priority (`objects`, an `ObjectStore` fed by the
+    Kubernetes watch and the objects file; `objective_priorities`, the `--objective` flag, is
+    its `flag` source); unknown names get priority 0 and are counted in `unknown_objectives`
+    (and reported to `on_unknown_objective`). An InferenceModelRewrite matching the body's
+    `model` rewrites it: the request, its base model / LoRA resolution and the body sent on
+    (`raw_body`) carry the target, `requested_model` the name the client sent."""
 
     def __init__(
         self,
         registry: ModelRegistry | None = None,
         objective_priorities: Mapping[str, int] | None = None,
+        objects: ObjectStore | None = None,
     ) -> None:
         self.registry = registry or ModelRegistry()
         self.objective_priorities = dict(objective_priorities or {})
+        self.objects = objects or ObjectStore()
+        if self.objective_priorities:
+            self.objects.replace(
+                "flag", [Objective(n, p) for n, p in self.objective_priorities.items()]
+            )
         self.unknown_objectives = 0
+        self.on_unknown_objective: Callable[[], None] | None = None
 
     def has_body_parser(self, path: str) -> bool:
         return _strip_query(path) in BODY_PARSERS
@@ -236,11 +248,13 @@ class RequestParser:
         objective = headers.get(OBJECTIVE_HEADER)
         if not objective:
             return 0
-        priority = self.objective_priorities.get(objective)
-        if priority is None:
+        found = self.objects.objective(objective)
+        if found is None:
             self.unknown_objectives += 1
+            if self.on_unknown_objective is not None:
+                self.on_unknown_objective()
             return 0
-        return priority
+        return found.priority
 
     def parse(
         self,
@@ -272,8 +286,16 @@ class RequestParser:
         except RecursionError:
             raise ParseError("request body is nested too deeply") from None
         parsed = parser(_require_object(doc))
-        base, lora = self.registry.resolve(parsed.model)
-        request.model = parsed.model
+        model = parsed.model
+        objects = self.objects
+        decision = objects.rewrite(model, session_key(headers)) if objects.has_rewrites else None
+        if decision is not None and decision.target != model:
+            # The engine gets the target: rewrite the body it will receive.
+            doc["model"] = model = decision.target
+            request.raw_body = msgspec.json.encode(doc)
+            request.requested_model = parsed.model
+        base, lora = self.registry.resolve(model)
+        request.model = model
         request.base_model = base
         request.lora = lora
         request.prompt = parsed.prompt

@@ -66,27 +66,36 @@ class UsageCollector:
     def feed(self, chunk: bytes) -> None:
         if not chunk:
             return
-        if self._overflow and not self.streamed:
+        if self.streamed:
+            self._feed_events(chunk)
+            return
+        if self._overflow:
             return
         self._buffer += chunk
-        if self.streamed:
-            self._scan_lines()
-        elif len(self._buffer) > self.max_bytes:
+        if len(self._buffer) > self.max_bytes:
             self._overflow = True
             self.skipped += 1
             self._buffer.clear()
 
-    def _scan_lines(self) -> None:
-        end = self._buffer.rfind(b"\n")
-        if end < 0:
-            if len(self._buffer) > self.max_bytes:
+    def _feed_events(self, chunk: bytes) -> None:
+        """SSE: only lines holding `"usage"` are decoded. A chunk is searched as a whole
+        (C speed); only a line cut at the chunk's end is kept for the next one, so a stream
+        of token events costs two byte searches per chunk."""
+        if self._buffer:
+            data = bytes(self._buffer) + chunk
+            self._buffer.clear()
+        else:
+            data = chunk
+        end = data.rfind(b"\n")
+        if end >= 0 and data.find(_USAGE_MARKER, 0, end) >= 0:
+            for line in data[: end + 1].split(b"\n"):
+                self._scan_line(line.strip())
+        if end + 1 < len(data):
+            tail = data[end + 1 :]
+            if len(tail) > self.max_bytes:
                 self.skipped += 1
-                self._buffer.clear()
-            return
-        complete = bytes(self._buffer[: end + 1])
-        del self._buffer[: end + 1]
-        for line in complete.split(b"\n"):
-            self._scan_line(line.strip())
+            else:
+                self._buffer += tail
 
     def _scan_line(self, line: bytes) -> None:
         if not line.startswith(b"data:") or _USAGE_MARKER not in line:

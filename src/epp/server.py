@@ -21,9 +21,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from epp import extproc, tls
 from epp.discovery.pool import PoolReconciler
 from epp.endpoints import Datastore, EndpointsFileSource, parse_static
-from epp.engine_metrics import DEFAULT_INTERVAL_S, DEFAULT_TIMEOUT_S, EngineMetricsScraper
+from epp.engine_metrics import (
+    DEFAULT_IDLE_INTERVAL_S,
+    DEFAULT_INTERVAL_S,
+    DEFAULT_TIMEOUT_S,
+    EngineMetricsScraper,
+)
 from epp.h2edge.server import H2ExtProcServer, server_ssl_context
 from epp.metrics import EppMetrics
+from epp.objects import ObjectsFileSource, ObjectStore, PoolRef, RewriteDecision
+from epp.plugins.datalayer import apply_to_scraper
 from epp.requests import ModelRegistry, RequestParser
 from epp.types import Scheduler
 
@@ -35,6 +42,7 @@ EXTPROC_SERVERS = ("h2", "grpcio")
 _GRPC_OPTIONS = [("grpc.so_reuseport", 0)]
 LIVENESS = "liveness"
 READINESS = "readiness"
+CHART_PROBE_SERVICE = "inference-extension"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -55,6 +63,10 @@ class ServeConfig:
     pool_namespace: str = "default"
     metrics_interval_s: float = DEFAULT_INTERVAL_S
     metrics_timeout_s: float = DEFAULT_TIMEOUT_S
+    # Scrape interval while no ext_proc stream is open or opened for a second (nothing reads
+    # engine metrics then); the first stream brings `metrics_interval_s` back at once. Not
+    # above `metrics_interval_s`: always scrape at that interval.
+    metrics_idle_interval_s: float = DEFAULT_IDLE_INTERVAL_S
     max_body_bytes: int = extproc.DEFAULT_MAX_BODY_BYTES
     drain_timeout_s: float = 30.0
     header_primary_only: bool = False  # see PickerContext.header_primary_only
@@ -62,6 +74,9 @@ class ServeConfig:
     extproc_server: str = "h2"
     adapters: Mapping[str, str] = field(default_factory=dict)  # LoRA adapter -> base model
     objectives: Mapping[str, int] = field(default_factory=dict)  # objective -> priority
+    # YAML file of InferenceObjective / InferenceModelRewrite objects, watched (`--objects-file`).
+    objects_file: str | None = None
+    objects_file_interval_s: float = 1.0
 
 
 @dataclass(slots=True)
@@ -73,6 +88,8 @@ class PickerDeps:
     datastore: Datastore
     metrics: EppMetrics
     registry: ModelRegistry
+    # `epp serve --strict-config`: unknown plugin parameters fail the load (llm-d ignores them).
+    strict_config: bool = False
 
 
 class PickerServer:
@@ -93,7 +110,13 @@ class PickerServer:
         self.metrics = metrics or EppMetrics()
         self.registry = registry or ModelRegistry(config.adapters)
         self.metrics.bind_pool(self.datastore.endpoints)
-        self.parser = RequestParser(self.registry, config.objectives)
+        # InferenceObjectives and InferenceModelRewrites (flag, file, Kubernetes) for our pool.
+        self.objects = ObjectStore(
+            PoolRef(config.pool_name, "") if config.pool_name else None,
+            on_rewrite=self._count_rewrite,
+        )
+        self.parser = RequestParser(self.registry, config.objectives, self.objects)
+        self.parser.on_unknown_objective = self.metrics.unknown_objectives.inc
         self.context = extproc.PickerContext(
             scheduler=scheduler,
             endpoints=self.datastore.endpoints,
@@ -101,6 +124,7 @@ class PickerServer:
             metrics=self.metrics,
             max_body_bytes=config.max_body_bytes,
             header_primary_only=config.header_primary_only,
+            response_body_needed=response_body_needed(scheduler),
         )
         self.health = health.aio.HealthServicer()
         self.ports: dict[str, int] = {}
@@ -116,6 +140,7 @@ class PickerServer:
         self._pool: PoolReconciler | None = None
         self._kubernetes_api_client = kubernetes_api_client
         self._watcher: Any = None
+        self._objects_watcher: Any = None
         self._draining = False
         self._scheduler_started = False
         self.scraper = EngineMetricsScraper(
@@ -124,7 +149,15 @@ class PickerServer:
             self.registry,
             interval_s=config.metrics_interval_s,
             timeout_s=config.metrics_timeout_s,
+            idle_interval_s=config.metrics_idle_interval_s,
+            busy=lambda: self.context.open_streams > 0,
         )
+        self.context.on_stream_open = self.scraper.wake
+        # A framework scheduler's metrics-data-source / core-metrics-extractor plugins say
+        # where and how to scrape (one data layer: the scraper feeds every metric scorer).
+        plugins = getattr(scheduler, "plugins", None)
+        if isinstance(plugins, list):
+            apply_to_scraper(plugins, self.scraper)
 
     # -- readiness ---------------------------------------------------------------------
 
@@ -142,6 +175,8 @@ class PickerServer:
         status = _SERVING if self.ready else _NOT_SERVING
         await self._set_health(READINESS, status)
         await self._set_health(EXTPROC_SERVICE, status)
+        # llm-d's chart probes this name (one replica); llm-d answers it as readiness.
+        await self._set_health(CHART_PROBE_SERVICE, status)
 
     def _on_endpoints_changed(self) -> None:
         with contextlib.suppress(RuntimeError):  # no running loop: nothing to publish to
@@ -234,6 +269,14 @@ class PickerServer:
             await self._health_h2.start_serving()
         self._tasks.append(asyncio.create_task(self.scraper.run(), name="engine-metrics"))
         log.info(
+            "response bodies: %s",
+            "read (a plugin needs the first byte's time or the token usage; Envoy: "
+            "response_body_mode STREAMED or FULL_DUPLEX_STREAMED)"
+            if self.context.response_body_needed
+            else "not needed by any plugin (Envoy: response_body_mode NONE with "
+            "response_trailer_mode SEND passes no response chunk through the picker)",
+        )
+        log.info(
             "epp listening: ext_proc %s:%d (%s), health %d, metrics %d",
             c.host,
             self.ports["grpc"],
@@ -242,8 +285,37 @@ class PickerServer:
             self.ports["metrics"],
         )
 
+    def _count_rewrite(self, decision: RewriteDecision) -> None:
+        self.metrics.model_rewrite_decisions.labels(
+            decision.rewrite, decision.model, decision.target
+        ).inc()
+
+    def _start_objects(self, api_client: Any) -> None:
+        c = self.config
+        if c.objects_file:
+            source = ObjectsFileSource(
+                c.objects_file,
+                self.objects,
+                lambda: self.metrics.objects_source_errors.labels(source="file").inc(),
+                c.objects_file_interval_s,
+            )
+            source.poll()
+            self._tasks.append(asyncio.create_task(source.run(), name="objects-file"))
+        if api_client is not None:
+            from epp.discovery.objects_watch import KubernetesObjectsWatcher
+
+            self._objects_watcher = KubernetesObjectsWatcher(
+                c.pool_namespace,
+                api_client,
+                on_error=lambda what: self.metrics.objects_source_errors.labels(
+                    source=f"kubernetes-{what}"
+                ).inc(),
+            )
+            self._objects_watcher.start(asyncio.get_running_loop(), self.objects)
+
     def _start_sources(self) -> None:
         c = self.config
+        api_client: Any = None
         if c.endpoints is not None:
             self._expected_sources.add("static")
             self.datastore.replace("static", parse_static(c.endpoints))
@@ -269,6 +341,7 @@ class PickerServer:
                 ).inc(),
             )
             self._watcher.start(asyncio.get_running_loop(), self._pool.apply)
+        self._start_objects(api_client)
 
     async def _serve_metrics(self, request: web.Request) -> web.Response:
         return web.Response(
@@ -300,6 +373,8 @@ class PickerServer:
         self._tasks.clear()
         if self._watcher is not None:
             self._watcher.stop()
+        if self._objects_watcher is not None:
+            self._objects_watcher.stop()
         if self._grpc is not None:
             await self._grpc.stop(None)
         if self._h2 is not None:
@@ -314,6 +389,20 @@ class PickerServer:
         if self._scheduler_started:
             self._scheduler_started = False
             await _lifecycle(self.scheduler, "stop")
+
+
+def response_body_needed(scheduler: Scheduler) -> bool:
+    """Whether any response plugin of the scheduler reads response bodies (the first byte's
+    time, the token usage: `ResponseComplete.response_data == "body"`). A scheduler that is
+    not the framework's is assumed to. When none does, Envoy's ext_proc filter can run with
+    `response_body_mode: NONE` (and `response_trailer_mode: SEND`): no response chunk
+    passes through the picker."""
+    from epp.framework.plugin import ResponseComplete
+
+    plugins = getattr(scheduler, "plugins", None)
+    if not isinstance(plugins, list):
+        return True
+    return any(isinstance(p, ResponseComplete) and p.response_data != "end" for p in plugins)
 
 
 async def _lifecycle(scheduler: Scheduler, method: str) -> None:

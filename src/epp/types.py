@@ -19,6 +19,9 @@ class Role(StrEnum):
     PREFILL = "prefill"
     DECODE = "decode"
     BOTH = "both"
+    # Encodes multimodal inputs only (E/P/D); neither the prefill nor the decode filter
+    # passes it, the encode filter reads the label itself.
+    ENCODE = "encode"
 
 
 @dataclass(slots=True)
@@ -92,6 +95,9 @@ class LLMRequest:
     priority: int = 0
     # Candidate subset from the proxy's subset hint (None: no hint).
     subset_hint: frozenset[str] | None = None
+    # The model the client asked for when an InferenceModelRewrite replaced it ("" if not):
+    # `model` and `raw_body` then carry the rewritten name.
+    requested_model: str = ""
 
 
 @dataclass(slots=True)

@@ -1,5 +1,6 @@
-"""The demo compares the picker's real profiles: its default config (approximate prefix) and
-the same with the precise scorer, each loaded by the picker's own loader."""
+"""The demo compares the picker's real profiles: its default config (approximate prefix), the
+precise profile (predicted-ttft-scorer over the KV-event index) and llm-d's weighted sum with
+the precise scorer, each loaded by the picker's own loader."""
 
 from __future__ import annotations
 
@@ -24,8 +25,18 @@ def test_approximate_is_the_pickers_default_profile_with_its_scorers() -> None:
     assert profile(text) == profile("")  # exactly what `epp serve` runs with no config
 
 
-def test_precise_swaps_in_the_precise_scorer_only() -> None:
+def test_precise_is_the_predicted_ttft_profile() -> None:
     text = picker_config("precise", model="m", model_dir=Path("/m"), events_endpoint="tcp://*:5557")
+    assert profile(text)["predicted-ttft-scorer"] == ("predicted-ttft-scorer", 1)
+    assert {t for t, _w in profile(text).values()} == {"predicted-ttft-scorer", "max-score-picker"}
+    config = epp.load_config(text, epp.default_registry())
+    assert "precise-prefix-cache-producer" in {spec.type_name for spec in config.plugins}
+
+
+def test_precise_weighted_swaps_in_the_precise_scorer_only() -> None:
+    text = picker_config(
+        "precise-weighted", model="m", model_dir=Path("/m"), events_endpoint="tcp://*:5557"
+    )
     refs = profile(text)
     assert refs["precise-prefix-cache-scorer"] == ("precise-prefix-cache-scorer", 3)
     assert "prefix-cache-scorer" not in refs

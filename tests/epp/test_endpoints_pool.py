@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 import pytest
-from aiohttp import web
+from fake_kube_api import FakeApiServer
 
 from epp.discovery.kubernetes import KubernetesPoolWatcher, pod_info_from_object
 from epp.discovery.pool import (
@@ -128,73 +128,6 @@ def test_reconciler_counts_only_ready_matching_live_pods_per_port() -> None:
     assert metrics.endpoint_source_errors.labels(source="pool")._value.get() == 2  # once
     rec.apply(PoolChanged(None))  # pool deleted
     assert keys(store) == []
-
-
-class FakeApiServer:
-    """Answers the API paths KubernetesPoolWatcher uses, from in-memory state."""
-
-    def __init__(self, pools: dict[str, dict]) -> None:
-        self.pools = pools  # "group/version" -> pool object
-        self.pods: list[dict] = []
-        self.pod_events: asyncio.Queue[dict | None] = asyncio.Queue()
-        self.pool_events: asyncio.Queue[dict | None] = asyncio.Queue()
-        self.pod_lists = 0
-        self.closing = False
-        app = web.Application()
-        app.router.add_get("/api/v1/namespaces/{ns}/pods", self.pods_handler)
-        app.router.add_get(
-            "/apis/{group}/{version}/namespaces/{ns}/inferencepools/{name}", self.pool_get
-        )
-        app.router.add_get(
-            "/apis/{group}/{version}/namespaces/{ns}/inferencepools", self.pool_watch
-        )
-        self.runner = web.AppRunner(app)
-
-    async def start(self) -> str:
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return f"http://127.0.0.1:{port}"
-
-    async def _stream(self, request: web.Request, queue: asyncio.Queue) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        await response.prepare(request)
-        while not self.closing:
-            try:
-                event = await asyncio.wait_for(queue.get(), 0.05)
-            except TimeoutError:
-                continue
-            if event is None:
-                break  # drop the watch
-            await response.write(json.dumps(event).encode() + b"\n")
-        return response
-
-    async def pods_handler(self, request: web.Request) -> web.StreamResponse:
-        if self.closing:
-            raise web.HTTPServiceUnavailable()
-        if request.query.get("watch") in ("true", "True", "1"):
-            return await self._stream(request, self.pod_events)
-        self.pod_lists += 1
-        return web.json_response(
-            {"kind": "PodList", "metadata": {"resourceVersion": "5"}, "items": self.pods}
-        )
-
-    async def pool_get(self, request: web.Request) -> web.Response:
-        key = f"{request.match_info['group']}/{request.match_info['version']}"
-        if key not in self.pools:
-            return web.json_response(
-                {"kind": "Status", "code": 404, "reason": "NotFound"}, status=404
-            )
-        return web.json_response(self.pools[key])
-
-    async def pool_watch(self, request: web.Request) -> web.StreamResponse:
-        assert request.query.get("fieldSelector") == "metadata.name=llm"
-        return await self._stream(request, self.pool_events)
-
-    async def stop(self) -> None:
-        self.closing = True
-        await self.runner.cleanup()
 
 
 @pytest.mark.parametrize(

@@ -166,11 +166,8 @@ async def test_ticks_skip_endpoints_with_a_scrape_in_flight() -> None:
         store = Datastore()
         store.replace("static", [make_endpoint("127.0.0.1", slow.port)])
         scraper = EngineMetricsScraper(store.endpoints, EppMetrics(), timeout_s=2.0)
-        import aiohttp
-
-        async with aiohttp.ClientSession() as session:
-            assert scraper.tick(session) == 1
-            assert scraper.tick(session) == 0
-            await wait_for(lambda: store.endpoints()[0].metrics.updated_at > 0)
-            await wait_for(lambda: scraper.tick(session) == 1)
-            await wait_for(lambda: not scraper._inflight)
+        assert scraper.tick() == 1
+        assert scraper.tick() == 0
+        await wait_for(lambda: store.endpoints()[0].metrics.updated_at > 0)
+        await wait_for(lambda: scraper.tick() == 1)
+        await wait_for(lambda: not scraper._inflight)

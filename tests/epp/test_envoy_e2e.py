@@ -180,7 +180,13 @@ async def stack(model_servers: list[ModelServer], extproc_server: str) -> AsyncI
         scheduler,
     )
     await picker.start()
-    envoy = await start_envoy(EPP_PORT=picker.ports["grpc"], FALLBACK_PORT=model_servers[0].port)
+    # Response bodies through the picker, re-sent by it (llm-d's configuration): these tests
+    # check usage and first-byte times; the deployed default (NONE) has its own tests.
+    envoy = await start_envoy(
+        EPP_PORT=picker.ports["grpc"],
+        FALLBACK_PORT=model_servers[0].port,
+        RESPONSE_BODY_MODE="FULL_DUPLEX_STREAMED",
+    )
     try:
         async with aiohttp.ClientSession() as http:
             yield Stack(model_servers, picker, scheduler, envoy, http)
@@ -374,6 +380,7 @@ async def test_buffered_request_body_mode(model_servers: list[ModelServer]) -> N
         EPP_PORT=picker.ports["grpc"],
         FALLBACK_PORT=model_servers[0].port,
         REQUEST_BODY_MODE="BUFFERED",
+        RESPONSE_BODY_MODE="STREAMED",
         FAILURE_MODE_ALLOW=True,
     )
     down = await start_envoy(
@@ -437,7 +444,12 @@ async def test_epp_serve_with_the_framework_routes_to_the_least_loaded(
         line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
         assert line.startswith("epp serving "), line
         ports = dict(item.split("=") for item in line.split()[2:])
-        envoy = await start_envoy(EPP_PORT=ports["grpc"], FALLBACK_PORT=model_servers[0].port)
+        # STREAMED: the picker reads each response chunk (usage) and answers CONTINUE.
+        envoy = await start_envoy(
+            EPP_PORT=ports["grpc"],
+            FALLBACK_PORT=model_servers[0].port,
+            RESPONSE_BODY_MODE="STREAMED",
+        )
         metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
         async with aiohttp.ClientSession() as http:
 
@@ -475,6 +487,104 @@ async def test_epp_serve_with_the_framework_routes_to_the_least_loaded(
         if process.returncode is None:
             process.terminate()
         assert await asyncio.wait_for(process.wait(), 20) == 0
+
+
+async def picker_and_envoy(
+    model_servers: list[ModelServer], **placeholders: object
+) -> tuple[PickerServer, HeaderPickScheduler, EnvoyProcess]:
+    scheduler = HeaderPickScheduler()
+    picker = PickerServer(
+        ServeConfig(
+            host="127.0.0.1",
+            grpc_port=0,
+            health_port=0,
+            metrics_port=0,
+            endpoints=",".join(s.key for s in model_servers),
+            metrics_interval_s=3600,
+        ),
+        scheduler,
+    )
+    await picker.start()
+    envoy = await start_envoy(
+        EPP_PORT=picker.ports["grpc"], FALLBACK_PORT=model_servers[0].port, **placeholders
+    )
+    return picker, scheduler, envoy
+
+
+async def stream_one(envoy: EnvoyProcess, target: ModelServer) -> list[bytes]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{envoy.url}/v1/chat/completions",
+            json=chat(stream=True),
+            headers={"x-test-pick": target.key},
+        ) as response,
+    ):
+        assert response.status == 200
+        assert response.headers["x-session-token"] == f"token-{target.port}"
+        return [line async for line in response.content if line.strip()]
+
+
+async def test_no_response_bodies_the_stream_end_is_the_response_end(
+    model_servers: list[ModelServer],
+) -> None:
+    """The deployed default (response_body_mode NONE, trailers SEND): no response chunk
+    reaches the picker; the ext_proc stream stays open until the response ended, and its end
+    completes the request normally (not as a client gone away)."""
+    picker, scheduler, envoy = await picker_and_envoy(model_servers)
+    try:
+        target = model_servers[1]
+        events = await stream_one(envoy, target)
+        assert events[-1].strip() == b"data: [DONE]"
+        await wait_for(lambda: len(scheduler.completed) == 1)
+        stats = scheduler.completed[0]
+        assert (stats.status, stats.served) == (200, target.key)
+        assert stats.first_byte_s is None and stats.completion_tokens is None  # no body seen
+        assert picker.metrics.client_disconnects._value.get() == 0
+        # the client walking away also ends the stream (and releases the request)
+        async with aiohttp.ClientSession() as http:
+            response = await http.post(
+                f"{envoy.url}/slow", data=b"{}", headers={"x-test-pick": target.key}
+            )
+            assert (await response.content.readline()).startswith(b"data:")
+            response.close()
+        await wait_for(lambda: len(scheduler.completed) == 2)
+        await wait_for(lambda: picker.metrics.inflight_streams._value.get() == 0)
+    finally:
+        await asyncio.to_thread(envoy.stop)
+        await picker.close()
+
+
+async def test_mode_override_skips_bodies_no_plugin_reads(
+    model_servers: list[ModelServer],
+) -> None:
+    """Where Envoy allows a mode override (no FULL_DUPLEX_STREAMED body), a picker whose
+    plugins read no response body asks for none at the response headers; one that needs
+    them reads the usage from the STREAMED chunks."""
+    picker, scheduler, envoy = await picker_and_envoy(
+        model_servers, REQUEST_BODY_MODE="BUFFERED", RESPONSE_BODY_MODE="STREAMED"
+    )
+    try:
+        target = model_servers[2]
+        assert picker.context.response_body_needed  # a scheduler that is not the framework's
+        await stream_one(envoy, target)
+        await wait_for(lambda: len(scheduler.completed) == 1)
+        read = scheduler.completed[0]
+        assert read.completion_tokens == 3 and read.first_byte_s is not None
+        picker.context.response_body_needed = False
+        events = await stream_one(envoy, target)
+        assert events[-1].strip() == b"data: [DONE]"
+        await wait_for(lambda: len(scheduler.completed) == 2)
+        skipped = scheduler.completed[1]
+        assert (skipped.status, skipped.completion_tokens, skipped.first_byte_s) == (
+            200,
+            None,
+            None,
+        )
+        assert picker.metrics.client_disconnects._value.get() == 0
+    finally:
+        await asyncio.to_thread(envoy.stop)
+        await picker.close()
 
 
 def test_checked_in_envoy_yaml_is_the_rendered_default() -> None:

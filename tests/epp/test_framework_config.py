@@ -299,8 +299,9 @@ def test_config_file_path(tmp_path: pathlib.Path) -> None:
     ],
 )
 def test_bad_configs_fail_naming_the_entry(text: str, message: str) -> None:
+    # strict: the unknown-parameter case fails only there (llm-d ignores unknown names).
     with pytest.raises(ConfigError, match=message):
-        load_config(text, default_registry())
+        load_config(text, default_registry(), strict=True)
 
 
 def test_pd_handler_needs_its_profiles() -> None:
@@ -312,11 +313,16 @@ def test_pd_handler_needs_its_profiles() -> None:
         build_scheduler(load_config(text, default_registry()))
 
 
-def test_ignored_sections_are_reported() -> None:
+def test_sections_not_acted_on_are_reported() -> None:
     config = load_config(
-        "kind: EndpointPickerConfig\ndata: {}\nflowControl: {maxBytes: 1}\n", default_registry()
+        "kind: EndpointPickerConfig\ndata: {}\nflowControl: {maxBytes: 1Ki}\n", default_registry()
     )
-    assert config.ignored_sections == ("data", "flowControl")
+    assert config.inactive_sections == ("flowControl",)
+    assert config.aliased_sections == ("data",)
+    assert config.flow_control is not None
+    assert config.flow_control.max_bytes == 1024
+    assert not config.flow_control.enabled  # no flowControl gate: llm-d ignores it too
+    assert config.data_layer is not None and config.data_layer.sources == ()
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from epp.endpoints import ROLE_LABEL
 from epp.framework import CycleState, SchedulerDeps, build_scheduler, load_config
 from epp.framework.params import Params
 from epp.plugins import default_registry
@@ -43,7 +44,10 @@ schedulingProfiles:
 
 
 def pod(i: int, role: Role, waiting: int = 0) -> Endpoint:
-    return Endpoint(f"10.1.0.{i}", 8000, role=role, metrics=EngineMetrics(waiting=waiting))
+    labels = {ROLE_LABEL: role.value}  # as make_endpoint reads it from the pod
+    return Endpoint(
+        f"10.1.0.{i}", 8000, labels=labels, role=role, metrics=EngineMetrics(waiting=waiting)
+    )
 
 
 def req(rid: str, prompt: str) -> LLMRequest:
@@ -77,13 +81,16 @@ async def test_pd_without_decode_endpoints_is_503() -> None:
     assert err.value.status == 503 and "decode" in err.value.message
 
 
-async def test_disagg_alias_and_threshold_parameter() -> None:
+async def test_disagg_profile_handler_takes_its_prefill_decider_by_name() -> None:
+    # disagg-profile-handler is its own type (llm-d's), no longer an alias of this one: its
+    # decider comes from deciders.prefill (tests/epp/test_plugins_upstream_disagg.py).
     text = PD.replace(
         "type: pd-profile-handler\n  parameters: {deciderPluginName: prefix-based-pd-decider}",
-        "type: disagg-profile-handler\n  name: pd-profile-handler\n  parameters: {threshold: 10}",
-    )
+        "type: disagg-profile-handler\n  name: pd-profile-handler\n"
+        "  parameters: {deciders: {prefill: prefix-based-pd-decider}}",
+    ).replace("{nonCachedTokens: 50}", "{nonCachedTokens: 10}")
     config = load_config(text, default_registry())
-    assert config.plugin("pd-profile-handler").type_name == "pd-profile-handler"
+    assert config.plugin("pd-profile-handler").type_name == "disagg-profile-handler"
     s = build_scheduler(config)
     result = await s.schedule(req("a", "z" * 100), [pod(1, Role.PREFILL), pod(2, Role.BOTH)])
     assert "prefill" in result.profiles  # 25 uncached tokens >= 10

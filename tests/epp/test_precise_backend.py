@@ -36,6 +36,8 @@ from tests.ports import free_port
 MODEL = "demo-model"
 ENGINE = "10.1.2.3:8000"
 TOKENS = list(range(1000, 1064))  # 4 blocks
+# TOKENS and one more: all of TOKENS' blocks reusable (vLLM recomputes a prompt's last block).
+QUERY = [*TOKENS, 7]
 
 
 def params(**overrides: Any) -> PrecisePrefixParams:
@@ -89,7 +91,7 @@ async def _publish_until_scored(
     async def scored() -> bool:
         publisher.publish([stored])  # re-announcements are idempotent (slow-joiner safe)
         publisher.flush()
-        got = await backend.score(request(token_ids=TOKENS), [engine])
+        got = await backend.score(request(token_ids=QUERY), [engine])
         return got.get(engine, 0.0) == 1.0
 
     await until(scored)
@@ -125,7 +127,7 @@ async def test_in_process_bind_mode_scores_from_live_events() -> None:
         publisher.flush()
 
         async def halved() -> bool:
-            got = await backend.score(request(token_ids=TOKENS), [LOCAL, "9.9.9.9:1"])
+            got = await backend.score(request(token_ids=QUERY), [LOCAL, "9.9.9.9:1"])
             return got == {LOCAL: 0.5, "9.9.9.9:1": 0.0}
 
         await until(halved)
@@ -171,7 +173,7 @@ async def test_in_process_bind_mode_accepts_only_the_pickers_endpoints(accept_an
                 return refused() > 0
 
             await until(counted)
-            got = await backend.score(request(token_ids=TOKENS), ["10.66.0.1:8000"])
+            got = await backend.score(request(token_ids=QUERY), ["10.66.0.1:8000"])
             assert got.get("10.66.0.1:8000", 0.0) == 0.0
     finally:
         stranger.close()
@@ -238,7 +240,7 @@ async def test_remote_index_over_grpc() -> None:
     assert isinstance(backend, RemoteIndex)
     await backend.start()
     try:
-        got = await backend.score(request(token_ids=TOKENS[:32]), [ENGINE, "1.1.1.1:1"])
+        got = await backend.score(request(token_ids=QUERY[:33]), [ENGINE, "1.1.1.1:1"])
         assert got == {ENGINE: 1.0, "1.1.1.1:1": 0.0}
         # The sidecar has no tokenizer: a text prompt fails there, is counted, scores nothing.
         assert await backend.score(request(prompt="hello"), [ENGINE]) == {}
@@ -256,7 +258,7 @@ async def test_remote_index_down_scores_nothing() -> None:
     assert isinstance(backend, RemoteIndex)
     await backend.start()
     try:
-        assert await backend.score(request(token_ids=TOKENS), [ENGINE]) == {}
+        assert await backend.score(request(token_ids=QUERY), [ENGINE]) == {}
         codes = {s.labels["code"] for m in backend.failures.collect() for s in m.samples}
         assert codes & {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
     finally:
@@ -313,7 +315,7 @@ async def test_in_process_index_started_after_the_engine_replays_it() -> None:
             async def whole_prompt() -> bool:
                 engine.publish([block_stored([13, 14], TOKENS[32:], 16, parent_block_hash=12)])
                 engine.flush()
-                got = await backend.score(request(token_ids=TOKENS), [LOCAL])
+                got = await backend.score(request(token_ids=QUERY), [LOCAL])
                 return got.get(LOCAL, 0.0) == 1.0
 
             await until(whole_prompt)

@@ -13,8 +13,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from epp import framework
-from epp.metrics import PrometheusObserver
+from epp.commands import upstream_flags
+from epp.metrics import PrometheusFlowControlObserver, PrometheusObserver
 from epp.plugins import default_registry
+from epp.plugins.flow_control import FLOW_CONTROL_OBSERVER
 from epp.plugins.precise_prefix import (
     PREFIX_BACKEND_FACTORY,
     PrecisePrefixParams,
@@ -50,13 +52,28 @@ def framework_scheduler(config_path: str | None, deps: PickerDeps) -> Scheduler:
     """The scheduling framework from an EndpointPickerConfig file (its defaults without one),
     reporting plugin timings and latency predictions to the picker's metrics."""
     try:
-        config = framework.load_config(config_path, default_registry())
+        config = framework.load_config(config_path, default_registry(), strict=deps.strict_config)
         log.info("scheduler config: %s", framework.describe_config(config).replace(chr(10), "; "))
+        for unknown in config.unknown_parameters:
+            deps.metrics.config_unknown_parameters.labels(
+                plugin_type=unknown.plugin_type, parameter=unknown.parameter
+            ).inc()
+        for section in config.inactive_sections:
+            # Parsed and validated, kept on the config, not acted on (as llm-d without the gate).
+            log.warning(
+                "config section %r is parsed and validated but not acted on: its feature "
+                "gate is off (featureGates: [%s]), as llm-d ignores it",
+                section,
+                section,
+            )
         return framework.build_scheduler(
             config,
             framework.SchedulerDeps(
                 observer=PrometheusObserver(deps.metrics),
-                extras={PREFIX_BACKEND_FACTORY: prefix_backend_factory(deps)},
+                extras={
+                    PREFIX_BACKEND_FACTORY: prefix_backend_factory(deps),
+                    FLOW_CONTROL_OBSERVER: PrometheusFlowControlObserver(deps.metrics),
+                },
             ),
         )
     except framework.ConfigError as exc:
@@ -90,12 +107,19 @@ def register(subparsers: Any) -> None:
         "gateway speaking the endpoint picker protocol).",
     )
     p.add_argument("--config", help="EndpointPickerConfig YAML (default: built-in profile)")
+    p.add_argument(
+        "--strict-config",
+        action="store_true",
+        help="fail on plugin parameters a plugin type does not read (llm-d ignores them; "
+        "by default they are logged once and counted)",
+    )
     p.add_argument("--host", default=_DEFAULTS.host, help="listen address (default %(default)s)")
     p.add_argument(
         "--grpc-port", type=int, default=_DEFAULTS.grpc_port, help="ext_proc port (%(default)s)"
     )
     p.add_argument(
         "--health-port",
+        "--grpc-health-port",
         type=int,
         default=_DEFAULTS.health_port,
         help="gRPC health port (%(default)s)",
@@ -108,10 +132,14 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--secure-serving",
-        action=argparse.BooleanOptionalAction,
+        nargs="?",
+        const=True,
         default=True,
-        help="TLS on the ext_proc port (default on; self-signed unless --cert-path/--key-path)",
+        type=upstream_flags.go_bool,
+        help="TLS on the ext_proc port (default on; self-signed unless --cert-path/--key-path; "
+        "--secure-serving=false or --no-secure-serving turns it off)",
     )
+    p.add_argument("--no-secure-serving", dest="secure_serving", action="store_false")
     p.add_argument(
         "--extproc-server",
         choices=EXTPROC_SERVERS,
@@ -119,17 +147,31 @@ def register(subparsers: Any) -> None:
         help="what serves the ext_proc and health ports: h2, the picker's own HTTP/2 gRPC "
         "edge (default; a third of the CPU per stream), or grpcio, grpc.aio's servers",
     )
-    p.add_argument("--cert-path", help="PEM certificate for the ext_proc port")
+    p.add_argument(
+        "--cert-path",
+        help="PEM certificate for the ext_proc port, or (llm-d) a directory with tls.crt and "
+        "tls.key",
+    )
     p.add_argument("--key-path", help="PEM private key for the ext_proc port")
     p.add_argument("--endpoints", help="static endpoints: ip:port,ip:port,...")
     p.add_argument("--endpoints-file", help="YAML/JSON endpoints file, watched for changes")
     p.add_argument("--pool-name", help="InferencePool to watch (Kubernetes)")
-    p.add_argument("--pool-namespace", default="default", help="InferencePool namespace")
+    p.add_argument(
+        "--pool-namespace",
+        help="InferencePool namespace (default: $NAMESPACE, else default)",
+    )
     p.add_argument(
         "--metrics-interval",
         type=float,
         default=_DEFAULTS.metrics_interval_s,
         help="engine /metrics scrape tick in seconds (%(default)s)",
+    )
+    p.add_argument(
+        "--metrics-idle-interval",
+        type=float,
+        default=_DEFAULTS.metrics_idle_interval_s,
+        help="engine /metrics scrape tick in seconds while the picker has no traffic "
+        "(%(default)s; a value not above --metrics-interval turns this off)",
     )
     p.add_argument(
         "--metrics-timeout",
@@ -172,39 +214,50 @@ def register(subparsers: Any) -> None:
         help="InferenceObjective priority for header x-gateway-inference-objective "
         "(repeatable; negative = sheddable)",
     )
+    p.add_argument(
+        "--objects-file",
+        help="YAML file of InferenceObjective / InferenceModelRewrite objects (the CRDs' "
+        "shapes), watched for changes; for runs without Kubernetes",
+    )
     p.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    upstream_flags.add_upstream_flags(p)
     p.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    upstream = upstream_flags.resolve(args)
     if not (args.endpoints or args.endpoints_file or args.pool_name):
         raise SystemExit(
             "epp serve: no endpoint source: give --endpoints, --endpoints-file or --pool-name"
         )
     if args.max_body_bytes <= 0:
         raise SystemExit("epp serve: --max-body-bytes must be positive")
-    if args.metrics_interval <= 0:
+    metrics_interval = upstream.metrics_interval_s or args.metrics_interval
+    if metrics_interval <= 0:
         raise SystemExit("epp serve: --metrics-interval must be positive")
+    cert_path, key_path = upstream_flags.tls_files(args.cert_path, args.key_path)
     return ServeConfig(
         host=args.host,
         grpc_port=args.grpc_port,
         health_port=args.health_port,
         metrics_port=args.metrics_port,
         secure_serving=args.secure_serving,
-        cert_path=args.cert_path,
-        key_path=args.key_path,
+        cert_path=cert_path,
+        key_path=key_path,
         endpoints=args.endpoints,
         endpoints_file=args.endpoints_file,
         pool_name=args.pool_name,
-        pool_namespace=args.pool_namespace,
-        metrics_interval_s=args.metrics_interval,
+        pool_namespace=upstream.pool_namespace,
+        metrics_interval_s=metrics_interval,
         metrics_timeout_s=args.metrics_timeout,
+        metrics_idle_interval_s=args.metrics_idle_interval,
         max_body_bytes=args.max_body_bytes,
         drain_timeout_s=args.drain_timeout,
         header_primary_only=args.destination_header == "primary",
         extproc_server=args.extproc_server,
         adapters=_key_values(args.lora_adapter, "--lora-adapter"),
         objectives=_key_values(args.objective, "--objective", int),
+        objects_file=args.objects_file,
     )
 
 
@@ -213,13 +266,16 @@ async def serve(
     config_path: str | None,
     factory: SchedulerFactory,
     ready_line: bool = True,
+    strict_config: bool = False,
 ) -> int:
     """Start, print the bound ports, wait for SIGTERM/SIGINT, drain."""
     from epp.endpoints import Datastore
     from epp.metrics import EppMetrics
     from epp.requests import ModelRegistry
 
-    deps = PickerDeps(Datastore(), EppMetrics(), ModelRegistry(config.adapters))
+    deps = PickerDeps(
+        Datastore(), EppMetrics(), ModelRegistry(config.adapters), strict_config=strict_config
+    )
     scheduler = factory(config_path, deps)
     server = PickerServer(
         config, scheduler, datastore=deps.datastore, metrics=deps.metrics, registry=deps.registry
@@ -249,10 +305,21 @@ async def serve(
 
 
 def run(args: argparse.Namespace, factory: SchedulerFactory | None = None) -> int:
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    upstream = upstream_flags.resolve(args)
+    handler = logging.StreamHandler(sys.stderr)
+    if upstream.json_logs:
+        handler.setFormatter(upstream_flags.JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=upstream.log_level, handlers=[handler])
     config = config_from_args(args)
-    return asyncio.run(serve(config, args.config, factory or SCHEDULER_FACTORY))
+    for note in upstream.not_acted_on:
+        log.warning("accepted but not acted on: %s", note)
+    return asyncio.run(
+        serve(
+            config,
+            upstream.config_source,
+            factory or SCHEDULER_FACTORY,
+            strict_config=args.strict_config,
+        )
+    )

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from epp.discovery.objects_watch import REQUIRED_RBAC as OBJECTS_RBAC
 from epp.discovery.pool import (
     DiscoveryEvent,
     PoolChanged,
@@ -52,6 +53,8 @@ POOL_GROUP_VERSIONS: tuple[tuple[str, str], ...] = (
 REQUIRED_RBAC: dict[tuple[str, str], tuple[str, ...]] = {
     ("", "pods"): ("get", "list", "watch"),
     **{(group, POOL_PLURAL): ("get", "list", "watch") for group, _ in POOL_GROUP_VERSIONS},
+    # InferenceObjectives and InferenceModelRewrites of the pool's namespace.
+    **OBJECTS_RBAC,
 }
 WATCH_TIMEOUT_S = 300
 RETRY_DELAY_S = 1.0

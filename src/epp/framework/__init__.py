@@ -7,11 +7,16 @@ for the built-ins) and supplies plugin-specific dependencies in `SchedulerDeps.e
 from epp.framework.build import build_scheduler
 from epp.framework.config import (
     ConfigError,
+    DataLayerConfig,
+    DataSourceSpec,
+    FlowControlConfig,
     PickerConfig,
     PluginSpec,
+    PriorityBandSpec,
     ProfilePluginRef,
     ProfileSpec,
     SaturationConfig,
+    UnknownParameter,
     describe_config,
     load_config,
 )
@@ -20,6 +25,8 @@ from epp.framework.deps import DepKey, SchedulerDeps
 from epp.framework.observer import RecordingObserver, SchedulerObserver
 from epp.framework.params import ParamError, Params
 from epp.framework.plugin import (
+    Admitter,
+    DataProducer,
     Filter,
     Lifecycle,
     Picker,
@@ -28,6 +35,7 @@ from epp.framework.plugin import (
     ProfileHandler,
     ResponseComplete,
     ResponseHeaders,
+    SaturationDetectorPlugin,
     ScoredEndpoint,
     Scorer,
 )
@@ -36,12 +44,17 @@ from epp.framework.saturation import SaturationDetector
 from epp.framework.scheduler import FrameworkScheduler
 
 __all__ = [
+    "Admitter",
     "BuildContext",
     "ConfigDefaults",
     "ConfigError",
     "CycleState",
+    "DataLayerConfig",
+    "DataProducer",
+    "DataSourceSpec",
     "DepKey",
     "Filter",
+    "FlowControlConfig",
     "FrameworkScheduler",
     "Lifecycle",
     "ParamError",
@@ -52,6 +65,7 @@ __all__ = [
     "PluginSpec",
     "PluginType",
     "PreRequest",
+    "PriorityBandSpec",
     "ProfileHandler",
     "ProfilePluginRef",
     "ProfileSpec",
@@ -61,10 +75,12 @@ __all__ = [
     "ResponseHeaders",
     "SaturationConfig",
     "SaturationDetector",
+    "SaturationDetectorPlugin",
     "SchedulerDeps",
     "SchedulerObserver",
     "ScoredEndpoint",
     "Scorer",
+    "UnknownParameter",
     "build_scheduler",
     "describe_config",
     "load_config",

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from epp.framework.config import ConfigError, PickerConfig
 from epp.framework.deps import SchedulerDeps
-from epp.framework.plugin import Filter, Picker, Plugin, ProfileHandler, Scorer
+from epp.framework.plugin import (
+    Filter,
+    Picker,
+    Plugin,
+    ProfileHandler,
+    SaturationDetectorPlugin,
+    Scorer,
+)
 from epp.framework.profile import PluginCallStats, SchedulingProfile, WeightedScorer
 from epp.framework.registry import BuildContext
 from epp.framework.saturation import SaturationDetector
@@ -60,7 +67,16 @@ def build_scheduler(config: PickerConfig, deps: SchedulerDeps | None = None) -> 
     handler = ctx.plugins[config.profile_handler]
     if not isinstance(handler, ProfileHandler):
         raise ConfigError(f"{config.profile_handler!r} is not a profile handler")
-    return FrameworkScheduler(
+    detector: SaturationDetectorPlugin | None = None
+    if config.saturation_detector_ref:
+        named = ctx.plugins.get(config.saturation_detector_ref)
+        if not isinstance(named, SaturationDetectorPlugin):
+            raise ConfigError(
+                f"{config.source}: saturationDetector.pluginRef "
+                f"{config.saturation_detector_ref!r} is not a saturation detector"
+            )
+        detector = named
+    scheduler = FrameworkScheduler(
         profiles,
         handler,
         list(ctx.plugins.values()),
@@ -69,4 +85,18 @@ def build_scheduler(config: PickerConfig, deps: SchedulerDeps | None = None) -> 
         timer=deps.timer,
         observer=deps.observer,
         stats=stats,
+        saturation_plugin=detector,
     )
+    fc = config.flow_control
+    if fc is not None and fc.enabled:
+        builder = registry.flow_control_builder
+        if builder is None:
+            raise ConfigError(
+                f"{config.source}: flowControl is enabled but the registry has no flow-control "
+                "builder (use epp.plugins.new_registry())"
+            )
+        try:
+            scheduler.flow_control = builder(fc, ctx.plugins, scheduler.pool_saturation, deps)
+        except ConfigError as exc:
+            raise ConfigError(f"{config.source}: {exc}") from None
+    return scheduler

@@ -1,16 +1,24 @@
 """EndpointPickerConfig: load, validate and default llm-d's YAML.
 
 Everything is checked here, before any plugin is built: the document shape, each plugin's
-type and parameters (through its registered parser), each profile's references. Errors name
-the entry (`plugins[2] (type "queue-scorer"): parameter "foo": unknown parameter ...`).
+type and parameters (through its registered parser), each profile's references, and the
+sections that reference plugins (`saturationDetector`, `dataLayer`, `parser`, `flowControl`).
+Errors name the entry (`plugins[2] (type "queue-scorer"): parameter "foo": ...`).
+
+Unknown plugin parameters are accepted as llm-d accepts them (its Go decoder ignores them),
+but never silently: each is logged once per (plugin type, parameter) at WARNING and listed in
+`PickerConfig.unknown_parameters` (the server counts them in a metric); `strict=True` fails
+the load instead.
 
 The plugin types, and what a config that leaves things out defaults to, come from the
 `Registry` the caller passes (`epp.plugins.default_registry()` for the built-ins)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import pathlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,16 +27,30 @@ import yaml
 
 from epp.errors import EPPError
 from epp.framework.params import ParamError, Params
-from epp.framework.plugin import Picker, ProfileHandler
+from epp.framework.plugin import Filter, Picker, ProfileHandler, Scorer
 from epp.framework.registry import PluginType, Registry
 
-API_VERSIONS = ("llm-d.ai/v1alpha1", "inference.networking.x-k8s.io/v1alpha1")
+log = logging.getLogger(__name__)
+
+# Every group/version llm-d-router and GIE have read EndpointPickerConfig under.
+API_VERSIONS = (
+    "llm-d.ai/v1alpha1",
+    "llm-d.ai/v1",
+    "inference.networking.x-k8s.io/v1alpha1",
+    "config.x-k8s.io/v1alpha1",
+    "config.apix.gateway-api-inference-extension.sigs.k8s.io/v1alpha1",
+)
 KIND = "EndpointPickerConfig"
 DEFAULT_PROFILE = "default"
 
-# Sections of llm-d's format this picker does not implement; accepted and listed in
-# `PickerConfig.ignored_sections` so the caller can log them.
-IGNORED_SECTIONS = ("data", "flowControl", "parser", "requestHandling")
+# The feature gates llm-d-router registers (its loader rejects any other name), plus GIE's
+# older `prepareDataPlugins`, which GIE-era configs still carry.
+FEATURE_GATES = ("dataLayer", "enableLegacyMetrics", "flowControl", "prepareDataPlugins")
+FLOW_CONTROL_GATE = "flowControl"
+
+# Older spellings of sections, read as the current ones (GIE named `dataLayer` `data` until
+# 2026-04; `requestHandling` holds the parser reference in some llm-d configs).
+SECTION_ALIASES = {"data": "dataLayer", "requestHandling": "parser"}
 KNOWN_SECTIONS = (
     "apiVersion",
     "kind",
@@ -36,8 +58,52 @@ KNOWN_SECTIONS = (
     "schedulingProfiles",
     "saturationDetector",
     "featureGates",
-    *IGNORED_SECTIONS,
+    "dataLayer",
+    "flowControl",
+    "parser",
+    *SECTION_ALIASES,
 )
+# Sections parsed, validated and kept on the config that the picker does not act on; the
+# server logs each at start-up (`PickerConfig.inactive_sections`). `flowControl` is acted on
+# only with the `flowControl` feature gate (as llm-d); without it, it is listed here.
+INACTIVE_SECTIONS: tuple[str, ...] = ()
+
+# What a section's reference must point at, by upstream's built-in type names; a registry
+# may add types to a role (`Registry.add_role`, e.g. test doubles).
+ROLE_TYPES: dict[str, tuple[str, ...]] = {
+    "parser": ("openai-parser", "passthrough-parser", "vertexai-parser", "vllmgrpc-parser"),
+    "data-source": (
+        "metrics-data-source",
+        "models-data-source",
+        "endpoint-notification-source",
+        "k8s-notification-source",
+    ),
+    # Extractors are by interface upstream: these producers and scorers are extractors too.
+    "data-extractor": (
+        "core-metrics-extractor",
+        "models-data-extractor",
+        "inflight-load-producer",
+        "precise-prefix-cache-scorer",
+        "precise-prefix-cache-producer",
+    ),
+    "saturation-detector": ("utilization-detector", "concurrency-detector"),
+    "ordering-policy": (
+        "fcfs-ordering-policy",
+        "edf-ordering-policy",
+        "slo-deadline-ordering-policy",
+    ),
+    "fairness-policy": ("global-strict-fairness-policy", "round-robin-fairness-policy"),
+    "usage-limit-policy": ("static-usage-limit-policy",),
+}
+# llm-d's saturation detector when none is configured (injected when referenced).
+DEFAULT_SATURATION_DETECTOR = "utilization-detector"
+# What llm-d injects when flowControl leaves a policy out.
+DEFAULT_ORDERING_POLICY = "fcfs-ordering-policy"
+DEFAULT_FAIRNESS_POLICY = "global-strict-fairness-policy"
+DEFAULT_USAGE_LIMIT_POLICY = "static-usage-limit-policy"
+
+# (plugin type, parameter path) pairs already warned about in this process: once each.
+_warned_unknown: set[tuple[str, str]] = set()
 
 
 class ConfigError(EPPError, ValueError):
@@ -73,6 +139,53 @@ class SaturationConfig:
 
 
 @dataclass(frozen=True)
+class UnknownParameter:
+    """A plugin parameter the type does not read: accepted (as llm-d) and reported."""
+
+    plugin_type: str
+    parameter: str  # dotted path inside `parameters`
+    where: str  # `plugins[2] (type "queue-scorer")`
+
+
+@dataclass(frozen=True)
+class DataSourceSpec:
+    plugin_ref: str
+    extractor_refs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DataLayerConfig:
+    """`dataLayer` (or GIE's `data`): which data sources feed which extractors."""
+
+    inject_defaults: bool = True
+    sources: tuple[DataSourceSpec, ...] = ()
+    discovery_ref: str = ""
+
+
+@dataclass(frozen=True)
+class PriorityBandSpec:
+    priority: int
+    max_bytes: int | None = None
+    max_requests: int | None = None
+    fairness_policy_ref: str = ""
+    ordering_policy_ref: str = ""
+
+
+@dataclass(frozen=True)
+class FlowControlConfig:
+    """`flowControl`, as llm-d reads it. `enabled` is the `flowControl` feature gate: without
+    it llm-d ignores the section (after decoding it) and so do we."""
+
+    enabled: bool = False
+    max_bytes: int | None = None
+    max_requests: int | None = None
+    default_request_ttl_s: float | None = None
+    default_priority_band: PriorityBandSpec | None = None
+    priority_bands: tuple[PriorityBandSpec, ...] = ()
+    usage_limit_policy_ref: str = ""
+
+
+@dataclass(frozen=True)
 class PickerConfig:
     api_version: str
     plugins: tuple[PluginSpec, ...]
@@ -82,10 +195,20 @@ class PickerConfig:
     registry: Registry = field(compare=False, repr=False)
     saturation: SaturationConfig = SaturationConfig()
     feature_gates: frozenset[str] = frozenset()
-    ignored_sections: tuple[str, ...] = ()
+    # Sections present that the picker parses and validates but does not act on yet.
+    inactive_sections: tuple[str, ...] = ()
     source: str = "<defaults>"
     # Plugins the loader added because the config left them out (llm-d's defaulting).
     defaulted: tuple[str, ...] = field(default_factory=tuple)
+    # `saturationDetector.pluginRef`: the plugin that decides saturation ("" = the built-in
+    # detector with `saturation`'s thresholds).
+    saturation_detector_ref: str = ""
+    data_layer: DataLayerConfig | None = None
+    flow_control: FlowControlConfig | None = None
+    parser_ref: str = ""  # "" = the built-in OpenAI parsing (llm-d's default openai-parser)
+    unknown_parameters: tuple[UnknownParameter, ...] = ()
+    # Older section names the document used (`data` for `dataLayer`, ...), for the logs.
+    aliased_sections: tuple[str, ...] = ()
 
     def plugin(self, name: str) -> PluginSpec:
         for spec in self.plugins:
@@ -94,14 +217,17 @@ class PickerConfig:
         raise KeyError(name)
 
 
-def load_config(source: str | pathlib.Path | None, registry: Registry) -> PickerConfig:
+def load_config(
+    source: str | pathlib.Path | None, registry: Registry, *, strict: bool = False
+) -> PickerConfig:
     """Parse an EndpointPickerConfig against `registry`'s plugin types. `None` gives the
     registry's default config; a `Path`, or a string that names an existing file, is read;
-    any other string is the YAML text itself."""
+    any other string is the YAML text itself. `strict` fails on unknown plugin parameters
+    (llm-d ignores them; by default they are warned about once and reported)."""
     if source is None or (isinstance(source, str) and not source.strip()):
         # No config, or empty config text (an unset --config-text): the defaults.
         defaults = yaml.safe_load(registry.defaults.config_yaml)
-        return _parse_document(defaults, registry, "<defaults>")
+        return _parse_document(defaults, registry, "<defaults>", strict)
     text, origin = _read_source(source)
     try:
         document = yaml.safe_load(text)
@@ -111,8 +237,8 @@ def load_config(source: str | pathlib.Path | None, registry: Registry) -> Picker
         # An empty file (or only comments) means the defaults, never a profile without
         # scorers, which would pick at random.
         defaults = yaml.safe_load(registry.defaults.config_yaml)
-        return _parse_document(defaults, registry, f"{origin} (empty: the defaults)")
-    return _parse_document(document, registry, origin)
+        return _parse_document(defaults, registry, f"{origin} (empty: the defaults)", strict)
+    return _parse_document(document, registry, origin, strict)
 
 
 def _read_source(source: str | pathlib.Path) -> tuple[str, str]:
@@ -135,7 +261,9 @@ def _fail(origin: str, message: str) -> ConfigError:
     return ConfigError(f"{origin}: {message}")
 
 
-def _parse_document(document: object, registry: Registry, origin: str) -> PickerConfig:
+def _parse_document(
+    document: object, registry: Registry, origin: str, strict: bool = False
+) -> PickerConfig:
     if document is None:
         document = {}
     if not isinstance(document, Mapping):
@@ -146,16 +274,27 @@ def _parse_document(document: object, registry: Registry, origin: str) -> Picker
             origin,
             f"unknown top-level field {unknown[0]!r} (known: {', '.join(KNOWN_SECTIONS)})",
         )
+    for alias, current in SECTION_ALIASES.items():
+        if alias in document and current in document:
+            raise _fail(origin, f"{alias!r} and {current!r} are the same section; give one")
+    aliased = tuple(a for a in SECTION_ALIASES if a in document)
+    document = {SECTION_ALIASES.get(k, k): v for k, v in document.items()}
     api_version = document.get("apiVersion", API_VERSIONS[0])
     if api_version not in API_VERSIONS:
         raise _fail(
-            origin, f"apiVersion {api_version!r} is not supported (use {' or '.join(API_VERSIONS)})"
+            origin,
+            f"apiVersion {api_version!r} is not supported (use one of {', '.join(API_VERSIONS)})",
         )
     kind = document.get("kind", KIND)
     if kind != KIND:
         raise _fail(origin, f"kind {kind!r} is not supported (use {KIND})")
+    # Gates first, as llm-d: they decide how the rest is read.
+    feature_gates = _parse_feature_gates(document.get("featureGates"), origin)
 
-    specs, defaulted = _parse_plugins(document.get("plugins"), registry, origin)
+    unknown_params: list[UnknownParameter] = []
+    specs, defaulted = _parse_plugins(
+        document.get("plugins"), registry, origin, None if strict else unknown_params
+    )
     by_name = {s.name: s for s in specs}
     profiles, defaulted_profile = _parse_profiles(
         document.get("schedulingProfiles"), by_name, registry, origin
@@ -169,7 +308,7 @@ def _parse_document(document: object, registry: Registry, origin: str) -> Picker
             known = ", ".join(_types_of_kind(registry, Picker)) or "none registered"
             raise _fail(origin, f"profile {lacking[0]!r} has no picker (types: {known})")
         if picker not in by_name:
-            spec = _make_spec(registry, picker, picker, None, "<default>", origin)
+            spec = _make_spec(registry, picker, picker, None, "<default>", origin, None)
             specs.append(spec)
             by_name[spec.name] = spec
             defaulted.append(picker)
@@ -181,22 +320,75 @@ def _parse_document(document: object, registry: Registry, origin: str) -> Picker
         ]
     handler = _resolve_profile_handler(specs, profiles, registry, origin, defaulted)
     if handler not in by_name:
-        spec = _make_spec(registry, handler, handler, None, "<default>", origin)
+        spec = _make_spec(registry, handler, handler, None, "<default>", origin, None)
         specs.append(spec)
+        by_name[spec.name] = spec
+    _check_single_profile_handler(by_name[handler], profiles, origin)
     if defaulted_profile:
         defaulted.append(f"schedulingProfiles[{DEFAULT_PROFILE}]")
+    raw_saturation = document.get("saturationDetector")
+    if (
+        isinstance(raw_saturation, Mapping)
+        and raw_saturation.get("pluginRef") == DEFAULT_SATURATION_DETECTOR
+        and DEFAULT_SATURATION_DETECTOR not in by_name
+    ):
+        # llm-d injects its default detector when referenced but not defined.
+        spec = _make_spec(
+            registry,
+            DEFAULT_SATURATION_DETECTOR,
+            DEFAULT_SATURATION_DETECTOR,
+            None,
+            "saturationDetector (default detector)",
+            origin,
+            None,
+        )
+        specs.append(spec)
+        by_name[spec.name] = spec
+        defaulted.append(DEFAULT_SATURATION_DETECTOR)
+    saturation, saturation_ref = _parse_saturation(raw_saturation, by_name, registry, origin)
+    flow_control = _parse_flow_control(
+        document.get("flowControl"), FLOW_CONTROL_GATE in feature_gates, by_name, registry, origin
+    )
+    _report_unknown_parameters(unknown_params, origin)
     return PickerConfig(
         api_version=str(api_version),
         plugins=tuple(specs),
         profiles=tuple(profiles),
         profile_handler=handler,
         registry=registry,
-        saturation=_parse_saturation(document.get("saturationDetector"), origin),
-        feature_gates=_parse_feature_gates(document.get("featureGates"), origin),
-        ignored_sections=tuple(k for k in IGNORED_SECTIONS if k in document),
+        saturation=saturation,
+        saturation_detector_ref=saturation_ref,
+        feature_gates=feature_gates,
+        data_layer=_parse_data_layer(document.get("dataLayer"), by_name, registry, origin),
+        flow_control=flow_control,
+        parser_ref=_parse_parser(document.get("parser"), by_name, registry, origin),
+        inactive_sections=tuple(k for k in INACTIVE_SECTIONS if k in document)
+        + (
+            ("flowControl",)
+            if "flowControl" in document and FLOW_CONTROL_GATE not in feature_gates
+            else ()
+        ),
+        aliased_sections=aliased,
+        unknown_parameters=tuple(unknown_params),
         source=origin,
         defaulted=tuple(defaulted),
     )
+
+
+def _report_unknown_parameters(found: list[UnknownParameter], origin: str) -> None:
+    for item in found:
+        key = (item.plugin_type, item.parameter)
+        if key in _warned_unknown:
+            continue
+        _warned_unknown.add(key)
+        log.warning(
+            "%s: %s: parameter %r is not a parameter of %s; ignored (as llm-d does; "
+            "--strict-config fails instead)",
+            origin,
+            item.where,
+            item.parameter,
+            item.plugin_type,
+        )
 
 
 def _make_spec(
@@ -206,6 +398,7 @@ def _make_spec(
     raw_params: object,
     where: str,
     origin: str,
+    unknown_sink: list[UnknownParameter] | None,
 ) -> PluginSpec:
     plugin_type = registry.get(type_name)
     if plugin_type is None:
@@ -214,8 +407,16 @@ def _make_spec(
             f"{where}: unknown plugin type {type_name!r} "
             f"(known: {', '.join(registry.type_names())})",
         )
+    on_unknown = None
+    if unknown_sink is not None:
+        sink = unknown_sink
+        canonical = plugin_type.type_name
+
+        def on_unknown(path: str) -> None:
+            sink.append(UnknownParameter(canonical, path, where))
+
     try:
-        params = Params(raw_params if raw_params is not None else None)  # type: ignore[arg-type]
+        params = Params(raw_params if raw_params is not None else None, "", on_unknown)  # type: ignore[arg-type]
         parsed = plugin_type.parse(params)
         params.finish()
     except ParamError as exc:
@@ -230,7 +431,7 @@ def _make_spec(
 
 
 def _parse_plugins(
-    raw: object, registry: Registry, origin: str
+    raw: object, registry: Registry, origin: str, unknown_sink: list[UnknownParameter] | None
 ) -> tuple[list[PluginSpec], list[str]]:
     if raw is None:
         raw = []
@@ -256,7 +457,11 @@ def _parse_plugins(
         if name in seen:
             raise _fail(origin, f"{where}: duplicate plugin name {name!r} (first in {seen[name]})")
         seen[name] = where
-        specs.append(_make_spec(registry, type_name, name, entry.get("parameters"), where, origin))
+        specs.append(
+            _make_spec(
+                registry, type_name, name, entry.get("parameters"), where, origin, unknown_sink
+            )
+        )
     return specs, []
 
 
@@ -287,11 +492,12 @@ def _parse_profiles(
     raw: object, by_name: Mapping[str, PluginSpec], registry: Registry, origin: str
 ) -> tuple[list[ProfileSpec], bool]:
     if raw is None or raw == []:
-        # No profiles: one `default` profile with every plugin but profile handlers.
+        # No profiles: one `default` profile with every filter, scorer and picker (as llm-d;
+        # producers, data sources, parsers and the like act outside profiles).
         every = tuple(
             ProfilePluginRef(s.name, 1.0)
             for s in by_name.values()
-            if not issubclass(_kind_of(s, registry), ProfileHandler)
+            if issubclass(_kind_of(s, registry), Filter | Scorer | Picker)
         )
         return [ProfileSpec(DEFAULT_PROFILE, every)], True
     if not isinstance(raw, list):
@@ -394,7 +600,89 @@ def _resolve_profile_handler(
     return handler
 
 
-def _parse_saturation(raw: object, origin: str) -> SaturationConfig:
+# llm-d rejects this handler type with more than one profile (by type, as here).
+SINGLE_PROFILE_HANDLER = "single-profile-handler"
+
+
+def _check_single_profile_handler(
+    handler: PluginSpec, profiles: list[ProfileSpec], origin: str
+) -> None:
+    if handler.type_name == SINGLE_PROFILE_HANDLER and len(profiles) > 1:
+        raise _fail(
+            origin,
+            f"{handler.where}: {SINGLE_PROFILE_HANDLER} cannot run {len(profiles)} scheduling "
+            "profiles (configure a multi-profile handler such as pd-profile-handler)",
+        )
+
+
+def _has_role(spec: PluginSpec, role: str, registry: Registry) -> bool:
+    return spec.type_name in ROLE_TYPES.get(role, ()) or spec.type_name in registry.role_types(role)
+
+
+def _ref(
+    raw: object,
+    field_name: str,
+    role: str,
+    by_name: Mapping[str, PluginSpec],
+    registry: Registry,
+    origin: str,
+    where: str,
+) -> str:
+    """A `pluginRef` that must name a defined plugin of `role`."""
+    if not isinstance(raw, str) or not raw:
+        raise _fail(origin, f"{where}: {field_name} must be a plugin name")
+    spec = by_name.get(raw)
+    if spec is None:
+        raise _fail(
+            origin,
+            f"{where}: {field_name} {raw!r} names no plugin "
+            f"(defined: {', '.join(by_name) or 'none'})",
+        )
+    if not _has_role(spec, role, registry):
+        known = sorted({*ROLE_TYPES.get(role, ()), *registry.role_types(role)})
+        raise _fail(
+            origin,
+            f"{where}: {field_name} {raw!r} is a {spec.type_name}, not a {role} "
+            f"(types: {', '.join(known)})",
+        )
+    return raw
+
+
+def _mapping(raw: object, section: str, known: tuple[str, ...], origin: str) -> Mapping[str, Any]:
+    """A section that must be a mapping of `known` fields (llm-d decodes strictly)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise _fail(origin, f"{section} must be a mapping ({', '.join(known)})")
+    extra = [k for k in raw if k not in known]
+    if extra:
+        raise _fail(origin, f"{section}: unknown field {extra[0]!r} (known: {', '.join(known)})")
+    return raw
+
+
+_SATURATION_THRESHOLDS = (
+    "queueDepthThreshold",
+    "kvCacheUtilThreshold",
+    "metricsStalenessThreshold",
+)
+
+
+def _parse_saturation(
+    raw: object, by_name: Mapping[str, PluginSpec], registry: Registry, origin: str
+) -> tuple[SaturationConfig, str]:
+    """Both forms: llm-d's `{pluginRef: <detector plugin>}` and GIE's thresholds."""
+    if isinstance(raw, Mapping) and "pluginRef" in raw:
+        section = _mapping(raw, "saturationDetector", ("pluginRef",), origin)
+        ref = _ref(
+            section["pluginRef"],
+            "pluginRef",
+            "saturation-detector",
+            by_name,
+            registry,
+            origin,
+            "saturationDetector",
+        )
+        return SaturationConfig(), ref
     try:
         params = Params(raw, "saturationDetector")  # type: ignore[arg-type]
         config = SaturationConfig(
@@ -406,8 +694,11 @@ def _parse_saturation(raw: object, origin: str) -> SaturationConfig:
         )
         params.finish()
     except ParamError as exc:
-        raise _fail(origin, f"saturationDetector: {exc}") from None
-    return config
+        raise _fail(
+            origin,
+            f"saturationDetector: {exc} (forms: pluginRef, or {', '.join(_SATURATION_THRESHOLDS)})",
+        ) from None
+    return config, ""
 
 
 def _parse_feature_gates(raw: object, origin: str) -> frozenset[str]:
@@ -415,12 +706,251 @@ def _parse_feature_gates(raw: object, origin: str) -> frozenset[str]:
     if raw is None:
         return frozenset()
     if isinstance(raw, list) and all(isinstance(g, str) for g in raw):
-        return frozenset(raw)
-    if isinstance(raw, Mapping) and all(
+        gates = frozenset(raw)
+    elif isinstance(raw, Mapping) and all(
         isinstance(k, str) and isinstance(v, bool) for k, v in raw.items()
     ):
-        return frozenset(k for k, v in raw.items() if v)
-    raise _fail(origin, "featureGates must be a list of gate names")
+        gates = frozenset(k for k, v in raw.items() if v)
+        raw = list(raw)
+    else:
+        raise _fail(origin, "featureGates must be a list of gate names")
+    for gate in raw:
+        if gate not in FEATURE_GATES:
+            raise _fail(
+                origin,
+                f"feature gate {gate!r} is unknown (known: {', '.join(FEATURE_GATES)})",
+            )
+    return gates
+
+
+def _parse_data_layer(
+    raw: object, by_name: Mapping[str, PluginSpec], registry: Registry, origin: str
+) -> DataLayerConfig | None:
+    if raw is None:
+        return None
+    section = _mapping(raw, "dataLayer", ("injectDefaults", "sources", "discovery"), origin)
+    inject = section.get("injectDefaults", True)
+    if not isinstance(inject, bool):
+        raise _fail(origin, "dataLayer.injectDefaults must be true or false")
+    sources_raw = section.get("sources") or []
+    if not isinstance(sources_raw, list):
+        raise _fail(origin, "dataLayer.sources must be a list")
+    sources: list[DataSourceSpec] = []
+    for i, entry in enumerate(sources_raw):
+        where = f"dataLayer.sources[{i}]"
+        source = _mapping(entry, where, ("pluginRef", "extractors"), origin)
+        ref = _ref(
+            source.get("pluginRef"), "pluginRef", "data-source", by_name, registry, origin, where
+        )
+        extractors_raw = source.get("extractors") or []
+        if not isinstance(extractors_raw, list):
+            raise _fail(origin, f"{where}.extractors must be a list")
+        extractors: list[str] = []
+        for j, extractor in enumerate(extractors_raw):
+            at = f"{where}.extractors[{j}]"
+            if not isinstance(extractor, Mapping):
+                raise _fail(origin, f"{at}: must be a mapping with pluginRef")
+            item = _mapping(extractor, at, ("pluginRef",), origin)
+            extractors.append(
+                _ref(
+                    item.get("pluginRef"),
+                    "pluginRef",
+                    "data-extractor",
+                    by_name,
+                    registry,
+                    origin,
+                    at,
+                )
+            )
+        sources.append(DataSourceSpec(ref, tuple(extractors)))
+    discovery_ref = ""
+    if section.get("discovery") is not None:
+        discovery = _mapping(section["discovery"], "dataLayer.discovery", ("pluginRef",), origin)
+        discovery_ref = _ref(
+            discovery.get("pluginRef"),
+            "pluginRef",
+            "data-source",
+            by_name,
+            registry,
+            origin,
+            "dataLayer.discovery",
+        )
+    return DataLayerConfig(inject, tuple(sources), discovery_ref)
+
+
+def _parse_parser(
+    raw: object, by_name: Mapping[str, PluginSpec], registry: Registry, origin: str
+) -> str:
+    if raw is None:
+        return ""
+    if isinstance(raw, Mapping) and "parser" in raw:  # requestHandling: {parser: {pluginRef}}
+        raw = _mapping(raw, "requestHandling", ("parser",), origin)["parser"]
+    section = _mapping(raw, "parser", ("pluginRef",), origin)
+    return _ref(
+        section.get("pluginRef"), "pluginRef", "parser", by_name, registry, origin, "parser"
+    )
+
+
+# Kubernetes resource quantities as llm-d's flowControl takes them (`1024`, `1Gi`, `500M`).
+_QUANTITY = re.compile(
+    r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]+))?(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?$"
+)
+_QUANTITY_UNITS = {
+    None: 1.0,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+    "Ki": 2.0**10,
+    "Mi": 2.0**20,
+    "Gi": 2.0**30,
+    "Ti": 2.0**40,
+    "Pi": 2.0**50,
+    "Ei": 2.0**60,
+}
+
+
+def _quantity(raw: object, where: str, origin: str) -> int | None:
+    if raw is None:
+        return None
+    if isinstance(raw, bool):
+        raise _fail(origin, f"{where} must be a quantity such as 1024 or 1Gi, got {raw!r}")
+    if isinstance(raw, int | float):
+        value = float(raw)
+    elif isinstance(raw, str) and (m := _QUANTITY.match(raw.strip())):
+        value = float(m.group(1)) * 10.0 ** int(m.group(2) or 0) * _QUANTITY_UNITS[m.group(3)]
+    else:
+        raise _fail(origin, f"{where} must be a quantity such as 1024 or 1Gi, got {raw!r}")
+    if not math.isfinite(value) or value < 0:
+        raise _fail(origin, f"{where} must be a non-negative quantity, got {raw!r}")
+    return math.ceil(value)  # as Quantity.Value(): rounded up to an integer
+
+
+_BAND_FIELDS = ("priority", "maxBytes", "maxRequests", "fairnessPolicyRef", "orderingPolicyRef")
+
+
+def _parse_band(
+    raw: object,
+    where: str,
+    enabled: bool,
+    by_name: Mapping[str, PluginSpec],
+    registry: Registry,
+    origin: str,
+    *,
+    needs_priority: bool,
+) -> PriorityBandSpec:
+    band = _mapping(raw, where, _BAND_FIELDS, origin)
+    priority = band.get("priority", 0)
+    if needs_priority and "priority" not in band:
+        raise _fail(origin, f"{where}: priority is required")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise _fail(origin, f"{where}.priority must be an integer, got {priority!r}")
+    refs: dict[str, str] = {}
+    for field_name, role, default in (
+        ("orderingPolicyRef", "ordering-policy", DEFAULT_ORDERING_POLICY),
+        ("fairnessPolicyRef", "fairness-policy", DEFAULT_FAIRNESS_POLICY),
+    ):
+        value = band.get(field_name) or ""
+        if not isinstance(value, str):
+            raise _fail(origin, f"{where}.{field_name} must be a plugin name")
+        if value and enabled:
+            # llm-d resolves references only with the gate on; so do we.
+            value = _ref(value, field_name, role, by_name, registry, origin, where)
+        refs[field_name] = value or default
+    return PriorityBandSpec(
+        priority=priority,
+        max_bytes=_quantity(band.get("maxBytes"), f"{where}.maxBytes", origin),
+        max_requests=_quantity(band.get("maxRequests"), f"{where}.maxRequests", origin),
+        fairness_policy_ref=refs["fairnessPolicyRef"],
+        ordering_policy_ref=refs["orderingPolicyRef"],
+    )
+
+
+def _parse_flow_control(
+    raw: object,
+    enabled: bool,
+    by_name: Mapping[str, PluginSpec],
+    registry: Registry,
+    origin: str,
+) -> FlowControlConfig | None:
+    if raw is None:
+        return FlowControlConfig(enabled=True) if enabled else None
+    section = _mapping(
+        raw,
+        "flowControl",
+        (
+            "maxBytes",
+            "maxRequests",
+            "defaultRequestTTL",
+            "defaultPriorityBand",
+            "priorityBands",
+            "usageLimitPolicyPluginRef",
+        ),
+        origin,
+    )
+    ttl: float | None = None
+    if section.get("defaultRequestTTL") is not None:
+        try:
+            ttl = Params(section, "flowControl").duration("defaultRequestTTL", 0.0, positive=False)
+        except ParamError as exc:
+            raise _fail(origin, str(exc)) from None
+    default_band = None
+    if section.get("defaultPriorityBand") is not None:
+        default_band = _parse_band(
+            section["defaultPriorityBand"],
+            "flowControl.defaultPriorityBand",
+            enabled,
+            by_name,
+            registry,
+            origin,
+            needs_priority=False,
+        )
+    bands_raw = section.get("priorityBands") or []
+    if not isinstance(bands_raw, list):
+        raise _fail(origin, "flowControl.priorityBands must be a list")
+    bands: list[PriorityBandSpec] = []
+    seen: set[int] = set()
+    for i, entry in enumerate(bands_raw):
+        band = _parse_band(
+            entry,
+            f"flowControl.priorityBands[{i}]",
+            enabled,
+            by_name,
+            registry,
+            origin,
+            needs_priority=False,
+        )
+        if band.priority in seen:
+            raise _fail(
+                origin, f"flowControl.priorityBands[{i}]: duplicate priority level {band.priority}"
+            )
+        seen.add(band.priority)
+        bands.append(band)
+    usage = section.get("usageLimitPolicyPluginRef") or ""
+    if not isinstance(usage, str):
+        raise _fail(origin, "flowControl.usageLimitPolicyPluginRef must be a plugin name")
+    if usage and enabled:
+        usage = _ref(
+            usage,
+            "usageLimitPolicyPluginRef",
+            "usage-limit-policy",
+            by_name,
+            registry,
+            origin,
+            "flowControl",
+        )
+    return FlowControlConfig(
+        enabled=enabled,
+        max_bytes=_quantity(section.get("maxBytes"), "flowControl.maxBytes", origin),
+        max_requests=_quantity(section.get("maxRequests"), "flowControl.maxRequests", origin),
+        default_request_ttl_s=ttl,
+        default_priority_band=default_band,
+        priority_bands=tuple(bands),
+        usage_limit_policy_ref=usage or DEFAULT_USAGE_LIMIT_POLICY,
+    )
 
 
 def describe_config(config: PickerConfig) -> str:
@@ -441,10 +971,31 @@ def describe_config(config: PickerConfig) -> str:
         f"kvCacheUtilThreshold={sat.kv_cache_util_threshold:g} "
         f"metricsStalenessThreshold={sat.metrics_staleness_threshold_s:g}s"
     )
+    if config.saturation_detector_ref:
+        lines.append(f"  saturation detector: {config.saturation_detector_ref}")
+    if config.parser_ref:
+        lines.append(f"  parser: {config.parser_ref}")
+    if config.data_layer is not None:
+        sources = ", ".join(
+            f"{s.plugin_ref}->[{', '.join(s.extractor_refs)}]" for s in config.data_layer.sources
+        )
+        lines.append(
+            f"  dataLayer: sources [{sources}] injectDefaults={config.data_layer.inject_defaults}"
+        )
+    if config.flow_control is not None:
+        fc = config.flow_control
+        lines.append(
+            f"  flowControl ({'gate on' if fc.enabled else 'gate off: ignored, as llm-d'}): "
+            f"maxBytes={fc.max_bytes} maxRequests={fc.max_requests} "
+            f"priorityBands={[b.priority for b in fc.priority_bands]}"
+        )
     if config.feature_gates:
         lines.append(f"  feature gates: {', '.join(sorted(config.feature_gates))}")
     if config.defaulted:
         lines.append(f"  defaulted: {', '.join(config.defaulted)}")
-    if config.ignored_sections:
-        lines.append(f"  ignored sections: {', '.join(config.ignored_sections)}")
+    if config.aliased_sections:
+        lines.append(f"  older section names: {', '.join(config.aliased_sections)}")
+    if config.unknown_parameters:
+        unknown = ", ".join(f"{u.plugin_type}.{u.parameter}" for u in config.unknown_parameters)
+        lines.append(f"  unknown parameters (ignored): {unknown}")
     return "\n".join(lines)

@@ -14,6 +14,8 @@ PICKER = "Picker"
 PROFILE_PICKER = "ProfilePicker"
 PROCESS_RESULTS = "ProcessProfilesResults"
 PRE_REQUEST = "PreRequest"
+PREPARE_DATA = "PrepareData"
+ADMIT_REQUEST = "AdmitRequest"
 RESPONSE_HEADERS = "ResponseReceived"
 RESPONSE_COMPLETE = "ResponseComplete"
 

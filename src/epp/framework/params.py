@@ -1,14 +1,17 @@
 """Typed reading of a plugin's `parameters` mapping with errors that name the parameter.
 
 Each plugin factory reads the parameters it knows through a `Params`, then calls `finish()`,
-which rejects names it never read: a misspelt parameter fails the load instead of silently
-taking the default (llm-d's Go decoder ignores unknown names; we choose to be strict)."""
+which reports names it never read. llm-d's Go decoder ignores unknown names; so does the
+loader by default, but not silently: `finish()` hands each unknown name to the `on_unknown`
+callback the loader passed (it warns and counts them). Without a callback (the loader's
+strict mode) an unknown name fails the load, so a misspelt parameter cannot silently take
+the default."""
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from epp.errors import EPPError
@@ -48,13 +51,20 @@ def _type_name(value: object) -> str:
 class Params:
     """A view over one parameters mapping; `path` prefixes nested names (`a.b`)."""
 
-    def __init__(self, raw: Mapping[str, Any] | None, path: str = "") -> None:
+    def __init__(
+        self,
+        raw: Mapping[str, Any] | None,
+        path: str = "",
+        on_unknown: Callable[[str], None] | None = None,
+    ) -> None:
         if raw is not None and not isinstance(raw, Mapping):
             where = f'parameter "{path}"' if path else "parameters"
             raise ParamError(f"{where}: must be a mapping, got {_type_name(raw)}")
         self._raw: dict[str, Any] = dict(raw or {})
         self._path = path
         self._read: set[str] = set()
+        # Told the full path of each unknown name at `finish()`; None: unknown names fail.
+        self._on_unknown = on_unknown
 
     def _full(self, name: str) -> str:
         return f"{self._path}.{name}" if self._path else name
@@ -184,7 +194,7 @@ class Params:
         value = self._get(name)
         if value is not None and not isinstance(value, Mapping):
             raise self.fail(name, f"must be a mapping, got {_type_name(value)}")
-        return Params(value, self._full(name))
+        return Params(value, self._full(name), self._on_unknown)
 
     def ignore(self, *names: str) -> None:
         """Accept these names without effect (llm-d parameters this implementation has no
@@ -197,6 +207,10 @@ class Params:
 
     def finish(self) -> None:
         unknown = sorted(k for k in self._raw if k not in self._read)
+        if unknown and self._on_unknown is not None:
+            for name in unknown:
+                self._on_unknown(self._full(name))
+            return
         if unknown:
             known = ", ".join(sorted(self._read)) or "none"
             raise self.fail(unknown[0], f"unknown parameter (known: {known})")

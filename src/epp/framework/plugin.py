@@ -112,8 +112,52 @@ class ResponseHeaders(Plugin):
 
 
 class ResponseComplete(Plugin):
+    # What `on_response_complete` reads of the response. "end": the status, the served
+    # endpoint and the end time (in-flight counters); no response body needed, so Envoy can
+    # be told not to send bodies (docs/epp-server.md, "Response processing"). "body": also
+    # the first body byte's time and the token usage (latency models). Unknown plugins are
+    # assumed to need the body.
+    response_data: ClassVar[str] = "body"
+
     @abstractmethod
     def on_response_complete(self, request: LLMRequest, stats: ResponseStats) -> None: ...
+
+
+class DataProducer(Plugin):
+    """Runs once per request before the profiles (llm-d's DataProducer / PrepareData): fills
+    the cycle state (or the request) with data that filters, scorers and admitters of this
+    request read, e.g. prefix matches, in-flight load, latency predictions, token ids.
+    Producers run in ascending `produce_stage` (stable within a stage); one that raises or
+    overruns its time is counted and skipped, the request is still scheduled (as llm-d)."""
+
+    # 0: the request itself (tokens); 1: per-endpoint facts (prefix, load); 2: facts
+    # derived from those (latency predictions read prefix matches).
+    produce_stage: ClassVar[int] = 0
+
+    @abstractmethod
+    def produce(
+        self, cycle: CycleState, request: LLMRequest, endpoints: list[Endpoint]
+    ) -> Awaitable[None] | None: ...
+
+
+class Admitter(Plugin):
+    """Decides, after the producers and before the profiles, whether to serve the request at
+    all (llm-d's Admitter): None admits, a string is the reason for turning it away."""
+
+    @abstractmethod
+    def admit(
+        self, cycle: CycleState, request: LLMRequest, endpoints: list[Endpoint]
+    ) -> str | None: ...
+
+
+class SaturationDetectorPlugin(Plugin):
+    """A configured saturation detector (llm-d's `utilization-detector`,
+    `concurrency-detector`): the pool's saturation over the candidates, where 1.0 or more
+    means full. When a config defines one, the scheduler's sheddable-request check uses it
+    instead of the built-in thresholds."""
+
+    @abstractmethod
+    def pool_saturation(self, endpoints: Sequence[Endpoint], now: float) -> float: ...
 
 
 class Lifecycle(Plugin):

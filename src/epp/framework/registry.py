@@ -15,6 +15,7 @@ from epp.framework.plugin import Plugin
 
 if TYPE_CHECKING:
     from epp.framework.deps import SchedulerDeps
+    from epp.framework.flowgate import FlowControlBuilder
 
 P = TypeVar("P")
 
@@ -64,6 +65,12 @@ class Registry:
         self.defaults = defaults
         self._types: dict[str, PluginType[Any]] = {}
         self._aliases: dict[str, str] = {}
+        # Config-section roles (`parser`, `data-source`, ...) beyond the loader's built-in
+        # type names for them: type names a section may reference in that role.
+        self._roles: dict[str, set[str]] = {}
+        # Builds the flow-control gate for an enabled `flowControl` section (set by whoever
+        # registers the flow-control policies; None: such a config fails to build).
+        self.flow_control_builder: FlowControlBuilder | None = None
 
     def register(self, plugin_type: PluginType[Any], aliases: Iterable[str] = ()) -> None:
         if plugin_type.type_name in self._types or plugin_type.type_name in self._aliases:
@@ -83,3 +90,11 @@ class Registry:
 
     def aliases(self) -> dict[str, str]:
         return dict(self._aliases)
+
+    def add_role(self, role: str, *type_names: str) -> None:
+        """Let `type_names` be referenced where a config section wants a `role` (see
+        `epp.framework.config.ROLE_TYPES` for the roles and their built-in types)."""
+        self._roles.setdefault(role, set()).update(type_names)
+
+    def role_types(self, role: str) -> frozenset[str]:
+        return frozenset(self._roles.get(role, ()))

@@ -3,18 +3,25 @@ result -> pre-request hooks; and the response hooks that let plugins learn."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import logging
 from collections.abc import Callable, Mapping, Sequence
 
 from epp.framework import observer as ext
 from epp.framework.cycle import CycleState
+from epp.framework.flowgate import FlowGate
 from epp.framework.observer import SchedulerObserver
 from epp.framework.plugin import (
+    Admitter,
+    DataProducer,
     Lifecycle,
     Plugin,
     PreRequest,
     ProfileHandler,
     ResponseComplete,
     ResponseHeaders,
+    SaturationDetectorPlugin,
 )
 from epp.framework.profile import PluginCallStats, SchedulingProfile
 from epp.framework.saturation import SaturationDetector
@@ -29,6 +36,11 @@ from epp.types import (
 
 REJECTED_NO_ENDPOINTS = "rejected-no-endpoints"
 REJECTED_SATURATED = "rejected-saturated"
+REJECTED_ADMISSION = "rejected-admission"
+# llm-d gives its data producers together this long per request (director.go).
+DATA_PRODUCER_TIMEOUT_S = 0.4
+
+log = logging.getLogger(__name__)
 
 
 class FrameworkScheduler:
@@ -45,6 +57,8 @@ class FrameworkScheduler:
         timer: Callable[[], float],
         observer: SchedulerObserver | None,
         stats: PluginCallStats,
+        saturation_plugin: SaturationDetectorPlugin | None = None,
+        flow_control: FlowGate | None = None,
     ) -> None:
         self.profiles = dict(profiles)
         self.handler = handler
@@ -59,6 +73,16 @@ class FrameworkScheduler:
         self._response_headers = [p for p in self.plugins if isinstance(p, ResponseHeaders)]
         self._response_complete = [p for p in self.plugins if isinstance(p, ResponseComplete)]
         self._lifecycle = [p for p in self.plugins if isinstance(p, Lifecycle)]
+        self._producers = sorted(
+            (p for p in self.plugins if isinstance(p, DataProducer)),
+            key=lambda p: p.produce_stage,
+        )
+        self._admitters = [p for p in self.plugins if isinstance(p, Admitter)]
+        # The detector `saturationDetector.pluginRef` names replaces the built-in thresholds.
+        self.saturation_plugin = saturation_plugin
+        # With `flowControl` enabled: requests pass this gate (queued, prioritised, shed)
+        # instead of the sheddable-request saturation check.
+        self.flow_control = flow_control
 
     def plugin(self, name: str) -> Plugin:
         for p in self.plugins:
@@ -71,6 +95,8 @@ class FrameworkScheduler:
             await p.start()
 
     async def stop(self) -> None:
+        if self.flow_control is not None:
+            await self.flow_control.stop()
         for p in reversed(self._lifecycle):
             try:
                 await p.stop()
@@ -103,13 +129,29 @@ class FrameworkScheduler:
                     REJECTED_NO_ENDPOINTS,
                     f"none of the {len(hint)} endpoints in the subset hint is ready",
                 )
-        if request.priority < 0 and self.saturation.all_saturated(candidates, now):
+        if self.flow_control is not None:
+            await self.flow_control.admit(request, candidates)
+            now = self._clock()
+            cycle = CycleState(now)
+        elif request.priority < 0 and self._saturated(candidates, now):
             raise SchedulingError(
                 429,
                 REJECTED_SATURATED,
                 f"all {len(candidates)} candidate endpoints are saturated; "
                 f"sheddable request (priority {request.priority}) rejected",
             )
+        if self._producers:
+            await self._produce(cycle, request, candidates)
+        for admitter in self._admitters:
+            try:
+                reason = admitter.admit(cycle, request, candidates)
+            except Exception:
+                self._failed(ext.ADMIT_REQUEST, admitter)
+                continue
+            if reason is not None:
+                raise SchedulingError(
+                    429, REJECTED_ADMISSION, f"{admitter.type_name} {admitter.name!r}: {reason}"
+                )
         results: dict[str, ProfileResult | None] = {}
         handler, obs = self.handler, self._observer
         while True:
@@ -139,6 +181,44 @@ class FrameworkScheduler:
             self._timed(ext.PRE_REQUEST, p, t0)
         return result
 
+    def _saturated(self, candidates: list[Endpoint], now: float) -> bool:
+        detector = self.saturation_plugin
+        if detector is None:
+            return self.saturation.all_saturated(candidates, now)
+        return detector.pool_saturation(candidates, now) >= 1.0
+
+    def pool_saturation(self, endpoints: Sequence[Endpoint], now: float) -> float:
+        """The pool's saturation as flow control reads it: the configured detector's, else
+        the built-in thresholds' mean (llm-d's default utilization-detector)."""
+        detector = self.saturation_plugin
+        if detector is None:
+            return self.saturation.pool_saturation(endpoints, now)
+        return detector.pool_saturation(endpoints, now)
+
+    async def _produce(
+        self, cycle: CycleState, request: LLMRequest, candidates: list[Endpoint]
+    ) -> None:
+        """Run the data producers in stage order; failures are counted and skipped (llm-d
+        logs them and schedules anyway), all of them together bounded by
+        DATA_PRODUCER_TIMEOUT_S."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DATA_PRODUCER_TIMEOUT_S
+        obs = self._observer
+        for producer in self._producers:
+            t0 = self._timer() if obs else 0.0
+            try:
+                pending = producer.produce(cycle, request, candidates)
+                if inspect.isawaitable(pending):
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    await asyncio.wait_for(pending, remaining)
+            except Exception:
+                self._failed(ext.PREPARE_DATA, producer)
+                log.debug("data producer %s failed", producer.name, exc_info=True)
+                continue
+            self._timed(ext.PREPARE_DATA, producer, t0)
+
     def on_response_headers(self, request: LLMRequest, served: str | None) -> None:
         for p in self._response_headers:
             try:
@@ -147,6 +227,8 @@ class FrameworkScheduler:
                 self._failed(ext.RESPONSE_HEADERS, p)
 
     def on_response_complete(self, request: LLMRequest, stats: ResponseStats) -> None:
+        if self.flow_control is not None:
+            self.flow_control.kick()
         for p in self._response_complete:
             t0 = self._timer() if self._observer else 0.0
             try:

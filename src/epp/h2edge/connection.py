@@ -419,7 +419,7 @@ class H2Connection(asyncio.BufferedProtocol):
         self.idle.clear()
         if kind == "process":
             stream.state = RequestStream(self.ctx)
-            self.ctx.metrics.inflight_streams.inc()
+            self.ctx.stream_opened()
         if end_stream:
             self._on_remote_close(stream)
 
@@ -698,7 +698,7 @@ class H2Connection(asyncio.BufferedProtocol):
         self._blocked.pop(stream.id, None)
         stream.local_closed = True
         if stream.state is not None:
-            self.ctx.metrics.inflight_streams.dec()
+            self.ctx.stream_closed()
             try:
                 stream.state.close()
             except Exception:

@@ -7,15 +7,25 @@ from functools import cache
 
 from epp.framework.registry import ConfigDefaults, Registry
 from epp.plugins import (
+    admission,
     affinity,
+    capacity,
+    conformance,
+    datalayer,
+    disagg,
     filters,
+    flow_control,
     inflight,
+    latency_slo,
     load,
     pickers,
     precise_prefix,
     predicted_latency,
+    predicted_ttft,
     prefix,
+    producers,
     profile_handlers,
+    request_handling,
 )
 
 # One line per module; each registers its types (and aliases) in `register(registry)`.
@@ -29,6 +39,17 @@ _MODULES = (
     profile_handlers,
     filters,
     predicted_latency,
+    predicted_ttft,
+    producers,
+    admission,
+    latency_slo,
+    capacity,
+    disagg,
+    conformance,
+    datalayer,
+    request_handling,
+    # Last: registers the flow-control types no earlier module implements, as inactive.
+    flow_control,
 )
 
 

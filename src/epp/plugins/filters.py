@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from epp.endpoints import ROLE_LABEL
 from epp.framework.cycle import CycleState
 from epp.framework.params import ParamError, Params
 from epp.framework.plugin import Filter
@@ -27,10 +28,35 @@ class DecodeFilter(Filter):
 
 
 class PrefillFilter(DecodeFilter):
-    """Endpoints that prefill: role `prefill` or `both`."""
+    """Endpoints that prefill: label `llm-d.ai/role` says prefill, both, prefill-decode,
+    encode-prefill or encode-prefill-decode. Unlike the decode filter, an endpoint without the
+    label is not a prefill worker (as llm-d's: a pool without role labels never disaggregates
+    by accident)."""
 
     type_name = "prefill-filter"
     roles = frozenset({Role.PREFILL, Role.BOTH})
+
+    def filter(
+        self, cycle: CycleState, request: LLMRequest, endpoints: list[Endpoint]
+    ) -> list[Endpoint]:
+        roles = self.roles
+        return [e for e in endpoints if e.role in roles and ROLE_LABEL in e.labels]
+
+
+# llm-d's role values that include encoding (E/P/D disaggregation).
+ENCODE_ROLES = frozenset({"encode", "encode-prefill", "encode-prefill-decode"})
+
+
+class EncodeFilter(Filter):
+    """Endpoints that encode multimodal inputs: label `llm-d.ai/role` is `encode`,
+    `encode-prefill` or `encode-prefill-decode` (an endpoint without the label does not)."""
+
+    type_name = "encode-filter"
+
+    def filter(
+        self, cycle: CycleState, request: LLMRequest, endpoints: list[Endpoint]
+    ) -> list[Endpoint]:
+        return [e for e in endpoints if e.labels.get(ROLE_LABEL) in ENCODE_ROLES]
 
 
 _OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
@@ -160,7 +186,17 @@ def register(registry: Registry) -> None:
             PrefillFilter,
             no_parameters,
             lambda name, _p, _c: PrefillFilter(name),
-            "role prefill or both",
+            "label llm-d.ai/role prefill-capable (unlabelled: not)",
+        )
+    )
+
+    registry.register(
+        PluginType(
+            EncodeFilter.type_name,
+            EncodeFilter,
+            no_parameters,
+            lambda name, _p, _c: EncodeFilter(name),
+            "role encode (E/P/D)",
         )
     )
 

@@ -38,6 +38,7 @@ class ActiveRequestScorer(Scorer, PreRequest, ResponseComplete):
     (max - count) / max * maxBusyScore."""
 
     type_name = "active-request-scorer"
+    response_data = "end"  # releases at the end of the response; reads no body
 
     def __init__(self, name: str, params: ActiveRequestParams, clock: Callable[[], float]) -> None:
         super().__init__(name)

@@ -131,7 +131,10 @@ def parse_precise_params(params: Params) -> PrecisePrefixParams:
         topic_filter=kv.string("topicFilter", "kv@"),
         concurrency=kv.integer("concurrency", 4, min=1),
         engine_type=kv.string("engineType", "vllm", choices=("vllm", "sglang")),
-        discover_pods=kv.boolean("discoverPods", False),
+        # llm-d's default is true (connect to every pod's socketPort); a config that names a
+        # zmqEndpoint without saying is in central mode (the engines connect to it), the
+        # only mode llm-d had before discoverPods existed.
+        discover_pods=kv.boolean("discoverPods", not kv.has("zmqEndpoint")),
         pod_discovery=pod_discovery,
         accept_any_engine=kv.boolean("acceptAnyEngine", False),
         replay_port=kv.integer("replayPort", 0, min=0, max=65535) or None,
@@ -165,8 +168,21 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest, Lifecycle):
         super().__init__(name)
         self.params = params
         self.backend = backend
+        # Plugins of the config that put token ids on requests before the profiles run
+        # (token-producer / tokenizer); filled in once every plugin is built.
+        self.token_producers: tuple[str, ...] = ()
 
     async def start(self) -> None:
+        # A backend that says how it tokenizes and has no way, with no token producer in
+        # the config: every text request would score 0. Fail now, not in silence.
+        sources = getattr(self.backend, "tokenization_sources", None)
+        if callable(sources) and not self.token_producers and not sources():
+            raise ConfigError(
+                f"{self.type_name} {self.name!r} has no way to tokenize prompts, so every "
+                "score would be 0: give it tokenizer files (tokenProcessorConfig.tokenizers: "
+                "{MODEL: PATH}), llm-d's tokenizer sidecar (indexerConfig.tokenizersPoolConfig: "
+                "{modelName, uds: {socketFile}}), or add a token-producer plugin"
+            )
         await self.backend.start()
 
     async def stop(self) -> None:
@@ -216,7 +232,15 @@ def build_precise(name: str, params: PrecisePrefixParams, ctx: BuildContext) -> 
             "precise-prefix-cache-scorer needs a KV-event index backend; none is available "
             "(SchedulerDeps.extras has no PREFIX_BACKEND_FACTORY)"
         )
-    return PrecisePrefixCacheScorer(name, params, factory(params))
+    scorer = PrecisePrefixCacheScorer(name, params, factory(params))
+
+    def find_token_producers() -> None:
+        scorer.token_producers = tuple(
+            n for n, p in ctx.plugins.items() if getattr(p, "produces_token_ids", False)
+        )
+
+    ctx.defer(find_token_producers)
+    return scorer
 
 
 def register(registry: Registry) -> None:

@@ -22,6 +22,7 @@ import pathlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from epp.framework.cycle import CycleState
 from epp.framework.observer import SchedulerObserver
@@ -52,10 +53,49 @@ class PredictedLatencyParams:
     default_output_tokens: int = 256
     require_opt_in: bool = False
     max_pending: int = 100_000
+    # llm-d's sloBufferFactor: the TPOT SLO an endpoint must meet is the header's times this.
+    slo_buffer_factor: float = 1.0
+
+
+def parse_upstream_latency_params(params: Params) -> dict[str, Any]:
+    """llm-d's predicted-latency parameters (shared by the producer and, for configs written
+    for it, `predicted-latency-scorer`)."""
+    sampling_mean = params.number("samplingMean", 1000.0, min=0.0, min_exclusive=True)
+    samples = params.integer("maxDecodeTokenSamplesForPrediction", 0, min=0)
+    buffer = params.number("sloBufferFactor", 1.0, min=0.0, min_exclusive=True)
+    return {
+        "sampling_mean": sampling_mean,
+        "max_decode_token_samples": samples,
+        "slo_buffer_factor": buffer,
+        "context_ttl_s": params.duration("contextTTL", 300.0),
+        "streaming_mode": params.boolean("streamingMode", False),
+        "endpoint_role_label": params.string("endpointRoleLabel", ""),
+        "predict_in_produce": params.boolean("predictInProduce", True),
+    }
 
 
 def _parse(params: Params) -> PredictedLatencyParams:
+    # Configs written for llm-d's predicted-latency plugins: sloBufferFactor applies, the
+    # rest describe llm-d's sampling and its predictor sidecar and have no effect here.
+    upstream = parse_upstream_latency_params(params)
+    # The GIE predicted-latency-scorer's headroom-tier and affinity-gate knobs: this scorer
+    # gates on SLOs itself (see the module docstring), so they are accepted without effect.
+    params.ignore(
+        "headroomSelectionStrategy",
+        "podSelectionMode",
+        "negHeadroomTTFTWeight",
+        "negHeadroomTPOTWeight",
+        "epsilonExploreNeg",
+        "affinityGateTauGlobal",
+        "affinityGateTau",
+        "epsilonExploreSticky",
+        "affinityMaxTTFTPenaltyMs",
+        "compositeKVWeight",
+        "compositeQueueWeight",
+        "compositePrefixWeight",
+    )
     return PredictedLatencyParams(
+        slo_buffer_factor=float(upstream["slo_buffer_factor"]),
         model_path=params.string("modelPath", ""),
         save_interval_s=params.duration("saveInterval", 30.0),
         ttft_weight=params.number("ttftWeight", 1.0, min=0.0),
@@ -203,7 +243,10 @@ class PredictedLatencyScorer(Scorer, PreRequest, ResponseComplete, Lifecycle):
         factor = 1.0 + p.headroom
         meets = [
             (ttft_slo is None or (pr.ttft_s + pr.ttft_margin_s) * factor <= ttft_slo)
-            and (tpot_slo is None or (pr.tpot_s + pr.tpot_margin_s) * factor <= tpot_slo)
+            and (
+                tpot_slo is None
+                or (pr.tpot_s + pr.tpot_margin_s) * factor <= tpot_slo * p.slo_buffer_factor
+            )
             for _, pr in preds
         ]
         if not any(meets):

@@ -24,10 +24,11 @@ from epp.framework.plugin import PreRequest, Scorer, Scores
 from epp.framework.registry import BuildContext, PluginType, Registry
 from epp.plugins._request import CHARS_PER_TOKEN, prompt_text
 from epp.plugins.precise_prefix import PrecisePrefixParams, build_precise, parse_precise_params
-from epp.plugins.shared import PREFIX_MATCH_KEY, PrefixMatchInfo
+from epp.plugins.shared import PREFIX_MATCH_KEY, PrefixMatchInfo, prefix_match
 from epp.types import Endpoint, LLMRequest, SchedulingResult
 
 _HASHES_KEY = "prefix-cache-scorer/hashes/"
+_CONSUMED_KEY = "prefix-cache-scorer/consumed/"
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,9 @@ def parse_prefix_params(params: Params) -> PrefixParams | PrecisePrefixParams:
         else:
             params.ignore(legacy)
     # autoTune infers the block size and capacity from engine metrics in llm-d; here the
-    # configured values always apply.
-    params.ignore("autoTune")
+    # configured values always apply. prefixMatchInfoProducerName (newer llm-d) names the
+    # producer whose match info the scorer reads; this scorer reads whichever producer ran.
+    params.ignore("autoTune", "prefixMatchInfoProducerName")
     return PrefixParams(
         block_size_tokens=block,
         max_prefix_blocks_to_match=params.integer("maxPrefixBlocksToMatch", 2048, min=1),
@@ -170,6 +172,7 @@ class PrefixCacheScorer(Scorer, PreRequest):
         self.params = params
         self.index = PrefixIndex(params.lru_capacity_per_server)
         self._hashes_key = _HASHES_KEY + name
+        self._consumed_key = _CONSUMED_KEY + name
         self._recent: set[str] = set()
         self._decisions = 0
         self.forgotten = 0
@@ -195,8 +198,15 @@ class PrefixCacheScorer(Scorer, PreRequest):
         return cached
 
     def score(self, cycle: CycleState, request: LLMRequest, endpoints: list[Endpoint]) -> Scores:
-        hashes = self._hashes(cycle, request)
         keys = cycle.keys(endpoints)
+        produced = prefix_match(cycle)
+        if produced is not None and produced.endpoint_scores is not None:
+            # A prefix producer ran for this request: score from its data (one data layer,
+            # as llm-d's scorer consumes PrefixCacheMatchInfo) and learn nothing here.
+            cycle.write(self._consumed_key, True)
+            get = produced.endpoint_scores.get
+            return [get(k, 0.0) for k in keys]
+        hashes = self._hashes(cycle, request)
         self._sweep(keys)
         block = self.params.block_size_tokens
         total = len(hashes)
@@ -219,6 +229,8 @@ class PrefixCacheScorer(Scorer, PreRequest):
         return [matched.get(k, 0) / total for k in keys]
 
     def pre_request(self, cycle: CycleState, request: LLMRequest, result: SchedulingResult) -> None:
+        if cycle.read(self._consumed_key, bool):
+            return  # the producer whose data was used learns from the pick
         hashes = self._hashes(cycle, request)
         if not hashes:
             return

@@ -98,12 +98,17 @@ class PDParams:
     prefill_profile: str = "prefill"
     non_cached_tokens: int = 0
     decider_plugin_name: str = ""
+    # llm-d's older pd-profile-handler `threshold: 0` ran prefill for every request ("ALWAYS
+    # DO PD" in the guides), unlike `nonCachedTokens: 0`, which never disaggregates.
+    always_disaggregate: bool = False
 
 
 def _parse_pd(params: Params) -> PDParams:
     non_cached = params.integer("nonCachedTokens", 0, min=0)
+    always = False
     if params.has("threshold"):  # the older pd-profile-handler name for the same number
         non_cached = params.integer("threshold", 0, min=0)
+        always = non_cached == 0
     else:
         params.ignore("threshold")
     primary_port = params.integer("primaryPort", 0, min=0, max=65535)
@@ -121,6 +126,7 @@ def _parse_pd(params: Params) -> PDParams:
         prefill_profile=params.string("prefillProfile", "prefill"),
         non_cached_tokens=non_cached,
         decider_plugin_name=params.string("deciderPluginName", decider),
+        always_disaggregate=always,
     )
 
 
@@ -134,8 +140,10 @@ class PDProfileHandler(ProfileHandler):
     def __init__(self, name: str, params: PDParams) -> None:
         super().__init__(name)
         self.params = params
-        self.decider: PrefixBasedPDDecider = PrefixBasedPDDecider(
-            f"{name}/decider", params.non_cached_tokens
+        self.decider: PrefixBasedPDDecider = (
+            AlwaysDisaggPDDecider(f"{name}/decider")
+            if params.always_disaggregate
+            else PrefixBasedPDDecider(f"{name}/decider", params.non_cached_tokens)
         )
 
     def pick_profiles(
@@ -238,8 +246,7 @@ def register(registry: Registry) -> None:
         aliases=("single-profile",),
     )
     registry.register(
-        PluginType(PDProfileHandler.type_name, PDProfileHandler, _parse_pd, _build_pd, "P/D"),
-        aliases=("disagg-profile-handler",),
+        PluginType(PDProfileHandler.type_name, PDProfileHandler, _parse_pd, _build_pd, "P/D")
     )
 
     def build_decider(name: str, p: PrefixDeciderParams, _ctx: BuildContext) -> Plugin:

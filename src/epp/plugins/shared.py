@@ -21,6 +21,10 @@ class PrefixMatchInfo:
     block_size_tokens: int
     matched_tokens: dict[str, int] = field(default_factory=dict)
     source: str = ""  # plugin type that wrote it
+    # Set by the prefix producers (approx-/precise-prefix-cache-producer): the score a
+    # `prefix-cache-scorer` gives each endpoint key when it consumes this info instead of
+    # keeping its own index (llm-d's scorer reads its producer's PrefixCacheMatchInfo).
+    endpoint_scores: dict[str, float] | None = None
 
     def hit_tokens(self, endpoint_key: str) -> int:
         return self.matched_tokens.get(endpoint_key, 0)
@@ -38,3 +42,48 @@ PREFIX_MATCH_KEY = "prefix-match"
 def prefix_match(cycle: CycleState) -> PrefixMatchInfo | None:
     """This cycle's `PrefixMatchInfo`, or None when no prefix scorer ran (yet)."""
     return cycle.read(PREFIX_MATCH_KEY, PrefixMatchInfo)
+
+
+@dataclass(slots=True, frozen=True)
+class InFlightLoad:
+    """Requests and estimated tokens the picker has sent to one endpoint and not yet seen
+    finish (llm-d's InFlightLoad attribute)."""
+
+    requests: int = 0
+    tokens: int = 0
+
+
+INFLIGHT_LOAD_KEY = "inflight-load"
+
+
+def inflight_load(cycle: CycleState) -> dict[str, InFlightLoad] | None:
+    """This cycle's in-flight load per endpoint key (written by the in-flight producer)."""
+    return cycle.read(INFLIGHT_LOAD_KEY, dict)
+
+
+@dataclass(slots=True, frozen=True)
+class LatencyPredictionInfo:
+    """One endpoint's predicted latency for this request against its SLOs (llm-d's
+    LatencyPredictionInfo): milliseconds; headroom = SLO - prediction (0 when no SLO of that
+    kind applies, so the prediction counts as within it)."""
+
+    ttft_ms: float
+    tpot_ms: float
+    ttft_headroom_ms: float
+    tpot_headroom_ms: float
+    ttft_valid: bool
+    tpot_valid: bool
+    dispatched_requests: int = 0
+
+    @property
+    def valid(self) -> bool:
+        return self.ttft_valid and self.tpot_valid
+
+
+LATENCY_PREDICTION_KEY = "latency-prediction"
+
+
+def latency_predictions(cycle: CycleState) -> dict[str, LatencyPredictionInfo] | None:
+    """This cycle's latency predictions per endpoint key (written by the
+    predicted-latency-producer), or None when no producer ran."""
+    return cycle.read(LATENCY_PREDICTION_KEY, dict)

@@ -5,6 +5,7 @@ read here, each with a clear error."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,8 +14,19 @@ from epp.framework.config import ConfigError
 from epp.plugins.precise_prefix import PrecisePrefixParams
 from kvindex.config import ConfigError as KVIndexConfigError
 from kvindex.config import read_token_file
+from kvindex.tokenize.uds import UdsTokenizerConfig
 
 PLUGIN = "precise-prefix-cache-scorer"
+log = logging.getLogger("epp.precise")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizerPool:
+    """llm-d's `indexerConfig.tokenizersPoolConfig`: the model whose prompts llm-d's
+    tokenizer sidecar tokenizes, over the socket of `uds`."""
+
+    model_name: str
+    uds: UdsTokenizerConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +41,7 @@ class BackendOptions:
     default_model: str = ""  # model of engines whose topic names none
     redis_address: str = ""  # redis://... (or host:port): the index lives in Redis
     in_memory_size: int = 100_000_000
+    tokenizer_pool: TokenizerPool | None = None  # llm-d's tokenizer sidecar
 
 
 def _mapping(raw: Any, where: str) -> dict[str, str]:
@@ -50,7 +63,17 @@ def backend_options(params: PrecisePrefixParams) -> BackendOptions:
         params.indexer.redis_address,
         params.indexer.in_memory_size,
     )
+    pool = _tokenizer_pool(ix.pop("tokenizersPoolConfig", None))
+    if ix.pop("speculativeIndexing", None) is not None:
+        # llm-d's guide sets it here, where llm-d's indexer config has no such field: the
+        # plugin-level `speculativeIndexing` is the one that counts, upstream and here.
+        log.warning(
+            "%s: indexerConfig.speculativeIndexing has no effect (as in llm-d); set "
+            "speculativeIndexing at the plugin's top level",
+            PLUGIN,
+        )
     options = BackendOptions(
+        tokenizer_pool=pool,
         tokenizers=_mapping(tp.pop("tokenizers", None), "tokenProcessorConfig.tokenizers"),
         lora_to_base=_mapping(tp.pop("loraAdapters", None), "tokenProcessorConfig.loraAdapters"),
         default_model=str(kv.pop("defaultModel", "")),
@@ -85,8 +108,10 @@ def backend_options(params: PrecisePrefixParams) -> BackendOptions:
         ("indexerConfig", ix),
         ("kvEventsConfig", kv),
     ):
-        # llm-d parameters kvindex has no use for are accepted (documented), others refused.
-        rest.pop("tokenizersPoolConfig", None)
+        if "tokenizersPoolConfig" in rest:
+            raise ConfigError(
+                f"{PLUGIN}: {where}.tokenizersPoolConfig: llm-d reads it under indexerConfig"
+            )
         if rest:
             raise ConfigError(f"{PLUGIN}: {where}: unknown parameters {sorted(rest)}")
     return options
@@ -98,8 +123,10 @@ def _block_index(raw: Any, redis_address: str, size: int) -> tuple[str, int]:
     if raw is None:
         return redis_address, size
     where = "indexerConfig.kvBlockIndexConfig"
-    if not isinstance(raw, Mapping) or set(raw) - {"redisConfig", "inMemoryConfig"}:
-        raise ConfigError(f"{PLUGIN}: {where}: only redisConfig and inMemoryConfig")
+    # llm-d's index metrics switches: kvindex's index metrics are always exported.
+    known = {"redisConfig", "inMemoryConfig", "enableMetrics", "metricsLoggingInterval"}
+    if not isinstance(raw, Mapping) or set(raw) - known:
+        raise ConfigError(f"{PLUGIN}: {where}: only {', '.join(sorted(known))}")
     redis = raw.get("redisConfig") or {}
     memory = raw.get("inMemoryConfig") or {}
     address = redis.get("address", redis_address) if isinstance(redis, Mapping) else None
@@ -109,3 +136,34 @@ def _block_index(raw: Any, redis_address: str, size: int) -> tuple[str, int]:
             f"{PLUGIN}: {where}: redisConfig.address must be a string, inMemoryConfig.size > 0"
         )
     return address, new_size
+
+
+def _tokenizer_pool(raw: Any) -> TokenizerPool | None:
+    """llm-d-kv-cache's tokenization.Config: modelName, workersCount, uds. Without
+    `uds.socketFile` llm-d fails the plugin ("UDS tokenizer config must be enabled")."""
+    if raw is None:
+        return None
+    where = f"{PLUGIN}: indexerConfig.tokenizersPoolConfig"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: must be a mapping")
+    unknown = sorted(set(raw) - {"modelName", "workersCount", "uds"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown {unknown} (known: modelName, workersCount, uds)")
+    model = raw.get("modelName")
+    if not isinstance(model, str) or not model:
+        raise ConfigError(f"{where}: modelName is required (the model the sidecar tokenizes)")
+    workers = raw.get("workersCount", 5)
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"{where}: workersCount must be an integer >= 1")
+    uds = raw.get("uds")
+    if not isinstance(uds, Mapping) or not uds.get("socketFile"):
+        raise ConfigError(
+            f"{where}: uds.socketFile is required (llm-d's tokenizer sidecar socket, e.g. "
+            "/tmp/tokenizer/tokenizer-uds.socket); for tokenizer files in the picker use "
+            "tokenProcessorConfig.tokenizers"
+        )
+    try:
+        config = UdsTokenizerConfig.from_mapping(uds)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.uds: {exc}") from None
+    return TokenizerPool(model, config)

@@ -13,6 +13,7 @@ from kvindex.tokenize.local import LocalTokenizer, load_tokenizer
 from kvindex.tokenize.protocol import Tokenizer
 from kvindex.tokenize.registry import TokenizerRegistry, parse_tokenizer_flags
 from kvindex.tokenize.segments import CacheStats
+from kvindex.tokenize.uds import TokenizerUnavailableError, UdsTokenizer, UdsTokenizerConfig
 
 __all__ = [
     "CacheStats",
@@ -24,6 +25,9 @@ __all__ = [
     "Tokenizer",
     "TokenizerLoadError",
     "TokenizerRegistry",
+    "TokenizerUnavailableError",
+    "UdsTokenizer",
+    "UdsTokenizerConfig",
     "UnknownModelError",
     "load_tokenizer",
     "parse_tokenizer_flags",

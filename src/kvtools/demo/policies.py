@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import yaml
 
 from epp.plugins import DEFAULT_CONFIG_YAML
+from epp.plugins.precise_profile import precise_profile_config
 from kvindex.keys import DEFAULT_BLOCK_SIZE
 
 __all__ = ["POLICIES", "Policy", "picker_config"]
@@ -30,41 +32,38 @@ POLICIES: dict[str, Policy] = {
     ),
     "precise": Policy(
         "precise",
-        "picker, precise prefix from KV events (queue 2, kv-util 2, precise prefix 3)",
+        "picker, precise profile: predicted TTFT from KV-event prefix matches and load",
+        True,
+    ),
+    "precise-weighted": Policy(
+        "precise-weighted",
+        "picker, llm-d's weighted sum with the precise prefix (queue 2, kv-util 2, prefix 3)",
         True,
     ),
 }
 
 
-def _precise_document(model: str, model_dir: Path, events: str) -> dict[str, Any]:
-    """The picker's default config with the precise scorer in the approximate one's place,
-    tokenizing with the demo model and fed by the engines' events."""
-    doc: dict[str, Any] = yaml.safe_load(DEFAULT_CONFIG_YAML)
-    for plugin in doc["plugins"]:
-        if plugin["type"] == "prefix-cache-scorer":
-            plugin["type"] = "precise-prefix-cache-scorer"
-            plugin["parameters"] = {
-                "tokenProcessorConfig": {
-                    "blockSizeTokens": DEFAULT_BLOCK_SIZE,
-                    "tokenizers": {model: str(model_dir)},
-                },
-                "kvEventsConfig": {"zmqEndpoint": events},
-                "speculativeIndexing": True,
-                "speculativeTTL": "2s",
-            }
-    for profile in doc["schedulingProfiles"]:
-        for ref in profile["plugins"]:
-            if ref["pluginRef"] == "prefix-cache-scorer":
-                ref["pluginRef"] = "precise-prefix-cache-scorer"
-    return doc
-
-
-def picker_config(policy: str, *, model: str, model_dir: Path, events_endpoint: str) -> str:
+def picker_config(
+    policy: str,
+    *,
+    model: str,
+    model_dir: Path,
+    events_endpoint: str,
+    ttft_parameters: Mapping[str, Any] | None = None,
+) -> str:
     """The EndpointPickerConfig of a picker policy: the picker's own default config
-    (approximate), or the same with the precise scorer."""
+    (approximate), or the precise profile (`epp.plugins.precise_profile`: our predicted-TTFT
+    cost model by default, llm-d's weighted sum for `precise-weighted`) tokenizing with the
+    demo model and fed by the engines' events."""
     if policy == "approximate":
         return DEFAULT_CONFIG_YAML
-    if policy == "precise":
-        doc = _precise_document(model, model_dir, events_endpoint)
+    if policy in ("precise", "precise-weighted"):
+        doc = precise_profile_config(
+            tokenizers={model: str(model_dir)},
+            events_endpoint=events_endpoint,
+            block_size=DEFAULT_BLOCK_SIZE,
+            variant="weighted" if policy == "precise-weighted" else "cost",
+            ttft_parameters=ttft_parameters,
+        )
         return yaml.safe_dump(doc, sort_keys=False)
     raise ValueError(f"policy {policy!r} runs no picker")

@@ -1,0 +1,331 @@
+"""predicted-ttft-scorer (ours, not an llm-d type): score endpoints by the time to first token
+each is predicted to give this request, so a cache hit is worth exactly the prefill it saves
+and no more than the queueing it costs.
+
+For every candidate:
+
+- uncached tokens: the prompt minus what the cycle's prefix match says the endpoint reuses
+  (`PrefixMatchInfo`, written by the precise-prefix-cache producer or scorer, or the
+  approximate ones; the precise match already counts whole engine blocks and never the block
+  of the prompt's last token). No prefix data: the whole prompt.
+- load: the larger of the engine's scraped `waiting + running` and the requests this picker
+  has in flight there (the inflight-load-producer's counters, which see a pick at once, where
+  a scrape sees it only at the next interval). With the engine's concurrency cap (learnt as the
+  most requests it ran while some waited, or `maxRunningRequests`) the load splits into
+  running and the request's queue position (requests that would wait for a slot, this one
+  included); without a cap known yet, the scraped waiting count is the queue.
+- latency: the online `LatencyModel` of `epp.latency` (the predicted-latency model) over
+  (uncached tokens, queue position, running, KV usage, output tokens), learnt per endpoint
+  (so each engine's prefill speed and slot time are learnt) and pooled. It is fit to each
+  response's duration (decision to end of response) with its output tokens as a feature: a
+  duration is what every response path reports (streamed or not, with or without the body
+  passing the picker), where a first body byte is not always the first token (an engine may
+  send the role chunk before its prefill) and is not seen at all when Envoy sends the picker
+  no response body. The output tokens are the response's usage when the body passes the
+  picker, else the request's `max_tokens` (else `defaultOutputTokens`). The model is asked
+  for this request's duration on each endpoint; the decode part is the same on engines that
+  decode alike, so what differs between them is the time to first token (queue + prefill of
+  what they do not hold), and an engine that decodes slower pays for that too. Until it has
+  data the model starts from a prior: `prefillTokensPerSecond`, `queueWaitSeconds` per queued
+  request and `decodeSecondsPerToken`. The prompt length is not fed (0): it is the same on
+  every candidate and would only blur what the uncached tokens explain.
+
+Score = 50 ms / (50 ms + predicted - best): 1 for the fastest endpoint, 0.5 for one predicted
+50 ms slower, 0.1 for 450 ms slower (the max-score picker breaks exact ties at random).
+
+A miss also costs later (`missPenalty`, default 1: once more its prefill): the blocks it
+stores evict other prefixes, which miss in their turn; so a request leaves the engine holding
+its prefix only when the queue there costs more than twice the prefill it would redo.
+
+Hot prefixes spread by themselves: once the engine holding a prefix has a queue that costs
+more than another engine's prefill of the whole prompt, the other engine
+wins, gets the prefix (speculatively at once with `speculativeIndexing`), and from then on
+both are cache hits and the queue decides. `maxQueuePosition` (default 1) adds a hard bound:
+an endpoint where this request would wait behind more than that many others' turn for a slot
+is left out while another is within it (a gate; 0 turns it off). A queue on an engine under KV
+pressure costs more than its wait: by the time the request is admitted, the running requests'
+blocks may have evicted the prefix it was sent there for."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from epp.framework.cycle import CycleState
+from epp.framework.params import Params
+from epp.framework.plugin import Lifecycle, PreRequest, ResponseComplete, Scorer, Scores
+from epp.framework.registry import BuildContext, PluginType, Registry
+from epp.latency.model import FEATURES, LatencyModel, features
+from epp.latency.store import LatencyModelFormatError, load_model, save_model
+from epp.plugins._request import prompt_tokens
+from epp.plugins.producers import InFlightLoadConsumer
+from epp.plugins.shared import PrefixMatchInfo, prefix_match
+from epp.types import Endpoint, LLMRequest, ResponseStats, SchedulingResult
+
+# Score = SCALE / (SCALE + predicted - best): 1 for the best, 0.5 for 50 ms slower.
+SCORE_SCALE_S = 0.050
+OUTPUT_FEATURE = FEATURES.index("output_ktokens")
+
+
+@dataclass(frozen=True)
+class PredictedTTFTParams:
+    prefill_tokens_per_second: float = 10_000.0  # prior until learnt
+    queue_wait_s: float = 0.1  # prior: seconds per request ahead in the queue
+    decode_s_per_token: float = 0.02  # prior
+    max_running: int = 0  # the engines' concurrency cap; 0: learn it from the metrics
+    max_queue_position: int = 1  # 0: no hard bound (the cost decides)
+    # What a miss costs later, in multiples of its prefill: the blocks it stores evict others'
+    # cached prefixes, which miss in their turn.
+    miss_penalty: float = 1.0
+    min_samples: int = 30
+    forgetting: float = 0.995
+    default_output_tokens: int = 256
+    model_path: str = ""
+    max_pending: int = 100_000
+
+
+def _parse(params: Params) -> PredictedTTFTParams:
+    return PredictedTTFTParams(
+        prefill_tokens_per_second=params.number(
+            "prefillTokensPerSecond", 10_000.0, min=0.0, min_exclusive=True
+        ),
+        queue_wait_s=params.duration("queueWaitSeconds", 0.1),
+        decode_s_per_token=params.duration("decodeSecondsPerToken", 0.02),
+        max_running=params.integer("maxRunningRequests", 0, min=0),
+        max_queue_position=params.integer("maxQueuePosition", 1, min=0),
+        miss_penalty=params.number("missPenalty", 1.0, min=0.0),
+        min_samples=params.integer("minSamples", 30, min=0),
+        forgetting=params.number("forgettingFactor", 0.995, min=0.9, max=1.0),
+        default_output_tokens=params.integer("defaultOutputTokens", 256, min=1),
+        model_path=params.string("modelPath", ""),
+        max_pending=params.integer("maxPendingRequests", 100_000, min=1),
+    )
+
+
+@dataclass(slots=True)
+class _Pending:
+    endpoint_key: str
+    x: list[float]
+
+
+@dataclass(slots=True, frozen=True)
+class TTFTEstimate:
+    """What the scorer predicted for one endpoint (also shared in the cycle state): the
+    request's latency there (time to first token plus its decode)."""
+
+    ttft_s: float
+    uncached_tokens: int
+    queue_position: int
+    running: int
+
+
+class PredictedTTFTScorer(Scorer, InFlightLoadConsumer, PreRequest, ResponseComplete, Lifecycle):
+    type_name = "predicted-ttft-scorer"
+    stage = 1  # after a prefix scorer (when one runs as a scorer, not a producer)
+    gates = True  # only with maxQueuePosition
+    # Learns from the response's end (duration) and, when the body passes the picker, its
+    # usage; needs no body (Envoy's response_body_mode NONE is enough).
+    response_data = "end"
+
+    def __init__(self, name: str, params: PredictedTTFTParams) -> None:
+        super().__init__(name)
+        self.params = params
+        self.model = self._fresh_model()
+        # Per endpoint key: the most requests it was seen running while others waited.
+        self.caps: dict[str, int] = {}
+        self._pending: OrderedDict[str, _Pending] = OrderedDict()
+        self.load_error: str | None = None
+        self.counters = {"learned": 0, "skipped": 0, "gated": 0}
+
+    def _fresh_model(self) -> LatencyModel:
+        p = self.params
+        model = LatencyModel(forgetting=p.forgetting, min_samples=p.min_samples)
+        self._seed(model)
+        return model
+
+    def _seed(self, model: LatencyModel) -> None:
+        """The prior: a pooled TTFT fit of prefill time plus queue wait (new endpoints start
+        from the pooled fit, so this is every endpoint's starting point)."""
+        if model.pooled["ttft"].model.n > 0:
+            return
+        w = model.pooled["ttft"].model.w
+        w[FEATURES.index("uncached_ktokens")] = 1000.0 / self.params.prefill_tokens_per_second
+        w[FEATURES.index("waiting")] = self.params.queue_wait_s
+        w[OUTPUT_FEATURE] = 1000.0 * self.params.decode_s_per_token  # seconds per 1k output tokens
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def path(self) -> pathlib.Path | None:
+        return pathlib.Path(self.params.model_path) if self.params.model_path else None
+
+    async def start(self) -> None:
+        path = self.path
+        if path is None:
+            return
+        p = self.params
+        try:
+            loaded = load_model(path, forgetting=p.forgetting, min_samples=p.min_samples)
+        except (LatencyModelFormatError, OSError) as exc:
+            self.load_error = str(exc)  # start from the prior rather than refuse to route
+            return
+        if loaded is not None:
+            self._seed(loaded)
+            self.model = loaded
+
+    async def stop(self) -> None:
+        path = self.path
+        if path is not None:
+            save_model(path, self.model)
+
+    # -- prediction --------------------------------------------------------------------------
+
+    def cap(self, endpoint: Endpoint) -> int | None:
+        if self.params.max_running > 0:
+            return self.params.max_running
+        key = endpoint.key
+        m = endpoint.metrics
+        if m.waiting > 0 and m.running > self.caps.get(key, 0):
+            self.caps[key] = m.running
+        return self.caps.get(key)
+
+    def estimate(
+        self, cycle: CycleState, request: LLMRequest, endpoint: Endpoint
+    ) -> tuple[list[float], TTFTEstimate]:
+        info = prefix_match(cycle)
+        key = cycle.key(endpoint)
+        total = info.prompt_tokens if info is not None else prompt_tokens(request)
+        uncached = info.uncached_tokens(key) if info is not None else total
+        m = endpoint.metrics
+        load = max(m.waiting + m.running, self.load(cycle, endpoint).requests)
+        cap = self.cap(endpoint)
+        if cap is not None and cap > 0:
+            running = min(load, cap)
+            queue = max(0, load + 1 - cap)
+        else:
+            running = max(m.running, load - m.waiting)
+            queue = m.waiting
+        x = features(
+            uncached_tokens=uncached,
+            waiting=queue,
+            running=running,
+            kv_usage=m.kv_usage,
+            prompt_tokens=0,
+            output_tokens=self._output_tokens(request),
+        )
+        cost = self.model.predict(key, x).ttft_s
+        if self.params.miss_penalty > 0.0 and uncached > 0:
+            cost += (
+                self.params.miss_penalty
+                * self.prefill_seconds_per_ktoken(key)
+                * (uncached - self._fewest_uncached(info, total))
+                / 1000.0
+            )
+        return x, TTFTEstimate(cost, uncached, queue, running)
+
+    @staticmethod
+    def _fewest_uncached(info: PrefixMatchInfo | None, total: int) -> int:
+        """The tokens even the best-matching engine must compute: what the request stores
+        wherever it goes (only the rest is a choice that evicts)."""
+        if info is None or not info.matched_tokens:
+            return total
+        return max(0, total - max(info.matched_tokens.values()))
+
+    def _output_tokens(self, request: LLMRequest) -> int:
+        return request.max_tokens or self.params.default_output_tokens
+
+    def score(self, cycle: CycleState, request: LLMRequest, endpoints: list[Endpoint]) -> Scores:
+        estimates = [self.estimate(cycle, request, e) for e in endpoints]
+        cycle.write(
+            self._cycle_key, {cycle.key(e): xe for e, xe in zip(endpoints, estimates, strict=True)}
+        )
+        costs = [est.ttft_s if math.isfinite(est.ttft_s) else math.inf for _, est in estimates]
+        best = min(costs) if costs else 0.0
+        bound = self.params.max_queue_position
+        if bound > 0:
+            within = [est.queue_position <= bound for _, est in estimates]
+            if any(within) and not all(within):
+                self.counters["gated"] += 1
+                cycle.write(self._gate_key, within)
+        scale = SCORE_SCALE_S
+        return [scale / (scale + (c - best)) for c in costs]
+
+    def eligible(self, cycle: CycleState, endpoints: list[Endpoint]) -> list[bool] | None:
+        return cycle.read(self._gate_key, list)
+
+    def estimates(self, cycle: CycleState) -> dict[str, TTFTEstimate]:
+        """This cycle's estimates per endpoint key (after `score`)."""
+        raw = cycle.read(self._cycle_key, dict) or {}
+        return {k: est for k, (_, est) in raw.items()}
+
+    @property
+    def _gate_key(self) -> str:
+        return "predicted-ttft/gate/" + self.name
+
+    @property
+    def _cycle_key(self) -> str:
+        return "predicted-ttft/" + self.name
+
+    # -- learning ----------------------------------------------------------------------------
+
+    def pre_request(self, cycle: CycleState, request: LLMRequest, result: SchedulingResult) -> None:
+        picked = result.endpoints
+        if not picked:
+            return
+        endpoint = picked[0]
+        key = cycle.key(endpoint)
+        scored = cycle.read(self._cycle_key, dict)
+        if scored is not None and key in scored:
+            x = scored[key][0]
+        else:  # this scorer did not run in the primary profile: estimate now
+            x = self.estimate(cycle, request, endpoint)[0]
+        self._pending[request.request_id] = _Pending(key, x)
+        while len(self._pending) > self.params.max_pending:
+            self._pending.popitem(last=False)
+
+    def on_response_complete(self, request: LLMRequest, stats: ResponseStats) -> None:
+        pending = self._pending.pop(request.request_id, None)
+        duration, tokens = stats.duration_s, stats.completion_tokens
+        if tokens is None:  # no usage seen (no response body through the picker)
+            tokens = self._output_tokens(request)
+        if (
+            pending is None
+            or stats.status != 200
+            or duration is None
+            or tokens < 1
+            or (stats.served is not None and stats.served != pending.endpoint_key)
+        ):
+            self.counters["skipped"] += 1
+            return
+        x = pending.x
+        if tokens != round(x[OUTPUT_FEATURE] * 1000.0):
+            x = list(x)
+            x[OUTPUT_FEATURE] = tokens / 1000.0
+        self.model.observe(pending.endpoint_key, "ttft", x, duration)
+        self.counters["learned"] += 1
+
+    def prefill_seconds_per_ktoken(self, endpoint_key: str) -> float:
+        """The learnt prefill time per 1000 uncached tokens of one endpoint (pooled until it
+        has its own samples)."""
+        x = [0.0] * len(FEATURES)
+        x[FEATURES.index("uncached_ktokens")] = 1.0
+        return self.model.predict(endpoint_key, x).ttft_s
+
+
+def register(registry: Registry) -> None:
+    def build(name: str, p: PredictedTTFTParams, ctx: BuildContext) -> Scorer:
+        scorer = PredictedTTFTScorer(name, p)
+        scorer.bind(ctx)  # the in-flight counters of the config's inflight-load-producer
+        return scorer
+
+    registry.register(
+        PluginType(
+            PredictedTTFTScorer.type_name,
+            PredictedTTFTScorer,
+            _parse,
+            build,
+            "lowest predicted time to first token (prefill of uncached tokens + queue), ours",
+        )
+    )
