@@ -25,6 +25,16 @@ from kvtools.real_vllm.model import write_real_model_dir
 from tests.ports import free_port
 
 MODEL = "tiny"
+# pytest-timeout's limit (pyproject: 120 s) covers fixture setup too, and the first test
+# pays for starting both engines (2-4 minutes on 2 busy cores).
+REAL_ENGINE_TEST_TIMEOUT_S = 900
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(REAL_ENGINE_TEST_TIMEOUT_S))
 
 
 @pytest.fixture(scope="session")
