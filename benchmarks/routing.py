@@ -588,7 +588,14 @@ def _ms(v: float | None) -> float | None:
     return None if v is None else v * 1000
 
 
-async def run_one(setup: str, s: Scenario, n: int, seed: int, c: Cluster) -> Row:
+async def run_one(
+    setup: str,
+    s: Scenario,
+    n: int,
+    seed: int,
+    c: Cluster,
+    request_log: list[dict[str, Any]] | None = None,
+) -> Row:
     requests = workload(s, n, seed)
     idle_pct: float | None = None
     pids = c.router_pids + c.envoy_pids
@@ -650,6 +657,25 @@ async def run_one(setup: str, s: Scenario, n: int, seed: int, c: Cluster) -> Row
     ok = [r for r in results if r.error is None and r.status == 200]
     durations = sorted(r.duration_s for r in ok)
     errors = [r for r in results if not (r.error is None and r.status == 200)]
+    if request_log is not None:  # --requests-file: what each request got, to see why
+        by_index = {q.index: q for q in requests}
+        for r in sorted(results, key=lambda r: r.index):
+            q = by_index.get(r.index)
+            request_log.append(
+                {
+                    "scenario": s.name,
+                    "setup": setup,
+                    "index": r.index,
+                    "tenant": r.tenant,
+                    "user": q.user if q is not None else None,
+                    "turn": q.turn if q is not None else None,
+                    "engine": r.engine,
+                    "prompt_tokens": r.prompt_tokens,
+                    "cached_tokens": r.cached_tokens,
+                    "ttft_ms": _ms(r.ttft_s),
+                    "status": r.status,
+                }
+            )
     return Row(
         scenario=s.name,
         setup=setup,
@@ -867,6 +893,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="JSON object: parameters of the precise profile's predicted-ttft-scorer",
     )
     parser.add_argument("--json-file", default="", help="also write the JSON to this file")
+    parser.add_argument(
+        "--requests-file",
+        default="",
+        help="write one JSON line per request (setup, tenant, user, turn, engine, cached tokens, "
+        "TTFT) to this file: to see where each request went and what it got",
+    )
     args = parser.parse_args(argv)
     if args.ttft_params:
         TTFT_PARAMETERS.update(json.loads(args.ttft_params))
@@ -882,6 +914,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="bench-routing-"))
     rows: list[Row] = []
+    request_log: list[dict[str, Any]] | None = [] if args.requests_file else None
     try:
         model_dir = write_model_dir(workdir / "model")
         for s in scenarios:
@@ -893,7 +926,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 t = time.perf_counter()
                 try:
                     with cluster(setup, s, sub, model_dir) as c:
-                        row = asyncio.run(run_one(setup, s, n, args.seed, c))
+                        row = asyncio.run(run_one(setup, s, n, args.seed, c, request_log))
                         if s.latency and setup == setups[0]:
                             scenario_rows.append(asyncio.run(direct_baseline(s, n, args.seed, c)))
                 except (RuntimeError, OSError, KeyError) as exc:  # a setup that cannot start
@@ -927,6 +960,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if args.json_file:
         Path(args.json_file).write_text(json.dumps(doc, indent=2))
+    if args.requests_file and request_log is not None:
+        Path(args.requests_file).write_text("".join(json.dumps(r) + "\n" for r in request_log))
     if args.json:
         print(json.dumps(doc, indent=2))
     else:

@@ -119,6 +119,37 @@ def test_prefill_speed_is_learnt_per_engine() -> None:
     assert scores[1] == 1.0 and scores[0] < 0.1
 
 
+def test_a_slow_cache_hit_never_teaches_that_misses_are_faster() -> None:
+    """What moved a real vLLM conversation off its engine (tests/real_vllm): a tiny model
+    prefills 400 tokens in a few ms, so durations are decode and noise; a cold first turn that
+    happened to be faster than the cached second turn fitted a negative prefill cost, and the
+    third turn went to the engine that did not hold the conversation."""
+    holder, other = _endpoints()
+    scorer = _scorer()
+    _observe(scorer, holder, "turn0", 400, 0.20)  # cold
+    _observe(scorer, holder, "turn1", 40, 0.35)  # cached, slower: noise
+    floor = 1.0 / scorer.params.max_prefill_tokens_per_second * 1000.0
+    assert scorer.prefill_seconds_per_ktoken(holder.key) >= floor
+    assert scorer.prefill_seconds_per_ktoken(other.key) >= floor
+    for i in range(20):
+        cycle = _cycle({holder.key: 420}, total=460)
+        scores = scorer.score(cycle, _request(f"t{i}"), [holder, other])
+        assert scores[0] == 1.0 and scores[1] < 1.0
+
+
+def test_learnt_costs_keep_their_sign_whatever_the_samples() -> None:
+    scorer = _scorer(min_samples=2)
+    ep = _endpoints(1)[0]
+    rng = random.Random(3)
+    for i in range(300):  # durations unrelated to the features: pure noise
+        _observe(scorer, ep, f"n{i}", rng.randint(0, 3000), rng.uniform(0.0, 2.0))
+    floors = scorer.model.floors
+    assert floors is not None
+    models = [scorer.model.pooled["ttft"].model, scorer.model.endpoints[ep.key]["ttft"].model]
+    for model in models:
+        assert all(w >= f for w, f in zip(model.w, floors, strict=True))
+
+
 def test_hot_prefix_spreads_when_its_engine_saturates() -> None:
     holder, other = _endpoints()
     holder.metrics.running, holder.metrics.waiting = 4, 12

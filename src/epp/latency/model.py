@@ -5,7 +5,14 @@ SLO check can ask "will this very likely be met" rather than "on average".
 
 Features (`FEATURES`): a bias, uncached prompt tokens (thousands), waiting requests, running
 requests, KV usage (0..1), prompt tokens (thousands), expected output tokens (thousands).
-Pure arithmetic on lists: d = 7, an update is ~150 multiply-adds."""
+Pure arithmetic on lists: d = 7, an update is ~150 multiply-adds.
+
+Optional per-feature lower bounds (`floors`) make it a projected least-squares fit: after each
+update a coefficient below its floor is raised to it. A user of the model that compares
+endpoints by predicted cost needs the coefficients to keep their physical sign (a cached
+token can never make a request slower): a few noisy samples (a cache hit that happened to be
+slow) otherwise fit a negative prefill cost, and the cheapest endpoint becomes the one that
+does *not* hold the prompt."""
 
 from __future__ import annotations
 
@@ -50,7 +57,7 @@ def features(
 class RecursiveLeastSquares:
     """Exponentially weighted least squares, updated one sample at a time."""
 
-    __slots__ = ("forgetting", "n", "p", "prior", "w")
+    __slots__ = ("floors", "forgetting", "n", "p", "prior", "w")
 
     def __init__(
         self,
@@ -59,12 +66,27 @@ class RecursiveLeastSquares:
         forgetting: float = 0.995,
         prior: float = 100.0,
         weights: Sequence[float] | None = None,
+        floors: Sequence[float] | None = None,
     ) -> None:
         self.forgetting = forgetting
         self.prior = prior
         self.w = list(weights) if weights is not None else [0.0] * dim
         self.p = [[prior if i == j else 0.0 for j in range(dim)] for i in range(dim)]
         self.n = 0
+        if floors is not None and len(floors) != dim:
+            raise ValueError(f"floors: {len(floors)} values for {dim} features")
+        self.floors = tuple(floors) if floors is not None else None
+        self.project()
+
+    def project(self) -> None:
+        """Raise every coefficient below its floor to it (no-op without floors)."""
+        floors = self.floors
+        if floors is None:
+            return
+        w = self.w
+        for i, floor in enumerate(floors):
+            if w[i] < floor:
+                w[i] = floor
 
     def predict(self, x: Sequence[float]) -> float:
         return sum(wi * xi for wi, xi in zip(self.w, x, strict=True))
@@ -87,6 +109,7 @@ class RecursiveLeastSquares:
             row, ki = p[i], k[i]
             for j in range(d):
                 row[j] = (row[j] - ki * px[j]) * inv
+        self.project()
         # Bound the covariance: with little excitation it grows by 1/lam per step forever.
         if p[0][0] > 1e6 * self.prior:
             self._reset_covariance()
@@ -98,7 +121,9 @@ class RecursiveLeastSquares:
         self.p = [[self.prior if i == j else 0.0 for j in range(d)] for i in range(d)]
 
     def copy(self) -> RecursiveLeastSquares:
-        out = RecursiveLeastSquares(len(self.w), forgetting=self.forgetting, prior=self.prior)
+        out = RecursiveLeastSquares(
+            len(self.w), forgetting=self.forgetting, prior=self.prior, floors=self.floors
+        )
         out.w = list(self.w)
         out.p = [list(row) for row in self.p]
         out.n = self.n
@@ -109,14 +134,20 @@ class RecursiveLeastSquares:
 
     @classmethod
     def from_dict(
-        cls, data: Mapping[str, Any], *, forgetting: float, prior: float
+        cls,
+        data: Mapping[str, Any],
+        *,
+        forgetting: float,
+        prior: float,
+        floors: Sequence[float] | None = None,
     ) -> RecursiveLeastSquares:
         w = [float(v) for v in data["w"]]
         p = [[float(v) for v in row] for row in data["p"]]
         if len(w) != DIM or len(p) != DIM or any(len(r) != DIM for r in p):
             raise ValueError(f"expected {DIM} features")
-        out = cls(DIM, forgetting=forgetting, prior=prior)
+        out = cls(DIM, forgetting=forgetting, prior=prior, floors=floors)
         out.w, out.p, out.n = w, p, int(data["n"])
+        out.project()  # a model saved without (or with other) floors
         return out
 
 
@@ -162,7 +193,11 @@ class LatencyModel:
         prior: float = 100.0,
         min_samples: int = 10,
         quantile: float = 0.9,
+        floors: Sequence[float] | None = None,
     ) -> None:
+        # Per-feature lower bounds of every regression's coefficients (see the module doc);
+        # not part of the saved settings: they belong to the model's user, not its data.
+        self.floors = tuple(floors) if floors is not None else None
         self.forgetting = forgetting
         self.prior = prior
         self.min_samples = min_samples
@@ -176,6 +211,7 @@ class LatencyModel:
             forgetting=self.forgetting,
             prior=self.prior,
             weights=like.w if like is not None else None,
+            floors=self.floors,
         )
         return _MetricModels(model, self.quantile)
 
@@ -243,7 +279,7 @@ class LatencyModel:
 
         def load(raw: Mapping[str, Any]) -> _MetricModels:
             model = RecursiveLeastSquares.from_dict(
-                raw["model"], forgetting=out.forgetting, prior=out.prior
+                raw["model"], forgetting=out.forgetting, prior=out.prior, floors=out.floors
             )
             mm = _MetricModels(model, out.quantile)
             mm.residual.value = float(raw["residual"]["value"])

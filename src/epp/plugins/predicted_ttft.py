@@ -29,6 +29,9 @@ For every candidate:
   data the model starts from a prior: `prefillTokensPerSecond`, `queueWaitSeconds` per queued
   request and `decodeSecondsPerToken`. The prompt length is not fed (0): it is the same on
   every candidate and would only blur what the uncached tokens explain.
+  The fit keeps every learnt cost non-negative and an uncached token's at least
+  1 / `maxPrefillTokensPerSecond` (a projected fit, `epp.latency.model`): a handful of noisy
+  durations never teaches it that a cache hit is slower than a miss.
 
 Score = 50 ms / (50 ms + predicted - best): 1 for the fastest endpoint, 0.5 for one predicted
 50 ms slower, 0.1 for 450 ms slower (the max-score picker breaks exact ties at random).
@@ -72,6 +75,9 @@ OUTPUT_FEATURE = FEATURES.index("output_ktokens")
 @dataclass(frozen=True)
 class PredictedTTFTParams:
     prefill_tokens_per_second: float = 10_000.0  # prior until learnt
+    # The fastest prefill the fit may learn: its cost per uncached token never falls below
+    # 1 / this (see _coefficient_floors).
+    max_prefill_tokens_per_second: float = 200_000.0
     queue_wait_s: float = 0.1  # prior: seconds per request ahead in the queue
     decode_s_per_token: float = 0.02  # prior
     max_running: int = 0  # the engines' concurrency cap; 0: learn it from the metrics
@@ -90,6 +96,9 @@ def _parse(params: Params) -> PredictedTTFTParams:
     return PredictedTTFTParams(
         prefill_tokens_per_second=params.number(
             "prefillTokensPerSecond", 10_000.0, min=0.0, min_exclusive=True
+        ),
+        max_prefill_tokens_per_second=params.number(
+            "maxPrefillTokensPerSecond", 200_000.0, min=0.0, min_exclusive=True
         ),
         queue_wait_s=params.duration("queueWaitSeconds", 0.1),
         decode_s_per_token=params.duration("decodeSecondsPerToken", 0.02),
@@ -141,9 +150,24 @@ class PredictedTTFTScorer(Scorer, InFlightLoadConsumer, PreRequest, ResponseComp
 
     def _fresh_model(self) -> LatencyModel:
         p = self.params
-        model = LatencyModel(forgetting=p.forgetting, min_samples=p.min_samples)
+        model = LatencyModel(
+            forgetting=p.forgetting, min_samples=p.min_samples, floors=self._coefficient_floors()
+        )
         self._seed(model)
         return model
+
+    def _coefficient_floors(self) -> list[float]:
+        """Every cost the model learns keeps its physical sign: an uncached token costs at
+        least 1 / `maxPrefillTokensPerSecond`; a request ahead, one running, KV usage and
+        output tokens never make a request faster. Without them a few noisy durations (a
+        cache hit that happened to be slow, on a small engine whose prefill is quick) fit a
+        negative prefill cost, and the endpoint that does not hold the prompt wins."""
+        floors = [0.0] * len(FEATURES)
+        floors[FEATURES.index("bias")] = -math.inf
+        floors[FEATURES.index("uncached_ktokens")] = (
+            1000.0 / self.params.max_prefill_tokens_per_second
+        )
+        return floors
 
     def _seed(self, model: LatencyModel) -> None:
         """The prior: a pooled TTFT fit of prefill time plus queue wait (new endpoints start
@@ -154,6 +178,7 @@ class PredictedTTFTScorer(Scorer, InFlightLoadConsumer, PreRequest, ResponseComp
         w[FEATURES.index("uncached_ktokens")] = 1000.0 / self.params.prefill_tokens_per_second
         w[FEATURES.index("waiting")] = self.params.queue_wait_s
         w[OUTPUT_FEATURE] = 1000.0 * self.params.decode_s_per_token  # seconds per 1k output tokens
+        model.pooled["ttft"].model.project()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -167,7 +192,12 @@ class PredictedTTFTScorer(Scorer, InFlightLoadConsumer, PreRequest, ResponseComp
             return
         p = self.params
         try:
-            loaded = load_model(path, forgetting=p.forgetting, min_samples=p.min_samples)
+            loaded = load_model(
+                path,
+                forgetting=p.forgetting,
+                min_samples=p.min_samples,
+                floors=self._coefficient_floors(),
+            )
         except (LatencyModelFormatError, OSError) as exc:
             self.load_error = str(exc)  # start from the prior rather than refuse to route
             return
