@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from kvindex.engines import MAX_ENGINES_LIMIT
 
-__all__ = ["EngineBlockSizes", "reusable_blocks", "unindexable_message"]
+__all__ = ["EngineBlockSizes", "EngineResidency", "reusable_blocks", "unindexable_message"]
 
 
 def unindexable_message(engine: str, size: int, canonical: int) -> str:
@@ -96,3 +96,37 @@ class EngineBlockSizes:
         """`reusable_blocks` with ``engine``'s learnt block size (canonical until known)."""
         size = self._sizes.get(engine, self.canonical)
         return reusable_blocks(matched, self.canonical, size, prompt_tokens)
+
+
+class EngineResidency:
+    """How many KV blocks (in the engine's own block size) each engine holds on its GPU,
+    counted from its event stream: blocks stored minus blocks removed, back to 0 when it
+    clears its cache, restarts or leaves. vLLM announces each physical block it caches once
+    and each one it evicts once, so this is what the engine's prefix cache holds; hits
+    reported again (``kv_cache_report_mode`` full: a chain from the root whose first block is
+    held) are not counted. Blocks stored before the index first heard from an engine and
+    never replayed are missing (it counts low; readers cap it at the engine's capacity when
+    it counts high). A router compares it with the
+    engine's capacity (``num_gpu_blocks``) to know where a new prefix fits without evicting
+    anything.
+
+    Writers: the ingest thread. Readers: scoring threads (single dict reads)."""
+
+    def __init__(self, max_engines: int = MAX_ENGINES_LIMIT) -> None:
+        self._blocks: dict[str, int] = {}
+        self._max_engines = max_engines
+
+    def add(self, engine: str, stored: int, removed: int) -> None:
+        if engine not in self._blocks and len(self._blocks) >= self._max_engines:
+            return  # bounded: ingest tracks at most this many engines anyway
+        self._blocks[engine] = max(0, self._blocks.get(engine, 0) + stored - removed)
+
+    def clear(self, engine: str) -> None:
+        self._blocks[engine] = 0
+
+    def forget(self, engine: str) -> None:
+        self._blocks.pop(engine, None)
+
+    def get(self, engine: str) -> int | None:
+        """Blocks held, or None when nothing was ever seen from ``engine``."""
+        return self._blocks.get(engine)

@@ -17,10 +17,17 @@ from enum import Enum
 from typing import Any
 
 from kvindex import keys as _keys
-from kvindex.engine_blocks import EngineBlockSizes
+from kvindex.engine_blocks import EngineBlockSizes, EngineResidency
 from kvindex.index.base import BlockIndex, Clear, IndexOp, Remove, Store, StoredBlock, Tier
 from kvindex.keys import DEFAULT_BLOCK_SIZE, BlockExtra, ContentKey, chain_keys, root_key
-from kvindex.wire import AllBlocksCleared, BlockRemoved, BlockStored, DecodedBatch, EngineHash
+from kvindex.wire import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    DecodedBatch,
+    EngineHash,
+    Medium,
+)
 
 try:  # C construction of the StoredBlocks of one event (tests/kvindex/test_native_keys.py)
     from kvindex._native import stored_blocks as _native_stored_blocks
@@ -41,6 +48,7 @@ FULL_ATTENTION = "full_attention"
 _STORED = BlockStored.__name__
 _REMOVED = BlockRemoved.__name__
 _CLEARED = AllBlocksCleared.__name__
+_GPU = Medium.GPU
 # Media as engines spell them; others (lower case, unknown) go through Tier.from_medium.
 _TIER_OF_MEDIUM: dict[str, Tier] = {t.name: t for t in Tier}
 _MAX_CACHED_ROOTS = 1024
@@ -142,6 +150,9 @@ class EventApplier:
         self.config = config or IngestConfig()
         # Each engine's block size as its events say; the scorer rounds matches with it.
         self.block_sizes = block_sizes or EngineBlockSizes(self.config.block_size)
+        # The GPU blocks each engine holds per its stream (stores - removals): where a new
+        # prefix fits without evicting (read by routers with the engine's capacity).
+        self.residency = EngineResidency()
         self._pending: dict[str, deque[tuple[BlockStored, str]]] = {}
         self._engine_block_size: dict[tuple[str, int], int] = {}
         self._skipped_groups: dict[str, set[int]] = {}
@@ -160,22 +171,34 @@ class EventApplier:
         stored_any = False
         # Per-type event counts as locals, folded into counts.events once (hot loop).
         n_stored = n_removed = n_cleared = 0
+        # GPU blocks the engine stored and removed since its last clear in this batch.
+        gpu_stored = gpu_removed = 0
+        cleared = False
         stored = self._stored
         for event in batch.events:
             if isinstance(event, BlockStored):
                 n_stored += 1
+                if event.medium == _GPU and not self._reannounced(engine, event, local):
+                    gpu_stored += len(event.block_hashes)
                 op = stored(engine, model, event, local, counts)
                 if op is not None:
                     ops.append(op)
                     stored_any = True
             elif isinstance(event, BlockRemoved):
                 n_removed += 1
+                if event.medium == _GPU:
+                    gpu_removed += len(event.block_hashes)
                 self._removed(engine, event, ops, counts, local)
             elif isinstance(event, AllBlocksCleared):
                 n_cleared += 1
                 ops.append(Clear())
                 local.clear()
                 self._pending.pop(engine, None)
+                cleared, gpu_stored, gpu_removed = True, 0, 0
+        if fresh:  # a replay re-applying batches repeats stores already counted
+            if cleared:
+                self.residency.clear(engine)
+            self.residency.add(engine, gpu_stored, gpu_removed)
         events = counts.events
         if n_stored:
             events[_STORED] = n_stored
@@ -199,8 +222,20 @@ class EventApplier:
         for key in [k for k in self._engine_block_size if k[0] == engine]:
             del self._engine_block_size[key]
         self.block_sizes.forget(engine)
+        self.residency.forget(engine)
 
     # -- events ------------------------------------------------------------------------------
+
+    def _reannounced(
+        self, engine: str, event: BlockStored, local: dict[EngineHash, ContentKey]
+    ) -> bool:
+        """A chain from the root whose first block the engine already holds: hits reported
+        again (kv_cache_report_mode "full"), not new blocks (one lookup per root event; a
+        block stored after a parent is always new, a copy if it was held)."""
+        if event.parent_block_hash is not None or not event.block_hashes:
+            return False
+        first = event.block_hashes[0]
+        return first in local or self.index.resolve(engine, first) is not None
 
     def _tier(self, medium: str, counts: IngestCounts) -> Tier | None:
         tier = _TIER_OF_MEDIUM.get(medium)  # the exact spellings engines send (hot path)

@@ -104,7 +104,7 @@ def _observe(scorer: PredictedTTFTScorer, ep: Endpoint, rid: str, uncached: int,
 
 def test_prefill_speed_is_learnt_per_engine() -> None:
     slow, fast = _endpoints()
-    scorer = _scorer(min_samples=5)
+    scorer = _scorer(min_samples=5, per_endpoint=True)
     rng = random.Random(1)
     for i in range(200):
         uncached = rng.randint(0, 2000)
@@ -138,7 +138,7 @@ def test_a_slow_cache_hit_never_teaches_that_misses_are_faster() -> None:
 
 
 def test_learnt_costs_keep_their_sign_whatever_the_samples() -> None:
-    scorer = _scorer(min_samples=2)
+    scorer = _scorer(min_samples=2, per_endpoint=True)
     ep = _endpoints(1)[0]
     rng = random.Random(3)
     for i in range(300):  # durations unrelated to the features: pure noise
@@ -148,6 +148,107 @@ def test_learnt_costs_keep_their_sign_whatever_the_samples() -> None:
     models = [scorer.model.pooled["ttft"].model, scorer.model.endpoints[ep.key]["ttft"].model]
     for model in models:
         assert all(w >= f for w, f in zip(model.w, floors, strict=True))
+
+
+def _full_and_roomy(resident: dict[str, int] | None) -> tuple[Endpoint, Endpoint, CycleState]:
+    full, roomy = _endpoints()
+    for ep in (full, roomy):
+        ep.metrics.num_gpu_blocks, ep.metrics.block_size = 480, 16
+    roomy.metrics.running = 1  # busier at this instant
+    cycle = CycleState()
+    cycle.write(PREFIX_MATCH_KEY, PrefixMatchInfo(2000, 16, {}, resident_blocks=resident))
+    return full, roomy, cycle
+
+
+def test_a_new_prefix_goes_where_it_fits_not_where_it_evicts() -> None:
+    """Nobody holds the prompt: the idle engine whose cache is full would evict someone
+    else's prefix for its 125 blocks; the other, one request busier, has them free."""
+    full, roomy, cycle = _full_and_roomy({"10.0.0.0:8000": 480, "10.0.0.1:8000": 200})
+    scorer = _scorer()
+    scores = scorer.score(cycle, _request(), [full, roomy])
+    assert scores[1] == 1.0 and scores[0] < 0.5
+
+
+def test_without_residency_or_capacity_the_idle_engine_wins() -> None:
+    full, roomy, cycle = _full_and_roomy(None)  # a remote index: no residency
+    assert _scorer().score(cycle, _request(), [full, roomy])[0] == 1.0
+    full, roomy, cycle = _full_and_roomy({"10.0.0.0:8000": 480, "10.0.0.1:8000": 200})
+    full.metrics.num_gpu_blocks = roomy.metrics.num_gpu_blocks = None  # no cache geometry
+    assert _scorer().score(cycle, _request(), [full, roomy])[0] == 1.0
+
+
+def test_every_engine_full_charges_what_the_old_rule_did() -> None:
+    """Once every cache is full a miss evicts wherever it goes: the holder still wins by the
+    prefill it saves plus its miss penalty, exactly as without residency."""
+    holder, other = _endpoints()
+    for ep in (holder, other):
+        ep.metrics.num_gpu_blocks, ep.metrics.block_size = 480, 16
+    resident = {holder.key: 480, other.key: 480}
+    with_res, without = CycleState(), CycleState()
+    with_res.write(
+        PREFIX_MATCH_KEY, PrefixMatchInfo(2000, 16, {holder.key: 1600}, "", None, resident)
+    )
+    without.write(PREFIX_MATCH_KEY, PrefixMatchInfo(2000, 16, {holder.key: 1600}))
+    scorer = _scorer()
+    scorer.score(with_res, _request(), [holder, other])
+    scorer.score(without, _request(), [holder, other])
+    a, b = scorer.estimates(with_res), scorer.estimates(without)
+    # Full everywhere: each engine is charged all it stores (it evicts that much), so both
+    # costs rise by the same 416 tokens' prefill and the difference - all the scores see -
+    # is the old rule's (the 1600 tokens the other engine would store a second copy of).
+    gap_with = a[other.key].ttft_s - a[holder.key].ttft_s
+    gap_without = b[other.key].ttft_s - b[holder.key].ttft_s
+    assert gap_with == pytest.approx(gap_without, rel=0.01)
+    assert a[holder.key].ttft_s > b[holder.key].ttft_s
+
+
+def test_a_burst_of_new_prefixes_counts_the_blocks_in_flight() -> None:
+    """Eight requests at once, nothing in the event stream yet: the first one's blocks are
+    still being computed when the second is placed; counting them, the second (which would
+    not fit beside them) goes to the other engine."""
+    a, b = _endpoints()
+    for ep in (a, b):
+        ep.metrics.num_gpu_blocks, ep.metrics.block_size = 150, 16
+    scorer = _scorer()
+
+    def place(rid: str) -> list[float]:
+        cycle = CycleState()
+        cycle.write(PREFIX_MATCH_KEY, PrefixMatchInfo(1600, 16, {}, resident_blocks={}))
+        request = _request(rid)
+        scores = scorer.score(cycle, request, [a, b])
+        picked = a if scores[0] >= scores[1] else b
+        result = SchedulingResult({"default": ProfileResult("default", [picked])}, "default")
+        scorer.pre_request(cycle, request, result)
+        return scores
+
+    assert place("first")[0] == 1.0  # a tie: both empty (the lower index wins here)
+    assert scorer.reserved_tokens(a.key) == pytest.approx(1616)
+    second = place("second")
+    assert second[1] == 1.0 and second[0] < 0.5
+    # Responses end: their reservations go.
+    for rid, ep in (("first", a), ("second", b)):
+        scorer.on_response_complete(
+            _request(rid), ResponseStats(served=ep.key, status=200, duration_s=0.5)
+        )
+    assert scorer.reserved_tokens(a.key) == scorer.reserved_tokens(b.key) == 0.0
+
+
+def test_kv_usage_and_running_are_not_learnt() -> None:
+    """In a closed loop, durations rise with KV usage and the running count (a full engine
+    queues inside, a miss fills the cache and holds its slot longest). A fit that learnt
+    them charged the engine holding a prefix for its full cache, and sent the prefix's
+    requests away from it: here, learning KV usage at 2 s per unit, the idle engine that
+    holds nothing would win by 0.5 s."""
+    holder, other = _endpoints()
+    scorer = _scorer()
+    for i in range(240):
+        kv = 0.9 if i % 2 else 0.2
+        uncached = 1600 if i % 4 >= 2 else 64
+        holder.metrics.kv_usage = kv
+        _observe(scorer, holder, f"o{i}", uncached, 2.0 * kv + 0.27 * uncached / 1000)
+    holder.metrics.kv_usage, other.metrics.kv_usage = 0.95, 0.05
+    scores = scorer.score(_cycle({holder.key: 1936}), _request("x"), [holder, other])
+    assert scores[0] == 1.0 and scores[1] < 0.5
 
 
 def test_hot_prefix_spreads_when_its_engine_saturates() -> None:

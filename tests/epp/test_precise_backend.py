@@ -131,6 +131,9 @@ async def test_in_process_bind_mode_scores_from_live_events() -> None:
             return got == {LOCAL: 0.5, "9.9.9.9:1": 0.0}
 
         await until(halved)
+        # The engine's GPU blocks per its stream: 4 stored (announced again while waiting
+        # for the subscription: counted once), 1 removed; an engine never heard from: absent.
+        assert backend.resident_blocks([LOCAL, "9.9.9.9:1"]) == {LOCAL: 3}
         # Another model's request never matches these blocks.
         other = LLMRequest(request_id="o", path="/", model="m2", base_model="m2", token_ids=TOKENS)
         assert (await backend.score(other, [LOCAL])).get(LOCAL, 0.0) == 0.0

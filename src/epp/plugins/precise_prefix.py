@@ -213,9 +213,16 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest, Lifecycle):
                     if s > 0.0
                 },
                 source=self.type_name,
+                resident_blocks=self._resident(keys),
             ),
         )
         return scores
+
+    def _resident(self, keys: Sequence[str]) -> dict[str, int] | None:
+        """The blocks each candidate holds, when the backend follows the event streams
+        itself (the in-process index; a remote kvindex does not say)."""
+        resident = getattr(self.backend, "resident_blocks", None)
+        return resident(keys) if callable(resident) else None
 
     def pre_request(self, cycle: CycleState, request: LLMRequest, result: SchedulingResult) -> None:
         if not self.params.speculative_indexing:

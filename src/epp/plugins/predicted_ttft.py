@@ -15,39 +15,57 @@ For every candidate:
   running and the request's queue position (requests that would wait for a slot, this one
   included); without a cap known yet, the scraped waiting count is the queue.
 - latency: the online `LatencyModel` of `epp.latency` (the predicted-latency model) over
-  (uncached tokens, queue position, running, KV usage, output tokens), learnt per endpoint
-  (so each engine's prefill speed and slot time are learnt) and pooled. It is fit to each
-  response's duration (decision to end of response) with its output tokens as a feature: a
-  duration is what every response path reports (streamed or not, with or without the body
-  passing the picker), where a first body byte is not always the first token (an engine may
-  send the role chunk before its prefill) and is not seen at all when Envoy sends the picker
-  no response body. The output tokens are the response's usage when the body passes the
-  picker, else the request's `max_tokens` (else `defaultOutputTokens`). The model is asked
-  for this request's duration on each endpoint; the decode part is the same on engines that
-  decode alike, so what differs between them is the time to first token (queue + prefill of
-  what they do not hold), and an engine that decodes slower pays for that too. Until it has
-  data the model starts from a prior: `prefillTokensPerSecond`, `queueWaitSeconds` per queued
-  request and `decodeSecondsPerToken`. The prompt length is not fed (0): it is the same on
-  every candidate and would only blur what the uncached tokens explain.
-  The fit keeps every learnt cost non-negative and an uncached token's at least
-  1 / `maxPrefillTokensPerSecond` (a projected fit, `epp.latency.model`): a handful of noisy
-  durations never teaches it that a cache hit is slower than a miss.
+  uncached tokens, queue position and output tokens, one model for the pool (or one per
+  endpoint with `perEndpoint`), plus `runningRequestSeconds` per request running there (a
+  fixed cost, not learnt). It is fit to each response's duration (decision to end of
+  response) with its output tokens as a feature: a duration is what every response path
+  reports (streamed or not, with or without the body passing the picker), where a first body
+  byte is not always the first token (an engine may send the role chunk before its prefill)
+  and is not seen at all when Envoy sends the picker no response body. The output tokens are
+  the response's usage when the body passes the picker, else the request's `max_tokens`
+  (else `defaultOutputTokens`). The model is asked for this request's duration on each
+  endpoint; the decode part is the same on engines that decode alike, so what differs
+  between them is the time to first token (queue + prefill of what they do not hold). Until
+  it has data the model starts from a prior: `prefillTokensPerSecond`, `queueWaitSeconds` per
+  queued request and `decodeSecondsPerToken`.
+
+  Learning, and what is deliberately not learnt (measured in benchmarks/RESULTS.md, "Chat
+  closed loop: where the precise profile's misses come from"): the prompt length is the same
+  on every candidate and only blurs what the uncached tokens explain; KV usage and the
+  running count are confounded with the misses themselves (a miss fills the cache and holds
+  a slot longer), and a fit that learnt from them charged an engine for holding the very
+  prefix it was asked about, so the engines holding a tenant looked slow and requests left
+  them - run to run the hit rate swung 65-87%. One model for the pool sees four times the
+  samples of a per-endpoint one, and per-endpoint fits on noisy closed-loop durations
+  drifted to costs seconds apart for idle engines; `perEndpoint` is for engines of really
+  different speeds. The fit is projected: every learnt cost stays non-negative and an
+  uncached token's at least 1 / `maxPrefillTokensPerSecond`, so a handful of noisy durations
+  never teaches it that a cache hit is slower than a miss.
 
 Score = 50 ms / (50 ms + predicted - best): 1 for the fastest endpoint, 0.5 for one predicted
 50 ms slower, 0.1 for 450 ms slower (the max-score picker breaks exact ties at random).
 
 A miss also costs later (`missPenalty`, default 1: once more its prefill): the blocks it
 stores evict other prefixes, which miss in their turn; so a request leaves the engine holding
-its prefix only when the queue there costs more than twice the prefill it would redo.
+its prefix only when the queue there costs more than twice the prefill it would redo. The
+tokens charged are the larger of two counts: those another endpoint already holds (storing
+them here makes a second copy) and, when the precise index follows the engines' streams and
+the engines publish their capacity (`num_gpu_blocks`), those that do not fit in the blocks
+this endpoint has free: its capacity minus the blocks its events say it holds, minus what the
+requests this picker sent there and still in flight allocate (their blocks reach the event
+stream only after their prefill). Those evict someone else's prefix. So a new prefix goes
+where it fits, not merely to the engine idle at that instant; once every engine is full each
+is charged all it stores, and the differences between endpoints (all a score sees) are the
+second-copy rule's again.
 
 Hot prefixes spread by themselves: once the engine holding a prefix has a queue that costs
-more than another engine's prefill of the whole prompt, the other engine
-wins, gets the prefix (speculatively at once with `speculativeIndexing`), and from then on
-both are cache hits and the queue decides. `maxQueuePosition` (default 1) adds a hard bound:
-an endpoint where this request would wait behind more than that many others' turn for a slot
-is left out while another is within it (a gate; 0 turns it off). A queue on an engine under KV
-pressure costs more than its wait: by the time the request is admitted, the running requests'
-blocks may have evicted the prefix it was sent there for."""
+more than another engine's prefill of the whole prompt, the other engine wins, gets the
+prefix (speculatively at once with `speculativeIndexing`), and from then on both are cache
+hits and the queue decides. `maxQueuePosition` (default 0: off) adds a hard bound: an
+endpoint where this request would wait behind more than that many others' turn for a slot is
+left out while another is within it. Off by default: each time it fires it sends a request
+away from the engine holding its prefix, a full prefill and a second copy of the prefix that
+evicts another tenant's, which the cost above already weighs against the wait."""
 
 from __future__ import annotations
 
@@ -70,6 +88,9 @@ from epp.types import Endpoint, LLMRequest, ResponseStats, SchedulingResult
 # Score = SCALE / (SCALE + predicted - best): 1 for the best, 0.5 for 50 ms slower.
 SCORE_SCALE_S = 0.050
 OUTPUT_FEATURE = FEATURES.index("output_ktokens")
+UNCACHED_FEATURE = FEATURES.index("uncached_ktokens")
+# The one model every endpoint shares without `perEndpoint` (not an endpoint key: no port).
+POOL_KEY = "pool"
 
 
 @dataclass(frozen=True)
@@ -79,9 +100,14 @@ class PredictedTTFTParams:
     # 1 / this (see _coefficient_floors).
     max_prefill_tokens_per_second: float = 200_000.0
     queue_wait_s: float = 0.1  # prior: seconds per request ahead in the queue
+    # prior: seconds each request running there adds (they share the engine's steps); also
+    # what spreads a burst of requests over idle engines before any scrape or event
+    running_s: float = 0.01
+    # One learnt model per endpoint (engines of different speeds) instead of one for the pool.
+    per_endpoint: bool = False
     decode_s_per_token: float = 0.02  # prior
     max_running: int = 0  # the engines' concurrency cap; 0: learn it from the metrics
-    max_queue_position: int = 1  # 0: no hard bound (the cost decides)
+    max_queue_position: int = 0  # 0: no hard bound (the cost decides)
     # What a miss costs later, in multiples of its prefill: the blocks it stores evict others'
     # cached prefixes, which miss in their turn.
     miss_penalty: float = 1.0
@@ -101,9 +127,11 @@ def _parse(params: Params) -> PredictedTTFTParams:
             "maxPrefillTokensPerSecond", 200_000.0, min=0.0, min_exclusive=True
         ),
         queue_wait_s=params.duration("queueWaitSeconds", 0.1),
+        running_s=params.duration("runningRequestSeconds", 0.01),
+        per_endpoint=params.boolean("perEndpoint", False),
         decode_s_per_token=params.duration("decodeSecondsPerToken", 0.02),
         max_running=params.integer("maxRunningRequests", 0, min=0),
-        max_queue_position=params.integer("maxQueuePosition", 1, min=0),
+        max_queue_position=params.integer("maxQueuePosition", 0, min=0),
         miss_penalty=params.number("missPenalty", 1.0, min=0.0),
         min_samples=params.integer("minSamples", 30, min=0),
         forgetting=params.number("forgettingFactor", 0.995, min=0.9, max=1.0),
@@ -117,6 +145,7 @@ def _parse(params: Params) -> PredictedTTFTParams:
 class _Pending:
     endpoint_key: str
     x: list[float]
+    reserved_tokens: float = 0.0  # the KV it allocates there (uncached + output tokens)
 
 
 @dataclass(slots=True, frozen=True)
@@ -145,6 +174,11 @@ class PredictedTTFTScorer(Scorer, InFlightLoadConsumer, PreRequest, ResponseComp
         # Per endpoint key: the most requests it was seen running while others waited.
         self.caps: dict[str, int] = {}
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
+        # Per endpoint key: tokens of KV the requests picked there and still in flight
+        # allocate (their uncached prompt and output). Their blocks reach the engine's event
+        # stream only after their prefill, so without this a burst of new prefixes all
+        # "fits" on the same empty engine.
+        self._reserved: dict[str, float] = {}
         self.load_error: str | None = None
         self.counters = {"learned": 0, "skipped": 0, "gated": 0}
 
@@ -177,6 +211,7 @@ class PredictedTTFTScorer(Scorer, InFlightLoadConsumer, PreRequest, ResponseComp
         w = model.pooled["ttft"].model.w
         w[FEATURES.index("uncached_ktokens")] = 1000.0 / self.params.prefill_tokens_per_second
         w[FEATURES.index("waiting")] = self.params.queue_wait_s
+        w[FEATURES.index("running")] = self.params.running_s
         w[OUTPUT_FEATURE] = 1000.0 * self.params.decode_s_per_token  # seconds per 1k output tokens
         model.pooled["ttft"].model.project()
 
@@ -237,23 +272,46 @@ class PredictedTTFTScorer(Scorer, InFlightLoadConsumer, PreRequest, ResponseComp
         else:
             running = max(m.running, load - m.waiting)
             queue = m.waiting
+        # Only what a request's duration physically depends on and what differs between
+        # candidates is fed (see the module doc, "Learning").
         x = features(
             uncached_tokens=uncached,
             waiting=queue,
-            running=running,
-            kv_usage=m.kv_usage,
+            running=0,
+            kv_usage=0.0,
             prompt_tokens=0,
             output_tokens=self._output_tokens(request),
         )
-        cost = self.model.predict(key, x).ttft_s
+        cost = self.model.predict(self._model_key(key), x).ttft_s + running * self.params.running_s
         if self.params.miss_penalty > 0.0 and uncached > 0:
+            charged = max(
+                uncached - self._fewest_uncached(info, total),
+                self._displaced_tokens(info, key, endpoint, uncached + x[OUTPUT_FEATURE] * 1000.0),
+            )
             cost += (
-                self.params.miss_penalty
-                * self.prefill_seconds_per_ktoken(key)
-                * (uncached - self._fewest_uncached(info, total))
-                / 1000.0
+                self.params.miss_penalty * self.prefill_seconds_per_ktoken(key) * charged / 1000.0
             )
         return x, TTFTEstimate(cost, uncached, queue, running)
+
+    def _displaced_tokens(
+        self, info: PrefixMatchInfo | None, key: str, endpoint: Endpoint, new_tokens: float
+    ) -> float:
+        """Tokens of other prefixes the request's new blocks would evict on this endpoint:
+        what does not fit in the blocks it has free (its capacity, from its metrics, minus
+        the blocks its event stream says it holds and those its requests in flight are
+        allocating). 0 when either is unknown (a remote index, an engine that does not
+        publish its cache geometry)."""
+        if info is None or info.resident_blocks is None:
+            return 0.0
+        capacity = endpoint.metrics.num_gpu_blocks
+        if not capacity:
+            return 0.0
+        block = endpoint.metrics.block_size or info.block_size_tokens
+        # An engine not heard from yet holds nothing the index knows of.
+        resident = info.resident_blocks.get(key, 0) + self.reserved_tokens(key) / block
+        free = capacity - min(resident, capacity)
+        needed = math.ceil(new_tokens / block)
+        return max(0, needed - free) * block
 
     @staticmethod
     def _fewest_uncached(info: PrefixMatchInfo | None, total: int) -> int:
@@ -311,12 +369,28 @@ class PredictedTTFTScorer(Scorer, InFlightLoadConsumer, PreRequest, ResponseComp
             x = scored[key][0]
         else:  # this scorer did not run in the primary profile: estimate now
             x = self.estimate(cycle, request, endpoint)[0]
-        self._pending[request.request_id] = _Pending(key, x)
+        reserved = x[UNCACHED_FEATURE] * 1000.0 + x[OUTPUT_FEATURE] * 1000.0
+        self._pending[request.request_id] = _Pending(key, x, reserved)
+        self._reserved[key] = self._reserved.get(key, 0.0) + reserved
         while len(self._pending) > self.params.max_pending:
-            self._pending.popitem(last=False)
+            self._release(self._pending.popitem(last=False)[1])
+
+    def _release(self, pending: _Pending) -> None:
+        key = pending.endpoint_key
+        left = self._reserved.get(key, 0.0) - pending.reserved_tokens
+        if left > 0.5:
+            self._reserved[key] = left
+        else:
+            self._reserved.pop(key, None)  # bounded by the endpoints with requests in flight
+
+    def reserved_tokens(self, endpoint_key: str) -> float:
+        """KV tokens the requests in flight on the endpoint allocate (see __init__)."""
+        return self._reserved.get(endpoint_key, 0.0)
 
     def on_response_complete(self, request: LLMRequest, stats: ResponseStats) -> None:
         pending = self._pending.pop(request.request_id, None)
+        if pending is not None:
+            self._release(pending)
         duration, tokens = stats.duration_s, stats.completion_tokens
         if tokens is None:  # no usage seen (no response body through the picker)
             tokens = self._output_tokens(request)
@@ -333,7 +407,7 @@ class PredictedTTFTScorer(Scorer, InFlightLoadConsumer, PreRequest, ResponseComp
         if tokens != round(x[OUTPUT_FEATURE] * 1000.0):
             x = list(x)
             x[OUTPUT_FEATURE] = tokens / 1000.0
-        self.model.observe(pending.endpoint_key, "ttft", x, duration)
+        self.model.observe(self._model_key(pending.endpoint_key), "ttft", x, duration)
         self.counters["learned"] += 1
 
     def prefill_seconds_per_ktoken(self, endpoint_key: str) -> float:
@@ -341,7 +415,11 @@ class PredictedTTFTScorer(Scorer, InFlightLoadConsumer, PreRequest, ResponseComp
         has its own samples)."""
         x = [0.0] * len(FEATURES)
         x[FEATURES.index("uncached_ktokens")] = 1.0
-        return self.model.predict(endpoint_key, x).ttft_s
+        return self.model.predict(self._model_key(endpoint_key), x).ttft_s
+
+    def _model_key(self, endpoint_key: str) -> str:
+        """The model an endpoint is predicted with: its own (`perEndpoint`) or the pool's."""
+        return endpoint_key if self.params.per_endpoint else POOL_KEY
 
 
 def register(registry: Registry) -> None:

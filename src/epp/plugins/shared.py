@@ -25,6 +25,11 @@ class PrefixMatchInfo:
     # `prefix-cache-scorer` gives each endpoint key when it consumes this info instead of
     # keeping its own index (llm-d's scorer reads its producer's PrefixCacheMatchInfo).
     endpoint_scores: dict[str, float] | None = None
+    # Set by the precise producer/scorer when its index follows the engines' event streams:
+    # the GPU blocks (in each engine's own block size) each endpoint holds, stores minus
+    # removals. With the engine's capacity (metrics' num_gpu_blocks) it says where a new
+    # prefix fits without evicting another (kvindex.engine_blocks.EngineResidency).
+    resident_blocks: dict[str, int] | None = None
 
     def hit_tokens(self, endpoint_key: str) -> int:
         return self.matched_tokens.get(endpoint_key, 0)

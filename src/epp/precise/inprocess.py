@@ -186,6 +186,17 @@ class InProcessIndex:
         request.token_ids = ids if isinstance(ids, list) else list(ids)
         return {s.engine: s.score for s in result.scores}
 
+    def resident_blocks(self, candidates: Sequence[str]) -> dict[str, int]:
+        """GPU blocks each candidate holds per its event stream (candidates never heard
+        from are left out)."""
+        residency = self.ingest.applier.residency
+        out: dict[str, int] = {}
+        for key in candidates:
+            blocks = residency.get(key)
+            if blocks is not None:
+                out[key] = blocks
+        return out
+
     async def _sidecar(self, request: LLMRequest) -> bool:
         """Tokenize through llm-d's sidecar when it serves the request's model (sets
         `request.token_ids`); False: the request cannot be scored (counted, warned once).
