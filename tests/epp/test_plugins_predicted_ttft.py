@@ -135,6 +135,11 @@ def test_a_slow_cache_hit_never_teaches_that_misses_are_faster() -> None:
         cycle = _cycle({holder.key: 420}, total=460)
         scores = scorer.score(cycle, _request(f"t{i}"), [holder, other])
         assert scores[0] == 1.0 and scores[1] < 1.0
+    # The holder's last scrape still shows the previous turn running (the second failure in
+    # tests/real_vllm: b, b, b, a): the running tie-breaker never outweighs the hit.
+    holder.metrics.running = 1
+    scores = scorer.score(_cycle({holder.key: 420}, total=460), _request("late"), [holder, other])
+    assert scores[0] == 1.0 and scores[1] < 1.0
 
 
 def test_learnt_costs_keep_their_sign_whatever_the_samples() -> None:

@@ -100,9 +100,11 @@ class PredictedTTFTParams:
     # 1 / this (see _coefficient_floors).
     max_prefill_tokens_per_second: float = 200_000.0
     queue_wait_s: float = 0.1  # prior: seconds per request ahead in the queue
-    # prior: seconds each request running there adds (they share the engine's steps); also
-    # what spreads a burst of requests over idle engines before any scrape or event
-    running_s: float = 0.01
+    # seconds each request running there adds: a tie-breaker that spreads a burst of
+    # requests over idle engines before any scrape or event. Small on purpose: a scrape can
+    # still show a finished request running, and on a small model the prefill a cache hit
+    # saves is a few ms, which this must never outweigh (tests/real_vllm).
+    running_s: float = 0.0005
     # One learnt model per endpoint (engines of different speeds) instead of one for the pool.
     per_endpoint: bool = False
     decode_s_per_token: float = 0.02  # prior
@@ -127,7 +129,7 @@ def _parse(params: Params) -> PredictedTTFTParams:
             "maxPrefillTokensPerSecond", 200_000.0, min=0.0, min_exclusive=True
         ),
         queue_wait_s=params.duration("queueWaitSeconds", 0.1),
-        running_s=params.duration("runningRequestSeconds", 0.01),
+        running_s=params.duration("runningRequestSeconds", 0.0005),
         per_endpoint=params.boolean("perEndpoint", False),
         decode_s_per_token=params.duration("decodeSecondsPerToken", 0.02),
         max_running=params.integer("maxRunningRequests", 0, min=0),
@@ -211,7 +213,6 @@ class PredictedTTFTScorer(Scorer, InFlightLoadConsumer, PreRequest, ResponseComp
         w = model.pooled["ttft"].model.w
         w[FEATURES.index("uncached_ktokens")] = 1000.0 / self.params.prefill_tokens_per_second
         w[FEATURES.index("waiting")] = self.params.queue_wait_s
-        w[FEATURES.index("running")] = self.params.running_s
         w[OUTPUT_FEATURE] = 1000.0 * self.params.decode_s_per_token  # seconds per 1k output tokens
         model.pooled["ttft"].model.project()
 
