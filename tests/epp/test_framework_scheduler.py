@@ -11,6 +11,7 @@ import pytest
 from epp.framework import (
     ConfigError,
     CycleState,
+    DataProducer,
     DepKey,
     PluginType,
     RecordingObserver,
@@ -286,3 +287,39 @@ def test_a_plugin_declares_its_own_dependency_and_the_builder_supplies_it() -> N
     s = build_scheduler(config, SchedulerDeps(extras={table_key: table}))
     assert s.plugin("fixed-from-deps").table is table  # type: ignore[attr-defined]
     assert repr(table_key) == "DepKey('fixed-table')"
+
+
+class StuckProducer(DataProducer):
+    """A producer whose backend never answers."""
+
+    type_name = "stuck-producer"
+
+    def produce(self, cycle: CycleState, req: LLMRequest, endpoints: list[Endpoint]) -> object:  # type: ignore[override]
+        return asyncio.sleep(3600)
+
+
+async def test_a_producer_that_never_answers_is_cut_off_and_the_request_scheduled() -> None:
+    registry = registry_with_test_plugins()
+    registry.register(
+        PluginType(
+            "stuck-producer", StuckProducer, lambda p: None, lambda n, _a, _c: StuckProducer(n)
+        )
+    )
+    text = """\
+kind: EndpointPickerConfig
+plugins:
+- {type: stuck-producer}
+- {type: fixed-scorer, parameters: {table: {"10.0.0.1:8000": 1.0}}}
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: fixed-scorer
+"""
+    observer = RecordingObserver()
+    s = build_scheduler(
+        load_config(text, registry), SchedulerDeps(clock=FakeClock(), observer=observer)
+    )
+    # Bounded by DATA_PRODUCER_TIMEOUT_S (0.4 s); the deadline here only guards the test.
+    result = await asyncio.wait_for(s.schedule(request(), [endpoint(1), endpoint(2)]), 30)
+    assert result.endpoints[0].key == "10.0.0.1:8000"
+    assert [e[1] for e in observer.errors] == ["stuck-producer"]

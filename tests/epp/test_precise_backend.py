@@ -13,13 +13,14 @@ from typing import Any
 import pytest
 import yaml
 
-from epp.framework import load_config
+from epp.framework import SchedulerDeps, build_scheduler, load_config
 from epp.framework.config import ConfigError
 from epp.plugins import default_registry
-from epp.plugins.precise_prefix import PrecisePrefixParams
+from epp.plugins.precise_prefix import PREFIX_BACKEND_FACTORY, PrecisePrefixParams
+from epp.plugins.precise_profile import precise_profile_config
 from epp.precise import InProcessIndex, RemoteIndex, build_backend
 from epp.precise.options import backend_options
-from epp.types import Endpoint, LLMRequest
+from epp.types import Endpoint, EngineMetrics, LLMRequest
 from kvindex.index import MemoryIndex
 from kvindex.ingest import EventApplier
 from kvindex.scoring import Scorer
@@ -335,3 +336,40 @@ async def test_in_process_index_started_after_the_engine_replays_it() -> None:
             await backend.stop()
     finally:
         engine.close()
+
+
+async def test_a_burst_is_scheduled_in_order_each_seeing_the_picks_before_it(
+    tmp_path: Path,
+) -> None:
+    """Eight requests for one prompt at once, before any engine has published: the first
+    pick's speculative entries make the next seven follow it. The producers of a request run
+    in its own task (not wait_for's new one), so concurrent requests do not all look the
+    index up before the first of them is placed."""
+    model_dir = write_model_dir(tmp_path / "model")
+    doc = precise_profile_config(
+        tokenizers={MODEL: str(model_dir)}, events_endpoint=f"tcp://127.0.0.1:{free_port()}"
+    )
+    scheduler = build_scheduler(
+        load_config(yaml.safe_dump(doc), default_registry()),
+        SchedulerDeps(extras={PREFIX_BACKEND_FACTORY: build_backend}),
+    )
+    await scheduler.start()
+    try:
+        now = time.monotonic()
+        pool = [
+            Endpoint(f"10.0.0.{i}", 8000, metrics=EngineMetrics(updated_at=now)) for i in range(4)
+        ]
+        burst = [
+            LLMRequest(
+                request_id=f"r{i}",
+                path="/v1/completions",
+                model=MODEL,
+                base_model=MODEL,
+                token_ids=list(QUERY),
+            )
+            for i in range(8)
+        ]
+        results = await asyncio.gather(*(scheduler.schedule(r, list(pool)) for r in burst))
+        assert len({r.endpoints[0].key for r in results}) == 1
+    finally:
+        await scheduler.stop()

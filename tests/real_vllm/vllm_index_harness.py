@@ -14,6 +14,7 @@ import itertools
 import json
 import random
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,15 +64,34 @@ def predicted_tokens(index: ServeProcess, engine: VLLMEngine, body: Mapping[str,
     return int(score["matched_blocks"]) * int(data["block_size"])
 
 
+# A marker not seen within this long is followed by another.
+MARKER_RETRY_S = 3.0
+
+
 def sync(index: ServeProcess, engine: VLLMEngine, timeout: float = 30.0) -> None:
-    """Wait until the index has applied everything `engine` published so far."""
-    marker = random_tokens(3 * engine.spec.block_size, seed=10_000 + next(_markers))
-    engine.complete(marker)
-    wait_for(
-        lambda: predicted_tokens(index, engine, {"token_ids": marker}) > 0,
-        timeout,
-        f"the index to see {engine.spec.name}'s marker",
-    )
+    """Wait until the index has applied everything `engine` published so far: a marker
+    prompt, scored once the index applied it (batches apply in order, and an engine whose
+    earlier batches went missing is withheld until its replay fills them in). The marker is
+    re-sent every MARKER_RETRY_S: what vLLM's PUB socket publishes before its connection to
+    a freshly bound index is up is dropped (ZMQ's slow joiner), and nothing else would
+    arrive while this waits (seen once in `.ci/run`: the first test's index heard nothing
+    for 30 s)."""
+    deadline = time.monotonic() + timeout
+    what = f"the index to see {engine.spec.name}'s marker"
+    while True:
+        marker = random_tokens(3 * engine.spec.block_size, seed=10_000 + next(_markers))
+        engine.complete(marker)
+        remaining = deadline - time.monotonic()
+        try:
+            wait_for(
+                lambda marker=marker: predicted_tokens(index, engine, {"token_ids": marker}) > 0,
+                max(0.1, min(MARKER_RETRY_S, remaining)),
+                what,
+            )
+            return
+        except AssertionError:
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
 
 
 def reused_tokens(engine: VLLMEngine, body: Mapping[str, Any]) -> int:

@@ -212,7 +212,13 @@ class FrameworkScheduler:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         raise TimeoutError
-                    await asyncio.wait_for(pending, remaining)
+                    # Awaited in this task (asyncio.timeout, not wait_for, which wraps it in
+                    # a new task): a producer that never suspends (the in-process index)
+                    # runs to the end without yielding to other requests, so a burst of
+                    # requests is scheduled one after the other, each seeing the picks -
+                    # and speculative entries - of those before it.
+                    async with asyncio.timeout(remaining):
+                        await pending
             except Exception:
                 self._failed(ext.PREPARE_DATA, producer)
                 log.debug("data producer %s failed", producer.name, exc_info=True)
