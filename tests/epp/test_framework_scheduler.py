@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,7 @@ from epp.framework import (
     build_scheduler,
     load_config,
 )
+from epp.framework.eager import Resume
 from epp.framework.params import Params
 from epp.framework.registry import BuildContext, Registry
 from epp.plugins import default_registry, new_registry
@@ -323,3 +325,84 @@ schedulingProfiles:
     result = await asyncio.wait_for(s.schedule(request(), [endpoint(1), endpoint(2)]), 30)
     assert result.endpoints[0].key == "10.0.0.1:8000"
     assert [e[1] for e in observer.errors] == ["stuck-producer"]
+
+
+class NoWaitProducer(DataProducer):
+    """An async producer that never suspends (like the in-process index): it names the
+    endpoint the `cycle-scorer` should prefer."""
+
+    type_name = "no-wait-producer"
+
+    def produce(self, cycle: CycleState, req: LLMRequest, endpoints: list[Endpoint]) -> object:  # type: ignore[override]
+        async def fill() -> None:
+            cycle.write("preferred", "10.0.0.2:8000")
+
+        return fill()
+
+
+class CycleScorer(Scorer):
+    type_name = "cycle-scorer"
+
+    def score(self, cycle: CycleState, req: LLMRequest, endpoints: list[Endpoint]) -> list[float]:
+        preferred = cycle.read("preferred", str)
+        return [1.0 if cycle.key(e) == preferred else 0.0 for e in endpoints]
+
+
+def _eager_scheduler(producer: str) -> Scheduler:
+    registry = registry_with_test_plugins()
+    for cls in (StuckProducer, NoWaitProducer, CycleScorer):
+        registry.register(
+            PluginType(cls.type_name, cls, lambda p: None, lambda n, _a, _c, cls=cls: cls(n))
+        )
+    text = f"""\
+kind: EndpointPickerConfig
+plugins:
+- {{type: {producer}}}
+- {{type: cycle-scorer}}
+- {{type: fixed-scorer, parameters: {{table: {{"10.0.0.1:8000": 0.5}}}}}}
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: cycle-scorer
+  - pluginRef: fixed-scorer
+"""
+    return build_scheduler(load_config(text, registry), SchedulerDeps(clock=FakeClock()))
+
+
+def _first_step_outside_any_task(coro: Any) -> asyncio.Future[tuple[str, Any]]:
+    """Step `coro` once from a loop callback, where no task is current (as the picker's
+    HTTP/2 edge does from `data_received`): ("done", result) or ("suspended", awaited)."""
+    loop = asyncio.get_running_loop()
+    out: asyncio.Future[tuple[str, Any]] = loop.create_future()
+
+    def step() -> None:
+        assert asyncio.current_task() is None
+        try:
+            out.set_result(("suspended", coro.send(None)))
+        except StopIteration as done:
+            out.set_result(("done", done.value))
+
+    loop.call_soon(step)
+    return out
+
+
+async def test_driven_eagerly_a_producer_that_does_not_suspend_completes_in_the_first_step() -> (
+    None
+):
+    """The picker's HTTP/2 edge steps each handler outside any task until it suspends; a
+    decision whose producers never wait must complete in that first step, producers run."""
+    s = _eager_scheduler("no-wait-producer")
+    state, result = await _first_step_outside_any_task(
+        s.schedule(request(), [endpoint(1), endpoint(2)])
+    )
+    assert state == "done"
+    assert result.endpoints[0].key == "10.0.0.2:8000"
+
+
+async def test_driven_eagerly_a_stuck_producer_is_still_cut_off() -> None:
+    s = _eager_scheduler("stuck-producer")
+    coro = s.schedule(request(), [endpoint(1), endpoint(2)])
+    state, pending = await _first_step_outside_any_task(coro)
+    assert state == "suspended"  # the edge finishes it in a task
+    result = await asyncio.wait_for(asyncio.ensure_future(Resume(coro, pending)), 30)
+    assert result.endpoints[0].key == "10.0.0.1:8000"  # the producer was cut off and skipped

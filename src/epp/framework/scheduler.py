@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from epp.framework import observer as ext
 from epp.framework.cycle import CycleState
+from epp.framework.eager import bounded
 from epp.framework.flowgate import FlowGate
 from epp.framework.observer import SchedulerObserver
 from epp.framework.plugin import (
@@ -212,13 +213,11 @@ class FrameworkScheduler:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         raise TimeoutError
-                    # Awaited in this task (asyncio.timeout, not wait_for, which wraps it in
-                    # a new task): a producer that never suspends (the in-process index)
-                    # runs to the end without yielding to other requests, so a burst of
-                    # requests is scheduled one after the other, each seeing the picks -
-                    # and speculative entries - of those before it.
-                    async with asyncio.timeout(remaining):
-                        await pending
+                    # Not wait_for, which runs it in a new task: a producer that never
+                    # suspends (the in-process index) runs to the end without yielding to
+                    # other requests, so a burst of requests is scheduled one after the
+                    # other, each seeing the picks - and speculative entries - before it.
+                    await bounded(pending, remaining)
             except Exception:
                 self._failed(ext.PREPARE_DATA, producer)
                 log.debug("data producer %s failed", producer.name, exc_info=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable
 from typing import Any
 
 import hpack  # type: ignore[import-untyped]
@@ -28,6 +28,7 @@ from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from grpc_health.v1 import health_pb2
 
 from epp.extproc import PickerContext, RequestStream
+from epp.framework.eager import Resume
 from epp.h2edge import frames as f
 
 log = logging.getLogger(__name__)
@@ -112,35 +113,6 @@ class _Stream:
         # status sent for it.
         self.watched: str | None = None
         self.watch_sent: int | None = None
-
-
-class _Continue:
-    """Resume, inside a Task, a coroutine whose first step suspended on `pending`."""
-
-    __slots__ = ("coro", "pending")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any) -> None:
-        self.coro = coro
-        self.pending = pending
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro, value = self.coro, self.pending
-        while True:
-            try:
-                sent = yield value
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:
-                try:
-                    value = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    value = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
 
 
 class H2Connection(asyncio.BufferedProtocol):
@@ -496,7 +468,7 @@ class H2Connection(asyncio.BufferedProtocol):
         # The handler awaits something real (a remote index): finish it in a task; later
         # messages of this stream wait so that they are handled in order.
         stream.busy = True
-        task = asyncio.ensure_future(_Continue(coro, pending))
+        task = asyncio.ensure_future(Resume(coro, pending))
         task.add_done_callback(lambda t: self._resumed(stream, t))
 
     def _resumed(self, stream: _Stream, task: asyncio.Future[Any]) -> None:
