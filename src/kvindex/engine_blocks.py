@@ -106,9 +106,8 @@ class EngineResidency:
     reported again (``kv_cache_report_mode`` full: a chain from the root whose first block is
     held) are not counted. Blocks stored before the index first heard from an engine and
     never replayed are missing (it counts low; readers cap it at the engine's capacity when
-    it counts high). A router compares it with the
-    engine's capacity (``num_gpu_blocks``) to know where a new prefix fits without evicting
-    anything.
+    it counts high). A router compares it with the engine's capacity (``num_gpu_blocks``) to
+    know where a new prefix fits without evicting anything.
 
     Writers: the ingest thread. Readers: scoring threads (single dict reads)."""
 
@@ -122,7 +121,8 @@ class EngineResidency:
         self._blocks[engine] = max(0, self._blocks.get(engine, 0) + stored - removed)
 
     def clear(self, engine: str) -> None:
-        self._blocks[engine] = 0
+        if engine in self._blocks:  # an engine not tracked (the bound) stays untracked
+            self._blocks[engine] = 0
 
     def forget(self, engine: str) -> None:
         self._blocks.pop(engine, None)

@@ -61,6 +61,10 @@ class IngestConfig:
     indexed_kinds: frozenset[str] = frozenset({FULL_ATTENTION})
     default_model: str = ""  # model of engines whose topic names none
     max_pending_per_engine: int = 4096  # events held for an unknown parent
+    # Count each engine's resident GPU blocks (EventApplier.residency). Off unless a reader
+    # asks (the picker's in-process index): it costs an index lookup per root event, a
+    # round trip on Redis.
+    track_residency: bool = False
 
 
 @dataclass(slots=True)
@@ -152,7 +156,7 @@ class EventApplier:
         self.block_sizes = block_sizes or EngineBlockSizes(self.config.block_size)
         # The GPU blocks each engine holds per its stream (stores - removals): where a new
         # prefix fits without evicting (read by routers with the engine's capacity).
-        self.residency = EngineResidency()
+        self.residency = EngineResidency() if self.config.track_residency else None
         self._pending: dict[str, deque[tuple[BlockStored, str]]] = {}
         self._engine_block_size: dict[tuple[str, int], int] = {}
         self._skipped_groups: dict[str, set[int]] = {}
@@ -174,11 +178,16 @@ class EventApplier:
         # GPU blocks the engine stored and removed since its last clear in this batch.
         gpu_stored = gpu_removed = 0
         cleared = False
+        residency = self.residency
         stored = self._stored
         for event in batch.events:
             if isinstance(event, BlockStored):
                 n_stored += 1
-                if event.medium == _GPU and not self._reannounced(engine, event, local):
+                if (
+                    residency is not None
+                    and event.medium == _GPU
+                    and not self._reannounced(engine, event, local)
+                ):
                     gpu_stored += len(event.block_hashes)
                 op = stored(engine, model, event, local, counts)
                 if op is not None:
@@ -195,10 +204,10 @@ class EventApplier:
                 local.clear()
                 self._pending.pop(engine, None)
                 cleared, gpu_stored, gpu_removed = True, 0, 0
-        if fresh:  # a replay re-applying batches repeats stores already counted
+        if residency is not None and fresh:  # a replay re-applying batches repeats stores
             if cleared:
-                self.residency.clear(engine)
-            self.residency.add(engine, gpu_stored, gpu_removed)
+                residency.clear(engine)
+            residency.add(engine, gpu_stored, gpu_removed)
         events = counts.events
         if n_stored:
             events[_STORED] = n_stored
@@ -222,7 +231,8 @@ class EventApplier:
         for key in [k for k in self._engine_block_size if k[0] == engine]:
             del self._engine_block_size[key]
         self.block_sizes.forget(engine)
-        self.residency.forget(engine)
+        if self.residency is not None:
+            self.residency.forget(engine)
 
     # -- events ------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from kvindex.engine_blocks import EngineResidency
 from kvindex.index import MemoryIndex
-from kvindex.ingest import EventApplier
+from kvindex.ingest import EventApplier, IngestConfig
 from kvindex.wire import DecodedBatch, decode_batch
 from tests.events import Ev, encode_batch, removed, stored
 
@@ -22,7 +22,7 @@ def _batch(*events: Ev) -> DecodedBatch:
 
 
 def _applier() -> EventApplier:
-    return EventApplier(MemoryIndex())
+    return EventApplier(MemoryIndex(), IngestConfig(track_residency=True))
 
 
 def test_stores_removals_clears_and_other_media() -> None:
@@ -69,6 +69,16 @@ def test_bounded_by_engines() -> None:
     assert [res.get(f"e:{i}") for i in range(5)] == [3, 3, None, None, None]
     res.add("e:0", 0, 10)  # more removals than stores seen (a stream joined late)
     assert res.get("e:0") == 0
+    res.clear("e:3")  # a clear does not start tracking an engine past the bound
+    assert res.get("e:3") is None
+
+
+def test_off_unless_a_reader_asks() -> None:
+    """Counting costs an index lookup per root event (a round trip on Redis): only the
+    picker's in-process index, which reads it, turns it on."""
+    applier = EventApplier(MemoryIndex())
+    assert applier.residency is None
+    applier.apply_batch("e:1", _batch(stored([1], None, list(range(16))), removed([1])), MODEL)
 
 
 # A stream as an engine's block pool makes it: store blocks it does not hold, remove blocks it

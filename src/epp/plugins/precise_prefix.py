@@ -171,6 +171,11 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest, Lifecycle):
         # Plugins of the config that put token ids on requests before the profiles run
         # (token-producer / tokenizer); filled in once every plugin is built.
         self.token_producers: tuple[str, ...] = ()
+        # The backend's resident_blocks, looked up once (not per request); None: it has none.
+        resident = getattr(backend, "resident_blocks", None)
+        self._resident_blocks: Callable[[Sequence[str]], dict[str, int]] | None = (
+            resident if callable(resident) else None
+        )
 
     async def start(self) -> None:
         # A backend that says how it tokenizes and has no way, with no token producer in
@@ -221,8 +226,7 @@ class PrecisePrefixCacheScorer(Scorer, PreRequest, Lifecycle):
     def _resident(self, keys: Sequence[str]) -> dict[str, int] | None:
         """The blocks each candidate holds, when the backend follows the event streams
         itself (the in-process index; a remote kvindex does not say)."""
-        resident = getattr(self.backend, "resident_blocks", None)
-        return resident(keys) if callable(resident) else None
+        return self._resident_blocks(keys) if self._resident_blocks is not None else None
 
     def pre_request(self, cycle: CycleState, request: LLMRequest, result: SchedulingResult) -> None:
         if not self.params.speculative_indexing:

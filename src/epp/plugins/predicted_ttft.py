@@ -147,7 +147,11 @@ def _parse(params: Params) -> PredictedTTFTParams:
 class _Pending:
     endpoint_key: str
     x: list[float]
-    reserved_tokens: float = 0.0  # the KV it allocates there (uncached + output tokens)
+
+    @property
+    def reserved_tokens(self) -> float:
+        """The KV it allocates there: its uncached prompt and output tokens."""
+        return (self.x[UNCACHED_FEATURE] + self.x[OUTPUT_FEATURE]) * 1000.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -370,9 +374,8 @@ class PredictedTTFTScorer(Scorer, InFlightLoadConsumer, PreRequest, ResponseComp
             x = scored[key][0]
         else:  # this scorer did not run in the primary profile: estimate now
             x = self.estimate(cycle, request, endpoint)[0]
-        reserved = x[UNCACHED_FEATURE] * 1000.0 + x[OUTPUT_FEATURE] * 1000.0
-        self._pending[request.request_id] = _Pending(key, x, reserved)
-        self._reserved[key] = self._reserved.get(key, 0.0) + reserved
+        pending = self._pending[request.request_id] = _Pending(key, x)
+        self._reserved[key] = self._reserved.get(key, 0.0) + pending.reserved_tokens
         while len(self._pending) > self.params.max_pending:
             self._release(self._pending.popitem(last=False)[1])
 

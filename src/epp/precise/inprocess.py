@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 from prometheus_client import CollectorRegistry
 
@@ -102,7 +103,8 @@ class InProcessIndex:
                 curve=_curve(kv.curve_cert, kv.curve_clients, kv.curve_server_key),
             ),
             self.index,
-            self.indexer.config.ingest_config(),
+            # The predicted-ttft scorer reads each engine's resident blocks (resident_blocks).
+            replace(self.indexer.config.ingest_config(), track_residency=True),
             KvindexMetrics(registry),
         )
         # Entries of engines not in sync (restarted, replaying, silent) are withheld from
@@ -190,6 +192,7 @@ class InProcessIndex:
         """GPU blocks each candidate holds per its event stream (candidates never heard
         from are left out)."""
         residency = self.ingest.applier.residency
+        assert residency is not None  # this backend's ingest tracks it (__init__)
         out: dict[str, int] = {}
         for key in candidates:
             blocks = residency.get(key)
