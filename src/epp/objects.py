@@ -245,6 +245,11 @@ class ObjectStore:
         self._sources: dict[str, _Source] = {}
         self._rules: list[tuple[tuple[int, str, str, int], RewriteRule, str]] | None = None
         self.version = 0  # bumped on every change (tests wait on it)
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every change (the server re-publishes its readiness)."""
+        self._listeners.append(listener)
 
     # -- updates ---------------------------------------------------------------------------
 
@@ -260,6 +265,8 @@ class ObjectStore:
     def _changed(self) -> None:
         self._rules = None
         self.version += 1
+        for listener in self._listeners:
+            listener()
 
     def replace(
         self,
@@ -421,6 +428,12 @@ class ObjectsFileSource:
 
     def poll(self) -> bool:
         return self.file.poll(self._loaded, self._failed)
+
+    @property
+    def synced(self) -> bool:
+        """The file was read and parsed at least once (until then every request would get
+        priority 0 and no rewrite: the picker reports itself not ready)."""
+        return self.file.loads > 0
 
     def _loaded(self, value: tuple[list[Objective], list[ModelRewrite]]) -> None:
         objectives, rewrites = value

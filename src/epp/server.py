@@ -141,6 +141,8 @@ class PickerServer:
         self._kubernetes_api_client = kubernetes_api_client
         self._watcher: Any = None
         self._objects_watcher: Any = None
+        # One per objects source (file, Kubernetes): has it delivered its objects once?
+        self._objects_synced: list[Callable[[], bool]] = []
         self._draining = False
         self._scheduler_started = False
         self.scraper = EngineMetricsScraper(
@@ -163,11 +165,15 @@ class PickerServer:
 
     @property
     def ready(self) -> bool:
-        """The scheduler started and every configured endpoint source has reported once (and
-        we are not draining)."""
+        """The scheduler started, every configured endpoint source has reported once and
+        every objects source (file, Kubernetes) has delivered its InferenceObjectives and
+        InferenceModelRewrites once (before that a request would be served at priority 0,
+        unrewritten), and we are not draining."""
         if self._draining or not self._scheduler_started:
             return False
         if self._pool is not None and not self._pool.synced:
+            return False
+        if not all(synced() for synced in self._objects_synced):
             return False
         return self._expected_sources <= self.datastore.sources_reported
 
@@ -178,7 +184,7 @@ class PickerServer:
         # llm-d's chart probes this name (one replica); llm-d answers it as readiness.
         await self._set_health(CHART_PROBE_SERVICE, status)
 
-    def _on_endpoints_changed(self) -> None:
+    def _republish_health(self) -> None:
         with contextlib.suppress(RuntimeError):  # no running loop: nothing to publish to
             asyncio.get_running_loop().create_task(self._publish_health())
 
@@ -228,7 +234,8 @@ class PickerServer:
     async def start(self) -> None:
         c = self.config
         self._start_sources()
-        self.datastore.on_change(self._on_endpoints_changed)
+        self.datastore.on_change(self._republish_health)
+        self.objects.on_change(self._republish_health)
 
         await self._start_extproc()
 
@@ -299,7 +306,13 @@ class PickerServer:
                 lambda: self.metrics.objects_source_errors.labels(source="file").inc(),
                 c.objects_file_interval_s,
             )
-            source.poll()
+            self._objects_synced.append(lambda: source.synced)
+            if not source.poll():
+                log.error(
+                    "objects file %s not loaded: not ready until it is (%s)",
+                    c.objects_file,
+                    source.file.last_error,
+                )
             self._tasks.append(asyncio.create_task(source.run(), name="objects-file"))
         if api_client is not None:
             from epp.discovery.objects_watch import KubernetesObjectsWatcher
@@ -311,6 +324,8 @@ class PickerServer:
                     source=f"kubernetes-{what}"
                 ).inc(),
             )
+            watcher = self._objects_watcher
+            self._objects_synced.append(lambda: bool(watcher.synced))
             self._objects_watcher.start(asyncio.get_running_loop(), self.objects)
 
     def _start_sources(self) -> None:

@@ -208,7 +208,9 @@ async def test_kubernetes_watch_against_fake_api_server() -> None:
     watcher = KubernetesObjectsWatcher("ns", api_client, on_error=errors.append, retry_delay_s=0.05)
     watcher.start(asyncio.get_running_loop(), store)
     try:
-        await _wait(lambda: watcher.listed == {"inferenceobjectives", "inferencemodelrewrites"})
+        assert not watcher.synced
+        await _wait(lambda: watcher.synced)
+        assert watcher.listed == {"inferenceobjectives", "inferencemodelrewrites"}
         assert store.objective("critical").priority == 10  # type: ignore[union-attr]
         assert store.objective("foreign") is None  # another pool's
         await api.object_events["inferenceobjectives"].put(

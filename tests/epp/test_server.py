@@ -366,3 +366,34 @@ async def test_serve_process_drains_on_sigterm() -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_not_ready_until_the_objects_file_is_loaded(tmp_path: Path) -> None:
+    """Before its InferenceObjectives are known every request would run at priority 0: a
+    missing or unparsable objects file keeps the picker not ready until a good one is read."""
+    path = tmp_path / "objects.yaml"
+    path.write_text("kind: InferenceObjective\nmetadata: {name: batch}\nspec: {priority: x}\n")
+    server = PickerServer(
+        config(
+            endpoints="10.0.0.1:8000",
+            secure_serving=False,
+            objects_file=str(path),
+            objects_file_interval_s=0.02,
+        ),
+        LeastWaitingScheduler(),
+    )
+    await server.start()
+    try:
+        assert not server.ready
+        assert await health_status(server.ports["health"], "readiness") == NOT_SERVING
+        text = "kind: InferenceObjective\nmetadata: {name: batch}\nspec: {priority: -1}\n"
+        path.write_text(text)
+        os.utime(path, ns=(2 * 10**18, 2 * 10**18))  # a new stamp even on a coarse clock
+
+        async def ready() -> bool:
+            return await health_status(server.ports["health"], "readiness") == SERVING
+
+        await wait_for_async(ready)
+        assert server.objects.objective("batch").priority == -1  # type: ignore[union-attr]
+    finally:
+        await server.close()

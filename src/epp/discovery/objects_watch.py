@@ -91,6 +91,11 @@ class KubernetesObjectsWatcher:
         for watch in self._loops:
             watch.start()
 
+    @property
+    def synced(self) -> bool:
+        """Both kinds were listed at least once (read on the loop)."""
+        return self.listed >= {OBJECTIVES_PLURAL, REWRITES_PLURAL}
+
     def stop(self) -> None:
         self._stopped.set()
         for watch in self._loops:
@@ -130,11 +135,11 @@ class KubernetesObjectsWatcher:
         items = [p for p in (self._parse(plural, o) for o in listed.get("items") or []) if p]
 
         def apply(store: ObjectStore) -> None:
+            self.listed.add(plural)  # first: the store's change listeners read `synced`
             if plural == OBJECTIVES_PLURAL:
                 store.replace(SOURCE, objectives=items)
             else:
                 store.replace(SOURCE, rewrites=items)
-            self.listed.add(plural)
 
         self._emit(apply)
         version = object_version(listed)
