@@ -75,6 +75,9 @@ class PickerContext:
     # scrapes at its fast interval only while the picker has traffic).
     open_streams: int = 0
     on_stream_open: Callable[[], None] | None = None
+    # Whether an edge that can answer a stream unasked (the h2 edge) makes scheduled
+    # requests evictable (`LLMRequest.evict`, flow control's in-flight eviction).
+    evictable: bool = True
 
     def stream_opened(self) -> None:
         self.open_streams += 1
@@ -121,6 +124,10 @@ class RequestStream:
         self.first_byte_at: float | None = None
         self.usage: UsageCollector | None = None
         self.completed = False
+        # Set by an edge that can send on the stream unasked (the h2 edge): sends these
+        # responses and ends the stream; False when it cannot now. Makes requests evictable.
+        self.push: Callable[[Responses], bool] | None = None
+        self.evicted = False
 
     # -- dispatch ---------------------------------------------------------------------
 
@@ -190,6 +197,19 @@ class RequestStream:
                 return responses
         return [*responses, wire.request_trailers_response()]
 
+    def _evict(self, status: int, reason: str, message: str) -> bool:
+        """End a scheduled request's stream with an immediate answer (flow control's
+        in-flight eviction): Envoy answers the client (or resets it, once the response has
+        begun) and resets the engine's request."""
+        if self.done or self.completed or self.push is None or not self.destination:
+            return False
+        self.done = self.evicted = True
+        log.info("evicting request %s: %s %s", self.headers.get(":path"), status, reason)
+        if not self.push([wire.immediate_response(status, reason, message)]):
+            self.done = self.evicted = False
+            return False
+        return True
+
     def _reject(self, status: int, reason: str, message: str) -> Responses:
         model = self.request.model if self.request is not None else ""
         self.ctx.metrics.request_error_total.labels(model=model, error_code=str(status)).inc()
@@ -211,6 +231,8 @@ class RequestStream:
         except ParseError as exc:
             return self._reject(400, "malformed-request", exc.message)
         self.request = request
+        if self.push is not None:
+            request.evict = self._evict
         candidates: Sequence[Endpoint] = self.ctx.endpoints()
         if not candidates:
             return self._reject(503, "rejected-no-endpoints", "no ready endpoints in the pool")
@@ -377,7 +399,9 @@ class RequestStream:
         finish is reported as abandoned so that per-request state in plugins is released.
         Without response bodies the stream's end is the response's end (Envoy closes it
         when the HTTP stream is done; a client gone mid-response cannot be told apart)."""
-        self._complete(abandoned=not self.ends_with_stream)
+        self._complete(abandoned=self.evicted or not self.ends_with_stream)
+        if self.request is not None:
+            self.request.evict = None  # a bound method of this stream: no cycle left behind
 
 
 # The handler of each ProcessingRequest kind. Kept on the class, not as bound methods on

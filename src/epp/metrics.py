@@ -218,6 +218,13 @@ class EppMetrics:
             "The pool's saturation at the last flow-control dispatch cycle (1.0: full).",
             registry=r,
         )
+        self.flow_control_in_flight_evictions = Counter(
+            PREFIX + "flow_control_in_flight_evictions_total",
+            "Dispatched requests evicted (429 evicted; Envoy resets the engine's request) to "
+            "make room for a waiting higher-priority request, by the evicted one's priority.",
+            ["priority"],
+            registry=r,
+        )
         # InferenceModelRewrite: llm-d-router's model_rewrite_decisions_total.
         self.model_rewrite_decisions = Counter(
             PREFIX + "model_rewrite_decisions_total",
@@ -325,3 +332,6 @@ class PrometheusFlowControlObserver:
 
     def saturation(self, value: float) -> None:
         self.metrics.flow_control_pool_saturation.set(value)
+
+    def evicted_in_flight(self, priority: int) -> None:
+        self.metrics.flow_control_in_flight_evictions.labels(str(priority)).inc()

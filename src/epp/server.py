@@ -77,6 +77,9 @@ class ServeConfig:
     # YAML file of InferenceObjective / InferenceModelRewrite objects, watched (`--objects-file`).
     objects_file: str | None = None
     objects_file_interval_s: float = 1.0
+    # Flow control may evict scheduled sheddable requests for waiting higher-priority ones
+    # (h2 edge only; `--no-flow-control-in-flight-eviction` turns it off).
+    flow_control_in_flight_eviction: bool = True
 
 
 @dataclass(slots=True)
@@ -125,6 +128,7 @@ class PickerServer:
             max_body_bytes=config.max_body_bytes,
             header_primary_only=config.header_primary_only,
             response_body_needed=response_body_needed(scheduler),
+            evictable=config.flow_control_in_flight_eviction,
         )
         self.health = health.aio.HealthServicer()
         self.ports: dict[str, int] = {}

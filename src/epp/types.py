@@ -5,7 +5,7 @@ framework import only this module from each other."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -98,6 +98,11 @@ class LLMRequest:
     # The model the client asked for when an InferenceModelRewrite replaced it ("" if not):
     # `model` and `raw_body` then carry the rewritten name.
     requested_model: str = ""
+    # Set by an edge that can end the request's stream after it was scheduled (the h2 edge):
+    # `evict(status, reason, message)` answers the client at once (Envoy then resets the
+    # engine's request) and returns False when it cannot (the stream already ended).
+    # Flow control's in-flight eviction calls it. Cleared when the stream ends.
+    evict: Callable[[int, str, str], bool] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)

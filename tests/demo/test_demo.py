@@ -169,3 +169,21 @@ def test_real_engines_without_their_environment_name_the_install_command(tmp_pat
     assert proc.returncode == 2, proc.stderr
     assert "make vllm-env" in proc.stderr and VLLM_ENV_VAR in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@needs_envoy
+def test_objects_file_reaches_the_pickers(tmp_path: Path) -> None:
+    """`--objects-file` goes to every picker: a rewrite of every model to one the engines do
+    not serve turns each request into the engine's 404 (the picker rewrote the body)."""
+    objects = tmp_path / "objects.yaml"
+    objects.write_text(
+        "kind: InferenceModelRewrite\n"
+        "metadata: {name: away}\n"
+        "spec: {rules: [{targets: [{modelRewrite: not-served-here}]}]}\n"
+    )
+    proc = _demo("--policies=approximate", "--requests=6", f"--objects-file={objects}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads(proc.stdout)["runs"]
+    assert run["requests"] == 6 and run["errors"] == 6, run
+    missing = _demo("--policies=approximate", f"--objects-file={tmp_path / 'none.yaml'}")
+    assert missing.returncode == 2 and "no such file" in missing.stderr

@@ -219,3 +219,135 @@ def test_gate_off_keeps_the_section_inactive() -> None:
     )
     assert config.inactive_sections == ("flowControl",)
     assert build_scheduler(config).flow_control is None
+
+
+class Stream:
+    """An edge's stream as flow control sees it: `evict` answers it (True) unless it has
+    ended; ending it reports the response finished, as the edge does when Envoy closes it."""
+
+    def __init__(self, fc: FlowController, pool: Pool, request: LLMRequest) -> None:
+        self.fc, self.pool, self.request = fc, pool, request
+        self.answers: list[tuple[int, str]] = []
+        self.ended = False
+        request.evict = self.evict
+
+    def evict(self, status: int, reason: str, message: str) -> bool:
+        if self.ended:
+            return False
+        self.answers.append((status, reason))
+        self.end()
+        return True
+
+    def end(self) -> None:
+        self.ended = True
+        self.pool.value -= 0.25  # one of the pool's 4 slots frees
+        self.fc.finished(self.request)
+
+
+async def _cycles(pool: Pool, n: int) -> None:
+    """Wait until `n` more dispatch cycles have read the pool's saturation."""
+    target = pool.calls + n
+    await _until(lambda: pool.calls >= target)
+
+
+async def _in_flight(fc: FlowController, pool: Pool, rid: str, priority: int) -> Stream:
+    stream = Stream(fc, pool, _request(rid, priority))
+    await fc.admit(stream.request, [])
+    fc.started(stream.request)  # what the scheduler reports once it has picked
+    pool.value += 0.25
+    return stream
+
+
+async def test_a_waiting_critical_request_evicts_the_newest_sheddable_in_flight() -> None:
+    pool = Pool()
+    metrics = EppMetrics()
+    fc = FlowController(
+        FlowControlCore(CoreConfig()),
+        pool,
+        time.monotonic,
+        observer=PrometheusFlowControlObserver(metrics),
+    )
+    old = await _in_flight(fc, pool, "old", -1)
+    crit = await _in_flight(fc, pool, "crit", 5)  # not sheddable: never a victim
+    low = await _in_flight(fc, pool, "low", -2)
+    new = await _in_flight(fc, pool, "new", -1)
+    assert pool.value == 1.0 and len(fc.in_flight) == 3  # the critical one is not tracked
+    # Lowest priority first, then the newest dispatched.
+    await fc.admit(_request("c1", 10), [])
+    pool.value += 0.25  # c1 took the room
+    assert low.answers == [(429, "evicted")] and not old.answers and not new.answers
+    await fc.admit(_request("c2", 10), [])
+    pool.value += 0.25
+    assert new.answers == [(429, "evicted")] and not old.answers
+    assert fc.outcomes["EvictedInFlight"] == 2 and fc.outcomes["Dispatched"] == 6
+    assert not crit.answers
+    text = metrics.render().decode()
+    assert 'llm_d_epp_flow_control_in_flight_evictions_total{priority="-1"} 1.0' in text
+    assert 'llm_d_epp_flow_control_in_flight_evictions_total{priority="-2"} 1.0' in text
+    # A sheddable request never evicts one of its own priority.
+    pool.value = 1.0
+    waiting = asyncio.create_task(fc.admit(_request("s", -1), []))
+    await _until(lambda: fc.core.length == 1)
+    await _cycles(pool, 3)  # dispatch cycles that find nothing to evict
+    assert not old.answers and fc.core.length == 1
+    old.end()
+    await waiting
+    await fc.stop()
+
+
+async def test_one_eviction_per_waiting_request_until_a_dispatch_uses_the_room() -> None:
+    """A saturation signal that does not drop at once (scraped engine metrics) must not
+    make every cycle evict another request for the same waiting one."""
+    pool = Pool()
+    fc = _controller(pool)
+    streams = [await _in_flight(fc, pool, f"s{i}", -1) for i in range(4)]
+    pool.value = 1.0
+    for s in streams:
+        s.end = lambda s=s: (setattr(s, "ended", True), fc.finished(s.request))  # type: ignore[method-assign]
+    waiting = asyncio.create_task(fc.admit(_request("c", 10), []))
+    await _until(lambda: fc.evictions == 1)
+    await _cycles(pool, 3)  # saturation still 1.0
+    assert fc.evictions == 1 and fc.core.length == 1
+    pool.value = 0.75  # the engines' metrics catch up
+    fc.kick()
+    await waiting
+    # The next waiting request may evict again.
+    pool.value = 1.0
+    second = asyncio.create_task(fc.admit(_request("c2", 10), []))
+    await _until(lambda: fc.evictions == 2)
+    pool.value = 0.75
+    fc.kick()
+    await second
+    await fc.stop()
+
+
+async def test_in_flight_eviction_can_be_off_and_skips_ended_streams() -> None:
+    pool = Pool()
+    fc = _controller(pool)
+    fc.evict_in_flight = False
+    stream = await _in_flight(fc, pool, "s", -1)
+    assert len(fc.in_flight) == 0  # not even tracked
+    pool.value = 1.0
+    waiting = asyncio.create_task(fc.admit(_request("c", 10), []))
+    await _until(lambda: fc.core.length == 1)
+    await _cycles(pool, 3)
+    assert not stream.answers and fc.core.length == 1
+    stream.end()
+    await waiting
+    await fc.stop()
+
+    pool = Pool()
+    fc = _controller(pool)
+    gone = await _in_flight(fc, pool, "gone", -1)
+    live = await _in_flight(fc, pool, "live", -1)
+    live.request.priority = -1
+    live.ended = False
+    # `gone` ended without its end reaching flow control (tracked still): evicting it fails,
+    # the next victim is taken.
+    gone.ended = True
+    fc.in_flight._items["gone"].finalized_at = time.monotonic() + 1  # the newest
+    pool.value = 1.0
+    await fc.admit(_request("c", 10), [])
+    assert live.answers == [(429, "evicted")] and not gone.answers
+    assert len(fc.in_flight) == 0
+    await fc.stop()

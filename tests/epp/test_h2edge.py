@@ -396,3 +396,43 @@ async def test_arbitrary_frames_never_break_the_server(
     sid = await decision_stream(client)
     await client.until(lambda: len(decode_messages(bytes(client.data.get(sid, b"")))) >= 2)
     await client.close()
+
+
+async def test_a_scheduled_request_can_be_evicted_unasked(picker: ExtProcHarness) -> None:
+    """Flow control's in-flight eviction: after its decision, the stream gets an immediate
+    response (429 `evicted` with the dropped-reason header) without Envoy asking, ends with
+    grpc-status 0, and the request is reported finished (abandoned); once ended it cannot
+    be evicted again."""
+    client = await Client.connect(picker.port)
+    sid = await decision_stream(client)
+    await client.until(lambda: len(decode_messages(bytes(client.data.get(sid, b"")))) >= 2)
+    (request,) = picker.scheduler.scheduled
+    assert request.evict is not None
+    assert request.evict(429, "evicted", "room for a higher priority")
+    await client.until(lambda: client.ended(sid))
+    answer = decode_messages(bytes(client.data[sid]))[-1].immediate_response
+    assert answer.status.code == 429
+    headers = {h.header.key: h.header.raw_value for h in answer.headers.set_headers}
+    assert headers["x-llm-d-request-dropped-reason"] == b"evicted"
+    assert client.trailers(sid)["grpc-status"] == "0"
+    await wait_until(lambda: len(picker.scheduler.completed) == 1)
+    assert picker.scheduler.completed[0].status == 499  # abandoned: not a served response
+    assert request.evict is None  # the stream ended: no reference to it is left
+    await client.close()
+    await wait_until(lambda: sample(picker.metrics, "llm_d_epp_inflight_streams") == 0)
+
+
+@pytest.mark.parametrize("server, evictable", [("h2", False), ("grpcio", True)])
+async def test_requests_are_not_evictable_without_the_option_or_on_grpcio(
+    server: str, evictable: bool
+) -> None:
+    """`--no-flow-control-in-flight-eviction` (PickerContext.evictable False) and the grpcio
+    edge, which cannot answer a stream unasked: no request carries `evict`."""
+    eps = endpoints(("10.0.0.1", 8000, 0))
+    scheduler = LeastWaitingScheduler()
+    async with ExtProcHarness(eps, scheduler, server=server, evictable=evictable) as harness:
+        client = await Client.connect(harness.port)
+        sid = await decision_stream(client)
+        await client.until(lambda: len(decode_messages(bytes(client.data.get(sid, b"")))) >= 2)
+        assert scheduler.scheduled[0].evict is None
+        await client.close()

@@ -243,6 +243,39 @@ async def test_queueing_and_running_lora_metrics(start: Start) -> None:
     assert (await slow)[0] == 200 and (await queued)[0] == 200
 
 
+async def _running_waiting(server: SimServer) -> tuple[float, float]:
+    fams = metric_families(await get_text(server, "/metrics"))
+    return (
+        fams["vllm:num_requests_running"].samples[0].value,
+        fams["vllm:num_requests_waiting"].samples[0].value,
+    )
+
+
+async def test_a_client_that_disconnects_aborts_its_request(start: Start) -> None:
+    """As vLLM's API server (`with_cancellation`): a client gone mid-prefill frees its slot
+    at once, so a waiting request starts instead of waiting out the abandoned one (its
+    prefill here: 18 s)."""
+    server = await start(max_num_seqs=1, timing=TimingModel(0.3, 0.0, 1.0))
+    session = aiohttp.ClientSession()
+    body = {"prompt": "x" * 60, "max_tokens": 1, "stream": True}
+    gone = asyncio.create_task(session.post(server.url + "/v1/completions", json=body))
+    deadline = asyncio.get_running_loop().time() + 10
+    while await _running_waiting(server) != (1, 0):
+        assert asyncio.get_running_loop().time() < deadline, "the first request never ran"
+        await asyncio.sleep(0.005)
+    queued = asyncio.create_task(post(server, "/v1/completions", {"prompt": "ab", "max_tokens": 1}))
+    while await _running_waiting(server) != (1, 1):
+        assert asyncio.get_running_loop().time() < deadline, "the second never waited"
+        await asyncio.sleep(0.005)
+    response = await gone
+    response.close()  # the client walks away: the connection closes mid-request
+    await session.close()
+    # The second (under 1 s) starts when the slot frees; the first would take 18 s more.
+    status, _, _ = await asyncio.wait_for(queued, 15)
+    assert status == 200
+    assert server.engines[0].stats.requests_finished == 1
+
+
 async def test_eviction_emits_block_removed(start: Start) -> None:
     server = await start(block_size=4, num_gpu_blocks=6)
     for i in range(4):

@@ -219,6 +219,14 @@ def register(subparsers: Any) -> None:
         help="YAML file of InferenceObjective / InferenceModelRewrite objects (the CRDs' "
         "shapes), watched for changes; for runs without Kubernetes",
     )
+    p.add_argument(
+        "--flow-control-in-flight-eviction",
+        action=argparse.BooleanOptionalAction,
+        default=_DEFAULTS.flow_control_in_flight_eviction,
+        help="with flow control, evict a scheduled sheddable request (429 evicted; Envoy "
+        "resets the engine's request) when a higher-priority request waits for room "
+        "(default on; llm-d tracks such requests but never evicts them)",
+    )
     p.add_argument("--log-level", default="info", help="debug, info, warning, error")
     upstream_flags.add_upstream_flags(p)
     p.set_defaults(func=run)
@@ -258,6 +266,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         adapters=_key_values(args.lora_adapter, "--lora-adapter"),
         objectives=_key_values(args.objective, "--objective", int),
         objects_file=args.objects_file,
+        flow_control_in_flight_eviction=args.flow_control_in_flight_eviction,
     )
 
 

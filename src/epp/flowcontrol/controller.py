@@ -12,7 +12,16 @@ their own timers. A stream cancelled while queued (client gone) leaves the queue
 Outcomes are answered as llm-d-router does (`requestcontrol/admission.go`): queue full ->
 429 `rejected-saturated`; TTL expired -> 503 `rejected-ttl-expired`; client gone -> 503
 `rejected-context-cancelled`; displaced by a higher-priority request -> 429
-`evicted-priority` (upstream's reason for priority eviction); stopping -> 503."""
+`evicted-priority` (upstream's reason for priority eviction); stopping -> 503.
+
+In-flight eviction: the scheduler reports each scheduled request (`started`) and each
+finished response (`finished`). A started request the eviction filter accepts (sheddable)
+and whose edge can end its stream early (`LLMRequest.evict`, the h2 edge) is tracked. When
+a dispatch cycle is blocked by saturation while a higher-priority request waits, the tracked
+request first in eviction order (lowest priority, newest dispatched) is evicted: its stream
+gets llm-d's eviction answer (429 `evicted`; Envoy resets the engine's request, which aborts
+it), so its capacity goes to the waiting request. At most one eviction per waiting request
+that outranks the victim is outstanding (until a dispatch uses the room)."""
 
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from epp.flowcontrol.core import FlowControlCore, FlowItem, Outcome
+from epp.flowcontrol.core import FlowControlCore, FlowItem, InFlight, Outcome
 from epp.types import Endpoint, LLMRequest, SchedulingError
 
 log = logging.getLogger(__name__)
@@ -36,8 +45,10 @@ REJECTED_SATURATED = "rejected-saturated"
 REJECTED_TTL_EXPIRED = "rejected-ttl-expired"
 REJECTED_CONTEXT_CANCELLED = "rejected-context-cancelled"
 EVICTED_PRIORITY = "evicted-priority"
+EVICTED = "evicted"  # llm-d's reason for an in-flight request evicted (RequestDroppedReasonEvicted)
 FLOW_CONTROL_STOPPED = "flow-control-stopped"
 
+_EVICTED_MESSAGE = "evicted by flow control to make room for a higher-priority request"
 # outcome -> (HTTP status, x-llm-d-request-dropped-reason, message)
 _ANSWERS: dict[Outcome, tuple[int, str, str]] = {
     Outcome.REJECTED_CAPACITY: (429, REJECTED_SATURATED, "flow control queue at capacity"),
@@ -62,6 +73,8 @@ class FlowControlObserver(Protocol):
 
     def saturation(self, value: float) -> None: ...
 
+    def evicted_in_flight(self, priority: int) -> None: ...
+
 
 class FlowController:
     def __init__(
@@ -73,6 +86,7 @@ class FlowController:
         default_ttl_s: float = 0.0,
         observer: FlowControlObserver | None = None,
         tick_s: float = DEFAULT_TICK_S,
+        evict_in_flight: bool = True,
     ) -> None:
         self.core = core
         self._saturation = saturation
@@ -86,6 +100,11 @@ class FlowController:
         self._stopped = False
         # outcome -> count, for tests and logs (the observer has the labelled series)
         self.outcomes: dict[str, int] = {}
+        self.evict_in_flight = evict_in_flight
+        self.in_flight = InFlight(core.config.eviction_order, core.config.eviction_filter)
+        # Evictions whose room no dispatch has used yet (see the module's docstring).
+        self._evicted_unused = 0
+        self.evictions = 0
 
     # -- request path ----------------------------------------------------------------------
 
@@ -142,6 +161,52 @@ class FlowController:
         if self._wake is not None and self.core.length:
             self._wake.set()
 
+    def started(self, request: LLMRequest) -> None:
+        """`request` was scheduled: track it if it may be evicted."""
+        if not self.evict_in_flight or request.evict is None:
+            return
+        now = self._clock()
+        item = FlowItem(
+            request_id=request.request_id,
+            flow_id=request.headers.get(FAIRNESS_ID_HEADER) or DEFAULT_FAIRNESS_ID,
+            priority=request.priority,
+            enqueued_at=now,
+            payload=request,
+        )
+        item.outcome, item.finalized_at = Outcome.DISPATCHED, now
+        self.in_flight.add(item)
+
+    def finished(self, request: LLMRequest) -> None:
+        """`request`'s response ended (or its stream did): stop tracking it; try now."""
+        if self.in_flight:
+            self.in_flight.remove(request.request_id)
+        self.kick()
+
+    def _evict_for_waiting(self) -> bool:
+        """Dispatch is blocked: evict the in-flight request first in eviction order below
+        the highest waiting priority, unless enough evictions are already outstanding."""
+        core = self.core
+        top = core.top_priority()
+        if top is None:
+            return False
+        victim = self.in_flight.victim(top)
+        if victim is None:
+            return False
+        if core.queued_above(victim.priority) <= self._evicted_unused:
+            return False
+        self.in_flight.remove(victim.request_id)
+        request = victim.payload
+        assert isinstance(request, LLMRequest)
+        evict = request.evict
+        if evict is None or not evict(429, EVICTED, _EVICTED_MESSAGE):
+            return False  # its stream had ended or cannot be answered now: not counted
+        self._evicted_unused += 1
+        self.evictions += 1
+        self.outcomes["EvictedInFlight"] = self.outcomes.get("EvictedInFlight", 0) + 1
+        if self.observer is not None:
+            self.observer.evicted_in_flight(victim.priority)
+        return True
+
     # -- dispatcher ------------------------------------------------------------------------
 
     def _ensure_dispatcher(self) -> None:
@@ -164,11 +229,18 @@ class FlowController:
                 self.observer.saturation(saturation)
             item = core.dispatch_next(saturation, now)
             if item is not None:
+                if self._evicted_unused:
+                    self._evicted_unused -= 1
                 self._settle([item])
                 self._publish_queue(item.priority)
                 # Let the dispatched stream schedule (its in-flight load counts) first.
                 await asyncio.sleep(0)
                 continue
+            if self.evict_in_flight and self.in_flight:
+                self._evicted_unused = min(self._evicted_unused, core.length)
+                if self._evict_for_waiting():
+                    await asyncio.sleep(0)  # the victim's stream closes; look again
+                    continue
             wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), self.tick_s)
@@ -205,6 +277,7 @@ class FlowController:
     async def stop(self) -> None:
         """Reject everything queued (503) and stop the dispatcher."""
         self._stopped = True
+        self.evict_in_flight = False
         drained = self.core.drain(self._clock())
         self._settle(drained)
         for priority in {i.priority for i in drained}:

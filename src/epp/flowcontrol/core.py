@@ -15,6 +15,9 @@ event loop).
   fairness policy picks a flow and the head of that flow's queue (by the band's ordering
   policy) is dispatched. One item per call.
 - `expire(now)` finalizes items whose TTL ran out; `cancel` removes one (client gone).
+- `InFlight` holds the dispatched requests the eviction filter accepts until their responses
+  end; `victim(priority)` is the one to evict (eviction order) for a request of `priority`
+  that cannot be dispatched.
 """
 
 from __future__ import annotations
@@ -208,12 +211,14 @@ class EvictionOrder(ABC):
 
 
 class PriorityThenTimeEviction(EvictionOrder):
-    """Lowest priority first, then the most recently enqueued."""
+    """Lowest priority first, then the most recent: for a queued item the newest enqueued,
+    for a dispatched one the newest dispatched (the least work lost, as llm-d's policy)."""
 
     type_name = "priority-then-time-eviction-order-policy"
 
     def key(self, item: FlowItem) -> tuple[float, ...]:
-        return (item.priority, -item.enqueued_at, -item.seq)
+        at = item.finalized_at if item.outcome is Outcome.DISPATCHED else None
+        return (item.priority, -(item.enqueued_at if at is None else at), -item.seq)
 
 
 class EvictionFilter(ABC):
@@ -474,6 +479,17 @@ class FlowControlCore:
             self._finalize(item, Outcome.EVICTED_TTL, now)
         return expired
 
+    def top_priority(self) -> int | None:
+        """The highest priority with something queued (None: nothing queued)."""
+        for priority in self._priorities:
+            if self.bands[priority].length:
+                return priority
+        return None
+
+    def queued_above(self, priority: int) -> int:
+        """How many queued items have a priority above `priority`."""
+        return sum(self.bands[p].length for p in self._priorities if p > priority)
+
     def next_deadline(self) -> float:
         return min((i.deadline for i in self.items()), default=math.inf)
 
@@ -492,3 +508,47 @@ class FlowControlCore:
         for item in items:
             self._finalize(item, Outcome.EVICTED_OTHER, now)
         return items
+
+
+# --- dispatched requests ----------------------------------------------------------------------
+
+# Tracked dispatched requests at most (beyond it a request is simply not evictable): the map
+# is bounded even if the edge never reported some responses' ends.
+MAX_IN_FLIGHT = 65_536
+
+
+class InFlight:
+    """Dispatched requests that may be evicted (the eviction filter accepts them), by
+    request id, until their responses end. An item's `finalized_at` is its dispatch time."""
+
+    __slots__ = ("_items", "accept", "order")
+
+    def __init__(self, order: EvictionOrder, accept: EvictionFilter) -> None:
+        self.order = order
+        self.accept = accept
+        self._items: dict[str, FlowItem] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, item: FlowItem) -> bool:
+        """Track a dispatched item (False: the filter refuses it, or the map is full)."""
+        if not self.accept.accept(item) or len(self._items) >= MAX_IN_FLIGHT:
+            return False
+        self._items[item.request_id] = item
+        return True
+
+    def remove(self, request_id: str) -> FlowItem | None:
+        return self._items.pop(request_id, None)
+
+    def victim(self, priority: int) -> FlowItem | None:
+        """The first in eviction order among the tracked items below `priority`."""
+        best: FlowItem | None = None
+        best_key: tuple[float, ...] | None = None
+        for item in self._items.values():
+            if item.priority >= priority:
+                continue
+            key = self.order.key(item)
+            if best_key is None or key < best_key:
+                best, best_key = item, key
+        return best

@@ -25,7 +25,15 @@ class FlowGate(Protocol):
         ...
 
     def kick(self) -> None:
-        """Load changed (a response completed): queued requests may go now."""
+        """Load changed: queued requests may go now."""
+        ...
+
+    def started(self, request: LLMRequest) -> None:
+        """`request` was admitted and scheduled (it is in flight)."""
+        ...
+
+    def finished(self, request: LLMRequest) -> None:
+        """`request`'s response ended (or its stream did): load changed."""
         ...
 
     async def stop(self) -> None: ...

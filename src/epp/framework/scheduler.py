@@ -180,6 +180,8 @@ class FrameworkScheduler:
                 self._failed(ext.PRE_REQUEST, p)
                 continue
             self._timed(ext.PRE_REQUEST, p, t0)
+        if self.flow_control is not None:
+            self.flow_control.started(request)
         return result
 
     def _saturated(self, candidates: list[Endpoint], now: float) -> bool:
@@ -233,7 +235,7 @@ class FrameworkScheduler:
 
     def on_response_complete(self, request: LLMRequest, stats: ResponseStats) -> None:
         if self.flow_control is not None:
-            self.flow_control.kick()
+            self.flow_control.finished(request)
         for p in self._response_complete:
             t0 = self._timer() if self._observer else 0.0
             try:

@@ -390,7 +390,9 @@ class H2Connection(asyncio.BufferedProtocol):
         self.streams[sid] = stream
         self.idle.clear()
         if kind == "process":
-            stream.state = RequestStream(self.ctx)
+            state = stream.state = RequestStream(self.ctx)
+            if self.ctx.evictable:
+                state.push = lambda responses: self._push(stream, responses)
             self.ctx.stream_opened()
         if end_stream:
             self._on_remote_close(stream)
@@ -497,6 +499,16 @@ class H2Connection(asyncio.BufferedProtocol):
         assert stream.state is not None
         if stream.state.done:
             self._finish(stream, 0, "")
+
+    def _push(self, stream: _Stream, responses: list[pb.ProcessingResponse]) -> bool:
+        """Send `responses` on `stream` unasked, outside any message's handling (flow
+        control's in-flight eviction), and end it if its state says so. False when the
+        stream is gone or a handler of it is still running."""
+        if self.closed or stream.local_closed or stream.busy:
+            return False
+        self._deliver(stream, responses)
+        self._flush()
+        return True
 
     def _on_remote_close(self, stream: _Stream) -> None:
         stream.remote_closed = True
@@ -671,6 +683,7 @@ class H2Connection(asyncio.BufferedProtocol):
         stream.local_closed = True
         if stream.state is not None:
             self.ctx.stream_closed()
+            stream.state.push = None  # its closure holds this stream: no cycle left behind
             try:
                 stream.state.close()
             except Exception:

@@ -91,6 +91,13 @@ def register(subparsers: Any) -> None:
         "envoy binary)",
     )
     p.add_argument("--gateway-port", type=int, default=0, help="gateway listener (0: free port)")
+    p.add_argument(
+        "--objects-file",
+        type=Path,
+        metavar="FILE.yaml",
+        help="InferenceObjective / InferenceModelRewrite objects for the pickers (`epp serve "
+        "--objects-file`; the CRDs' YAML shapes, no Kubernetes needed)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="write a chart")
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -127,7 +134,11 @@ def run(args: argparse.Namespace) -> int:
         gateway_port=args.gateway_port,
         gateway=args.gateway,
         quiet=args.quiet,
+        objects_file=args.objects_file,
     )
+    if args.objects_file is not None and not args.objects_file.is_file():
+        print(f"kvindex demo: --objects-file {args.objects_file}: no such file", file=sys.stderr)
+        return 2
     console = Console(stderr=True, quiet=args.quiet)
     try:
         summaries = run_demo(config, console)

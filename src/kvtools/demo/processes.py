@@ -211,9 +211,11 @@ def start_picker(
     metrics_port: int,
     secure_serving: bool = True,
     timeout_s: float = 60.0,
+    extra_args: Sequence[str] = (),
 ) -> ManagedProcess:
     """secure_serving=False: plaintext ext_proc, for the direct gateway (grpc's Python client
-    cannot skip verifying the picker's self-signed certificate)."""
+    cannot skip verifying the picker's self-signed certificate). `extra_args`: more `epp
+    serve` flags (e.g. `--objects-file`)."""
     config_path = workdir / "picker.yaml"
     config_path.write_text(config)
     argv = [
@@ -229,6 +231,7 @@ def start_picker(
     ]
     if not secure_serving:
         argv.append("--no-secure-serving")
+    argv += extra_args
     process = ManagedProcess("picker", argv, workdir)
     _wait_serving(process, health_port, timeout_s)
     return process

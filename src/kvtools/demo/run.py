@@ -77,6 +77,8 @@ class DemoConfig:
     gateway_port: int = 0  # 0: any free port
     gateway: str = "auto"  # one of GATEWAY_MODES
     quiet: bool = False
+    # InferenceObjectives / InferenceModelRewrites for the pickers (`epp serve --objects-file`)
+    objects_file: Path | None = None
 
 
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
@@ -316,6 +318,7 @@ def _cluster(
                     health_port=health_port,
                     metrics_port=metrics_port,
                     secure_serving=envoy is not None,
+                    extra_args=_objects_args(config),
                 )
             )
         else:
@@ -334,6 +337,12 @@ def _cluster(
         for process in reversed(running):
             process.stop()
         ports.close()
+
+
+def _objects_args(config: DemoConfig) -> list[str]:
+    if config.objects_file is None:
+        return []
+    return [f"--objects-file={config.objects_file.resolve()}"]
 
 
 async def _run_policy(

@@ -148,8 +148,15 @@ class SimServer:
                         data_parallel_rank=rank,
                     )
                 )
-            # Short shutdown: a deliberately slow /metrics must not hold up stop().
-            self._runner = web.AppRunner(self.build_app(), access_log=None, shutdown_timeout=0.5)
+            # Short shutdown: a deliberately slow /metrics must not hold up stop(). A client
+            # that disconnects cancels its handler, so its request is aborted and its slot
+            # and blocks freed at once (vLLM's API server: `with_cancellation`).
+            self._runner = web.AppRunner(
+                self.build_app(),
+                access_log=None,
+                shutdown_timeout=0.5,
+                handler_cancellation=True,
+            )
             await self._runner.setup()
             await web.SockSite(self._runner, sock).start()
         except BaseException:
