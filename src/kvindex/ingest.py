@@ -371,6 +371,8 @@ class EventApplier:
             local.pop(h, None)
         ops.append(Remove(tier, event.block_hashes))
         counts.removed_blocks += len(event.block_hashes)
+        if self._pending.get(engine):
+            self._forget_held(engine, event.block_hashes, counts)
 
     # -- unknown parents ---------------------------------------------------------------------
 
@@ -381,6 +383,27 @@ class EventApplier:
             counts.skip("unknown_parent_dropped", len(dropped.block_hashes))
         queue.append((event, model))
         counts.skip("unknown_parent_held", len(event.block_hashes))
+
+    def _forget_held(
+        self, engine: str, removed: Sequence[EngineHash], counts: IngestCounts
+    ) -> None:
+        """The engine evicted blocks that held events (waiting for their parent) would store:
+        drop those events, else the parent's arrival would apply a block the engine no longer
+        holds (a false hit). A whole event goes: what it stored after an evicted block is
+        unreachable for a prefix match anyway, and fewer claims are only misses."""
+        gone = set(removed)
+        queue = self._pending[engine]
+        kept = deque(item for item in queue if gone.isdisjoint(item[0].block_hashes))
+        if len(kept) == len(queue):
+            return
+        dropped = sum(
+            len(event.block_hashes) for event, _ in queue if not gone.isdisjoint(event.block_hashes)
+        )
+        counts.skip("unknown_parent_evicted", dropped)
+        if kept:
+            self._pending[engine] = kept
+        else:
+            del self._pending[engine]
 
     def _retry_pending(self, engine: str, counts: IngestCounts) -> None:
         """Apply held events whose parent is now known, repeatedly (a held chain resolves

@@ -157,3 +157,19 @@ def test_topic_parsing() -> None:
         except ValueError:
             continue
         raise AssertionError(bad)
+
+
+def test_a_held_event_whose_block_is_evicted_never_applies() -> None:
+    """Held for an unknown parent, then evicted by the engine: when the parent arrives the
+    block must not be claimed (the engine no longer holds it: a false hit). A held event
+    after it in the chain stays held (its parent will never be applied)."""
+    index, applier = setup()
+    applier.apply_batch("e:1", batch(stored([3], 2, T[32:48]), stored([4], 3, T[48:64])), MODEL)
+    counts = applier.apply_batch("e:1", batch(["BlockRemoved", [3], "GPU"]), MODEL)
+    assert counts.skipped == {"unknown_parent_evicted": 1} and counts.pending == 1
+    applier.apply_batch("e:1", batch(stored([1, 2], None, T[:32])), MODEL)
+    assert index.lookup(prompt_keys(T))["e:1"].blocks == 2
+    # An unrelated removal leaves held events alone.
+    applier.apply_batch("e:1", batch(stored([7], 6, T[16:32])), MODEL)
+    counts = applier.apply_batch("e:1", batch(["BlockRemoved", [1], "GPU"]), MODEL)
+    assert "unknown_parent_evicted" not in counts.skipped and counts.pending == 2
