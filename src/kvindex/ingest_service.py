@@ -59,6 +59,7 @@ from kvindex.engines import (
 from kvindex.hostport import HostPortError, split_host_port
 from kvindex.index.base import BlockIndex, Clear
 from kvindex.index.redis import IndexUnavailable, NotWriter
+from kvindex.index.redis_schema import StreamPosition
 from kvindex.ingest import EventApplier, IngestConfig, SeqAction, SequenceTracker
 from kvindex.metrics import EngineSeries, KvindexMetrics
 from kvindex.sources import PeerCheck, parse_networks, resolve_host
@@ -297,7 +298,7 @@ class IngestService:
         self._next_copy_age = time.monotonic() + config.copy_ttl_s / 2
         # One writer per engine stream (set_writer_leases): None = this replica writes all.
         self.leases: WriterLeases | None = None
-        self._note_position: Callable[[str, int], None] | None = None
+        self._note_position: Callable[[str, int, int], None] | None = None
         self._next_lease_round = 0.0
         # A backend with queued writes reports refused batches after apply() returned.
         inner: object = index
@@ -901,7 +902,7 @@ class IngestService:
         """Apply one batch; False when the index refused it (the engine is now recovering,
         any replay of it was cancelled)."""
         if self._note_position is not None:
-            self._note_position(stream.key, seq)
+            self._note_position(stream.key, seq, digest)
         try:
             counts = self.applier.apply_batch(
                 stream.key, decoded, stream.model, seq > stream.applied_seq
@@ -1223,10 +1224,13 @@ class IngestService:
         stream.pending_grew = False
         stream.recent.clear()
 
-    def _takeover(self, stream: _Stream, position: int | None, now: float) -> None:
+    def _takeover(self, stream: _Stream, position: StreamPosition | None, now: float) -> None:
         """This replica now writes the stream: resync by replay from where the index stands
         (the seq recorded with the previous writer's last write; that batch again, since only
-        part of it may have been written), replaying -> synced."""
+        part of it may have been written), replaying -> synced. With that batch's digest
+        recorded, the engine's batch under that seq must be the same one: another batch
+        there (or none) means the engine restarted since, and what the index holds of it
+        is cleared and replayed from 0."""
         self._stand_down(stream)
         stream.last_ts = 0.0
         log.info(
@@ -1248,8 +1252,11 @@ class IngestService:
             self._start_replay(stream, FIRST_CONTACT, 0, -1, now)
             self.sync.replaying(stream.key, now, SyncReason.TAKEOVER)
             return
-        stream.applied_seq = position - 1
-        self._start_replay(stream, TAKEOVER, position, position - 1, now)
+        stream.applied_seq = position.seq - 1
+        self._start_replay(stream, TAKEOVER, position.seq, position.seq - 1, now)
+        replay = stream.replay
+        if replay is not None and position.digest is not None:
+            replay.verify_seq, replay.verify_digest = position.seq, position.digest
 
     # -- replay ------------------------------------------------------------------------------
 
@@ -1299,15 +1306,19 @@ class IngestService:
         seq = message.frame.seq
         first = replay.last_replayed < 0
         if first and replay.verify_seq >= 0 and seq == replay.verify_seq:
-            replay.last_replayed = seq
-            if xxhash.xxh3_64_intdigest(message.frame.payload) == replay.verify_digest:
-                replay.verified = True  # the same process: its stream goes on
+            if xxhash.xxh3_64_intdigest(message.frame.payload) != replay.verify_digest:
+                replay.last_replayed = seq
+                self._restarted_behind(
+                    stream, f"its batch {seq} differs from the one applied under that seq", now
+                )
+                return
+            replay.verified = True  # the same process: its stream goes on
+            if replay.reason != TAKEOVER:
+                replay.last_replayed = seq
                 self.sync.seen(stream.key, now)
                 return
-            self._restarted_behind(
-                stream, f"its batch {seq} differs from the one applied under that seq", now
-            )
-            return
+            # A takeover applies that batch again: the previous writer may have written
+            # only part of it.
         if seq <= replay.last_replayed or (replay.reason in (GAP, PROBE) and seq <= replay.cursor):
             self.metrics.duplicate_batches.inc()
             return
@@ -1365,9 +1376,9 @@ class IngestService:
         return True
 
     def _restarted_behind(self, stream: _Stream, why: str, now: float) -> None:
-        """A gap or probe replay showed another process behind the engine's sockets (it
-        restarted, and its new sequence may have passed the old one): clear the engine and
-        replay the new process from 0, keeping the live batches held so far."""
+        """A gap, probe or takeover replay showed another process behind the engine's
+        sockets (it restarted, and its new sequence may have passed the old one): clear the
+        engine and replay the new process from 0, keeping the live batches held so far."""
         replay = stream.replay
         assert replay is not None
         log.warning(

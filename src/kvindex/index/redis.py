@@ -48,7 +48,12 @@ from kvindex.index.base import (
     Store,
     Tier,
 )
-from kvindex.index.redis_schema import GroupKeys, RedisKeySchema, encode_engine_hash
+from kvindex.index.redis_schema import (
+    GroupKeys,
+    RedisKeySchema,
+    StreamPosition,
+    encode_engine_hash,
+)
 from kvindex.keys import ContentKey
 from kvindex.wire import EngineHash
 
@@ -201,7 +206,8 @@ class RedisIndex:
         self._candidates = [uuid.uuid4().hex for _ in range(self.groups)]
         self._epochs: list[str | None] = [None] * self.groups
         self._group_of: dict[str, int] = {}  # engine -> group (several groups only)
-        self._positions: dict[str, int] = {}  # engine -> seq to record with its next write
+        # engine -> position to record with its next write
+        self._positions: dict[str, StreamPosition] = {}
         self._fence_engine = False  # fencing by the engine's own lease (EngineLeases)
         self._resets = 0
         self._reset_callbacks: list[ResetCallback] = []
@@ -302,28 +308,30 @@ class RedisIndex:
             self._fencing_owner = owner
             self._fence_engine = per_engine
 
-    def note_position(self, engine: str, seq: int) -> None:
-        """Record ``seq`` as the engine's stream position with its next write (atomically
-        with that batch; :meth:`positions` reads it back: where a new writer resumes)."""
+    def note_position(self, engine: str, seq: int, digest: int | None = None) -> None:
+        """Record ``seq`` (and its batch's payload ``digest``) as the engine's stream position
+        with its next write (atomically with that batch; :meth:`positions` reads it back:
+        where a new writer resumes, checking the engine still holds that batch)."""
         with self._lock:
-            self._positions[engine] = seq
+            self._positions[engine] = StreamPosition(seq, digest)
 
-    def take_position(self, engine: str) -> int | None:
+    def take_position(self, engine: str) -> StreamPosition | None:
         """The noted position not yet written (removed: the caller writes it)."""
         with self._lock:
             return self._positions.pop(engine, None)
 
-    def positions(self, engines: Sequence[str]) -> dict[str, int]:
+    def positions(self, engines: Sequence[str]) -> dict[str, StreamPosition]:
         """The stream positions recorded for ``engines`` (absent: none recorded)."""
-        out: dict[str, int] = {}
+        out: dict[str, StreamPosition] = {}
         for engine in engines:
             group = self.group_of(engine, allocate=False)
             if group is None:
                 continue
             client = self.connected_client()
             value = client.hget(self.schema.group(group).positions, engine)
-            if value is not None:
-                out[engine] = int(_text(value))
+            position = None if value is None else StreamPosition.parse(_text(value))
+            if position is not None:
+                out[engine] = position
         return out
 
     def health(self) -> IndexHealth:
@@ -475,7 +483,7 @@ class RedisIndex:
         self._write(engine, has_store, args)
 
     def apply_many(
-        self, batches: Sequence[tuple[str, Sequence[IndexOp], int | None]]
+        self, batches: Sequence[tuple[str, Sequence[IndexOp], StreamPosition | None]]
     ) -> list[IndexUnavailable | None]:
         """Apply several (engine, ops, position) batches in one pipeline (each atomic on
         its engine's shard; the scripts of one engine run in order). Per batch: None when
@@ -721,8 +729,8 @@ def _apply_args(ops: Sequence[IndexOp]) -> tuple[str, list[Any]]:
     return ("1" if has_store else "0"), args
 
 
-def _pos(position: int | None) -> str:
-    return "" if position is None else str(position)
+def _pos(position: StreamPosition | None) -> str:
+    return "" if position is None else position.encode()
 
 
 def _text(value: Any) -> str:

@@ -31,6 +31,7 @@ import redis
 
 from kvindex.index import redis_scripts
 from kvindex.index.redis import REDIS_ERRORS, ClientSource, IndexUnavailable, RedisIndex
+from kvindex.index.redis_schema import StreamPosition
 
 __all__ = [
     "EngineLeases",
@@ -201,7 +202,7 @@ class LeaseView:
     ours: bool  # this replica holds the engine's lease (and may write its stream)
     held: bool  # some replica holds it
     state: str  # the writer's published sync state ('' if none)
-    position: int | None  # newest seq recorded with a write of this engine (None: none)
+    position: StreamPosition | None  # recorded with this engine's newest write (None: none)
 
 
 @dataclass(slots=True)
@@ -315,7 +316,7 @@ class EngineLeases:
                 ours=bool(int(ours)),
                 held=bool(int(held)),
                 state=_text(state),
-                position=int(_text(pos)) if _text(pos) else None,
+                position=StreamPosition.parse(_text(pos)),
             )
             if view.ours:
                 if engine not in before:

@@ -20,7 +20,39 @@ from kvindex.index.base import Tier
 from kvindex.keys import ContentKey
 from kvindex.wire import EngineHash
 
-__all__ = ["REDIS_SLOTS", "GroupKeys", "RedisKeySchema", "encode_engine_hash", "group_tag"]
+__all__ = [
+    "REDIS_SLOTS",
+    "GroupKeys",
+    "RedisKeySchema",
+    "StreamPosition",
+    "encode_engine_hash",
+    "group_tag",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPosition:
+    """Where an engine's stream stands in the index: the seq of the newest batch written for
+    it and that batch's payload digest (xxh3-64; None when not known). A new writer resumes
+    there and checks the engine still holds that very batch under that seq (docs/redis.md,
+    "One writer per engine stream"). Stored as ``seq`` or ``seq:digest`` in the positions
+    hash."""
+
+    seq: int
+    digest: int | None = None
+
+    def encode(self) -> str:
+        return str(self.seq) if self.digest is None else f"{self.seq}:{self.digest}"
+
+    @classmethod
+    def parse(cls, text: str) -> StreamPosition | None:
+        """The stored form back ('' or malformed: None, as if none was recorded)."""
+        seq, _, digest = text.partition(":")
+        try:
+            return cls(int(seq), int(digest) if digest else None)
+        except ValueError:
+            return None
+
 
 _FORBIDDEN = set("{}:*?[]\\ \t\r\n")
 REDIS_SLOTS = 16384
@@ -75,7 +107,7 @@ class GroupKeys:
         return self.base + "st:" + engine
 
     @property
-    def positions(self) -> str:  # hash: engine -> newest seq applied (with its batch)
+    def positions(self) -> str:  # hash: engine -> StreamPosition.encode() (with its batch)
         return self.base + "seq"
 
     @property

@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from kvindex.index.base import IndexOp, IndexStats, PrefixMatch
 from kvindex.index.redis import IndexHealth, IndexUnavailable, NotWriter, RedisIndex, ResetCallback
+from kvindex.index.redis_schema import StreamPosition
 from kvindex.keys import ContentKey
 from kvindex.metrics import PREFIX, RedisWriteMetrics
 from kvindex.wire import EngineHash
@@ -37,7 +38,7 @@ __all__ = ["RedisBackend", "RedisHealthCollector", "RegistryBridge", "WriteQueue
 
 log = logging.getLogger(__name__)
 
-_Item = tuple[str, Sequence[IndexOp], int | None, float]  # engine, ops, position, enqueued
+_Item = tuple[str, Sequence[IndexOp], StreamPosition | None, float]  # engine, ops, position, at
 
 
 class WriteQueue:
@@ -64,7 +65,7 @@ class WriteQueue:
         self._thread = threading.Thread(target=self._run, name="kvindex-redis-writer", daemon=True)
         self._thread.start()
 
-    def put(self, engine: str, ops: Sequence[IndexOp], position: int | None) -> None:
+    def put(self, engine: str, ops: Sequence[IndexOp], position: StreamPosition | None) -> None:
         with self._cond:
             failed = self._failed.pop(engine, None)
             if failed is not None:
@@ -186,9 +187,9 @@ class RedisBackend:
         if ops or position is not None:
             self.queue.put(engine, ops, position)
 
-    def note_position(self, engine: str, seq: int) -> None:
+    def note_position(self, engine: str, seq: int, digest: int | None = None) -> None:
         """The engine's stream position, recorded with its next write (docs/redis.md)."""
-        self.redis.note_position(engine, seq)
+        self.redis.note_position(engine, seq, digest)
 
     def flush(self, timeout: float = 10.0) -> bool:
         return True if self.queue is None else self.queue.flush(timeout)
