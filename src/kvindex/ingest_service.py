@@ -150,7 +150,11 @@ class IngestServiceConfig:
     # the address of the engine its topic names, or from one of these networks (CIDR; NAT, a
     # relay beside the engines).
     allow_sources: tuple[str, ...] = ()
-    poll_interval_ms: int = 20
+    poll_interval_ms: int = 20  # while a replay, a held sequence break or a recovery runs
+    # Otherwise (a batch wakes the poll at once either way): the loop's timers (sync ticks,
+    # lease rounds, discovery changes) need no finer step, and an idle index wakes 10 times
+    # a second instead of 50 (the precise picker idle: 0.6-0.85% -> 0.20-0.25% of a core).
+    idle_poll_interval_ms: int = 100
     health_check_interval_s: float = 0.2  # probe of a failed index while engines wait
     # Per-engine sync state: liveness, loss reporting, unsynced scores (kvindex.sync).
     sync: SyncConfig = field(default_factory=SyncConfig)
@@ -421,7 +425,7 @@ class IngestService:
         try:
             while not self._stop.is_set():
                 self._drain_commands()
-                for message in self.subscriber.poll(self.config.poll_interval_ms):
+                for message in self.subscriber.poll(self._poll_ms()):
                     self.handle(message)
                 now = time.monotonic()
                 self._check_timeouts(now)
@@ -438,6 +442,17 @@ class IngestService:
             if self.leases is not None:
                 self.leases.release_all()
             self.subscriber.close()
+
+    def _poll_ms(self) -> int:
+        busy = (
+            self._replaying
+            or self._holding
+            or self._recovering
+            or self._purges_pending
+            or self._write_failures is not None
+            or self._reset_requested.is_set()
+        )
+        return self.config.poll_interval_ms if busy else self.config.idle_poll_interval_ms
 
     def _drain_commands(self) -> None:
         while True:
