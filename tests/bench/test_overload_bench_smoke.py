@@ -6,7 +6,7 @@ machine's speed. Every request is served, answered with a status and a dropped r
 cut mid-response by an in-flight eviction, and the picker counted each with the outcome its
 client saw; every critical request is served and some took an evicted sheddable request's
 room; the overload was real (sheddable requests were turned away); the two sheddable flows,
-both backlogged, are served alike. The TTFT bound (critical within 1.5x of idle) is a timing
+both backlogged, get alike dispatches. The TTFT bound (critical within 1.5x of idle) is a timing
 and is measured by the benchmark itself (benchmarks/RESULTS.md, "Flow control under
 overload")."""
 
@@ -61,7 +61,11 @@ def test_overload_through_envoy_is_accounted_and_fair() -> None:
     turned_away = sum(a["answers"].values()) + sum(b["answers"].values())
     assert turned_away > 0, (a, b)  # the pool was overloaded
     assert all(key.split()[0] in ("429", "503") for key in {**a["answers"], **b["answers"]})
-    assert abs(a["served"] - b["served"]) <= max(4, 0.15 * max(a["served"], b["served"])), (a, b)
+    # Fairness is what flow control dispatched to each flow: served, plus what was evicted
+    # in flight afterwards (the victim is the newest dispatched, of either flow). A short
+    # run starts before the queues fill (first come, first served): a few apart at most.
+    dispatched = [r["served"] + r["cut"] + r["answers"].get("429 evicted", 0) for r in (a, b)]
+    assert abs(dispatched[0] - dispatched[1]) <= max(6, 0.15 * max(dispatched)), (a, b)
     outcomes = mode["picker_outcomes"]
     assert outcomes.get("10/Dispatched", 0) >= rows[("overload", "critical")]["served"]
     # Critical requests arriving while the pool was full took a sheddable one's room
