@@ -55,7 +55,7 @@ from pathlib import Path
 
 import aiohttp
 
-from benchmarks.routing import Scenario, SimEngine, _words, start_engines
+from benchmarks.routing import Scenario, SimEngine, _f, _words, group_cpu_s, start_engines
 from kvtools.demo.envoy import EnvoyProcess
 from kvtools.demo.model import MODEL_NAME, write_model_dir
 from kvtools.demo.processes import ManagedProcess, PortReservation, start_picker
@@ -366,15 +366,6 @@ def gateway(
         ports.close()
 
 
-def _cpu_s(pid: int) -> float:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run_mode(
     mode: str,
     workdir: Path,
@@ -401,11 +392,11 @@ def run_mode(
         t = time.perf_counter()
         idle = asyncio.run(drive(url, [critical], idle_s, seed))
         result.rows += summarise(mode, "idle", [critical], idle, time.perf_counter() - t)
-        cpu0 = _cpu_s(picker.process.pid)
+        cpu0 = group_cpu_s([picker.process.pid])
         t = time.perf_counter()
         overload = asyncio.run(drive(url, [critical, *batch], duration_s, seed + 1))
         wall = time.perf_counter() - t
-        result.picker_cpu_s = _cpu_s(picker.process.pid) - cpu0
+        result.picker_cpu_s = group_cpu_s([picker.process.pid]) - cpu0
         rows = summarise(mode, "overload", [critical, *batch], overload, wall)
         idle_row = result.rows[0]
         for row in rows:
@@ -425,10 +416,6 @@ def run_mode(
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
-
-
-def _f(v: float | None, fmt: str = "{:.0f}") -> str:
-    return "-" if v is None else fmt.format(v)
 
 
 def print_tables(results: Sequence[ModeResult], header: str) -> None:

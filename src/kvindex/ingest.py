@@ -392,13 +392,15 @@ class EventApplier:
         holds (a false hit). A whole event goes: what it stored after an evicted block is
         unreachable for a prefix match anyway, and fewer claims are only misses."""
         gone = set(removed)
-        queue = self._pending[engine]
-        kept = deque(item for item in queue if gone.isdisjoint(item[0].block_hashes))
-        if len(kept) == len(queue):
+        kept: deque[tuple[BlockStored, str]] = deque()
+        dropped = 0
+        for item in self._pending[engine]:
+            if gone.isdisjoint(item[0].block_hashes):
+                kept.append(item)
+            else:
+                dropped += len(item[0].block_hashes)
+        if not dropped:
             return
-        dropped = sum(
-            len(event.block_hashes) for event, _ in queue if not gone.isdisjoint(event.block_hashes)
-        )
         counts.skip("unknown_parent_evicted", dropped)
         if kept:
             self._pending[engine] = kept

@@ -345,7 +345,7 @@ async def test_in_flight_eviction_can_be_off_and_skips_ended_streams() -> None:
     # `gone` ended without its end reaching flow control (tracked still): evicting it fails,
     # the next victim is taken.
     gone.ended = True
-    fc.in_flight._items["gone"].finalized_at = time.monotonic() + 1  # the newest
+    fc.in_flight._items["gone"].enqueued_at = time.monotonic() + 1  # the newest dispatched
     pool.value = 1.0
     await fc.admit(_request("c", 10), [])
     assert live.answers == [(429, "evicted")] and not gone.answers

@@ -104,7 +104,6 @@ class FlowController:
         self.in_flight = InFlight(core.config.eviction_order, core.config.eviction_filter)
         # Evictions whose room no dispatch has used yet (see the module's docstring).
         self._evicted_unused = 0
-        self.evictions = 0
 
     # -- request path ----------------------------------------------------------------------
 
@@ -156,6 +155,11 @@ class FlowController:
         if outcome is not Outcome.DISPATCHED:
             raise _error(outcome)
 
+    @property
+    def evictions(self) -> int:
+        """In-flight evictions so far."""
+        return self.outcomes.get("EvictedInFlight", 0)
+
     def kick(self) -> None:
         """Something that changes saturation happened (a response completed): try now."""
         if self._wake is not None and self.core.length:
@@ -165,15 +169,13 @@ class FlowController:
         """`request` was scheduled: track it if it may be evicted."""
         if not self.evict_in_flight or request.evict is None:
             return
-        now = self._clock()
         item = FlowItem(
             request_id=request.request_id,
             flow_id=request.headers.get(FAIRNESS_ID_HEADER) or DEFAULT_FAIRNESS_ID,
             priority=request.priority,
-            enqueued_at=now,
+            enqueued_at=self._clock(),  # in InFlight: the dispatch time
             payload=request,
         )
-        item.outcome, item.finalized_at = Outcome.DISPATCHED, now
         self.in_flight.add(item)
 
     def finished(self, request: LLMRequest) -> None:
@@ -201,8 +203,7 @@ class FlowController:
         if evict is None or not evict(429, EVICTED, _EVICTED_MESSAGE):
             return False  # its stream had ended or cannot be answered now: not counted
         self._evicted_unused += 1
-        self.evictions += 1
-        self.outcomes["EvictedInFlight"] = self.outcomes.get("EvictedInFlight", 0) + 1
+        self.outcomes["EvictedInFlight"] = self.evictions + 1
         if self.observer is not None:
             self.observer.evicted_in_flight(victim.priority)
         return True

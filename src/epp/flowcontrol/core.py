@@ -212,13 +212,13 @@ class EvictionOrder(ABC):
 
 class PriorityThenTimeEviction(EvictionOrder):
     """Lowest priority first, then the most recent: for a queued item the newest enqueued,
-    for a dispatched one the newest dispatched (the least work lost, as llm-d's policy)."""
+    for a dispatched one (`InFlight`) the newest dispatched (the least work lost, as
+    llm-d's policy)."""
 
     type_name = "priority-then-time-eviction-order-policy"
 
     def key(self, item: FlowItem) -> tuple[float, ...]:
-        at = item.finalized_at if item.outcome is Outcome.DISPATCHED else None
-        return (item.priority, -(item.enqueued_at if at is None else at), -item.seq)
+        return (item.priority, -item.enqueued_at, -item.seq)
 
 
 class EvictionFilter(ABC):
@@ -519,7 +519,8 @@ MAX_IN_FLIGHT = 65_536
 
 class InFlight:
     """Dispatched requests that may be evicted (the eviction filter accepts them), by
-    request id, until their responses end. An item's `finalized_at` is its dispatch time."""
+    request id, until their responses end. An item's `enqueued_at` is its dispatch time
+    (what the eviction order compares)."""
 
     __slots__ = ("_items", "accept", "order")
 
@@ -543,12 +544,5 @@ class InFlight:
 
     def victim(self, priority: int) -> FlowItem | None:
         """The first in eviction order among the tracked items below `priority`."""
-        best: FlowItem | None = None
-        best_key: tuple[float, ...] | None = None
-        for item in self._items.values():
-            if item.priority >= priority:
-                continue
-            key = self.order.key(item)
-            if best_key is None or key < best_key:
-                best, best_key = item, key
-        return best
+        below = (item for item in self._items.values() if item.priority < priority)
+        return min(below, key=self.order.key, default=None)
