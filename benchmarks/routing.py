@@ -673,6 +673,9 @@ async def run_one(
                     "prompt_tokens": r.prompt_tokens,
                     "cached_tokens": r.cached_tokens,
                     "ttft_ms": _ms(r.ttft_s),
+                    "duration_ms": _ms(r.duration_s),
+                    # open loop: when it was sent (s from the start); closed loop: 0
+                    "at_s": q.at if q is not None else None,
                     "status": r.status,
                 }
             )

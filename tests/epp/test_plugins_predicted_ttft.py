@@ -174,6 +174,31 @@ def test_a_new_prefix_goes_where_it_fits_not_where_it_evicts() -> None:
     assert scores[1] == 1.0 and scores[0] < 0.5
 
 
+def test_a_new_prefix_goes_to_the_emptier_engine_while_both_have_room() -> None:
+    """Both engines have room for the new prefix's 141 blocks, but the prefixes an engine
+    holds grow with every turn: the one two-thirds full evicts sooner than the one a quarter
+    full (benchmarks/RESULTS.md: four tenants on one engine of the chat open loop evicted
+    their own conversations). `occupancyWeight: 0` restores the idle engine's win."""
+    fuller, emptier, cycle = _full_and_roomy({"10.0.0.0:8000": 320, "10.0.0.1:8000": 120})
+    scores = _scorer().score(cycle, _request(), [fuller, emptier])
+    assert scores[1] == 1.0 and scores[0] < 0.5
+    fuller, emptier, cycle = _full_and_roomy({"10.0.0.0:8000": 320, "10.0.0.1:8000": 120})
+    scores = _scorer(occupancy_weight=0.0).score(cycle, _request(), [fuller, emptier])
+    assert scores[0] == 1.0 and scores[1] > 0.9  # only the running tie-breaker left
+
+
+def test_the_occupancy_charge_never_outweighs_a_cache_hit() -> None:
+    """The holder is nearly full, the other engine empty: the hit still wins by far."""
+    holder, other = _endpoints()
+    for ep in (holder, other):
+        ep.metrics.num_gpu_blocks, ep.metrics.block_size = 480, 16
+    cycle = CycleState()
+    resident = {holder.key: 470, other.key: 0}
+    cycle.write(PREFIX_MATCH_KEY, PrefixMatchInfo(2000, 16, {holder.key: 1900}, "", None, resident))
+    scores = _scorer().score(cycle, _request(), [holder, other])
+    assert scores[0] == 1.0 and scores[1] < 0.2
+
+
 def test_without_residency_or_capacity_the_idle_engine_wins() -> None:
     full, roomy, cycle = _full_and_roomy(None)  # a remote index: no residency
     assert _scorer().score(cycle, _request(), [full, roomy])[0] == 1.0

@@ -48,15 +48,19 @@ Score = 50 ms / (50 ms + predicted - best): 1 for the fastest endpoint, 0.5 for 
 A miss also costs later (`missPenalty`, default 1: once more its prefill): the blocks it
 stores evict other prefixes, which miss in their turn; so a request leaves the engine holding
 its prefix only when the queue there costs more than twice the prefill it would redo. The
-tokens charged are the larger of two counts: those another endpoint already holds (storing
+tokens charged are the largest of three counts: those another endpoint already holds (storing
 them here makes a second copy) and, when the precise index follows the engines' streams and
 the engines publish their capacity (`num_gpu_blocks`), those that do not fit in the blocks
 this endpoint has free: its capacity minus the blocks its events say it holds, minus what the
 requests this picker sent there and still in flight allocate (their blocks reach the event
 stream only after their prefill). Those evict someone else's prefix. So a new prefix goes
-where it fits, not merely to the engine idle at that instant; once every engine is full each
-is charged all it stores, and the differences between endpoints (all a score sees) are the
-second-copy rule's again.
+where it fits, not merely to the engine idle at that instant. And what fits now does not
+stay fitting: the prefixes an engine holds grow with every turn of their conversations, so a
+third count (`occupancyWeight`, default 1) charges the new tokens times the share of the
+endpoint's cache in use (the blocks it will evict later); among engines with room, a new
+prefix goes to the emptiest, as an approximate tree's smallest-tree rule sends it, from the
+engines' own counts. Once every engine is full each is charged all it stores, and the
+differences between endpoints (all a score sees) are the second-copy rule's again.
 
 Hot prefixes spread by themselves: once the engine holding a prefix has a queue that costs
 more than another engine's prefill of the whole prompt, the other engine wins, gets the
@@ -113,6 +117,9 @@ class PredictedTTFTParams:
     # What a miss costs later, in multiples of its prefill: the blocks it stores evict others'
     # cached prefixes, which miss in their turn.
     miss_penalty: float = 1.0
+    # The share of a new prefix's blocks charged as displacing others, per share of the
+    # endpoint's KV cache in use (see the module doc, "fills"); 0: only what does not fit now.
+    occupancy_weight: float = 1.0
     min_samples: int = 30
     forgetting: float = 0.995
     default_output_tokens: int = 256
@@ -135,6 +142,7 @@ def _parse(params: Params) -> PredictedTTFTParams:
         max_running=params.integer("maxRunningRequests", 0, min=0),
         max_queue_position=params.integer("maxQueuePosition", 0, min=0),
         miss_penalty=params.number("missPenalty", 1.0, min=0.0),
+        occupancy_weight=params.number("occupancyWeight", 1.0, min=0.0),
         min_samples=params.integer("minSamples", 30, min=0),
         forgetting=params.number("forgettingFactor", 0.995, min=0.9, max=1.0),
         default_output_tokens=params.integer("defaultOutputTokens", 256, min=1),
@@ -289,34 +297,54 @@ class PredictedTTFTScorer(Scorer, InFlightLoadConsumer, PreRequest, ResponseComp
         )
         cost = self.model.predict(self._model_key(key), x).ttft_s + running * self.params.running_s
         if self.params.miss_penalty > 0.0 and uncached > 0:
+            occupancy = self._occupancy(info, key, endpoint)
             charged = max(
                 uncached - self._fewest_uncached(info, total),
-                self._displaced_tokens(info, key, endpoint, uncached + x[OUTPUT_FEATURE] * 1000.0),
+                self._displaced_tokens(occupancy, uncached + x[OUTPUT_FEATURE] * 1000.0),
+                self._expected_displaced(occupancy, uncached),
             )
             cost += (
                 self.params.miss_penalty * self.prefill_seconds_per_ktoken(key) * charged / 1000.0
             )
         return x, TTFTEstimate(cost, uncached, queue, running)
 
-    def _displaced_tokens(
-        self, info: PrefixMatchInfo | None, key: str, endpoint: Endpoint, new_tokens: float
-    ) -> float:
-        """Tokens of other prefixes the request's new blocks would evict on this endpoint:
-        what does not fit in the blocks it has free (its capacity, from its metrics, minus
-        the blocks its event stream says it holds and those its requests in flight are
-        allocating). 0 when either is unknown (a remote index, an engine that does not
-        publish its cache geometry)."""
+    def _occupancy(
+        self, info: PrefixMatchInfo | None, key: str, endpoint: Endpoint
+    ) -> tuple[float, int, int] | None:
+        """The endpoint's KV blocks in use, its capacity and its block size in tokens: the
+        blocks its event stream says it holds plus those its requests in flight are
+        allocating (their blocks reach the stream only after their prefill), capped at the
+        capacity its metrics publish. None when either is unknown (a remote index, an engine
+        that does not publish its cache geometry)."""
         if info is None or info.resident_blocks is None:
-            return 0.0
+            return None
         capacity = endpoint.metrics.num_gpu_blocks
         if not capacity:
-            return 0.0
+            return None
         block = endpoint.metrics.block_size or info.block_size_tokens
         # An engine not heard from yet holds nothing the index knows of.
         resident = info.resident_blocks.get(key, 0) + self.reserved_tokens(key) / block
-        free = capacity - min(resident, capacity)
+        return min(resident, float(capacity)), capacity, block
+
+    @staticmethod
+    def _displaced_tokens(occupancy: tuple[float, int, int] | None, new_tokens: float) -> float:
+        """Tokens of other prefixes the request's new blocks would evict on this endpoint:
+        what does not fit in the blocks it has free. 0 when its occupancy is unknown."""
+        if occupancy is None:
+            return 0.0
+        resident, capacity, block = occupancy
         needed = math.ceil(new_tokens / block)
-        return max(0, needed - free) * block
+        return max(0, needed - (capacity - resident)) * block
+
+    def _expected_displaced(self, occupancy: tuple[float, int, int] | None, uncached: int) -> float:
+        """Tokens of other prefixes the request's new blocks are expected to evict later: the
+        prefixes an engine holds grow (each conversation turn adds blocks), so the fuller it
+        is the sooner what it stores now pushes another prefix out. Charged in proportion
+        to the share of its cache in use; 0 when its occupancy is unknown."""
+        if occupancy is None or self.params.occupancy_weight <= 0.0:
+            return 0.0
+        resident, capacity, _ = occupancy
+        return self.params.occupancy_weight * uncached * resident / capacity
 
     @staticmethod
     def _fewest_uncached(info: PrefixMatchInfo | None, total: int) -> int:
