@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from kvindex.threads import named_thread
+
 __all__ = ["PollingThread", "WatchedFile", "poll_every"]
 
 T = TypeVar("T")
@@ -82,7 +84,7 @@ class PollingThread:
 
     def start(self) -> None:
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread = named_thread(self._run, self.name)
         self._thread.start()
 
     def _run(self) -> None:

@@ -72,6 +72,7 @@ from kvindex.subscriber import (
     ZmqSubscriber,
 )
 from kvindex.sync import SyncConfig, SyncReason, SyncState, SyncTable
+from kvindex.threads import named_thread
 from kvindex.wire import DecodedBatch, decode_batch
 
 __all__ = ["EngineActivity", "IngestService", "IngestServiceConfig"]
@@ -351,7 +352,7 @@ class IngestService:
     def start(self) -> None:
         if not self._opened:
             self.open()
-        self._thread = threading.Thread(target=self._run, name="kvindex-ingest", daemon=True)
+        self._thread = named_thread(self._run, "kvindex-ingest")
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from kvindex.threads import named_thread
+
 __all__ = [
     "KubernetesPodSource",
     "ListWatch",
@@ -181,7 +183,7 @@ class ListWatch:
                 self._stop.wait(self.backoff_s)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name=self.name, daemon=True)
+        self._thread = named_thread(self.run, self.name)
         self._thread.start()
 
     def stop(self) -> None:

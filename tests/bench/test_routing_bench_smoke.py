@@ -61,3 +61,36 @@ def test_sim_engine_time_scales() -> None:
             server_configs(
                 build_parser().parse_args(["--engines=3", f"--engine-time-scales={bad}"])
             )
+
+
+def test_cpu_of_named_threads() -> None:
+    """The picker's CPU split (event ingest vs the rest) reads threads by their OS name."""
+    import os
+    import threading
+    import time
+
+    from benchmarks.routing import group_cpu_s, is_event_ingest_thread
+    from kvindex.threads import named_thread
+
+    assert is_event_ingest_thread("kvindex-ingest") and is_event_ingest_thread("ZMQbg/IO/0")
+    assert not is_event_ingest_thread("MainThread") and not is_event_ingest_thread("python")
+    group = [os.getpgrp()]
+    before = group_cpu_s(group, lambda name: name == "bench-spinner")
+    go = threading.Event()
+
+    def spin() -> None:
+        go.wait(10.0)
+        start = time.thread_time()
+        while time.thread_time() - start < 0.2:  # 200 ms of this thread's own CPU
+            pass
+        # Read while the thread is alive (an ended thread's task entry is gone).
+        seen.append(group_cpu_s(group, lambda name: name == "bench-spinner"))
+
+    seen: list[float] = []
+    thread = named_thread(spin, "bench-spinner")
+    thread.start()
+    go.set()
+    thread.join(30.0)
+    assert seen and seen[0] - before >= 0.15
+    whole = group_cpu_s(group)
+    assert whole >= seen[0]

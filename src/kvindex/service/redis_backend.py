@@ -32,6 +32,7 @@ from kvindex.index.redis import IndexHealth, IndexUnavailable, NotWriter, RedisI
 from kvindex.index.redis_schema import StreamPosition
 from kvindex.keys import ContentKey
 from kvindex.metrics import PREFIX, RedisWriteMetrics
+from kvindex.threads import named_thread
 from kvindex.wire import EngineHash
 
 __all__ = ["RedisBackend", "RedisHealthCollector", "RegistryBridge", "WriteQueue"]
@@ -62,7 +63,7 @@ class WriteQueue:
         self._cond = threading.Condition()
         self._failed: dict[str, IndexUnavailable] = {}
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="kvindex-redis-writer", daemon=True)
+        self._thread = named_thread(self._run, "kvindex-redis-writer")
         self._thread.start()
 
     def put(self, engine: str, ops: Sequence[IndexOp], position: StreamPosition | None) -> None:
