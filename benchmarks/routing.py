@@ -78,6 +78,7 @@ import aiohttp
 import yaml
 import zmq
 
+from kvindex.keys import DEFAULT_BLOCK_SIZE
 from kvtools.demo.driver import RequestResult, _one, drive
 from kvtools.demo.envoy import EnvoyProcess
 from kvtools.demo.model import MODEL_NAME, write_model_dir
@@ -475,22 +476,45 @@ class Cluster:
     envoy_pids: list[int] = field(default_factory=list)  # the setup's own Envoy
 
 
+@dataclass(frozen=True, slots=True)
+class RunningEngines:
+    """Engines started by the caller (real vLLM, `benchmarks.routing_vllm`) instead of a
+    `kvindex-sim` per setup: their PUB sockets connect to `events` (a precise picker binds
+    it), their KV blocks are `block_size` tokens."""
+
+    engines: list[SimEngine]
+    events: str
+    block_size: int
+
+
 @contextlib.contextmanager
-def cluster(setup: str, s: Scenario, workdir: Path, model_dir: Path) -> Iterator[Cluster]:
+def cluster(
+    setup: str,
+    s: Scenario,
+    workdir: Path,
+    model_dir: Path,
+    given: RunningEngines | None = None,
+) -> Iterator[Cluster]:
     ports = PortReservation()
     running: list[ManagedProcess] = []
     envoys: list[EnvoyProcess] = []
     forwarder: Forwarder | None = None
     try:
         replicas = s.replicas
-        picker_events = [f"tcp://127.0.0.1:{ports.port()}" for _ in range(replicas)]
-        events = picker_events[0]
-        if setup.startswith("precise") and replicas > 1:
-            events = f"tcp://127.0.0.1:{ports.port()}"
-        sim, engines = start_engines(
-            workdir, s, model_dir, events, empty_topic=setup == "vllm-router-kv"
-        )
-        running.append(sim)
+        if given is not None:
+            if replicas > 1 or setup == "vllm-router-kv":
+                raise ValueError(f"{setup} with {replicas} replicas needs simulated engines")
+            picker_events = [given.events]
+            engines = given.engines
+        else:
+            picker_events = [f"tcp://127.0.0.1:{ports.port()}" for _ in range(replicas)]
+            events = picker_events[0]
+            if setup.startswith("precise") and replicas > 1:
+                events = f"tcp://127.0.0.1:{ports.port()}"
+            sim, engines = start_engines(
+                workdir, s, model_dir, events, empty_topic=setup == "vllm-router-kv"
+            )
+            running.append(sim)
         if setup.startswith("precise") and replicas > 1:
             forwarder = Forwarder(events, picker_events)
         endpoints = [e.endpoint for e in engines]
@@ -516,6 +540,7 @@ def cluster(setup: str, s: Scenario, workdir: Path, model_dir: Path) -> Iterator
                     model_dir=model_dir,
                     events_endpoint=picker_events[r],
                     ttft_parameters=TTFT_PARAMETERS,
+                    block_size=given.block_size if given is not None else DEFAULT_BLOCK_SIZE,
                 )
                 picker = start_picker(
                     sub,

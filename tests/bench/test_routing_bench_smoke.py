@@ -94,3 +94,15 @@ def test_cpu_of_named_threads() -> None:
     assert seen and seen[0] - before >= 0.15
     whole = group_cpu_s(group)
     assert whole >= seen[0]
+
+
+def test_routing_on_real_vllm_refuses_what_it_cannot_run() -> None:
+    """benchmarks/routing_vllm.py runs on real engines (`make vllm-env`; recorded in
+    benchmarks/RESULTS.md, not run here): it imports, and refuses the setup it cannot give
+    (vllm-router's event mode needs vLLM's empty topic) before starting any engine."""
+    from benchmarks.routing_vllm import REAL_SETUPS, main
+
+    assert "precise" in REAL_SETUPS and "vllm-router-kv" not in REAL_SETUPS
+    with pytest.raises(SystemExit) as refused:
+        main(["--setups", "precise,vllm-router-kv"])
+    assert refused.value.code == 2

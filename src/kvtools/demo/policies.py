@@ -50,18 +50,20 @@ def picker_config(
     model_dir: Path,
     events_endpoint: str,
     ttft_parameters: Mapping[str, Any] | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> str:
     """The EndpointPickerConfig of a picker policy: the picker's own default config
     (approximate), or the precise profile (`epp.plugins.precise_profile`: our predicted-TTFT
     cost model by default, llm-d's weighted sum for `precise-weighted`) tokenizing with the
-    demo model and fed by the engines' events."""
+    demo model and fed by the engines' events (`block_size`: the engines' KV block size in
+    tokens, which the prompt's keys must be cut at)."""
     if policy == "approximate":
         return DEFAULT_CONFIG_YAML
     if policy in ("precise", "precise-weighted"):
         doc = precise_profile_config(
             tokenizers={model: str(model_dir)},
             events_endpoint=events_endpoint,
-            block_size=DEFAULT_BLOCK_SIZE,
+            block_size=block_size,
             variant="weighted" if policy == "precise-weighted" else "cost",
             ttft_parameters=ttft_parameters,
         )

@@ -183,9 +183,12 @@ class EngineCounters:
 
     queries: float
     hits: float
+    requests: float = 0.0  # finished requests, whatever their finish reason
 
 
-_METRIC_LINE = re.compile(r"^(vllm:prefix_cache_(?:hits|queries)_total)\{[^}]*\}\s+(\S+)$")
+_METRIC_LINE = re.compile(
+    r"^(vllm:prefix_cache_(?:hits|queries)_total|vllm:request_success_total)\{[^}]*\}\s+(\S+)$"
+)
 
 
 class VLLMEngine:
@@ -290,6 +293,7 @@ class VLLMEngine:
         return EngineCounters(
             queries=values.get("vllm:prefix_cache_queries_total", 0.0),
             hits=values.get("vllm:prefix_cache_hits_total", 0.0),
+            requests=values.get("vllm:request_success_total", 0.0),
         )
 
     def hit_tokens(self, run: Any) -> int:
