@@ -57,7 +57,7 @@ from kvtools.real_vllm.engines import (
     KV_BYTES_PER_TOKEN,
     EngineCounters,
     VLLMEngine,
-    VLLMEngineSpec,
+    central_specs,
     start_engines,
 )
 from kvtools.real_vllm.model import write_real_model_dir
@@ -208,20 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-routing-vllm-"))
     model_dir = write_real_model_dir(workdir / "model")
     ports = PortReservation()
-    events_port = ports.port()
-    specs = [
-        VLLMEngineSpec(
-            name=f"vllm-{i}",
-            model=MODEL_NAME,
-            model_dir=model_dir,
-            http_port=ports.port(),
-            events_port=events_port,
-            replay_port=ports.port(),
-            kv_cache_bytes=args.kv_tokens * KV_BYTES_PER_TOKEN,
-            events_connect=True,
-        )
-        for i in range(args.engines)
-    ]
+    events_port, specs = central_specs(
+        args.engines,
+        model=MODEL_NAME,
+        model_dir=model_dir,
+        port=ports.port,
+        kv_cache_bytes=args.kv_tokens * KV_BYTES_PER_TOKEN,
+    )
     ports.close()
     scenario = Scenario(
         "real-vllm-chat",

@@ -44,8 +44,8 @@ from kvtools.real_vllm.engines import (
     DEFAULT_ENGINE_BLOCK_SIZE,
     KV_BYTES_PER_TOKEN,
     VLLMEngine,
-    VLLMEngineSpec,
     VLLMEnvironmentMissing,
+    central_specs,
     find_vllm_python,
     start_engines,
 )
@@ -222,21 +222,14 @@ def _real_engines(
     except VLLMEnvironmentMissing as exc:
         raise DemoSetupError(str(exc)) from exc
     ports = PortReservation()
-    events_port = ports.port()
-    specs = [
-        VLLMEngineSpec(
-            name=f"vllm-{i}",
-            model=MODEL_NAME,
-            model_dir=model_dir,
-            http_port=ports.port(),
-            events_port=events_port,
-            replay_port=ports.port(),
-            kv_cache_bytes=config.num_gpu_blocks * DEFAULT_ENGINE_BLOCK_SIZE * KV_BYTES_PER_TOKEN,
-            max_num_seqs=config.max_num_seqs,
-            events_connect=True,
-        )
-        for i in range(config.engines)
-    ]
+    events_port, specs = central_specs(
+        config.engines,
+        model=MODEL_NAME,
+        model_dir=model_dir,
+        port=ports.port,
+        kv_cache_bytes=config.num_gpu_blocks * DEFAULT_ENGINE_BLOCK_SIZE * KV_BYTES_PER_TOKEN,
+        max_num_seqs=config.max_num_seqs,
+    )
     console.print(
         f"[dim]starting {len(specs)} real vLLM engines one after the other "
         "(about a minute or two each on 2 cores)...[/]"

@@ -22,7 +22,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,6 +175,36 @@ class VLLMEngineSpec:
         if self.kv_cache_bytes is None:
             env["VLLM_CPU_KVCACHE_SPACE"] = "1"
         return env
+
+
+def central_specs(
+    count: int,
+    *,
+    model: str,
+    model_dir: Path,
+    port: Callable[[], int],
+    kv_cache_bytes: int | None,
+    max_num_seqs: int = 8,
+) -> tuple[int, list[VLLMEngineSpec]]:
+    """`count` engines `vllm-<i>` in central mode: every PUB connects to one events port (the
+    index binds it), each engine with its own HTTP and replay ports (from `port()`). Returns
+    the events port and the specs."""
+    events_port = port()
+    specs = [
+        VLLMEngineSpec(
+            name=f"vllm-{i}",
+            model=model,
+            model_dir=model_dir,
+            http_port=port(),
+            events_port=events_port,
+            replay_port=port(),
+            kv_cache_bytes=kv_cache_bytes,
+            max_num_seqs=max_num_seqs,
+            events_connect=True,
+        )
+        for i in range(count)
+    ]
+    return events_port, specs
 
 
 @dataclass(frozen=True, slots=True)
