@@ -50,7 +50,13 @@ request (utime + stime from /proc of every process in the router's process group
 after the drive: the picker or router, plus Envoy for Envoy-based setups, reported apart), and
 ratios to the best peer. `--json` prints everything as JSON on stdout.
 
-Run: make bench NAME=routing ARGS="[--scenario S,...] [--setups X,...] [--quick] [--json]"
+`--seed 7,8,9,10` runs every scenario once per seed and reports each setup over the seeds
+(hit rate, req/s, load and CPU as means; TTFT p50/p90 as the median of the runs'), the goals
+judged on those; `seed_rows` in the JSON holds each run. A single seed's p90 is decided by a
+handful of requests (benchmarks/RESULTS.md, chat open loop over four seeds).
+
+Run: make bench NAME=routing ARGS="[--scenario S,...] [--setups X,...] [--seed N[,N...]]
+[--quick] [--json]"
 """
 
 from __future__ import annotations
@@ -640,6 +646,51 @@ class Row:
     side_requests: int = 0
     error_sample: str = ""
     ratios: dict[str, float] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=list)  # the runs this row stands for
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known else None
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def combine(runs: Sequence[Row]) -> Row:
+    """One row for the same scenario and setup over several seeds: hit rate, req/s, load and
+    CPU as means, TTFT and request percentiles as the median of the runs' (a seed's p90 is
+    decided by a handful of requests, benchmarks/RESULTS.md), counts summed."""
+    first = runs[0]
+    per_engine: dict[str, int] = {}
+    for r in runs:
+        for engine, count in r.per_engine.items():
+            per_engine[engine] = per_engine.get(engine, 0) + count
+    return Row(
+        scenario=first.scenario,
+        setup=first.setup,
+        requests=sum(r.requests for r in runs),
+        errors=sum(r.errors for r in runs),
+        hit_rate=statistics.fmean(r.hit_rate for r in runs),
+        ttft_p50_ms=_median([r.ttft_p50_ms for r in runs]),
+        ttft_p90_ms=_median([r.ttft_p90_ms for r in runs]),
+        req_s=statistics.fmean(r.req_s for r in runs),
+        tok_s=statistics.fmean(r.tok_s for r in runs),
+        wall_s=sum(r.wall_s for r in runs),
+        per_engine=per_engine,
+        load_max_mean=statistics.fmean(r.load_max_mean for r in runs),
+        load_cv=statistics.fmean(r.load_cv for r in runs),
+        router_cpu_ms_per_req=_mean([r.router_cpu_ms_per_req for r in runs]),
+        router_ingest_cpu_ms_per_req=_mean([r.router_ingest_cpu_ms_per_req for r in runs]),
+        envoy_cpu_ms_per_req=_mean([r.envoy_cpu_ms_per_req for r in runs]),
+        duration_p50_ms=_median([r.duration_p50_ms for r in runs]),
+        idle_cpu_pct=_mean([r.idle_cpu_pct for r in runs]),
+        side_requests=sum(r.side_requests for r in runs),
+        error_sample=next((r.error_sample for r in runs if r.error_sample), ""),
+        seeds=[seed for r in runs for seed in r.seeds],
+    )
 
 
 def _ms(v: float | None) -> float | None:
@@ -725,6 +776,7 @@ async def run_one(
                 {
                     "scenario": s.name,
                     "setup": setup,
+                    "seed": seed,
                     "index": r.index,
                     "tenant": r.tenant,
                     "user": q.user if q is not None else None,
@@ -968,7 +1020,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scenario", default="all", help=f"comma list of {', '.join(SCENARIOS)}")
     parser.add_argument("--setups", default=",".join(SETUPS), help="comma list of setups")
     parser.add_argument("--requests", type=int, default=0, help="requests per run (0: scenario's)")
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--seed",
+        default="7",
+        help="comma list: each scenario runs once per seed; rows and goals are over the seeds "
+        "(means; TTFT the median of the runs' percentiles)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 16 requests per run")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     parser.add_argument(
@@ -992,47 +1049,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad:
         parser.error(f"unknown scenario/setup {bad}; scenarios {list(SCENARIOS)}, setups {SETUPS}")
     scenarios = [SCENARIOS[n] for n in names]
+    try:
+        seeds = [int(x) for x in args.seed.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--seed: a comma list of integers, got {args.seed!r}")
+    if not seeds:
+        parser.error("--seed: at least one seed")
     if args.quick:
         scenarios = [replace(s, requests=min(s.requests, 16)) for s in scenarios]
     load_before = _load()
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="bench-routing-"))
     rows: list[Row] = []
+    seed_rows: list[Row] = []  # with several seeds: each run's own row
     request_log: list[dict[str, Any]] | None = [] if args.requests_file else None
     try:
         model_dir = write_model_dir(workdir / "model")
         for s in scenarios:
             n = args.requests or s.requests
-            scenario_rows: list[Row] = []
-            for setup in setups:
-                sub = workdir / f"{s.name}-{setup}"
-                sub.mkdir()
-                t = time.perf_counter()
-                try:
-                    with cluster(setup, s, sub, model_dir) as c:
-                        row = asyncio.run(run_one(setup, s, n, args.seed, c, request_log))
-                        if s.latency and setup == setups[0]:
-                            scenario_rows.append(asyncio.run(direct_baseline(s, n, args.seed, c)))
-                except (RuntimeError, OSError, KeyError) as exc:  # a setup that cannot start
-                    text = " ".join(str(exc).split())
+            runs: dict[str, list[Row]] = {}  # setup (and "direct") -> one row per seed
+            for seed in seeds:
+                for setup in setups:
+                    sub = workdir / f"{s.name}-{setup}-{seed}"
+                    sub.mkdir()
+                    t = time.perf_counter()
+                    try:
+                        with cluster(setup, s, sub, model_dir) as c:
+                            row = asyncio.run(run_one(setup, s, n, seed, c, request_log))
+                            if s.latency and setup == setups[0]:
+                                direct = asyncio.run(direct_baseline(s, n, seed, c))
+                                direct.seeds = [seed]
+                                runs.setdefault(direct.setup, []).append(direct)
+                    except (RuntimeError, OSError, KeyError) as exc:  # a setup that cannot start
+                        text = " ".join(str(exc).split())
+                        print(
+                            f"{s.name}/{setup} FAILED: {text[:200]} ... {text[-600:]}",
+                            file=sys.stderr,
+                        )
+                        continue
+                    row.seeds = [seed]
+                    runs.setdefault(setup, []).append(row)
                     print(
-                        f"{s.name}/{setup} FAILED: {text[:200]} ... {text[-600:]}", file=sys.stderr
+                        f"{s.name:12s} {setup:15s} hit {row.hit_rate:6.1%} p90 "
+                        f"{_f(row.ttft_p90_ms)} ms req/s {row.req_s:5.1f} err {row.errors} "
+                        f"({time.perf_counter() - t:.0f} s) load {_load()}"
+                        + (f" seed {seed}" if len(seeds) > 1 else ""),
+                        file=sys.stderr,
+                        flush=True,
                     )
-                    continue
-                scenario_rows.append(row)
-                print(
-                    f"{s.name:12s} {setup:15s} hit {row.hit_rate:6.1%} p90 "
-                    f"{_f(row.ttft_p90_ms)} ms req/s {row.req_s:5.1f} err {row.errors} "
-                    f"({time.perf_counter() - t:.0f} s) load {_load()}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            scenario_rows = [combine(r) if len(r) > 1 else r[0] for r in runs.values()]
+            seed_rows.extend(row for r in runs.values() if len(r) > 1 for row in r)
             add_ratios(scenario_rows)
             rows.extend(scenario_rows)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     header = (
-        f"routing benchmark: seed {args.seed}, {len(scenarios)} scenarios, setups "
+        f"routing benchmark: seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}"
+        f", {len(scenarios)} scenarios, setups "
         f"{','.join(setups)}; {time.perf_counter() - started:.0f} s; cores {os.cpu_count()}; "
         f"load average before {load_before}, after {_load()}"
     )
@@ -1040,6 +1113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "header": header,
         "scenarios": [asdict(s) for s in scenarios],
         "rows": [asdict(r) for r in rows],
+        "seed_rows": [asdict(r) for r in seed_rows],
         "goals": [list(g) for g in goals(rows)],
     }
     if args.json_file:

@@ -106,3 +106,44 @@ def test_routing_on_real_vllm_refuses_what_it_cannot_run() -> None:
     with pytest.raises(SystemExit) as refused:
         main(["--setups", "precise,vllm-router-kv"])
     assert refused.value.code == 2
+
+
+def test_rows_over_several_seeds() -> None:
+    """`--seed 7,8,...`: one row per setup over the runs (means; TTFT the median of the runs'
+    percentiles; counts summed)."""
+    from benchmarks.routing import Row, combine
+
+    def run(seed: int, hit: float, p90: float, rps: float, cpu: float | None) -> Row:
+        return Row(
+            scenario="chat-open",
+            setup="precise",
+            requests=160,
+            errors=seed - 7,
+            hit_rate=hit,
+            ttft_p50_ms=40.0,
+            ttft_p90_ms=p90,
+            req_s=rps,
+            tok_s=100.0,
+            wall_s=10.0,
+            per_engine={"engine-0": 100, "engine-1": 60},
+            load_max_mean=1.25,
+            load_cv=0.25,
+            router_cpu_ms_per_req=cpu,
+            router_ingest_cpu_ms_per_req=None,
+            envoy_cpu_ms_per_req=2.0,
+            seeds=[seed],
+        )
+
+    row = combine(
+        [
+            run(7, 0.88, 44.0, 15.0, 3.0),
+            run(8, 0.86, 120.0, 17.0, None),
+            run(9, 0.87, 50.0, 16.0, 4.0),
+        ]
+    )
+    assert row.seeds == [7, 8, 9] and row.requests == 480 and row.errors == 3
+    assert row.hit_rate == pytest.approx(0.87) and row.req_s == pytest.approx(16.0)
+    assert row.ttft_p90_ms == 50.0  # the median run's, not a mean pulled by one slow seed
+    assert row.router_cpu_ms_per_req == pytest.approx(3.5)  # the runs that measured it
+    assert row.router_ingest_cpu_ms_per_req is None
+    assert row.per_engine == {"engine-0": 300, "engine-1": 180}
