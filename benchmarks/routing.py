@@ -104,9 +104,9 @@ TRACE = "mooncake_conversation_trace.jsonl"
 # The latency scenario's idle window: 10 s resolves 0.1% of a core (CPU ticks are 10 ms),
 # after 2 s for the start to settle (first scrapes, connections, the index's first polls).
 IDLE_SETTLE_S = 2.0
+IDLE_WINDOW_S = 10.0
 # Open loop req/s counts as equal to the best peer's within this ratio (see goals()).
 OPEN_LOOP_TPUT_EQUAL = 0.99
-IDLE_WINDOW_S = 10.0
 TRACE_DIRS = (Path("/work/shared/traces"),)
 
 
@@ -786,7 +786,8 @@ async def run_one(
                     "cached_tokens": r.cached_tokens,
                     "ttft_ms": _ms(r.ttft_s),
                     "duration_ms": _ms(r.duration_s),
-                    # open loop: when it was sent (s from the start); closed loop: 0
+                    # the schedule's time (s from the start): open loop, when it was sent;
+                    # closed loop, unused (the clients send back to back)
                     "at_s": q.at if q is not None else None,
                     "status": r.status,
                 }

@@ -43,6 +43,8 @@ from benchmarks.routing import (
     RunningEngines,
     Scenario,
     SimEngine,
+    _f,
+    _ms,
     closed_loop,
     cluster,
     group_cpu_s,
@@ -136,8 +138,8 @@ async def run_setup(
         requests=len(results),
         errors=len(errors),
         hit_rate=hits / queries if queries else 0.0,
-        ttft_p50_ms=None if summary.ttft_p50_s is None else summary.ttft_p50_s * 1000,
-        ttft_p90_ms=None if summary.ttft_p90_s is None else summary.ttft_p90_s * 1000,
+        ttft_p50_ms=_ms(summary.ttft_p50_s),
+        ttft_p90_ms=_ms(summary.ttft_p90_s),
         req_s=len(ok) / wall,
         per_engine=per_engine,
         load_max_mean=max(per_engine.values()) / mean if mean else 0.0,
@@ -146,10 +148,6 @@ async def run_setup(
         envoy_cpu_ms_per_req=per_request(envoy, c.envoy_pids),
         error_sample=(errors[0].error or f"status {errors[0].status}")[:160] if errors else "",
     )
-
-
-def _f(v: float | None, fmt: str) -> str:
-    return "-" if v is None else fmt.format(v)
 
 
 def report(rows: list[RealRow], header: str) -> None:

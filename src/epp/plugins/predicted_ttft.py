@@ -117,8 +117,9 @@ class PredictedTTFTParams:
     # What a miss costs later, in multiples of its prefill: the blocks it stores evict others'
     # cached prefixes, which miss in their turn.
     miss_penalty: float = 1.0
-    # The share of a new prefix's blocks charged as displacing others, per share of the
-    # endpoint's KV cache in use (see the module doc, "fills"); 0: only what does not fit now.
+    # The share of a new prefix's tokens charged as displacing others, per share of the
+    # endpoint's KV cache in use (the module doc: "what fits now does not stay fitting");
+    # 0: only what does not fit now.
     occupancy_weight: float = 1.0
     min_samples: int = 30
     forgetting: float = 0.995
