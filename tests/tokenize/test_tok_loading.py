@@ -3,6 +3,7 @@ registry of several models with LoRA adapters."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -193,3 +194,15 @@ def test_registry_preload_fails_fast_naming_each_model(tmp_path: Path) -> None:
     assert "model 'a'" in message and "model 'b'" in message and "has no tokenizer.json" in message
     with pytest.raises(TokenizerLoadError, match="base model 'missing'"):
         TokenizerRegistry({"a": "x"}, {"lora": "missing"})
+
+
+def test_servers_default_tokenizers_to_the_calling_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvindex.tokenize.local import PARALLELISM_ENV, default_to_calling_thread
+
+    monkeypatch.delenv(PARALLELISM_ENV, raising=False)
+    assert default_to_calling_thread() is True
+    assert os.environ[PARALLELISM_ENV] == "false"
+    # The operator's choice stands.
+    monkeypatch.setenv(PARALLELISM_ENV, "true")
+    assert default_to_calling_thread() is False
+    assert os.environ[PARALLELISM_ENV] == "true"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,22 @@ from kvindex.tokenize.locate import TokenizerFiles, locate_tokenizer_files
 from kvindex.tokenize.messages import ContentFormat, normalize_messages
 from kvindex.tokenize.segments import CacheStats, SegmentedEncoder
 from kvindex.tokenize.settings import AddedTokenSpec, TokenizerSettings, read_settings
+
+# The `tokenizers` library's switch for its thread pool, read on every batch call.
+PARALLELISM_ENV = "TOKENIZERS_PARALLELISM"
+
+
+def default_to_calling_thread() -> bool:
+    """For server processes: have `tokenizers` encode on the calling thread, unless the
+    operator set TOKENIZERS_PARALLELISM. Otherwise every batch call, even of one or two
+    texts (the new parts of a prompt), is handed to a thread pool of one thread per core of
+    the node, whose threads wake, spin and sleep: ~25% more CPU for a two-text batch, on a
+    router whose cores are busy with requests (docs/tokenization.md, "Threads"). Returns
+    whether it chose."""
+    if PARALLELISM_ENV in os.environ:
+        return False
+    os.environ[PARALLELISM_ENV] = "false"
+    return True
 
 
 def _added_token(spec: AddedTokenSpec) -> AddedToken:

@@ -357,10 +357,15 @@ class SegmentedEncoder:
             out = list(wrap[0]) if wrap is not None else []
             text_rest = text
         pieces = self._pieces(text_rest)
-        found = self._lookup(pieces)
+        found, missing = self._lookup(pieces)
+        new = set(missing)
         # Where the last segment starts (chars into text_rest, ids into out): the text
-        # before it is the prefix the memo may keep for the next request.
+        # before it is the prefix the memo may keep for the next request that extends this
+        # one. Where the first segment the LRU did not hold starts: the text before it is
+        # what this request shares with earlier ones (a system prompt before a fresh user
+        # turn), kept for the next request that shares it too.
         offset, last_at, ids_before, cut_before = 0, -1, 0, False
+        new_at, new_ids_before, new_cut_before = -1, 0, False
         previous_is_text = prefix is not None and prefix.needs_letter
         lengths = self._token_len
         for piece in pieces:
@@ -371,12 +376,17 @@ class SegmentedEncoder:
                 previous_is_text = False
             else:
                 last_at, ids_before, cut_before = offset, len(out), previous_is_text
+                if new_at < 0 and piece in new:
+                    new_at, new_ids_before, new_cut_before = last_at, ids_before, cut_before
                 out.extend(found[piece])
                 offset += len(piece)
                 previous_is_text = True
-        if memo is not None and last_at > 0:
+        if memo is not None:
             first = len(wrap[0]) if wrap is not None else 0  # the ids after the wrapping
-            self._remember(text, start + last_at, out, first, ids_before, cut_before)
+            if 0 < new_at < last_at:
+                self._remember(text, start + new_at, out, first, new_ids_before, new_cut_before)
+            if last_at > 0:
+                self._remember(text, start + last_at, out, first, ids_before, cut_before)
         if wrap is not None:
             out.extend(wrap[1])
         return out
@@ -399,8 +409,9 @@ class SegmentedEncoder:
             ]
         return pieces
 
-    def _lookup(self, pieces: list[str | int]) -> dict[str, tuple[int, ...]]:
-        """Ids of every text piece: from the LRU, the rest in one batch call."""
+    def _lookup(self, pieces: list[str | int]) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+        """Ids of every text piece, and the pieces the LRU did not hold: from the LRU, the
+        rest in one batch call."""
         missing: list[str] = []
         found: dict[str, tuple[int, ...]] = {}
         for piece in pieces:
@@ -418,7 +429,7 @@ class SegmentedEncoder:
                 ids = tuple(map(self._int_of.setdefault, enc.ids, enc.ids))
                 found[piece] = ids
                 self.lru.put(piece, ids)
-        return found
+        return found, missing
 
     def _remember(
         self, text: str, end: int, out: list[int], first: int, last: int, cut: bool
