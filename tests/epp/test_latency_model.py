@@ -69,6 +69,9 @@ def test_per_endpoint_models_learn_different_costs_with_pooled_prior() -> None:
     # An endpoint never seen gets the pooled model (between the two).
     pooled = model.predict("new", x).ttft_s
     assert y * 0.9 < pooled < 3 * y * 1.1
+    # The TTFT-only prediction is the same number, for learnt, blended and unseen endpoints.
+    for key in ("fast", "slow", "new"):
+        assert model.predict_ttft(key, x) == model.predict(key, x).ttft_s
 
 
 def test_quantile_tracker_finds_the_upper_quantile() -> None:

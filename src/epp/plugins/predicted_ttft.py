@@ -296,7 +296,7 @@ class PredictedTTFTScorer(Scorer, InFlightLoadConsumer, PreRequest, ResponseComp
             prompt_tokens=0,
             output_tokens=self._output_tokens(request),
         )
-        cost = self.model.predict(self._model_key(key), x).ttft_s + running * self.params.running_s
+        cost = self.model.predict_ttft(self._model_key(key), x) + running * self.params.running_s
         if self.params.miss_penalty > 0.0 and uncached > 0:
             occupancy = self._occupancy(info, key, endpoint)
             charged = max(
@@ -448,7 +448,7 @@ class PredictedTTFTScorer(Scorer, InFlightLoadConsumer, PreRequest, ResponseComp
         has its own samples)."""
         x = [0.0] * len(FEATURES)
         x[FEATURES.index("uncached_ktokens")] = 1.0
-        return self.model.predict(self._model_key(endpoint_key), x).ttft_s
+        return self.model.predict_ttft(self._model_key(endpoint_key), x)
 
     def _model_key(self, endpoint_key: str) -> str:
         """The model an endpoint is predicted with: its own (`perEndpoint`) or the pool's."""
