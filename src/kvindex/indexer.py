@@ -136,6 +136,8 @@ class Indexer:
             speculative,
             block_sizes=self._applier.block_sizes,
         )
+        # The engines' events settle speculative entries (stored blocks, cleared caches).
+        self._applier.speculative = speculative
         self.service = ScoreService(
             self.scorer, tokenizers, ScoreServiceConfig(), ScoreMetrics(registry)
         )

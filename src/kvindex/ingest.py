@@ -20,6 +20,7 @@ from kvindex import keys as _keys
 from kvindex.engine_blocks import EngineBlockSizes, EngineResidency
 from kvindex.index.base import BlockIndex, Clear, IndexOp, Remove, Store, StoredBlock, Tier
 from kvindex.keys import DEFAULT_BLOCK_SIZE, BlockExtra, ContentKey, chain_keys, root_key
+from kvindex.speculative import SpeculativeIndex
 from kvindex.wire import (
     AllBlocksCleared,
     BlockRemoved,
@@ -157,6 +158,11 @@ class EventApplier:
         # The GPU blocks each engine holds per its stream (stores - removals): where a new
         # prefix fits without evicting (read by routers with the engine's capacity).
         self.residency = EngineResidency() if self.config.track_residency else None
+        # The scorer's speculative entries (set by whoever wires the two): the engine's own
+        # events settle them. A stored block is real from now on, so its twin goes (else a
+        # removal of the block would leave the twin claiming it until its TTL); a cleared
+        # cache refutes them all.
+        self.speculative: SpeculativeIndex | None = None
         self._pending: dict[str, deque[tuple[BlockStored, str]]] = {}
         self._engine_block_size: dict[tuple[str, int], int] = {}
         self._skipped_groups: dict[str, set[int]] = {}
@@ -219,6 +225,21 @@ class EventApplier:
             if not fresh:  # re-applied: stores of held blocks are not new copies
                 ops = [Store(op.tier, op.blocks) if isinstance(op, Store) else op for op in ops]
             self.index.apply(engine, ops)
+            spec = self.speculative
+            if spec is not None and spec.tracks(engine):
+                if cleared:
+                    spec.purge_engine(engine)
+                elif stored_any:
+                    spec.forget(
+                        engine,
+                        [
+                            k
+                            for op in ops
+                            if isinstance(op, Store)
+                            for b in op.blocks
+                            for k in b.keys
+                        ],
+                    )
         if stored_any and self._pending.get(engine):
             self._retry_pending(engine, counts)
         counts.pending = len(self._pending.get(engine, ()))
@@ -233,6 +254,8 @@ class EventApplier:
         self.block_sizes.forget(engine)
         if self.residency is not None:
             self.residency.forget(engine)
+        if self.speculative is not None:
+            self.speculative.purge_engine(engine)
 
     # -- events ------------------------------------------------------------------------------
 

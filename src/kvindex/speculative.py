@@ -117,6 +117,12 @@ class SpeculativeIndex:
             self._purge(self._clock())
             return [engine for engine, mine in self._by_engine.items() if mine]
 
+    def tracks(self, engine: str) -> bool:
+        """Whether the engine may have entries (live or not yet purged): a cheap check before
+        `forget` on every batch an engine publishes (one dict read, no lock: a stale answer
+        only skips or spends one `forget`)."""
+        return bool(self._by_engine.get(engine))
+
     def forget(self, engine: str, keys: Sequence[ContentKey]) -> None:
         """Drop entries the real index now confirms (they are irrelevant from here on); their
         queue items are skipped when they reach the front."""

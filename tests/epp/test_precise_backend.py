@@ -226,6 +226,8 @@ async def test_in_process_tokenizes_chat_and_records_speculative(tmp_path: Path)
         again = request(messages=messages)
         got = await backend.score(again, [ENGINE])
         assert got[ENGINE] > 0.9  # speculative entries until the engine's events arrive
+        # ... which settle them (stored blocks, cleared caches): the same entries.
+        assert backend.ingest.applier.speculative is backend.indexer.scorer.speculative
         unknown = LLMRequest(request_id="u", path="/", model="nope", base_model="nope", prompt="x")
         assert await backend.score(unknown, [ENGINE]) == {}  # counted, not raised
     finally:

@@ -115,6 +115,23 @@ def test_speculative_picks() -> None:
     assert Indexer().record_pick(E1, "m", TOKENS) == 0  # disabled by default
 
 
+def test_the_engines_events_settle_speculative_entries() -> None:
+    indexer = Indexer(IndexerConfig(speculative_ttl_s=60.0))
+    indexer.record_pick(E1, "m", TOKENS)
+    # A stored block is real from then on: its removal is the truth, no twin stays behind
+    # to claim it for the rest of its TTL.
+    indexer.ingest(E1, encode_batch([stored([1, 2], None, TOKENS[:32])]), "m")
+    assert indexer.score("m", QUERY) == {E1: 1.0}  # 2 real + 2 speculative
+    indexer.ingest(E1, encode_batch([removed([1, 2])]), "m")
+    assert indexer.score("m", QUERY) == {}
+    # Blocks the engine has not stored yet keep their entries; a cleared cache drops them.
+    indexer.record_pick(E2, "m", TOKENS)
+    indexer.ingest(E2, encode_batch([stored([5], None, list(range(500, 516)))]), "m")
+    assert indexer.score("m", QUERY) == {E2: 1.0}
+    indexer.ingest(E2, encode_batch([cleared()]), "m")
+    assert indexer.score("m", QUERY) == {}
+
+
 def test_over_redis_and_metrics() -> None:
     registry = CollectorRegistry()
     client = fakeredis.FakeRedis(server=fakeredis.FakeServer())

@@ -106,6 +106,10 @@ def test_the_assembly_builds_one_registry_and_the_shared_block_size() -> None:
     assert reason is not None and reason.startswith("redis degraded")
     names = {m.name for m in server.service.metrics.registry.collect()}
     assert {"kvindex_score_requests", "kvindex_index_degraded", "kvindex_ingest_batches"} <= names
+    # With speculative entries on, the engines' events settle them (kvindex.ingest).
+    memory = KvindexServer(ServiceConfig(zmq_bind=["tcp://127.0.0.1:0"], speculative_ttl_s=2.0))
+    assert memory.scorer.speculative is not None
+    assert memory.service.ingest.applier.speculative is memory.scorer.speculative
 
 
 def test_a_bad_redis_url_names_the_flag() -> None:

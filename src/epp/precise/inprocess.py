@@ -113,6 +113,8 @@ class InProcessIndex:
         self.indexer.scorer.engine_factors = lambda: sync.factors
         # Scores round to each engine's block size as the ingest applier learns it.
         self.indexer.scorer.block_sizes = self.ingest.applier.block_sizes
+        # The engines' events settle speculative entries (stored blocks, cleared caches).
+        self.ingest.applier.speculative = self.indexer.scorer.speculative
         self.ingest.applier.block_sizes.on_unindexable = _warn_unindexable
         self._subscribe_endpoints = subscribe_endpoints
         self._warned: set[str] = set()

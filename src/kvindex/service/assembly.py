@@ -134,6 +134,8 @@ class KvindexServer:
         block_sizes.on_unindexable = _warn_unindexable
         self.service.metrics.watch_block_sizes(block_sizes)
         self.scorer = Scorer(self.service.index, scoring, speculative, block_sizes=block_sizes)
+        # The engines' events settle speculative entries (stored blocks, cleared caches).
+        self.service.ingest.applier.speculative = speculative
         # Entries of engines not in sync are withheld (or down-weighted): kvindex.sync.
         sync = self.service.ingest.sync
         self.scorer.engine_factors = lambda: sync.factors
