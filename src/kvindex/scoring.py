@@ -339,7 +339,11 @@ class Scorer:
         cache_salt: str | None = None,
     ) -> int:
         """Record that ``engine`` was just sent this prompt; returns the blocks recorded (0
-        when speculative entries are disabled)."""
+        when speculative entries are disabled). Only the blocks past what the engine already
+        holds: those it holds are real entries, and a twin of one would outlive its eviction
+        (a speculative run only ever extends the real match, so it starts where that ends)."""
         if self.speculative is None:
             return 0
-        return self.speculative.record(engine, self.keys(model, token_ids, lora, cache_salt))
+        keys = self.keys(model, token_ids, lora, cache_salt)
+        held = self.index.lookup(keys, (engine,)).get(engine) if keys else None
+        return self.speculative.record(engine, keys[held.blocks :] if held else keys)
