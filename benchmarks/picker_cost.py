@@ -5,7 +5,8 @@ CPU per request <= 2 ms, added latency at concurrency 1 <= 1 ms over Envoy alone
 1. Per request: the precise-profile picker of `benchmarks.picker` (64 endpoints, index
    filled, TLS, h2 edge) behind the real Envoy. Requests at concurrency 1, interleaved over:
    Envoy alone; Envoy + the baseline picker (`--baseline-src`, Envoy's response body mode
-   FULL_DUPLEX_STREAMED as it was); Envoy + this tree's picker with the deployed default
+   FULL_DUPLEX_STREAMED as it was, or `--baseline-response-body-mode NONE` for a like-for-like
+   comparison of two trees); Envoy + this tree's picker with the deployed default
    (response bodies NONE) and with STREAMED (what a latency plugin needs). The model server
    streams `--chunks` SSE token events (`--gap-ms` apart, so Envoy sees each), then the
    usage and `[DONE]`; a second run sends non-streamed requests. CPU per request: the picker
@@ -16,7 +17,7 @@ CPU per request <= 2 ms, added latency at concurrency 1 <= 1 ms over Envoy alone
    from a lean keep-alive server; CPU share of one core over `--idle-seconds`.
 
 Run: python -m benchmarks.picker_cost [--requests N] [--chunks N] [--gap-ms MS]
-     [--idle-seconds S] [--baseline-src DIR]
+     [--idle-seconds S] [--baseline-src DIR] [--baseline-response-body-mode MODE]
 """
 
 from __future__ import annotations
@@ -301,10 +302,8 @@ async def bench(args: argparse.Namespace) -> None:
         fallback = up["ports"][0]
         variants: dict[str, tuple[str | None, str]] = {"Envoy alone": (None, "")}
         if "before" in pickers:
-            variants["before: + picker, response bodies FULL_DUPLEX_STREAMED"] = (
-                "before",
-                "FULL_DUPLEX_STREAMED",
-            )
+            before_mode = args.baseline_response_body_mode
+            variants[f"before: + picker, response bodies {before_mode}"] = ("before", before_mode)
         variants["after: + picker, response bodies NONE (default)"] = ("after", "NONE")
         variants["after: + picker, response bodies STREAMED"] = ("after", "STREAMED")
         urls: dict[str, str] = {}
@@ -354,6 +353,13 @@ def main() -> None:
         "--quiet-seconds", type=float, default=5.0, help="background CPU of the request pickers"
     )
     parser.add_argument("--baseline-src", default="", help="a `before` tree's src directory")
+    parser.add_argument(
+        "--baseline-response-body-mode",
+        default="FULL_DUPLEX_STREAMED",
+        choices=("NONE", "STREAMED", "FULL_DUPLEX_STREAMED"),
+        help="Envoy's response body mode for the `before` picker (NONE: the same as `after`'s "
+        "default, for a like-for-like comparison of two trees)",
+    )
     parser.add_argument(
         "--role",
         choices=("bench", "stream-upstream", "metrics-upstream", "idle-picker"),
