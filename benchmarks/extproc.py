@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from benchmarks.h2client import ExtProcClient
 from epp.extproc_wire import MAX_CHUNK_BYTES
 from epp.types import Endpoint, LLMRequest, ProfileResult, ResponseStats, SchedulingResult
 from kvtools.demo.envoy import EnvoyProcess
+from kvtools.demo.report import quantile
 
 CHUNK = 16 << 10
 EDGES = ("h2", "grpcio")  # epp serve --extproc-server
@@ -140,9 +140,10 @@ def spawn(*args: str) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
-    ordered = sorted(samples)
-    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-    return statistics.median(ordered), p99
+    """p50 and p99 of a non-empty sample."""
+    p50, p99 = quantile(samples, 0.5), quantile(samples, 0.99)
+    assert p50 is not None and p99 is not None, "no samples"
+    return p50, p99
 
 
 def cpu_seconds(pid: int) -> float:

@@ -59,6 +59,7 @@ from benchmarks.routing import Scenario, SimEngine, _f, _words, group_cpu_s, sta
 from kvtools.demo.envoy import EnvoyProcess
 from kvtools.demo.model import MODEL_NAME, write_model_dir
 from kvtools.demo.processes import ManagedProcess, PortReservation, start_picker
+from kvtools.demo.report import quantile
 
 SLOTS = 4  # running requests per engine (kvindex-sim --max-num-seqs)
 ENGINES = 2
@@ -233,10 +234,8 @@ async def drive(url: str, streams: Sequence[Stream], duration_s: float, seed: in
 
 
 def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+    value = quantile(values, q)
+    return None if value is None else value * 1000
 
 
 def summarise(

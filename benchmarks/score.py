@@ -21,18 +21,17 @@ from collections.abc import Callable
 from kvindex.index import MemoryIndex, Store, StoredBlock, Tier
 from kvindex.scoring import Scorer, prompt_keys
 from kvindex.speculative import SpeculativeIndex
+from kvtools.demo.report import quantile
 
 MODEL = "bench/model"
 BLOCK = 16
 
 
 def percentiles(samples: list[float]) -> tuple[float, float, float]:
-    ordered = sorted(samples)
-
-    def at(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
-
-    return at(0.5), at(0.9), at(0.99)
+    """p50, p90 and p99 of a non-empty sample."""
+    p50, p90, p99 = (quantile(samples, q) for q in (0.5, 0.9, 0.99))
+    assert p50 is not None and p90 is not None and p99 is not None, "no samples"
+    return p50, p90, p99
 
 
 def timed(call: Callable[[], object], iterations: int) -> list[float]:

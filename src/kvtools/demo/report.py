@@ -10,10 +10,12 @@ from typing import Any
 
 from kvtools.demo.driver import RequestResult
 
-__all__ = ["RunSummary", "summarise"]
+__all__ = ["RunSummary", "quantile", "summarise"]
 
 
-def _quantile(values: Sequence[float], q: float) -> float | None:
+def quantile(values: Sequence[float], q: float) -> float | None:
+    """The q-quantile (0 <= q <= 1) by linear interpolation between the closest ranks (numpy's
+    default), None for no values: the one percentile every demo and benchmark reports."""
     if not values:
         return None
     ordered = sorted(values)
@@ -64,8 +66,8 @@ def summarise(
         requests=len(results),
         errors=len(results) - len(ok),
         hit_rate=cached / prompt if prompt else 0.0,
-        ttft_p50_s=_quantile(ttfts, 0.5),
-        ttft_p90_s=_quantile(ttfts, 0.9),
+        ttft_p50_s=quantile(ttfts, 0.5),
+        ttft_p90_s=quantile(ttfts, 0.9),
         throughput_tok_s=sum(r.completion_tokens for r in ok) / wall_s if wall_s else 0.0,
         wall_s=wall_s,
         per_engine=per_engine,
