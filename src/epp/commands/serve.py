@@ -25,7 +25,7 @@ from epp.plugins.precise_prefix import (
 )
 from epp.server import EXTPROC_SERVERS, PickerDeps, PickerServer, SchedulerFactory, ServeConfig
 from epp.types import Endpoint, Scheduler
-from kvindex.tokenize.local import PARALLELISM_ENV, default_to_calling_thread
+from kvindex.tokenize.local import default_to_calling_thread
 
 log = logging.getLogger("epp.serve")
 
@@ -322,11 +322,7 @@ def run(args: argparse.Namespace, factory: SchedulerFactory | None = None) -> in
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=upstream.log_level, handlers=[handler])
-    if default_to_calling_thread():
-        log.info(
-            "tokenizers encode on the calling thread (%s=false; set it to use its pool)",
-            PARALLELISM_ENV,
-        )
+    default_to_calling_thread()
     config = config_from_args(args)
     for note in upstream.not_acted_on:
         log.warning("accepted but not acted on: %s", note)

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import errno
 import gc
-import logging
 import signal
 import sys
 from typing import Any
@@ -32,10 +31,9 @@ from kvindex.discovery import EnginesFileError
 from kvindex.engines import DEFAULT_KV_EVENTS_PORT, DEFAULT_MAX_ENGINES
 from kvindex.keys import DEFAULT_BLOCK_SIZE
 from kvindex.service.logs import configure_logging
-from kvindex.tokenize.local import PARALLELISM_ENV, default_to_calling_thread
+from kvindex.tokenize.local import default_to_calling_thread
 
 EXIT_CONFIG = 2
-log = logging.getLogger("kvindex.serve")
 
 
 def add_service_flags(parser: argparse.ArgumentParser) -> None:
@@ -307,11 +305,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return fail(str(exc))
     configure_logging(config.log_level, config.log_format)
-    if default_to_calling_thread():
-        log.info(
-            "tokenizers encode on the calling thread (%s=false; set it to use its pool)",
-            PARALLELISM_ENV,
-        )
+    default_to_calling_thread()
     try:
         return asyncio.run(serve(config))
     except ConfigError as exc:

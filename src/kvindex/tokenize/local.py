@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from kvindex.tokenize.messages import ContentFormat, normalize_messages
 from kvindex.tokenize.segments import CacheStats, SegmentedEncoder
 from kvindex.tokenize.settings import AddedTokenSpec, TokenizerSettings, read_settings
 
+log = logging.getLogger(__name__)
+
 # The `tokenizers` library's switch for its thread pool, read on every batch call.
 PARALLELISM_ENV = "TOKENIZERS_PARALLELISM"
 
@@ -32,10 +35,14 @@ def default_to_calling_thread() -> bool:
     texts (the new parts of a prompt), is handed to a thread pool of one thread per core of
     the node, whose threads wake, spin and sleep: ~25% more CPU for a two-text batch, on a
     router whose cores are busy with requests (docs/tokenization.md, "Threads"). Returns
-    whether it chose."""
+    whether it chose (and logs it)."""
     if PARALLELISM_ENV in os.environ:
         return False
     os.environ[PARALLELISM_ENV] = "false"
+    log.info(
+        "tokenizers encode on the calling thread (%s=false; set it to use its pool)",
+        PARALLELISM_ENV,
+    )
     return True
 
 
