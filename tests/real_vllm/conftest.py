@@ -1,5 +1,5 @@
 """Two real vLLM engines (CPU build, tiny model, random weights) shared by the real-engine
-tests: `vllm-a` with 32-token blocks and `vllm-b` with 64-token blocks, both with a KV cache
+tests: `vllm-0` with 32-token blocks and `vllm-1` with 64-token blocks, both with a KV cache
 small enough (8,192 tokens) that a few prompts evict. Started one after the other, once per
 session; each test starts its own index (or picker) against them.
 
@@ -16,8 +16,8 @@ import pytest
 
 from kvtools.real_vllm.engines import (
     VLLMEngine,
-    VLLMEngineSpec,
     VLLMEnvironmentMissing,
+    central_specs,
     find_vllm_python,
     start_engines,
 )
@@ -55,20 +55,9 @@ def engines(
     tmp_path_factory: pytest.TempPathFactory, vllm_python: Path, model_dir: Path
 ) -> Iterator[list[VLLMEngine]]:
     workdir = tmp_path_factory.mktemp("vllm-engines")
-    events_port = free_port()
-    specs = [
-        VLLMEngineSpec(
-            name=name,
-            model=MODEL,
-            model_dir=model_dir,
-            http_port=free_port(),
-            events_port=events_port,
-            replay_port=free_port(),
-            block_size=block_size,
-            events_connect=True,
-        )
-        for name, block_size in (("vllm-a", 32), ("vllm-b", 64))
-    ]
+    _, specs = central_specs(
+        2, model=MODEL, model_dir=model_dir, port=free_port, block_sizes=(32, 64)
+    )
     started = start_engines(specs, workdir, python=vllm_python)
     yield started
     for engine in started:

